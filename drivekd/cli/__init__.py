@@ -1,0 +1,40 @@
+"""The `drivekd` command line: one group per pipeline stage."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from drivekd import __version__
+from drivekd.cli.data import data
+from drivekd.errors import DriveKDError
+
+
+class _Main(click.Group):
+    """Turns user errors into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except DriveKDError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="drivekd")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Distil large driving vision-language models into small ones (Drive-KD).
+
+    Pipeline: `data` (generate, convert, validate) -> later stages train, distil and evaluate.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+main.add_command(data)

@@ -1,0 +1,142 @@
+"""`drivekd data ...`: generate DriveSim-QA, validate and convert driving QA datasets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from drivekd.data.formats import FORMATS, data_files, load_samples, write_jsonl
+from drivekd.data.validate import validate_samples
+from drivekd.errors import DataError
+
+_format = click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default=None, help="Input format (default: detected)."
+)
+_image_root = click.option(
+    "--image-root",
+    "image_roots",
+    multiple=True,
+    metavar="DIR|PREFIX=DIR",
+    help="Where images live: a folder for relative paths, or PREFIX=DIR to remap a leading prefix "
+    "such as '.../100k/train=/data/bdd100k/train'. Repeatable.",
+)
+
+
+@click.group()
+def data() -> None:
+    """Generate, validate and convert driving QA data."""
+
+
+@data.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output dataset folder.")
+@click.option(
+    "--scenes", type=click.IntRange(min=1), required=True, help="Number of simulated scenes (about 8 questions each)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes.")
+@click.option("--image-size", default="224x128", show_default=True, help="Camera image WIDTHxHEIGHT.")
+@click.option(
+    "--per-capability",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Questions per capability per scene.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def generate(
+    out: Path, scenes: int, seed: int, workers: int, image_size: str, per_capability: int, overwrite: bool
+) -> None:
+    """Generate DriveSim-QA from highway-env traffic (train/val/test split by scene)."""
+    from drivekd.data.drivesim.generate import GenerateConfig, card_markdown
+    from drivekd.data.drivesim.generate import generate as run
+
+    try:
+        width, height = (int(v) for v in image_size.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{image_size!r} is not WIDTHxHEIGHT", param_hint="--image-size") from None
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: already exists; pass --overwrite to replace it")
+    config = GenerateConfig(
+        scenes=scenes, seed=seed, image_width=width, image_height=height, per_capability=per_capability
+    )
+    start = time.perf_counter()
+    with tqdm(total=scenes, desc="scenes", unit="scene", file=sys.stderr) as bar:
+        card = run(out, config, workers=workers, overwrite=overwrite, progress=bar.update)
+    elapsed = time.perf_counter() - start
+    click.echo(card_markdown(card))
+    click.echo(
+        f"\nwrote {card['samples']} samples to {out} in {elapsed:.1f} s ({card['samples'] / elapsed:.1f} samples/s, {workers} worker(s))"
+    )
+
+
+@data.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@_format
+@_image_root
+@click.option("--no-image-check", is_flag=True, help="Skip checking that images exist and decode.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def validate(path: Path, fmt: str | None, image_roots: tuple[str, ...], no_image_check: bool, as_json: bool) -> None:
+    """Check a dataset (file or native folder): counts, images referenced and missing. Exit 0 only if valid."""
+    samples = load_samples(path, fmt, image_roots)
+    report = validate_samples(samples, check_images=not no_image_check)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **report.to_json()}, sort_keys=True))
+    else:
+        click.echo(
+            f"{path}: {report.samples} samples, {report.images_referenced} images referenced, "
+            f"{len(report.missing_images)} missing, {len(report.unreadable_images)} unreadable"
+        )
+        click.echo("capability: " + ", ".join(f"{k} {v}" for k, v in report.by_capability.items()))
+        click.echo("question type: " + ", ".join(f"{k} {v}" for k, v in report.by_question_type.items()))
+    report.raise_if_bad(str(path))
+
+
+@data.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@_format
+@_image_root
+@click.option(
+    "--copy-images", is_flag=True, help="Copy images into DST's folder under images/ (default: reference them)."
+)
+def convert(src: Path, dst: Path, fmt: str | None, image_roots: tuple[str, ...], copy_images: bool) -> None:
+    """Convert SRC (any supported format) to native JSONL at DST."""
+    samples = load_samples(src, fmt, image_roots)
+    if copy_images:
+        from drivekd.data.sample import ImageRef
+
+        target = dst.resolve().parent / "images"
+        target.mkdir(parents=True, exist_ok=True)
+        for s in samples:
+            new = []
+            for im in s.images:
+                src_img = Path(im.path)
+                if not src_img.is_file():
+                    raise DataError(f"{src}: sample {s.id}: image {im.path} is missing")
+                dest = target / f"{s.scene_id}_{im.camera}{src_img.suffix}".replace("/", "_")
+                if not dest.exists():
+                    shutil.copy2(src_img, dest)
+                new.append(ImageRef(im.camera, str(dest)))
+            s.images = new
+    write_jsonl(samples, dst)
+    click.echo(f"wrote {len(samples)} samples from {', '.join(map(str, data_files(src)))} to {dst}")
+
+
+@data.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print card.json as it is.")
+def card(directory: Path, as_json: bool) -> None:
+    """Show a generated dataset's card: counts per split and capability, baselines per question type."""
+    from drivekd.data.drivesim.generate import card_markdown
+
+    file = directory / "card.json"
+    if not file.is_file():
+        raise DataError(f"{directory}: no card.json (only generated DriveSim-QA folders have one)")
+    card = json.loads(file.read_text(encoding="utf-8"))
+    click.echo(json.dumps(card, indent=2) if as_json else card_markdown(card))

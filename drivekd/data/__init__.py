@@ -1,0 +1,1 @@
+"""Data: the sample schema, readers for every supported format, validation and DriveSim-QA."""

@@ -1,0 +1,101 @@
+"""The one sample type every part of drivekd reads and writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drivekd.errors import DataError
+
+CAPABILITIES: tuple[str, ...] = ("perception", "reasoning", "planning")
+IMAGE_PLACEHOLDER = "<image>"
+
+# DriveBench's prediction and behavior questions both test reasoning (method doc §2).
+_CAPABILITY_ALIASES: dict[str, str] = {
+    "perception": "perception",
+    "perceptual": "perception",
+    "perceive": "perception",
+    "reasoning": "reasoning",
+    "reason": "reasoning",
+    "prediction": "reasoning",
+    "predict": "reasoning",
+    "behavior": "reasoning",
+    "behaviour": "reasoning",
+    "planning": "planning",
+    "plan": "planning",
+    "decision": "planning",
+}
+
+
+def normalize_capability(name: str, *, where: str) -> str:
+    """Map a capability name or alias (case-insensitive) to perception | reasoning | planning."""
+    key = str(name).strip().lower()
+    if key not in _CAPABILITY_ALIASES:
+        accepted = ", ".join(sorted(_CAPABILITY_ALIASES))
+        raise DataError(f"{where}: unknown capability {name!r}; accepted: {accepted}")
+    return _CAPABILITY_ALIASES[key]
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One camera image of a sample. `path` is absolute once a reader has resolved it."""
+
+    camera: str
+    path: str
+
+
+@dataclass
+class Sample:
+    """A driving question with its answer and, where known, scorer ground truth.
+
+    `question` holds one `<image>` placeholder per entry of `images`, in order. `choices` maps
+    letters to option texts for multiple-choice items; `correct_choice` is the right letter.
+    `facts` is structured ground truth for open-ended scoring (e.g. `action`, `safe_actions`).
+    """
+
+    id: str
+    capability: str
+    question_type: str
+    images: list[ImageRef]
+    question: str
+    answer: str
+    scene_id: str
+    choices: dict[str, str] | None = None
+    correct_choice: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, image_base: Path | None = None) -> dict[str, Any]:
+        """Plain-JSON form; image paths are written relative to `image_base` when it is given."""
+        out = dataclasses.asdict(self)
+        out["images"] = [{"camera": im.camera, "path": _relative(im.path, image_base)} for im in self.images]
+        if self.choices is None:
+            del out["choices"], out["correct_choice"]
+        return out
+
+    def check(self, where: str) -> None:
+        """Raise DataError if the sample is internally inconsistent."""
+        placeholders = self.question.count(IMAGE_PLACEHOLDER)
+        if placeholders != len(self.images):
+            raise DataError(
+                f"{where}: question has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+                f"but {len(self.images)} image(s)"
+            )
+        if self.capability not in CAPABILITIES:
+            raise DataError(f"{where}: capability {self.capability!r} is not normalised")
+        if self.choices is not None and self.correct_choice is not None:
+            if self.correct_choice not in self.choices:
+                raise DataError(
+                    f"{where}: correct_choice {self.correct_choice!r} is not one of the choices {sorted(self.choices)}"
+                )
+
+
+def _relative(path: str, base: Path | None) -> str:
+    if base is None:
+        return path
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    return os.path.relpath(p, base.resolve())

@@ -1,0 +1,83 @@
+"""Dataset checks shared by `drivekd data validate` and every command that trains on data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from drivekd.data.sample import CAPABILITIES, Sample
+from drivekd.errors import DataError
+
+
+@dataclass
+class ValidationReport:
+    samples: int
+    by_capability: dict[str, int]
+    by_question_type: dict[str, int]
+    images_referenced: int
+    missing_images: list[str] = field(default_factory=list)
+    unreadable_images: list[str] = field(default_factory=list)
+    first_bad: tuple[str, str, str] | None = None  # (sample id, path, problem)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_images and not self.unreadable_images
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "samples": self.samples,
+            "by_capability": self.by_capability,
+            "by_question_type": self.by_question_type,
+            "images_referenced": self.images_referenced,
+            "missing_images": self.missing_images,
+            "unreadable_images": self.unreadable_images,
+        }
+
+    def raise_if_bad(self, source: str) -> None:
+        if self.first_bad is None:
+            return
+        sample_id, path, problem = self.first_bad
+        others = len(self.missing_images) + len(self.unreadable_images) - 1
+        more = f" (and {others} more bad image(s))" if others else ""
+        raise DataError(f"{source}: sample {sample_id}: image {path} is {problem}{more}")
+
+
+def validate_samples(samples: Sequence[Sample], *, check_images: bool = True) -> ValidationReport:
+    by_cap = Counter({c: 0 for c in CAPABILITIES})
+    by_cap.update(s.capability for s in samples)
+    by_type = Counter(s.question_type for s in samples)
+    first_user: dict[str, str] = {}
+    for s in samples:
+        for im in s.images:
+            first_user.setdefault(im.path, s.id)
+    report = ValidationReport(
+        samples=len(samples),
+        by_capability=dict(by_cap),
+        by_question_type=dict(sorted(by_type.items())),
+        images_referenced=len(first_user),
+    )
+    if check_images:
+        for path, sample_id in first_user.items():
+            problem = _image_problem(Path(path))
+            if problem is None:
+                continue
+            (report.missing_images if problem == "missing" else report.unreadable_images).append(path)
+            if report.first_bad is None:
+                report.first_bad = (sample_id, path, problem)
+    return report
+
+
+def _image_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"unreadable ({type(e).__name__})"
+    return None

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "drivekd", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def png(path: Path, colour=(10, 20, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+@pytest.fixture
+def drivebench_file(tmp_path: Path) -> Path:
+    items = [
+        {
+            "scene_token": "sc1",
+            "frame_token": "fr1",
+            "question_type": "perception",
+            "tag": 0,
+            "question": "What is the moving status of object <c1,CAM_FRONT,0.5,0.5>? Please select the correct "
+            "answer from the following options: A. Going ahead. B. Turn left. C. Turn right.",
+            "answer": "B. Turn left.",
+            "image_path": {"CAM_FRONT": "samples/CAM_FRONT/a.jpg", "CAM_BACK": "samples/CAM_BACK/b.jpg"},
+        },
+        {
+            "scene_token": "sc1",
+            "frame_token": "fr1",
+            "question_type": "prediction",
+            "tag": 1,
+            "question": "Will <c1,CAM_FRONT,0.5,0.5> be in the moving direction of the ego vehicle?",
+            "answer": "No.",
+            "image_path": {"CAM_FRONT": "samples/CAM_FRONT/a.jpg", "CAM_BACK": "samples/CAM_BACK/b.jpg"},
+        },
+        {
+            "scene_token": "sc2",
+            "frame_token": "fr2",
+            "question_type": "behavior",
+            "tag": 0,
+            "question": "Predict the behavior of the ego vehicle. Please select the correct answer from the "
+            "following options: A. Going straight. B. Turning left.",
+            "answer": "A",
+            "image_path": {"CAM_FRONT": "samples/CAM_FRONT/c.jpg"},
+        },
+        {
+            "scene_token": "sc2",
+            "frame_token": "fr2",
+            "question_type": "planning",
+            "tag": 2,
+            "question": "What actions could the ego vehicle take?",
+            "answer": "Keep going.",
+            "image_path": {"CAM_FRONT": "samples/CAM_FRONT/c.jpg"},
+        },
+    ]
+    f = tmp_path / "drivebench.json"
+    f.write_text(json.dumps(items))
+    for p in ("samples/CAM_FRONT/a.jpg", "samples/CAM_BACK/b.jpg", "samples/CAM_FRONT/c.jpg"):
+        png(tmp_path / p)
+    return f
+
+
+@pytest.fixture
+def drivelm_file(tmp_path: Path) -> Path:
+    data = {
+        "scene-a": {
+            "scene_description": "highway",
+            "key_frames": {
+                "frame-1": {
+                    "QA": {
+                        "perception": [{"Q": "What are the important objects?", "A": "A car ahead.", "C": None}],
+                        "prediction": [{"Q": "Will the car stop?", "A": "No."}],
+                        "planning": [{"Q": "What should the ego do?", "A": "Keep going."}],
+                        "behavior": [{"Q": "Predict the ego behavior.", "A": "Going straight."}],
+                    },
+                    "image_paths": {
+                        "CAM_FRONT": "../nuscenes/samples/CAM_FRONT/x.jpg",
+                        "CAM_BACK": "../nuscenes/samples/CAM_BACK/y.jpg",
+                    },
+                }
+            },
+        }
+    }
+    f = tmp_path / "sub" / "drivelm.json"
+    f.parent.mkdir()
+    f.write_text(json.dumps(data))
+    png(tmp_path / "nuscenes/samples/CAM_FRONT/x.jpg")
+    png(tmp_path / "nuscenes/samples/CAM_BACK/y.jpg")
+    return f

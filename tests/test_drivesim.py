@@ -1,0 +1,150 @@
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drivekd.data.choices import answer_letter
+from drivekd.data.drivesim.camera import Renderer, default_cameras
+from drivekd.data.drivesim.generate import GenerateConfig, generate, split_of_scenes
+from drivekd.data.drivesim.questions import SceneContext, multiple_choice, recommended_action
+from drivekd.data.drivesim.world import ACTIONS, World
+from drivekd.data.formats import load_samples, load_split
+from drivekd.data.validate import validate_samples
+
+from .conftest import run_cli
+
+SCENES = 8
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dsq") / "data"
+    generate(out, GenerateConfig(scenes=SCENES, seed=3), workers=1)
+    return out
+
+
+def test_same_seed_same_bytes_whatever_the_workers(dataset, tmp_path):
+    again = tmp_path / "again"
+    r = run_cli("data", "generate", "--out", str(again), "--scenes", str(SCENES), "--seed", "3", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert _digest(again) == _digest(dataset)
+    other = tmp_path / "other"
+    generate(other, GenerateConfig(scenes=2, seed=4))
+    assert (other / "train.jsonl").read_bytes() != (dataset / "train.jsonl").read_bytes()
+
+
+def test_splits_are_disjoint_by_scene(dataset):
+    scenes = {split: {s.scene_id for s in load_split(dataset, split)} for split in ("train", "val", "test")}
+    assert all(scenes.values())
+    assert (
+        not scenes["train"] & scenes["val"]
+        and not scenes["train"] & scenes["test"]
+        and not scenes["val"] & scenes["test"]
+    )
+    names = split_of_scenes(GenerateConfig(scenes=200, seed=0))
+    assert names.count("test") == 20 and names.count("val") == 20
+
+
+def test_dataset_is_valid_and_card_matches(dataset):
+    samples = load_samples(dataset)
+    report = validate_samples(samples)
+    assert report.ok and report.images_referenced == 2 * SCENES
+    card = json.loads((dataset / "card.json").read_text())
+    for split in ("train", "val", "test"):
+        split_samples = load_split(dataset, split)
+        assert card["counts"][split] == {
+            c: sum(s.capability == c for s in split_samples) for c in ("perception", "reasoning", "planning")
+        }
+    assert all(share >= 0.2 for share in card["capability_share"].values())
+    for s in samples:
+        assert s.question.startswith("CAM_FRONT: <image>\nCAM_BACK: <image>\n")
+        assert [im.camera for im in s.images] == ["CAM_FRONT", "CAM_BACK"]
+        if s.choices:
+            assert answer_letter(s.answer) == s.correct_choice
+        assert "Final:" in s.answer
+        assert "label" in s.facts
+    mc = [t for t in card["question_types"].values() if t["kind"] == "multiple_choice"]
+    assert mc and all(0 < t["chance_accuracy"] < 1 for t in mc)
+
+
+def test_validate_cli_on_generated_folder(dataset):
+    r = run_cli("data", "validate", str(dataset), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["samples"] == sum(
+        json.loads((dataset / "card.json").read_text())["counts"][s][c]
+        for s in ("train", "val", "test")
+        for c in ("perception", "reasoning", "planning")
+    )
+    assert report["missing_images"] == []
+
+
+def test_constructed_scene_labels_the_colliding_action_unsafe():
+    # a car right beside the ego in the left lane, the road ahead free
+    world = World.constructed(lanes=3, ego_lane=1, ego_speed=25.0, others=[(0, 0.0, 25.0), (2, 60.0, 25.0)])
+    rollouts = {a: world.rollout(a, 3.0) for a in ACTIONS}
+    assert rollouts["LANE_LEFT"].collided and rollouts["LANE_LEFT"].collided_with == 1
+    assert not rollouts["IDLE"].collided and not rollouts["SLOWER"].collided
+    snap = world.snapshot()
+    visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
+    ctx = SceneContext(snap, visible, rollouts, np.random.default_rng(0))
+    assert "LANE_LEFT" in ctx.collision_actions() and "LANE_LEFT" not in ctx.safe_actions()
+    assert recommended_action(ctx) in ctx.safe_actions()
+
+
+def test_leftmost_lane_change_left_is_unavailable():
+    world = World.constructed(lanes=2, ego_lane=0, ego_speed=25.0, others=[])
+    assert not world.action_available("LANE_LEFT") and world.action_available("LANE_RIGHT")
+
+
+def test_projection_sanity():
+    front, _ = default_cameras(224, 128)
+    near = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=[(1, 15.0, 20.0)]).snapshot()
+    far = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=[(1, 45.0, 20.0)]).snapshot()
+    (v_near,) = Renderer(front).render(near)[1]
+    (v_far,) = Renderer(front).render(far)[1]
+    assert abs(v_near.cx - 0.5) < 0.03 and abs(v_far.cx - 0.5) < 0.03  # straight ahead: centre line
+    assert v_far.pixels < v_near.pixels / 4  # ~1/distance^2
+    horizon = front.horizon
+    assert abs(v_far.cy - horizon) < abs(v_near.cy - horizon)
+    # the pinhole maths: a ground point d metres ahead lands at v = horizon*H + f*h/d
+    cam_pt = front.to_camera(near.ego, np.array([[near.ego.x + front.mount + 10.0, near.ego.y, 0.0]]))
+    u, v = front.project(cam_pt)[0]
+    assert math.isclose(u, 112.0, abs_tol=1e-6)
+    assert math.isclose(v, horizon * 128 + front.focal * front.mount_height / 10.0, rel_tol=1e-9)
+
+
+def test_rear_camera_sees_vehicle_behind_and_occlusion():
+    _, back = default_cameras(224, 128)
+    snap = World.constructed(
+        lanes=3, ego_lane=1, ego_speed=20.0, others=[(1, -20.0, 20.0), (1, -40.0, 20.0)]
+    ).snapshot()
+    visible = Renderer(back).render(snap)[1]
+    indices = [v.car.index for v in visible]
+    assert 1 in indices  # the near one behind
+    near = next(v for v in visible if v.car.index == 1)
+    assert abs(near.cx - 0.5) < 0.03
+    # the one further back, in the same lane, is partly hidden: fewer pixels than it would have alone
+    alone = Renderer(back).render(
+        World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=[(1, -40.0, 20.0)]).snapshot()
+    )[1]
+    hidden = [v.pixels for v in visible if v.car.index == 2]
+    assert not hidden or hidden[0] < alone[0].pixels
+
+
+def test_multiple_choice_letters_are_near_uniform():
+    rng = np.random.default_rng(0)
+    letters = [multiple_choice(rng, "right", ["w1", "w2", "w3", "w4"], 4)[1] for _ in range(4000)]
+    shares = [letters.count(k) / len(letters) for k in "ABCD"]
+    assert max(shares) - min(shares) < 0.05
