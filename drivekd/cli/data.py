@@ -140,3 +140,19 @@ def card(directory: Path, as_json: bool) -> None:
         raise DataError(f"{directory}: no card.json (only generated DriveSim-QA folders have one)")
     card = json.loads(file.read_text(encoding="utf-8"))
     click.echo(json.dumps(card, indent=2) if as_json else card_markdown(card))
+
+
+@data.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
+@click.option("--scenes", type=click.IntRange(min=1), default=6, show_default=True)
+@_format
+@_image_root
+def sheet(path: Path, out: Path, scenes: int, fmt: str | None, image_roots: tuple[str, ...]) -> None:
+    """Draw a contact sheet: each scene's cameras side by side, tagged objects circled, one question."""
+    from drivekd.data.contact_sheet import save_contact_sheet
+
+    samples = load_samples(path, fmt, image_roots)
+    validate_samples(samples).raise_if_bad(str(path))
+    save_contact_sheet(samples, out, scenes)
+    click.echo(f"wrote {out}")
