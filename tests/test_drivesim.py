@@ -148,3 +148,20 @@ def test_multiple_choice_letters_are_near_uniform():
     letters = [multiple_choice(rng, "right", ["w1", "w2", "w3", "w4"], 4)[1] for _ in range(4000)]
     shares = [letters.count(k) / len(letters) for k in "ABCD"]
     assert max(shares) - min(shares) < 0.05
+
+
+def test_contact_sheet_and_card_commands(dataset, tmp_path):
+    out = tmp_path / "sheet.png"
+    r = run_cli("data", "sheet", str(dataset), "--out", str(out), "--scenes", "2")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size[1] == 2 * 128 and im.size[0] > 2 * 224
+    r = run_cli("data", "card", str(dataset))
+    assert r.returncode == 0 and "| train |" in r.stdout and "majority" in r.stdout
+
+
+def test_generate_refuses_existing_output(dataset):
+    r = run_cli("data", "generate", "--out", str(dataset), "--scenes", "1")
+    assert r.returncode == 2 and "already exists" in r.stderr

@@ -182,7 +182,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         "| split | " + " | ".join(CAPABILITIES) + " | total |",
         "|---|" + "---|" * (len(CAPABILITIES) + 1),
     ]
-    for split, row in card["counts"].items():
+    for split in SPLITS:
+        row = card["counts"][split]
         lines.append(f"| {split} | " + " | ".join(str(row[c]) for c in CAPABILITIES) + f" | {sum(row.values())} |")
     lines += [
         "",
