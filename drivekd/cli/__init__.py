@@ -8,6 +8,8 @@ import click
 
 from drivekd import __version__
 from drivekd.cli.data import data
+from drivekd.cli.evaluate import evaluate
+from drivekd.cli.train import sft
 from drivekd.errors import DriveKDError
 
 
@@ -38,3 +40,5 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 main.add_command(data)
+main.add_command(sft)
+main.add_command(evaluate)

@@ -1,0 +1,23 @@
+"""`drivekd sft`: supervised fine-tuning from a YAML config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Experiment YAML (see configs/)."
+)
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last checkpoint.")
+@click.argument("overrides", nargs=-1)
+def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
+    """Fine-tune a VLM on answers (cross-entropy). OVERRIDES are KEY=VALUE, e.g. train.lr=1e-4."""
+    from drivekd.train.config import SFTConfig, load_config
+    from drivekd.train.sft import run_sft
+
+    config = load_config(SFTConfig, config_path, overrides)
+    final = run_sft(config, resume=resume)
+    click.echo(f"saved {final}")

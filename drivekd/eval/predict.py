@@ -1,0 +1,58 @@
+"""Batched greedy generation over a split: the prediction file `drivekd score` reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from drivekd.atomic import atomic_file
+from drivekd.data.sample import Sample
+from drivekd.models.backend import VLMBackend
+
+
+def prediction_record(sample: Sample, prediction: str) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": sample.id,
+        "capability": sample.capability,
+        "question_type": sample.question_type,
+        "prediction": prediction,
+        "reference": sample.answer,
+    }
+    if sample.choices:
+        record["choices"] = sample.choices
+        record["correct_choice"] = sample.correct_choice
+    if sample.facts:
+        record["facts"] = sample.facts
+    return record
+
+
+def predict(
+    backend: VLMBackend,
+    samples: Sequence[Sample],
+    out: Path,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+) -> dict[str, float]:
+    """Generate an answer per sample and write JSONL (atomically). Returns throughput figures."""
+    # Similar lengths together waste less padding; the file keeps the input order.
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].question))
+    predictions: dict[int, str] = {}
+    start = time.perf_counter()
+    with tqdm(total=len(samples), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True) as bar:
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            for j, text in zip(idx, backend.generate([samples[j] for j in idx], max_new_tokens), strict=True):
+                predictions[j] = text
+            bar.update(len(idx))
+    elapsed = time.perf_counter() - start
+    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i, s in enumerate(samples):
+            f.write(json.dumps(prediction_record(s, predictions[i]), ensure_ascii=False) + "\n")
+    return {"samples": len(samples), "seconds": elapsed, "samples_per_s": len(samples) / max(elapsed, 1e-9)}

@@ -1,0 +1,181 @@
+"""The narrow interface the rest of drivekd uses to train and query a VLM.
+
+A backend turns samples into a padded model batch (ChatML prompt, images expanded in placeholder
+order, labels on answer tokens only), tells which positions hold visual tokens, and generates.
+Family files (`internvl.py`, `qwen25vl.py`) supply only the image-specific parts.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample
+from drivekd.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """Model inputs plus what losses and signals need about each position and sample."""
+
+    inputs: dict[str, torch.Tensor]  # forward kwargs: input_ids, attention_mask, pixel_values, ...
+    labels: torch.Tensor | None  # (B, T); IGNORE_INDEX outside answers
+    visual_mask: torch.Tensor  # (B, T) bool: positions filled with visual embeddings
+    sample_ids: list[str]
+    capabilities: list[str]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Batch:
+        self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
+        self.labels = None if self.labels is None else self.labels.to(device)
+        self.visual_mask = self.visual_mask.to(device)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+class VLMBackend(abc.ABC):
+    family: str = ""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.im_start = "<|im_start|>"
+        self.im_end = "<|im_end|>"
+        self.eos_id = tokenizer.convert_tokens_to_ids(self.im_end)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._count_cache: dict[tuple[int, int], int] = {}
+
+    # ---- family-specific -------------------------------------------------------------------
+    @abc.abstractmethod
+    def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel tensors for the model, and the number of visual tokens of each image."""
+
+    @abc.abstractmethod
+    def image_tokens(self, count: int) -> str:
+        """The token text one image of `count` visual tokens expands to in the prompt."""
+
+    @property
+    @abc.abstractmethod
+    def visual_token_id(self) -> int:
+        """The id of positions the model fills with visual embeddings."""
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    # ---- shared ------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.text_config.num_hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def set_attention(self, implementation: str) -> None:
+        """Switch the attention implementation of the language model (e.g. `sdpa`, `eager`)."""
+        self.model.set_attn_implementation(implementation)
+
+    def prompt_text(self, sample: Sample, tokens_per_image: Sequence[int]) -> str:
+        parts = sample.question.split(IMAGE_PLACEHOLDER)
+        text = parts[0]
+        for count, rest in zip(tokens_per_image, parts[1:], strict=True):
+            text += self.image_tokens(count) + rest
+        return f"{self.im_start}user\n{text}{self.im_end}\n{self.im_start}assistant\n"
+
+    def build_batch(
+        self,
+        samples: Sequence[Sample],
+        *,
+        with_answers: bool = True,
+        padding_side: str = "right",
+        max_length: int | None = None,
+    ) -> Batch:
+        images = []
+        for s in samples:
+            for ref in s.images:
+                try:
+                    with Image.open(ref.path) as im:
+                        images.append(im.convert("RGB"))
+                except OSError as e:
+                    raise DataError(f"sample {s.id}: cannot read image {ref.path}: {e}") from e
+        pixel_inputs, counts = self.image_inputs(images) if images else ({}, [])
+        rows, label_rows, k = [], [], 0
+        for s in samples:
+            n = len(s.images)
+            prompt = self.tokenizer(self.prompt_text(s, counts[k : k + n]), add_special_tokens=False).input_ids
+            k += n
+            answer = self.tokenizer(s.answer + self.im_end, add_special_tokens=False).input_ids if with_answers else []
+            ids = prompt + answer
+            if max_length is not None and len(ids) > max_length:
+                raise DataError(f"sample {s.id}: {len(ids)} tokens exceed max_length {max_length}")
+            rows.append(ids)
+            label_rows.append([IGNORE_INDEX] * len(prompt) + answer)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, label_rows, strict=True)):
+            sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+            input_ids[i, sl] = torch.tensor(ids)
+            attention[i, sl] = 1
+            labels[i, sl] = torch.tensor(lab)
+        inputs = {"input_ids": input_ids, "attention_mask": attention, **pixel_inputs, **self.extra_inputs(input_ids)}
+        return Batch(
+            inputs=inputs,
+            labels=labels if with_answers else None,
+            visual_mask=input_ids == self.visual_token_id,
+            sample_ids=[s.id for s in samples],
+            capabilities=[s.capability for s in samples],
+        )
+
+    def visual_token_count(self, width: int, height: int) -> int:
+        """Visual tokens of one image of this size (reads no pixels)."""
+        return self.image_inputs([Image.new("RGB", (width, height))])[1][0]
+
+    def token_lengths(self, sample: Sample) -> int:
+        """Sequence length of a sample with its answer; images are only opened for their size."""
+        counts = []
+        for ref in sample.images:
+            with Image.open(ref.path) as im:
+                size = im.size
+            if size not in self._count_cache:
+                self._count_cache[size] = self.visual_token_count(*size)
+            counts.append(self._count_cache[size])
+        prompt = self.prompt_text(sample, counts)
+        return len(self.tokenizer(prompt + sample.answer + self.im_end, add_special_tokens=False).input_ids)
+
+    @torch.no_grad()
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 96) -> list[str]:
+        """Greedy decoding with the KV cache, left-padded batch."""
+        was_training = self.model.training
+        self.model.eval()
+        batch = self.build_batch(samples, with_answers=False, padding_side="left").to(self.device)
+        out = self.model.generate(
+            **batch.inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        self.model.train(was_training)
+        new = out[:, batch.inputs["input_ids"].shape[1] :]
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def save(self, directory: str | Path) -> None:
+        """HF format: loads back with plain transformers (model, tokenizer, image processor)."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)

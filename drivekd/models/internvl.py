@@ -1,0 +1,77 @@
+"""InternVL (`InternVLForConditionalGeneration`, the InternVL3 "-hf" checkpoints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from drivekd.models.backend import VLMBackend
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+class InternVLBackend(VLMBackend):
+    family = "internvl"
+    model_class = InternVLForConditionalGeneration
+
+    @property
+    def visual_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        # One tile per image: the processor's default crop_to_patches=True would tile (method doc §9).
+        out = self.image_processor(images, crop_to_patches=False, return_tensors="pt")
+        pixels = out["pixel_values"].to(self.model.dtype)
+        return {"pixel_values": pixels}, [int(self.model.config.image_seq_length)] * len(images)
+
+    def image_tokens(self, count: int) -> str:
+        return IMG_START + IMG_CONTEXT * count + IMG_END
+
+
+def tiny_config(
+    vocab_size: int,
+    token_ids: dict[str, int],
+    *,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    image_size: int,
+    patch: int,
+) -> InternVLConfig:
+    tokens = (image_size // patch) ** 2 // 4  # pixel shuffle with downsample ratio 0.5
+    return InternVLConfig(
+        vision_config={
+            "image_size": [image_size, image_size],
+            "patch_size": [patch, patch],
+            "hidden_size": vision["hidden"],
+            "num_hidden_layers": vision["layers"],
+            "num_attention_heads": vision["heads"],
+            "intermediate_size": vision["hidden"] * 3,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": text["hidden"],
+            "intermediate_size": text["hidden"] * 3,
+            "num_hidden_layers": text["layers"],
+            "num_attention_heads": text["heads"],
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+            "bos_token_id": token_ids["<|im_start|>"],
+            "eos_token_id": token_ids["<|im_end|>"],
+            "pad_token_id": token_ids["<|endoftext|>"],
+        },
+        image_token_id=token_ids[IMG_CONTEXT],
+        image_seq_length=tokens,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_image_processor(image_size: int) -> Any:
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=False)

@@ -1,0 +1,156 @@
+"""Build or load a backend: tiny presets from configs, or any local directory / hub id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drivekd.errors import DriveKDError
+from drivekd.models.backend import VLMBackend
+from drivekd.models.internvl import InternVLBackend
+from drivekd.models.qwen25vl import Qwen25VLBackend
+
+BACKENDS: dict[str, type[VLMBackend]] = {"internvl": InternVLBackend, "qwen2_5_vl": Qwen25VLBackend}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Teacher and student of a family share the image size, patching and tokenizer, so their
+# visual-token layouts match position by position; they differ in width and depth only.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-internvl-teacher": {
+        "family": "internvl",
+        "text": {"hidden": 320, "layers": 8, "heads": 5},
+        "vision": {"hidden": 192, "layers": 4, "heads": 4},
+    },
+    "tiny-internvl-student": {
+        "family": "internvl",
+        "text": {"hidden": 128, "layers": 4, "heads": 2},
+        "vision": {"hidden": 96, "layers": 2, "heads": 2},
+    },
+    "tiny-qwen25vl-teacher": {
+        "family": "qwen2_5_vl",
+        "text": {"hidden": 320, "layers": 8, "heads": 5},
+        "vision": {"hidden": 192, "layers": 4, "heads": 4},
+    },
+    "tiny-qwen25vl-student": {
+        "family": "qwen2_5_vl",
+        "text": {"hidden": 128, "layers": 4, "heads": 2},
+        "vision": {"hidden": 96, "layers": 2, "heads": 2},
+    },
+}
+TINY_IMAGE_SIZE, TINY_PATCH = 96, 8
+
+
+@dataclass
+class LoadOptions:
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, e.g. {"r": 8, "target_modules": [...]}
+    seed: int = 0
+
+
+def load_backend(spec: str, options: LoadOptions | None = None) -> VLMBackend:
+    """`spec` is a preset name, a local checkpoint directory, or a hub id (offline: a directory)."""
+    options = options or LoadOptions()
+    if options.dtype not in DTYPES:
+        raise DriveKDError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    backend = _build_preset(spec, options) if spec in PRESETS else _load_pretrained(spec, options)
+    backend.model.to(options.device)
+    _freeze(backend, options)
+    if options.lora:
+        from peft import LoraConfig, get_peft_model
+
+        backend.model = get_peft_model(backend.model, LoraConfig(**options.lora))
+    return backend
+
+
+def _build_preset(name: str, options: LoadOptions) -> VLMBackend:
+    from drivekd.models import internvl, qwen25vl
+    from drivekd.models.tokenizer import SPECIAL_TOKENS, load_shipped_tokenizer
+
+    preset = PRESETS[name]
+    tokenizer = load_shipped_tokenizer()
+    vocab = ((len(tokenizer) + 1 + 63) // 64) * 64  # at least one spare id, a multiple of 64
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    if preset["family"] == "internvl":
+        config = internvl.tiny_config(
+            vocab, ids, text=preset["text"], vision=preset["vision"], image_size=TINY_IMAGE_SIZE, patch=TINY_PATCH
+        )
+        processor = internvl.tiny_image_processor(TINY_IMAGE_SIZE)
+    else:
+        config = qwen25vl.tiny_config(vocab, ids, text=preset["text"], vision=preset["vision"], patch=TINY_PATCH)
+        processor = qwen25vl.tiny_image_processor(TINY_IMAGE_SIZE * TINY_IMAGE_SIZE, TINY_PATCH)
+    cls = BACKENDS[preset["family"]]
+    config._attn_implementation = options.attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        model = cls.model_class(config).to(DTYPES[options.dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return cls(model, tokenizer, processor)
+
+
+def _load_pretrained(spec: str, options: LoadOptions) -> VLMBackend:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = Path(spec)
+    if path.exists() and not (path / "config.json").is_file():
+        raise DriveKDError(f"{spec}: no config.json: not a model checkpoint directory")
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
+        raise DriveKDError(f"{spec}: no such model directory, and not a preset ({', '.join(PRESETS)}) or hub id")
+    model_type = _model_type(path) if path.exists() else None
+    try:
+        if model_type is None:
+            from transformers import AutoConfig
+
+            model_type = AutoConfig.from_pretrained(spec).model_type
+        if model_type not in BACKENDS:
+            raise DriveKDError(f"{spec}: model type {model_type!r} is not a supported VLM ({', '.join(BACKENDS)})")
+        cls = BACKENDS[model_type]
+        model = cls.model_class.from_pretrained(
+            spec, dtype=DTYPES[options.dtype], attn_implementation=options.attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        processor = AutoImageProcessor.from_pretrained(spec)
+    except OSError as e:
+        raise DriveKDError(f"{spec}: cannot load: {str(e).splitlines()[0]}") from e
+    return cls(model, tokenizer, processor)
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise DriveKDError(f"{path}/config.json: unreadable: {e}") from e
+
+
+def _freeze(backend: VLMBackend, options: LoadOptions) -> None:
+    model = backend.model
+    groups = {
+        "vision": (options.freeze_vision, ("vision_tower", "visual")),
+        "projector": (options.freeze_projector, ("multi_modal_projector", "visual.merger")),
+        "llm": (options.freeze_llm, ("language_model", "lm_head")),
+    }
+    for frozen, prefixes in groups.values():
+        if not frozen:
+            continue
+        for name, p in model.named_parameters():
+            if any(f".{pre}." in f".{name}" for pre in prefixes):
+                p.requires_grad_(False)
+
+
+def count_parameters(backend: VLMBackend) -> int:
+    return sum(p.numel() for p in backend.model.parameters())

@@ -1,0 +1,88 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from drivekd.models.backend import VLMBackend
+
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+
+
+class Qwen25VLBackend(VLMBackend):
+    family = "qwen25vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
+
+    @property
+    def visual_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        out = self.image_processor(images, return_tensors="pt")
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        grid = out["image_grid_thw"]
+        counts = [int(t * h * w) // (merge * merge) for t, h, w in grid.tolist()]
+        return {"pixel_values": out["pixel_values"].to(self.model.dtype), "image_grid_thw": grid}, counts
+
+    def image_tokens(self, count: int) -> str:
+        return VISION_START + IMAGE_PAD * count + VISION_END
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        # transformers 5 needs the text/image type of every position for the 3-D rotary index.
+        return {"mm_token_type_ids": (input_ids == self.visual_token_id).int()}
+
+
+def tiny_config(
+    vocab_size: int, token_ids: dict[str, int], *, text: dict[str, Any], vision: dict[str, Any], patch: int
+) -> Qwen2_5_VLConfig:
+    head_dim = text["hidden"] // text["heads"]
+    unit = head_dim // 16  # temporal/height/width rotary sections sum to head_dim / 2, as in Qwen2.5-VL
+    return Qwen2_5_VLConfig(
+        vision_config={
+            "depth": vision["layers"],
+            "hidden_size": vision["hidden"],
+            "num_heads": vision["heads"],
+            "intermediate_size": vision["hidden"] * 3,
+            "patch_size": patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": patch * 4,
+            "out_hidden_size": text["hidden"],
+            "fullatt_block_indexes": list(range(1, vision["layers"], 2)),
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": text["hidden"],
+            "intermediate_size": text["hidden"] * 3,
+            "num_hidden_layers": text["layers"],
+            "num_attention_heads": text["heads"],
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+            "bos_token_id": token_ids["<|im_start|>"],
+            "eos_token_id": token_ids["<|im_end|>"],
+            "pad_token_id": token_ids["<|endoftext|>"],
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2 * unit, 3 * unit, 3 * unit],
+            },
+        },
+        image_token_id=token_ids["<|image_pad|>"],
+        video_token_id=vocab_size - 1,  # a spare id: no videos here
+        vision_start_token_id=token_ids["<|vision_start|>"],
+        vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_image_processor(pixels: int, patch: int) -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
+    )

@@ -1,0 +1,106 @@
+"""Experiment configs: one YAML file validated into typed objects, every field overridable.
+
+`drivekd sft --config c.yaml train.lr=1e-4 data.capability=planning` overrides nested keys; the
+resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from drivekd.errors import DriveKDError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    name: str  # a preset (tiny-internvl-teacher, ...), a checkpoint directory or a hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = "sdpa"
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    lora: dict[str, Any] | None = None
+    seed: int = 0  # initialisation seed of presets
+
+
+class DataConfig(_Strict):
+    path: str
+    format: str | None = None
+    image_roots: list[str] = []
+    train_split: str = "train"
+    val_split: str | None = "val"
+    capability: Literal["perception", "reasoning", "planning"] | None = None  # single-capability protocol
+    max_length: int = 512
+    on_overlong: Literal["error", "skip"] = "error"  # an answer is never silently cut
+    limit: int | None = None  # first N training samples (smoke tests)
+
+
+class TrainConfig(_Strict):
+    output_dir: str
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int | None = None
+    val_max_samples: int = 256
+    save_every: int | None = None
+    keep_last: int = 2
+
+
+class SFTConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise DriveKDError(f"{path}: cannot read config: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise DriveKDError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', e)}") from e
+    for item in overrides:
+        if "=" not in item:
+            raise DriveKDError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DriveKDError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise DriveKDError(f"{path}: {loc}: {err['msg']}{more}") from e
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

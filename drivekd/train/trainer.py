@@ -1,0 +1,293 @@
+"""One training loop for SFT and distillation, on HF accelerate.
+
+The loop knows batches, an objective and an optimiser; it knows neither capabilities nor model
+families. An objective maps a batch to named scalar losses; `backward` turns them into gradients
+(the default sums them; distillation plugs in its gradient combiner).
+
+Determinism and resume: the data order of epoch e is a permutation seeded by (seed, e); a
+checkpoint stores model, optimiser, scheduler, RNG and the position in that order, so a run killed
+and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model, save_model
+from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from drivekd.atomic import atomic_dir
+from drivekd.data.sample import Sample
+from drivekd.errors import DriveKDError
+from drivekd.models.backend import Batch, VLMBackend
+from drivekd.train.config import TrainConfig
+
+# An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
+Objective = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
+Backward = Callable[[dict[str, torch.Tensor], Accelerator], dict[str, float]]
+
+
+def sum_backward(losses: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
+    accelerator.backward(sum(losses.values()))
+    return {}
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of this epoch already consumed
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        backend: VLMBackend,
+        train: Sequence[Sample],
+        val: Sequence[Sample],
+        objective: Objective,
+        *,
+        backward: Backward = sum_backward,
+        max_length: int | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.train_samples = list(train)
+        self.val_samples = list(val)[: config.val_max_samples]
+        self.objective = objective
+        self.backward = backward
+        self.max_length = max_length
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
+        )
+        self.run_dir = Path(config.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        acc = self.accelerator
+        params = [p for p in backend.model.parameters() if p.requires_grad]
+        if not params:
+            raise DriveKDError("no trainable parameters: everything is frozen")
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+        self.total_steps = self._total_steps()
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, min(config.warmup_steps, self.total_steps), self.total_steps, min_lr_rate=config.min_lr_ratio
+        )
+        # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped.
+        self.model, self.optimizer, self.scheduler = acc.prepare(backend.model, optimizer, scheduler)
+        self.position = Position()
+
+    # ---- data order ------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        return self.config.micro_batch_size * self.accelerator.num_processes
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_samples) / self.global_batch)
+
+    def _total_steps(self) -> int:
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        micro = math.ceil(self.config.epochs * self.batches_per_epoch())
+        return max(1, micro // self.config.grad_accum)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(len(self.train_samples), generator=g).tolist()
+
+    def _local_batch(self, order: list[int], index: int) -> list[Sample]:
+        chunk = order[index * self.global_batch : (index + 1) * self.global_batch]
+        mine = chunk[self.accelerator.process_index :: self.accelerator.num_processes]
+        return [self.train_samples[i] for i in mine]
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        target = self.ckpt_dir / f"step-{self.position.step:07d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with atomic_dir(target, overwrite=True) as tmp:
+                save_model(self.backend.model, str(tmp / "model.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(vars(self.position)))
+            for old in self.checkpoints()[: -self.config.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return target
+
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.iterdir() if re.fullmatch(r"step-\d{7}", p.name))
+
+    def resume(self) -> bool:
+        found = self.checkpoints()
+        if not found:
+            return False
+        latest = found[-1]
+        load_model(self.backend.model, str(latest / "model.safetensors"))
+        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        rng = torch.load(latest / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_python_state(rng["python"]))
+        self.position = Position(**json.loads((latest / "trainer_state.json").read_text()))
+        self._trim_metrics(self.position.step)
+        return True
+
+    # ---- metrics ---------------------------------------------------------------------------
+    def _log(self, record: dict[str, float | int]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        file = self.run_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and file.is_file():
+            keep = [ln for ln in file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            file.write_text("".join(k + "\n" for k in keep))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if not self.val_samples:
+            return {}
+        self.model.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        size = self.config.micro_batch_size
+        mine = self.val_samples[self.accelerator.process_index :: self.accelerator.num_processes]
+        for i in range(0, len(mine), size):
+            batch = self.backend.build_batch(mine[i : i + size], max_length=self.max_length).to(self.accelerator.device)
+            for k, v in self.objective(self.model, batch).items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
+            n += len(batch)
+        self.model.train()
+        out = torch.tensor(
+            [totals.get(k, 0.0) for k in sorted(totals)] + [n], dtype=torch.float64, device=self.accelerator.device
+        )
+        out = self.accelerator.reduce(out, reduction="sum")
+        return {f"val_{k}": float(out[i] / max(out[-1], 1)) for i, k in enumerate(sorted(totals))}
+
+    @torch.no_grad()
+    def ranks_identical(self) -> bool:
+        """Whether every process holds the same weights (a DDP sanity check, logged at the end)."""
+        params = list(self.backend.model.parameters())
+        sums = torch.stack([p.double().sum() for p in params] + [p.double().abs().sum() for p in params])
+        gathered = self.accelerator.gather(sums.to(self.accelerator.device)[None])
+        return bool((gathered == gathered[0]).all())
+
+    # ---- the loop --------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg, acc = self.config, self.accelerator
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        pos = self.position
+        bar = tqdm(
+            total=self.total_steps,
+            initial=pos.step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
+        window: dict[str, float] = {}
+        window_n, window_samples, window_start = 0, 0, time.perf_counter()
+        last: dict[str, float] = {}
+        while pos.step < self.total_steps:
+            order = self._epoch_order(pos.epoch)
+            while pos.batch_in_epoch < self.batches_per_epoch() and pos.step < self.total_steps:
+                for micro in range(cfg.grad_accum):
+                    index = pos.batch_in_epoch + micro
+                    if index >= self.batches_per_epoch():
+                        break
+                    batch = self.backend.build_batch(self._local_batch(order, index), max_length=self.max_length).to(
+                        acc.device
+                    )
+                    sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
+                    ctx = acc.no_sync(self.model) if not sync else _null()
+                    with ctx, acc.autocast():
+                        losses = self.objective(self.model, batch)
+                        scaled = {k: v / cfg.grad_accum for k, v in losses.items()}
+                        extra = self.backward(scaled, acc)
+                    for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, **extra}.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_n += 1
+                    window_samples += len(batch) * acc.num_processes
+                pos.batch_in_epoch = min(pos.batch_in_epoch + cfg.grad_accum, self.batches_per_epoch())
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                pos.step += 1
+                bar.update(1)
+                if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last = {k: v / max(window_n, 1) for k, v in window.items()}
+                    record = {
+                        "step": pos.step,
+                        "epoch": pos.epoch,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": window_samples / max(elapsed, 1e-9),
+                        **last,
+                    }
+                    self._log(record)
+                    bar.set_postfix(
+                        loss=f"{sum(v for k, v in last.items() if k in losses):.3f}",
+                        lr=f"{record['lr']:.2e}",
+                        sps=f"{record['samples_per_s']:.1f}",
+                    )
+                    window, window_n, window_samples, window_start = {}, 0, 0, time.perf_counter()
+                if cfg.eval_every and pos.step % cfg.eval_every == 0:
+                    self._log({"step": pos.step, **self.validate()})
+                if cfg.save_every and pos.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+            if pos.batch_in_epoch >= self.batches_per_epoch():
+                pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        bar.close()
+        if acc.num_processes > 1:
+            self._log({"step": pos.step, "ranks_identical": self.ranks_identical()})
+        final_val = self.validate()
+        if final_val:
+            self._log({"step": pos.step, **final_val})
+        return {**last, **final_val}
+
+    def save_final(self) -> Path:
+        target = self.run_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_dir(target, overwrite=True) as tmp:
+                self.backend.save(tmp)
+        self.accelerator.wait_for_everyone()
+        return target
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _as_python_state(state: object) -> tuple:
+    """random.setstate wants nested tuples; torch.load may hand back lists."""
+    if isinstance(state, list | tuple):
+        return tuple(_as_python_state(s) for s in state)
+    return state  # type: ignore[return-value]

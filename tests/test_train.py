@@ -1,0 +1,160 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drivekd.data.drivesim.generate import GenerateConfig, generate
+from drivekd.errors import DataError
+from drivekd.train.config import SFTConfig, load_config
+from drivekd.train.sft import cross_entropy, load_model, load_training_data, run_sft
+from drivekd.train.trainer import Trainer
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "data"
+    generate(out, GenerateConfig(scenes=4, seed=5))
+    return out
+
+
+def _config(tmp_path: Path, data_dir: Path, **train) -> Path:
+    cfg = {
+        "model": {"name": "tiny-internvl-student"},
+        "data": {"path": str(data_dir), "limit": 8},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "micro_batch_size": 4,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            **train,
+        },
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    f = tmp_path / "cfg.yaml"
+    import yaml
+
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_loss_falls_and_checkpoint_is_hf(tmp_path, data_dir):
+    cfg = load_config(SFTConfig, _config(tmp_path, data_dir, max_steps=24, val_max_samples=8))
+    final = run_sft(cfg)
+    ce = [m["ce"] for m in _metrics(tmp_path / "run") if "ce" in m]
+    assert len(ce) == 24
+    assert sum(ce[-4:]) / 4 < 0.6 * sum(ce[:4]) / 4
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert (tmp_path / "run" / "config.yaml").read_text().startswith("model:")
+    assert any("val_ce" in m for m in _metrics(tmp_path / "run"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, data_dir):
+    full = load_config(SFTConfig, _config(tmp_path / "a", data_dir, max_steps=6, save_every=3, grad_accum=2))
+    run_sft(full)
+
+    cfg = load_config(SFTConfig, _config(tmp_path / "b", data_dir, max_steps=6, save_every=3, grad_accum=2))
+    torch.manual_seed(cfg.train.seed)
+    backend = load_model(cfg.model)
+    train, val, _ = load_training_data(cfg.data, backend)
+    calls = {"n": 0}
+
+    def dies_after_step_3(model, batch):
+        calls["n"] += 1
+        if calls["n"] > 3 * 2:  # 3 optimiser steps x 2 micro-batches, then the "kill"
+            raise KeyboardInterrupt
+        return cross_entropy(model, batch)
+
+    trainer = Trainer(cfg.train, backend, train, val, dies_after_step_3, max_length=cfg.data.max_length)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [p.name for p in trainer.checkpoints()] == ["step-0000003"]
+    run_sft(cfg, resume=True)
+
+    a = load_file(tmp_path / "a" / "run" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in _metrics(tmp_path / "b" / "run") if "ce" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated metrics after the resume
+
+
+def test_capability_filter_and_overlong_policy(tmp_path, data_dir):
+    cfg = load_config(SFTConfig, _config(tmp_path, data_dir), ["data.capability=planning", "data.limit=null"])
+    backend = load_model(cfg.model)
+    train, _, _ = load_training_data(cfg.data, backend)
+    assert train and all(s.capability == "planning" for s in train)
+    short = load_config(SFTConfig, _config(tmp_path, data_dir), ["data.max_length=100"])
+    with pytest.raises(DataError, match=r"sample scene-\d+-q\d+: \d+ tokens exceed data.max_length=100"):
+        load_training_data(short.data, backend)
+    skip = load_config(
+        SFTConfig, _config(tmp_path, data_dir), ["data.max_length=190", "data.on_overlong=skip", "data.limit=null"]
+    )
+    kept, _, stats = load_training_data(skip.data, backend)
+    assert stats["skipped_overlong"] > 0 and stats["train"] == len(kept) > 0
+    assert all(backend.token_lengths(s) <= 190 for s in kept)
+
+
+def test_config_errors_are_one_line(tmp_path, data_dir):
+    cfg = _config(tmp_path, data_dir)
+    for override, needle in [
+        ("train.lrr=1", "train.lrr: Extra inputs are not permitted"),
+        ("train.micro_batch_size=many", "train.micro_batch_size: Input should be a valid integer"),
+    ]:
+        r = run_cli("sft", "--config", str(cfg), override)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    r = run_cli("sft", "--config", str(cfg), "model.name=/no/such/model")
+    assert r.returncode == 2 and "no such model directory" in r.stderr
+
+
+def test_missing_images_fail_before_training(tmp_path, data_dir):
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(data_dir, broken)
+    victim = sorted((broken / "images").iterdir())[0]
+    victim.unlink()
+    r = run_cli("sft", "--config", str(_config(tmp_path, broken)), "data.limit=null")
+    assert r.returncode == 2 and victim.name in r.stderr and "missing" in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_torchrun_two_processes_end_identical(tmp_path, data_dir):
+    cfg = _config(tmp_path, data_dir, max_steps=3, micro_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "drivekd",
+            "sft",
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = _metrics(tmp_path / "run")
+    assert {"step": 3, "ranks_identical": True} in metrics
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
