@@ -9,6 +9,8 @@ import click
 from drivekd import __version__
 from drivekd.cli.data import data
 from drivekd.cli.evaluate import evaluate
+from drivekd.cli.models import models
+from drivekd.cli.score import score
 from drivekd.cli.train import sft
 from drivekd.errors import DriveKDError
 
@@ -42,3 +44,5 @@ def main(ctx: click.Context, debug: bool) -> None:
 main.add_command(data)
 main.add_command(sft)
 main.add_command(evaluate)
+main.add_command(models)
+main.add_command(score)

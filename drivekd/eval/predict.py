@@ -21,6 +21,7 @@ def prediction_record(sample: Sample, prediction: str) -> dict[str, Any]:
         "id": sample.id,
         "capability": sample.capability,
         "question_type": sample.question_type,
+        "question": sample.question,
         "prediction": prediction,
         "reference": sample.answer,
     }

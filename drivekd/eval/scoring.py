@@ -1,0 +1,420 @@
+"""Score prediction files: multiple-choice accuracy, field checks against `facts`, language metrics.
+
+A prediction file is JSONL, one object per line: `id`, `capability`, `question_type`, `prediction`,
+`reference`, and optionally `choices` (letter -> text), `correct_choice`, `facts` and `question`.
+Every sample gets a score in 0..100:
+
+- multiple choice (`choices` and `correct_choice`): 100 if `parse_choice` finds the correct letter;
+- open-ended with facts: the first of `FACT_CHECKS` present in `facts` decides (set F1, exact match,
+  count, object tag within `OBJECT_TOLERANCE`);
+- open-ended without facts: the mean of sentence BLEU-4, ROUGE-L x 100 and min(CIDEr-D, 10) x 10.
+  CIDEr's idf comes from the references of the file's open-ended samples (it is a corpus measure: one
+  sample alone scores 0), and capping at 10 puts the three on the same 0..100 scale.
+
+A capability's score is the mean over its samples and `average` the mean of the capabilities present,
+as the paper's Avg. Corpus BLEU-4 (0-100), mean ROUGE-L (x 100) and CIDEr-D (0-10, as coco-caption
+reports it) over all open-ended samples are reported beside, under `language`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drivekd.data.sample import CAPABILITIES, normalize_capability
+from drivekd.errors import DataError
+from drivekd.eval import metrics
+from drivekd.eval.parsing import after_final, parse_choice, parse_field, parse_final_set, parse_set
+
+FACT_CHECKS: tuple[str, ...] = ("safe_actions", "collision_actions", "count", "action", "lane", "object")
+OBJECT_TOLERANCE = 0.05
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "capability", "question_type", "prediction", "reference")
+
+_INT = re.compile(r"(?<![\w.])(-?\d+)(?!\w|\.\d)")
+_TAG = re.compile(r"<\s*c?\d+\s*,\s*([A-Za-z_]+)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*>")
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass
+class Prediction:
+    """One line of a prediction file."""
+
+    id: str
+    capability: str
+    question_type: str
+    prediction: str
+    reference: str
+    choices: dict[str, str] | None = None
+    correct_choice: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    question: str | None = None
+    where: str = ""
+
+    @property
+    def is_choice(self) -> bool:
+        return self.choices is not None and self.correct_choice is not None
+
+
+@dataclass
+class Language:
+    """An open-ended sample's language metrics: BLEU statistics, ROUGE-L F (0-1), CIDEr-D (0-10)."""
+
+    bleu_stats: list[int]
+    rouge_l: float
+    cider: float
+
+
+@dataclass
+class ItemScore:
+    """How one sample was scored: `method` is `choice`, `facts:<name>` or `language`.
+
+    `language` is set for every open-ended sample (also those scored by facts), for corpus metrics.
+    """
+
+    id: str
+    capability: str
+    question_type: str
+    score: float
+    method: str
+    parsed: str | None = None
+    language: Language | None = None
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_predictions(path: str | Path) -> list[Prediction]:
+    """Read a prediction JSONL file; DataError names the file, line and field of the first problem."""
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: cannot read: {e}") from e
+    out: list[Prediction] = []
+    seen: dict[str, str] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}:{e.colno}: malformed JSON: {e.msg}") from e
+        pred = _prediction(item, where)
+        if pred.id in seen:
+            raise DataError(f"{where}: duplicate id {pred.id!r} (also at {seen[pred.id]})")
+        seen[pred.id] = where
+        out.append(pred)
+    return out
+
+
+def _prediction(item: Any, where: str) -> Prediction:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    for key in REQUIRED_FIELDS:
+        if key not in item:
+            raise DataError(f"{where}: missing required field {key!r}")
+    if not isinstance(item["id"], str | int) or isinstance(item["id"], bool):
+        raise DataError(f"{where}: field 'id' must be a string or integer")
+    # A model that produced nothing (null) simply scores 0; a missing or non-text reference is a data bug.
+    prediction = "" if item["prediction"] is None else item["prediction"]
+    for key, value in (
+        ("prediction", prediction),
+        ("reference", item["reference"]),
+        ("question_type", item["question_type"]),
+    ):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    choices = item.get("choices")
+    if choices is not None and not (
+        isinstance(choices, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in choices.items())
+    ):
+        raise DataError(f"{where}: field 'choices' must map letters to option texts")
+    correct = item.get("correct_choice")
+    if correct is not None and (not isinstance(correct, str) or (choices is not None and correct not in choices)):
+        raise DataError(
+            f"{where}: field 'correct_choice' {correct!r} is not one of the choices {sorted(choices or {})}"
+        )
+    facts = item.get("facts") or {}
+    if not isinstance(facts, dict):
+        raise DataError(f"{where}: field 'facts' must be a JSON object")
+    question = item.get("question")
+    return Prediction(
+        id=str(item["id"]),
+        capability=normalize_capability(str(item["capability"]), where=f"{where}: field 'capability'"),
+        question_type=item["question_type"],
+        prediction=prediction,
+        reference=item["reference"],
+        choices=choices,
+        correct_choice=correct,
+        facts=facts,
+        question=question if isinstance(question, str) else None,
+        where=where,
+    )
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _upper_set(items: Sequence[Any]) -> set[str]:
+    return {str(i).strip().upper() for i in items}
+
+
+def _f1(predicted: list[str] | None, gold: Any) -> float:
+    if not isinstance(gold, list | tuple):
+        raise TypeError("expected a list of actions")
+    if predicted is None:
+        return 0.0
+    p, g = _upper_set(predicted), _upper_set(gold)
+    if not p and not g:
+        return 100.0  # both say "none"
+    hit = len(p & g)
+    if hit == 0:
+        return 0.0
+    precision, recall = hit / len(p), hit / len(g)
+    return 100.0 * 2 * precision * recall / (precision + recall)
+
+
+def _set_answer(prediction: str, label: str) -> list[str] | None:
+    final = parse_final_set(prediction)
+    if final is not None:
+        return final
+    line = parse_field(prediction, label)
+    return None if line is None else parse_set(line)
+
+
+def _final_line(prediction: str) -> str | None:
+    after = after_final(prediction)
+    if after is None:
+        return None
+    line = after.strip().split("\n", 1)[0].strip()
+    if line.startswith("{"):
+        line = line[1:].split("}", 1)[0]
+    return line
+
+
+def _first_int(text: str | None) -> int | None:
+    m = _INT.search(text or "")
+    return int(m.group(1)) if m else None
+
+
+def _word(text: str | None) -> str:
+    return _NON_WORD.sub(" ", (text or "").lower()).strip()
+
+
+def _tag(text: str | None) -> tuple[str, float, float] | None:
+    m = _TAG.search(text or "")
+    if not m:
+        return None
+    x, y = float(m.group(2)), float(m.group(3))
+    return (m.group(1).upper(), x, y) if math.isfinite(x) and math.isfinite(y) else None
+
+
+def _check_safe(prediction: str, gold: Any) -> tuple[float, str | None]:
+    got = _set_answer(prediction, "Safe")
+    return _f1(got, gold), None if got is None else ",".join(got)
+
+
+def _check_collision(prediction: str, gold: Any) -> tuple[float, str | None]:
+    got = _set_answer(prediction, "Self-vehicle action")
+    return _f1(got, gold), None if got is None else ",".join(got)
+
+
+def _check_count(prediction: str, gold: Any) -> tuple[float, str | None]:
+    if isinstance(gold, bool) or not isinstance(gold, int | str):
+        raise TypeError("expected an integer")
+    want = int(gold)
+    final = _final_line(prediction)
+    got = _first_int(final) if final is not None else None
+    if got is None:
+        got = _first_int(prediction)
+    return (100.0 if got == want else 0.0), None if got is None else str(got)
+
+
+def _check_action(prediction: str, gold: Any) -> tuple[float, str | None]:
+    said = parse_field(prediction, "Action")
+    if said is None:
+        said = _final_line(prediction)
+    items = parse_set(said) if said is not None else []
+    got = items[0].upper() if len(items) == 1 else None
+    return (100.0 if got == str(gold).strip().upper() else 0.0), got
+
+
+def _check_lane(prediction: str, gold: Any) -> tuple[float, str | None]:
+    said = parse_field(prediction, "Lane")
+    if said is None:
+        said = _final_line(prediction)
+    got = _word(said) if said is not None else None
+    return (100.0 if got and got == _word(str(gold)) else 0.0), got
+
+
+def _check_object(prediction: str, gold: Any) -> tuple[float, str | None]:
+    want = _tag(gold) if isinstance(gold, str) else None
+    if want is None:
+        raise ValueError("expected an object tag like <c1,CAM_FRONT,0.5,0.5>")
+    got = _tag(_final_line(prediction)) or _tag(prediction)
+    if got is None:
+        return 0.0, None
+    close = (
+        got[0] == want[0] and abs(got[1] - want[1]) <= OBJECT_TOLERANCE and abs(got[2] - want[2]) <= OBJECT_TOLERANCE
+    )
+    return (100.0 if close else 0.0), f"<{got[0]},{got[1]},{got[2]}>"
+
+
+_CHECKS: dict[str, Callable[[str, Any], tuple[float, str | None]]] = {
+    "safe_actions": _check_safe,
+    "collision_actions": _check_collision,
+    "count": _check_count,
+    "action": _check_action,
+    "lane": _check_lane,
+    "object": _check_object,
+}
+
+
+def fact_score(prediction: str, facts: dict[str, Any]) -> tuple[str, float, str | None] | None:
+    """(fact name, score 0..100, what was read) from the first of `FACT_CHECKS` in `facts`; None if none applies."""
+    for name in FACT_CHECKS:
+        if facts.get(name) is not None:
+            try:
+                score, parsed = _CHECKS[name](prediction, facts[name])
+            except (TypeError, ValueError) as e:
+                # Unusable ground truth (e.g. a non-numeric count) is a data problem, not a model miss.
+                raise DataError(f"fact {name!r} has an unusable value {facts[name]!r}: {e}") from None
+            return name, score, parsed
+    return None
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_items(preds: Sequence[Prediction]) -> list[ItemScore]:
+    """Score every sample (see the module docstring for the rules)."""
+    open_ended = [p for p in preds if not p.is_choice]
+    _, ciders = metrics.cider_d([p.prediction for p in open_ended], [[p.reference] for p in open_ended])
+    cider_of = {id(p): c for p, c in zip(open_ended, ciders, strict=True)}
+    out = []
+    for p in preds:
+        if p.is_choice:
+            assert p.choices is not None
+            letter = parse_choice(p.prediction, p.choices)
+            score = 100.0 if letter == p.correct_choice else 0.0
+            out.append(ItemScore(p.id, p.capability, p.question_type, score, "choice", letter))
+            continue
+        language = Language(
+            metrics.bleu_stats(p.prediction, [p.reference]), metrics.rouge_l(p.prediction, p.reference), cider_of[id(p)]
+        )
+        try:
+            checked = fact_score(p.prediction, p.facts)
+        except DataError as e:
+            raise DataError(f"{p.where}: {e}") from None
+        if checked is not None:
+            name, score, parsed = checked
+            out.append(ItemScore(p.id, p.capability, p.question_type, score, f"facts:{name}", parsed, language))
+            continue
+        bleu = metrics.bleu_from_stats(language.bleu_stats, effective_order=True)  # = sacrebleu sentence BLEU
+        score = (bleu + 100.0 * language.rouge_l + 10.0 * min(language.cider, 10.0)) / 3
+        out.append(ItemScore(p.id, p.capability, p.question_type, score, "language", None, language))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
+    """The per-file result: see `score_file`."""
+    caps = {c: _r(_mean([i.score for i in items if i.capability == c])) for c in CAPABILITIES}
+    present = [v for v in caps.values() if v is not None]
+    groups: dict[tuple[str, str], list[float]] = {}
+    for i in items:
+        groups.setdefault((i.capability, i.question_type), []).append(i.score)
+    qt_caps: dict[str, set[str]] = {}
+    for cap, qt in groups:
+        qt_caps.setdefault(qt, set()).add(cap)
+    by_qt = {}
+    for (cap, qt), scores in sorted(groups.items(), key=lambda kv: (CAPABILITIES.index(kv[0][0]), kv[0][1])):
+        # A question type used under two capabilities is kept apart rather than silently merged.
+        key = qt if len(qt_caps[qt]) == 1 else f"{cap}/{qt}"
+        by_qt[key] = {"capability": cap, "samples": len(scores), "score": _r(_mean(scores))}
+    langs = [i.language for i in items if i.language is not None]
+    if langs:
+        summed = [sum(column) for column in zip(*(lang.bleu_stats for lang in langs), strict=True)]
+        language = {
+            "bleu4": _r(metrics.bleu_from_stats(summed)),
+            "rougeL": _r(100.0 * sum(lang.rouge_l for lang in langs) / len(langs)),
+            "cider": _r(sum(lang.cider for lang in langs) / len(langs)),
+        }
+    else:
+        language = {"bleu4": None, "rougeL": None, "cider": None}
+    return {
+        "file": file,
+        "samples": len(items),
+        "capabilities": caps,
+        "average": _r(_mean(present)),
+        "by_question_type": by_qt,
+        "language": language,
+        "unparseable": sum(1 for i in items if i.method == "choice" and i.parsed is None),
+    }
+
+
+def score_file(path: str | Path) -> dict[str, Any]:
+    """Score one prediction file.
+
+    Returns `{"file", "samples", "capabilities": {"perception", "reasoning", "planning"}, "average",
+    "by_question_type": {qt: {"capability", "samples", "score"}}, "language": {"bleu4", "rougeL",
+    "cider"}, "unparseable"}`; scores are 0..100 (CIDEr 0..10), None where there is nothing to score.
+    """
+    preds = read_predictions(path)
+    return summarize(str(path), score_items(preds))
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _column_names(results: Sequence[dict[str, Any]]) -> list[str]:
+    stems = [Path(r["file"]).stem for r in results]
+    # Same stem in two folders (runs/a/test.jsonl, runs/b/test.jsonl): show the paths instead.
+    return [s if stems.count(s) == 1 else r["file"] for s, r in zip(stems, results, strict=True)]
+
+
+def render_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """One table, a column per file: capabilities and Avg, each question type, counts and language metrics, judge."""
+    names = _column_names(results)
+    rows: list[tuple[str, list[Any]]] = []
+    for cap in CAPABILITIES:
+        rows.append((f"**{cap.capitalize()}**", [r["capabilities"][cap] for r in results]))
+    rows.append(("**Avg**", [r["average"] for r in results]))
+    qts: dict[str, str] = {}
+    for r in results:
+        for qt, v in r["by_question_type"].items():
+            qts.setdefault(qt, v["capability"])
+    for qt, cap in sorted(qts.items(), key=lambda kv: (CAPABILITIES.index(kv[1]), kv[0])):
+        rows.append((f"{cap} · {qt}", [(r["by_question_type"].get(qt) or {}).get("score") for r in results]))
+    rows.append(("Samples", [r["samples"] for r in results]))
+    rows.append(("BLEU-4", [r["language"]["bleu4"] for r in results]))
+    rows.append(("ROUGE-L", [r["language"]["rougeL"] for r in results]))
+    rows.append(("CIDEr", [r["language"]["cider"] for r in results]))
+    rows.append(("MC unparseable", [r["unparseable"] for r in results]))
+    if any("judge" in r for r in results):
+        for cap in CAPABILITIES:
+            rows.append((f"Judge {cap}", [(r.get("judge") or {}).get("capabilities", {}).get(cap) for r in results]))
+        rows.append(("Judge avg", [(r.get("judge") or {}).get("average") for r in results]))
+        rows.append(("Judge failed", [(r.get("judge") or {}).get("failed") for r in results]))
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(_cell(v) for v in values) + " |" for label, values in rows]
+    return "\n".join(lines)
