@@ -29,7 +29,7 @@ case "${1:-}" in
         shift
         out=${DEMO_OUT:-runs/demo}
         workers=$(nproc 2>/dev/null || echo 2)
-        "$VENV/bin/drivekd" data generate --out "$out/drivesim-qa" --scenes 260 --seed 0 --workers "$workers" --overwrite "$@"
+        "$VENV/bin/drivekd" data generate --out "$out/drivesim-qa" --scenes 330 --seed 0 --workers "$workers" --overwrite "$@"
         "$VENV/bin/drivekd" data validate "$out/drivesim-qa"
         "$VENV/bin/drivekd" data card "$out/drivesim-qa"
         ;;

@@ -158,3 +158,42 @@ def test_torchrun_two_processes_end_identical(tmp_path, data_dir):
     metrics = _metrics(tmp_path / "run")
     assert {"step": 3, "ranks_identical": True} in metrics
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_shipped_configs_validate():
+    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("sft-*.yaml")):
+        cfg = load_config(SFTConfig, path)
+        assert cfg.train.output_dir and cfg.model.name
+
+
+def test_eval_then_score(tmp_path, data_dir):
+    from drivekd.models.loading import load_backend
+
+    load_backend("tiny-internvl-student").save(tmp_path / "model")
+    pred = tmp_path / "pred.jsonl"
+    r = run_cli(
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data_dir),
+        "--split",
+        "train",
+        "--out",
+        str(pred),
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == 6
+    assert {"id", "capability", "question_type", "prediction", "reference", "question"} <= set(rows[0])
+    assert any("choices" in row and "correct_choice" in row for row in rows)
+    s = run_cli("score", str(pred), "--json")
+    assert s.returncode == 0, s.stderr
+    result = json.loads(s.stdout.splitlines()[0])
+    assert result["samples"] == 6 and set(result["capabilities"]) == {"perception", "reasoning", "planning"}

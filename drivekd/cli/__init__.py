@@ -8,7 +8,7 @@ import click
 
 from drivekd import __version__
 from drivekd.cli.data import data
-from drivekd.cli.evaluate import evaluate
+from drivekd.cli.evaluate import baseline, evaluate
 from drivekd.cli.models import models
 from drivekd.cli.score import score
 from drivekd.cli.train import sft
@@ -44,5 +44,6 @@ def main(ctx: click.Context, debug: bool) -> None:
 main.add_command(data)
 main.add_command(sft)
 main.add_command(evaluate)
+main.add_command(baseline)
 main.add_command(models)
 main.add_command(score)

@@ -50,3 +50,25 @@ def evaluate(
     click.echo(
         f"wrote {stats['samples']} predictions to {out} in {stats['seconds']:.1f} s ({stats['samples_per_s']:.2f} samples/s)"
     )
+
+
+@click.command()
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True, help="Dataset folder.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--train-split", default="train", show_default=True, help="Where the majority answers are counted.")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def baseline(data_path: Path, split: str, train_split: str, out: Path) -> None:
+    """Write the majority-class baseline's predictions (score them with `drivekd score`)."""
+    import json
+
+    from drivekd.atomic import atomic_file
+    from drivekd.data.formats import load_split
+    from drivekd.eval.baselines import majority_predictions
+    from drivekd.eval.predict import prediction_record
+
+    samples = load_split(data_path, split)
+    predictions = majority_predictions(load_split(data_path, train_split), samples)
+    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for s, p in zip(samples, predictions, strict=True):
+            f.write(json.dumps(prediction_record(s, p), ensure_ascii=False) + "\n")
+    click.echo(f"wrote {len(samples)} majority-baseline predictions to {out}")

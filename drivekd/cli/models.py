@@ -20,13 +20,26 @@ def list_presets() -> None:
     click.echo("| preset | family | parameters | LM layers | visual tokens / image |\n|---|---|---|---|---|")
     for name in PRESETS:
         b = load_backend(name)
-        click.echo(f"| {name} | {b.family} | {count_parameters(b) / 1e6:.2f}M | {b.num_layers} | {b.visual_token_count(224, 128)} |")
+        click.echo(
+            f"| {name} | {b.family} | {count_parameters(b) / 1e6:.2f}M | {b.num_layers} | {b.visual_token_count(224, 128)} |"
+        )
 
 
 @models.command(name="build-tokenizer")
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True, help="A DriveSim-QA folder (all splits are read).")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="A DriveSim-QA folder (all splits are read).",
+)
 @click.option("--vocab-size", type=click.IntRange(min=300), default=2048, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: the shipped drivekd/models/assets/tokenizer.json.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Default: the shipped drivekd/models/assets/tokenizer.json.",
+)
 def build_tokenizer(data_path: Path, vocab_size: int, out: Path | None) -> None:
     """Train the byte-level BPE tokenizer the tiny presets share, on a dataset's questions and answers."""
     from drivekd.atomic import atomic_file

@@ -155,6 +155,22 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    writer.add_scalar(k, v, record["step"])
+
+    def _tensorboard(self) -> object | None:
+        """A TensorBoard writer when the `tensorboard` package is installed (metrics.jsonl always)."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self._writer = None
+        return self._writer
 
     def _trim_metrics(self, step: int) -> None:
         file = self.run_dir / "metrics.jsonl"

@@ -1,0 +1,40 @@
+"""Constant-answer baselines, scored like any model: what a model that ignores the input achieves.
+
+`majority`: per question type, the answer most often correct in the training split. For multiple
+choice that is the most common correct option text when the sample offers it, else the most common
+correct letter; for open-ended questions, the most common reference answer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from drivekd.data.sample import Sample
+
+
+def majority_predictions(train: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
+    texts: dict[str, Counter[str]] = {}
+    letters: dict[str, Counter[str]] = {}
+    answers: dict[str, Counter[str]] = {}
+    for s in train:
+        if s.choices and s.correct_choice:
+            texts.setdefault(s.question_type, Counter())[s.choices[s.correct_choice]] += 1
+            letters.setdefault(s.question_type, Counter())[s.correct_choice] += 1
+        else:
+            answers.setdefault(s.question_type, Counter())[s.answer] += 1
+    out = []
+    for s in samples:
+        if s.choices:
+            offered = {text: letter for letter, text in s.choices.items()}
+            ranked = [t for t, _ in texts.get(s.question_type, Counter()).most_common() if t in offered]
+            if ranked and texts[s.question_type][ranked[0]] > 1:
+                letter = offered[ranked[0]]
+            else:
+                common = letters.get(s.question_type, Counter({"A": 1})).most_common(1)[0][0]
+                letter = common if common in s.choices else sorted(s.choices)[0]
+            out.append(f"Final: {{{letter}. {s.choices[letter]}}}")
+        else:
+            common = answers.get(s.question_type, Counter({"": 1})).most_common(1)[0][0]
+            out.append(common)
+    return out
