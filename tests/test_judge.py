@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 from click.testing import CliRunner
 
-from drivekd.cli.score import score
+from drivekd.cli import main
 from drivekd.eval.judge import (
     Judge,
     JudgeConfig,
@@ -190,10 +190,10 @@ def test_cli_with_judge(stub, tmp_path):
     f.write_text("\n".join(json.dumps(r) for r in rows))
     cache = tmp_path / "c.jsonl"
     args = [str(f), "--judge-url", url, "--judge-model", "m", "--judge-cache", str(cache), "--json"]
-    res = CliRunner().invoke(score, args)
+    res = CliRunner().invoke(main, ["score", *args])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.splitlines()[-1])
     assert out["judge"]["capabilities"] == {"perception": 85.0, "reasoning": None, "planning": 85.0}
     assert len(Stub.seen) == 2
-    res = CliRunner().invoke(score, args[:-1])
+    res = CliRunner().invoke(main, ["score", *args[:-1]])
     assert res.exit_code == 0 and "| Judge avg | 85.00 |" in res.stdout and len(Stub.seen) == 2

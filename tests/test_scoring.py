@@ -6,7 +6,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from drivekd.cli.score import score
+from drivekd.cli import main
 from drivekd.data.formats import load_samples
 from drivekd.errors import DataError
 from drivekd.eval import metrics
@@ -271,17 +271,17 @@ def test_markdown_side_by_side(pred_file, tmp_path):
 
 def test_cli_table_json_and_errors(pred_file, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(score, [str(pred_file)])
+    res = runner.invoke(main, ["score", str(pred_file)])
     assert res.exit_code == 0, res.output
     assert "| **Avg** |" in res.output and "model-a" in res.output
-    res = runner.invoke(score, [str(pred_file), str(pred_file), "--json"])
+    res = runner.invoke(main, ["score", str(pred_file), str(pred_file), "--json"])
     assert res.exit_code == 0, res.output
     objs = [json.loads(line) for line in res.output.splitlines()]
     assert len(objs) == 2 and objs[0]["capabilities"]["reasoning"] == 50.0 and objs[0]["unparseable"] == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x"}\n')
-    res = runner.invoke(score, [str(bad)])
+    res = runner.invoke(main, ["score", str(bad)])
     assert res.exit_code == 2
     assert res.output.strip() == f"error: {bad}:1: missing required field 'capability'"
-    res = runner.invoke(score, [str(pred_file), "--judge-url", "http://127.0.0.1:9"])
+    res = runner.invoke(main, ["score", str(pred_file), "--judge-url", "http://127.0.0.1:9"])
     assert res.exit_code == 2 and "--judge-model" in res.output

@@ -54,16 +54,9 @@ def score(
     Multiple choice is scored by the letter parsed from the prediction, open-ended answers with
     `facts` by field checks, the rest by BLEU-4 / ROUGE-L / CIDEr.
     """
-    ctx = click.get_current_context()
-    try:
-        results = _score(
-            files, judge_url, judge_model, judge_cache, judge_key_env, judge_timeout, judge_retries, judge_workers
-        )
-    except DriveKDError as e:
-        if ctx.parent is not None:
-            raise  # the drivekd group prints it as one line (or a traceback with --debug)
-        click.echo(f"error: {e}", err=True)
-        ctx.exit(2)
+    results = _score(
+        files, judge_url, judge_model, judge_cache, judge_key_env, judge_timeout, judge_retries, judge_workers
+    )
     if as_json:
         for result in results:
             click.echo(json.dumps(result, sort_keys=True))
