@@ -11,7 +11,7 @@ from drivekd.cli.data import data
 from drivekd.cli.evaluate import baseline, evaluate
 from drivekd.cli.models import models
 from drivekd.cli.score import score
-from drivekd.cli.train import sft
+from drivekd.cli.train import distill, sft
 from drivekd.errors import DriveKDError
 
 
@@ -43,6 +43,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 main.add_command(data)
 main.add_command(sft)
+main.add_command(distill)
 main.add_command(evaluate)
 main.add_command(baseline)
 main.add_command(models)

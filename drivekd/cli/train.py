@@ -21,3 +21,19 @@ def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     config = load_config(SFTConfig, config_path, overrides)
     final = run_sft(config, resume=resume)
     click.echo(f"saved {final}")
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Distillation YAML (see configs/)."
+)
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last checkpoint.")
+@click.argument("overrides", nargs=-1)
+def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
+    """Distil teachers into a student: CE plus the recipe's signals, combined by the gradient strategy."""
+    from drivekd.distill.run import run_distill
+    from drivekd.train.config import DistillConfig, load_config
+
+    config = load_config(DistillConfig, config_path, overrides)
+    final = run_distill(config, resume=resume)
+    click.echo(f"saved {final}")

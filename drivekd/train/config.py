@@ -104,3 +104,20 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class DistillConfig(_Strict):
+    """Student, teachers, recipe, mixing and gradient strategy of one distillation run."""
+
+    model: ModelConfig  # the student
+    data: DataConfig
+    train: TrainConfig
+    teacher: str | None = None  # default checkpoint of every signal
+    teachers: dict[str, str] = {}  # per-signal checkpoint overrides (multi-teacher)
+    recipe: str = "drive-kd"  # a shipped recipe name (drivekd/distill/recipes) or a YAML path
+    mixing: Literal["identity", "reference"] | list[list[float]] = "reference"
+    ce_weight: float = 1.0
+    strategy: Literal["sum", "pcgrad", "agp", "agp-stage1", "agp-stage2", "agp-normalized"] = "agp"
+    amortize_every: int | None = None  # recompute AGP coefficients every N optimiser steps
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache: str | None = None  # teacher target cache folder (drivekd cache-teacher)

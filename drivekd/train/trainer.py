@@ -63,6 +63,7 @@ class Trainer:
         backward: Backward = sum_backward,
         max_length: int | None = None,
         accelerator: Accelerator | None = None,
+        extra_modules: torch.nn.Module | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -71,6 +72,7 @@ class Trainer:
         self.objective = objective
         self.backward = backward
         self.max_length = max_length
+        self.extra = extra_modules  # trained beside the model (e.g. hidden-state projections), checkpointed too
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
@@ -78,6 +80,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         acc = self.accelerator
         params = [p for p in backend.model.parameters() if p.requires_grad]
+        if extra_modules is not None:
+            params += [p for p in extra_modules.parameters() if p.requires_grad]
         if not params:
             raise DriveKDError("no trainable parameters: everything is frozen")
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
@@ -120,6 +124,8 @@ class Trainer:
         if acc.is_main_process:
             with atomic_dir(target, overwrite=True) as tmp:
                 save_model(self.backend.model, str(tmp / "model.safetensors"))
+                if self.extra is not None and len(list(self.extra.parameters())):
+                    save_model(self.extra, str(tmp / "extra.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
@@ -140,6 +146,8 @@ class Trainer:
             return False
         latest = found[-1]
         load_model(self.backend.model, str(latest / "model.safetensors"))
+        if (latest / "extra.safetensors").is_file() and self.extra is not None:
+            load_model(self.extra, str(latest / "extra.safetensors"))
         self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
         rng = torch.load(latest / "rng.pt", weights_only=True)
@@ -247,7 +255,9 @@ class Trainer:
                     window_samples += len(batch) * acc.num_processes
                 pos.batch_in_epoch = min(pos.batch_in_epoch + cfg.grad_accum, self.batches_per_epoch())
                 if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    acc.clip_grad_norm_(
+                        [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+                    )
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

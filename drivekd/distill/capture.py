@@ -1,0 +1,98 @@
+"""Selective attention capture: head-averaged attention maps of chosen LM layers only.
+
+A custom attention function registered through `transformers.AttentionInterface` receives the
+module, so it knows which layer it serves. Layers a recipe needs are computed eagerly (softmax
+materialised, gradients flow for a student) and their head-mean map is kept; every other layer,
+and the vision tower, keeps SDPA. Padding keys get zero probability through the additive mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from drivekd.models.backend import VLMBackend
+
+IMPLEMENTATION = "drivekd_capture"
+_ACTIVE: dict[int, tuple[dict[int, torch.Tensor], int]] = {}  # id(attention module) -> (sink, layer)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def capture_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    entry = _ACTIVE.get(id(module))
+    if entry is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    sink, layer = entry
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = torch.matmul(query, key.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        logits = logits + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    sink[layer] = probs.mean(dim=1)
+    probs_dropped = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs_dropped, value).transpose(1, 2).contiguous()
+    return out, None
+
+
+AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
+
+
+def language_layers(backend: VLMBackend) -> list[torch.nn.Module]:
+    """The attention modules of the language model, in depth order."""
+    lm = backend.model.model.language_model if hasattr(backend.model, "model") else backend.model.language_model
+    return [layer.self_attn for layer in lm.layers]
+
+
+def resolve_layer(index: int, num_layers: int) -> int:
+    resolved = index + num_layers if index < 0 else index
+    if not 0 <= resolved < num_layers:
+        raise ValueError(f"layer {index} is out of range for a model with {num_layers} layers")
+    return resolved
+
+
+@contextlib.contextmanager
+def capture(backend: VLMBackend, layers: set[int] | list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, forward passes store head-mean maps `(B, T, T)` of `layers` in the yielded dict.
+
+    The language model switches to the capture implementation for the duration (SDPA elsewhere),
+    and back to its previous implementation afterwards.
+    """
+    modules = language_layers(backend)
+    wanted = {resolve_layer(i, len(modules)) for i in layers}
+    sink: dict[int, torch.Tensor] = {}
+    text_config = backend.model.config.text_config
+    previous = text_config._attn_implementation
+    for i in wanted:
+        _ACTIVE[id(modules[i])] = (sink, i)
+    backend.model.set_attn_implementation({"text_config": IMPLEMENTATION})
+    try:
+        yield sink
+    finally:
+        for i in wanted:
+            _ACTIVE.pop(id(modules[i]), None)
+        backend.model.set_attn_implementation({"text_config": previous})

@@ -1,0 +1,276 @@
+"""Multi-teacher Drive-KD: a recipe's signals, teacher targets, mixing, and combined gradients.
+
+The `Distiller` plugs into the generic `Trainer` as an objective (named losses: the weighted CE
+anchor plus one weighted distillation loss per signal) and a backward (the gradient strategy). It
+knows signals and teachers; it knows nothing of capabilities beyond the mixing matrix's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from drivekd.data.sample import CAPABILITIES, Sample
+from drivekd.distill.capture import capture, language_layers
+from drivekd.distill.combine import combination_coefficients, gradient_stats
+from drivekd.distill.signals import Positions, Signal, attention_loss, group_windows, hidden_loss, logit_kl
+from drivekd.errors import DriveKDError
+from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
+from drivekd.models.loading import LoadOptions, load_backend
+from drivekd.train.config import DistillConfig
+
+RECIPES = Path(__file__).parent / "recipes"
+ANCHOR = "ce"
+
+
+def load_recipe(spec: str) -> dict[str, Signal]:
+    """A shipped recipe name (`drive-kd`, `ce-kl`, ...) or a YAML path: {signal name: signal fields}."""
+    path = Path(spec) if Path(spec).suffix in (".yaml", ".yml") else RECIPES / f"{spec}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise DriveKDError(f"recipe {spec!r}: no such file or shipped recipe ({shipped})")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    signals = {}
+    for name, fields in raw.items():
+        if name == ANCHOR:
+            raise DriveKDError(f"{path}: signal name {ANCHOR!r} is reserved for cross-entropy")
+        try:
+            fields = dict(fields)
+            if "layers" in fields:
+                fields["layers"] = tuple(fields["layers"])
+            signal = Signal(**fields)
+        except TypeError as e:
+            raise DriveKDError(f"{path}: signal {name!r}: {e}") from e
+        if signal.kind not in ("attn_tv", "attn_full", "attn_group", "hidden", "logit_kl"):
+            raise DriveKDError(f"{path}: signal {name!r}: unknown kind {signal.kind!r}")
+        signals[name] = signal
+    return signals
+
+
+def mixing_matrix(spec: str | list[list[float]], names: Sequence[str]) -> torch.Tensor:
+    """Rows: sample capability (perception, reasoning, planning); columns: signals; rows sum to 1.
+
+    `identity` and `reference` (0.8 on the matching capability, 0.1 elsewhere) match columns to rows
+    by name; a signal not named after a capability (e.g. `kd`) weighs 1 in every row before norming.
+    """
+    if isinstance(spec, list):
+        w = torch.tensor(spec, dtype=torch.float32)
+        if w.shape != (len(CAPABILITIES), len(names)):
+            raise DriveKDError(
+                f"mixing matrix must be {len(CAPABILITIES)}x{len(names)} (capabilities x signals {list(names)})"
+            )
+    else:
+        w = torch.zeros(len(CAPABILITIES), len(names))
+        for j, name in enumerate(names):
+            for i, cap in enumerate(CAPABILITIES):
+                if name not in CAPABILITIES:
+                    w[i, j] = 1.0
+                elif spec == "identity":
+                    w[i, j] = float(name == cap)
+                else:
+                    w[i, j] = 0.8 if name == cap else 0.1
+    if (w < 0).any():
+        raise DriveKDError("mixing matrix entries must be >= 0")
+    sums = w.sum(1, keepdim=True)
+    return torch.where(sums > 0, w / sums.clamp_min(1e-12), w)
+
+
+@dataclass
+class Targets:
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: tuple[torch.Tensor, ...] | None = None
+    logits: torch.Tensor | None = None
+
+
+class Distiller:
+    def __init__(self, config: DistillConfig, student: VLMBackend, probe: Sequence[Sample]) -> None:
+        self.config = config
+        self.student = student
+        self.signals = load_recipe(config.recipe)
+        self.names = list(self.signals)
+        self.teacher_of = {n: config.teachers.get(n, config.teacher) for n in self.names}
+        missing = [n for n, t in self.teacher_of.items() if t is None]
+        if missing:
+            raise DriveKDError(f"signals {missing} have no teacher: set `teacher` (or `teachers.<signal>`)")
+        self.teachers: dict[str, VLMBackend] = {}
+        for ckpt in dict.fromkeys(self.teacher_of.values()):  # each distinct checkpoint loaded once
+            teacher = load_backend(str(ckpt), LoadOptions(dtype=config.teacher_dtype, device=str(student.device)))
+            teacher.model.eval().requires_grad_(False)
+            self.teachers[str(ckpt)] = teacher
+            check_same_layout(student, teacher, probe, str(ckpt))
+        self.mixing = mixing_matrix(config.mixing, self.names)
+        self.projections = torch.nn.ModuleDict()
+        for name, sig in self.signals.items():
+            t_width = self.teachers[str(self.teacher_of[name])].model.config.text_config.hidden_size
+            s_width = student.model.config.text_config.hidden_size
+            if sig.kind == "hidden" and t_width != s_width:
+                self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
+        self.coefficients: torch.Tensor | None = None
+        self.step_of = lambda: 0  # the trainer's optimiser step, set by the caller
+
+    # ---- what to compute -------------------------------------------------------------------
+    def _student_attention_layers(self) -> set[int]:
+        n = self.student.num_layers
+        return {layer for s in self.signals.values() if s.needs_attention for layer in s.student_layers(n)}
+
+    def _teacher_needs(self, ckpt: str) -> tuple[set[int], bool, bool, int]:
+        teacher = self.teachers[ckpt]
+        layers: set[int] = set()
+        hidden = logits = False
+        deepest = 0
+        for name, sig in self.signals.items():
+            if str(self.teacher_of[name]) != ckpt:
+                continue
+            used = sig.teacher_layers(self.student.num_layers, teacher.num_layers)
+            if sig.needs_attention:
+                layers |= set(used)
+            hidden |= sig.kind == "hidden"
+            logits |= sig.kind == "logit_kl"
+            deepest = max([deepest, *used])
+        return layers, hidden, logits, deepest
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: Batch) -> dict[str, Targets]:
+        out = {}
+        for ckpt, teacher in self.teachers.items():
+            layers, hidden, logits, deepest = self._teacher_needs(ckpt)
+            with capture(teacher, layers) as maps, _truncated(teacher, None if logits else deepest):
+                model = teacher.model if logits else teacher.model.model
+                result = model(**batch.inputs, output_hidden_states=hidden)
+            out[ckpt] = Targets(dict(maps), result.hidden_states if hidden else None, result.logits if logits else None)
+        return out
+
+    # ---- objective ---------------------------------------------------------------------------
+    def objective(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        # Projection strategies take gradients per loss with autograd.grad and all-reduce the
+        # combination themselves, so they run the plain model; `sum` keeps DDP's own reduction.
+        model = model if self.config.strategy == "sum" else self.student.model
+        needs_hidden = any(s.kind == "hidden" for s in self.signals.values())
+        targets = self.teacher_targets(batch) if self.signals else {}
+        with capture(self.student, self._student_attention_layers()) as smaps:
+            out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
+        losses = {ANCHOR: self.config.ce_weight * out.loss}
+        if not self.signals:
+            return losses
+        labels = batch.labels
+        answer = torch.zeros_like(labels, dtype=torch.bool)
+        answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        pos = Positions(batch.inputs["attention_mask"].bool(), batch.visual_mask, answer)
+        caps = torch.tensor([CAPABILITIES.index(c) for c in batch.capabilities], device=labels.device)
+        weights = self.mixing.to(labels.device)[caps]  # (B, signals)
+        for j, (name, sig) in enumerate(self.signals.items()):
+            ckpt = str(self.teacher_of[name])
+            t = targets[ckpt]
+            teacher_layers = self.teachers[ckpt].num_layers
+            if sig.needs_attention:
+                per_sample = attention_loss(sig, smaps, t.maps, pos, self.student.num_layers, teacher_layers)
+            elif sig.kind == "hidden":
+                pairs = group_windows(
+                    sig.student_layers(self.student.num_layers),
+                    sig.teacher_layers(self.student.num_layers, teacher_layers),
+                )
+                per_sample = torch.stack(
+                    [
+                        hidden_loss(
+                            out.hidden_states[s + 1],
+                            torch.stack([t.hidden[k + 1] for k in window]).mean(0),
+                            pos,
+                            self.projections[name] if name in self.projections else None,
+                            sig.distance,
+                        )
+                        for s, window in pairs
+                    ]
+                ).mean(0)
+            else:
+                per_sample = logit_kl(out.logits, t.logits, pos, sig.temperature)
+            losses[name] = sig.weight * (weights[:, j] * per_sample).mean()
+        return losses
+
+    # ---- gradient strategy -------------------------------------------------------------------
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in [*self.student.model.parameters(), *self.projections.parameters()] if p.requires_grad]
+
+    def backward(self, losses: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
+        if self.config.strategy == "sum" or len(losses) == 1:
+            accelerator.backward(sum(losses.values()))
+            return {}
+        names = list(losses)
+        step = self.step_of()
+        every = self.config.amortize_every
+        if every and self.coefficients is not None and step % every != 0:
+            accelerator.backward(sum(float(w) * losses[n] for w, n in zip(self.coefficients, names, strict=True)))
+            if accelerator.num_processes > 1:
+                for p in self.trainable():
+                    if p.grad is not None:
+                        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+            return {}
+        params = self.trainable()
+        flat = []
+        for i, name in enumerate(names):
+            grads = torch.autograd.grad(losses[name], params, retain_graph=i < len(names) - 1, allow_unused=True)
+            flat.append(
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                        for g, p in zip(grads, params, strict=True)
+                    ]
+                )
+            )
+        stacked = torch.stack(flat)
+        gram = (stacked.float() @ stacked.float().T).double()
+        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step)
+        w = combination_coefficients(gram, names, self.config.strategy, anchor=ANCHOR, generator=generator)
+        self.coefficients = w
+        combined = w.to(stacked.dtype) @ stacked
+        if accelerator.num_processes > 1:
+            combined = accelerator.reduce(combined, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            piece = combined[offset : offset + n].view_as(p)
+            p.grad = piece.clone() if p.grad is None else p.grad + piece
+            offset += n
+        stats = gradient_stats(gram, names)
+        stats.update({f"coef/{n}": float(x) for n, x in zip(names, w, strict=True)})
+        return stats
+
+
+def check_same_layout(student: VLMBackend, teacher: VLMBackend, probe: Sequence[Sample], name: str) -> None:
+    """Attention maps compare position by position: token ids and visual positions must agree."""
+    if not probe:
+        return
+    bs, bt = student.build_batch(probe), teacher.build_batch(probe)
+    ids_s, ids_t = bs.inputs["input_ids"], bt.inputs["input_ids"]
+    if ids_s.shape != ids_t.shape or not torch.equal(ids_s, ids_t):
+        i = next(k for k in range(len(probe)) if ids_s.shape != ids_t.shape or not torch.equal(ids_s[k], ids_t[k]))
+        raise DriveKDError(
+            f"teacher {name} and the student tokenise sample {probe[i].id} differently "
+            f"({ids_t.shape[1]} vs {ids_s.shape[1]} tokens): they need the same tokenizer and image layout"
+        )
+    if not torch.equal(bs.visual_mask, bt.visual_mask):
+        raise DriveKDError(f"teacher {name} and the student place visual tokens at different positions")
+
+
+class _truncated:
+    """Run only the first `deepest + 1` LM layers of a teacher (None: all of them)."""
+
+    def __init__(self, backend: VLMBackend, deepest: int | None) -> None:
+        self.backend, self.deepest = backend, deepest
+
+    def __enter__(self) -> None:
+        if self.deepest is None:
+            return
+        lm = language_layers(self.backend)
+        self.owner = self.backend.model.model.language_model
+        self.full = self.owner.layers
+        self.owner.layers = self.full[: self.deepest + 1]
+        del lm
+
+    def __exit__(self, *exc: object) -> None:
+        if self.deepest is not None:
+            self.owner.layers = self.full

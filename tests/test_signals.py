@@ -1,0 +1,63 @@
+import torch
+
+from drivekd.distill.signals import Positions, Signal, attention_loss, group_windows, map_distance
+
+
+def test_group_windows_paper_example():
+    windows = group_windows(list(range(23)), list(range(27)))  # 24-layer student, 28-layer teacher, 0..-2
+    assert len(windows[0][1]) == 5
+    assert windows[0] == (0, [0, 1, 2, 3, 4])
+    assert windows[-1] == (22, [22, 23, 24, 25, 26])
+    assert group_windows([0, 1, 2], [0, 1, 2]) == [(0, [0]), (1, [1]), (2, [2])]  # equal depth: one to one
+    # deeper student than teacher: g = 1, starts clipped to the last teacher layer
+    assert group_windows([0, 1, 2, 3], [0, 1]) == [(0, [0]), (1, [1]), (2, [1]), (3, [1])]
+
+
+def test_signal_layers_resolve_negative_indices():
+    assert Signal("attn_tv", layer=-2).student_layers(24) == [22]
+    assert Signal("attn_group", layers=(0, -2)).student_layers(4) == [0, 1, 2]
+    assert Signal("attn_group", layers=(0, -2)).teacher_layers(4, 8) == list(range(7))
+
+
+def _slow_tv(student, teacher, valid, visual):
+    out = []
+    for b in range(student.shape[0]):
+        num, den = 0.0, 0
+        for i in range(student.shape[1]):
+            for j in range(student.shape[2]):
+                if valid[b, i] and valid[b, j] and not visual[b, i] and visual[b, j]:
+                    num += float(student[b, i, j] - teacher[b, i, j]) ** 2
+                    den += 1
+        out.append(num / max(den, 1))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_tv_block_mse_against_loops():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.rand(2, 7, 7, generator=g, dtype=torch.float64), torch.rand(2, 7, 7, generator=g, dtype=torch.float64)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    visual = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    pos = Positions(valid, visual, torch.zeros_like(valid))
+    got = map_distance(s, t, pos.pair_mask("tv"), "mse")
+    assert torch.allclose(got, _slow_tv(s, t, valid, visual))
+    full = map_distance(s, t, pos.pair_mask("full"), "mse")
+    assert torch.allclose(full[1], ((s[1, :5, :5] - t[1, :5, :5]) ** 2).mean())
+    assert torch.allclose(
+        map_distance(s, s, pos.pair_mask("tv"), "cosine"), torch.zeros(2, dtype=torch.float64), atol=1e-12
+    )
+
+
+def test_group_loss_uses_window_means():
+    g = torch.Generator().manual_seed(1)
+    smaps = {i: torch.rand(1, 4, 4, generator=g) for i in range(3)}
+    tmaps = {i: torch.rand(1, 4, 4, generator=g) for i in range(7)}
+    pos = Positions(
+        torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
+    )
+    sig = Signal("attn_group", layers=(0, -2))
+    got = attention_loss(sig, smaps, tmaps, pos, student_layers=4, teacher_layers=8)
+    # student 0..2 (k=3) <- teacher 0..6 (m=7): g = 5
+    want = torch.stack(
+        [((smaps[i] - torch.stack([tmaps[j] for j in range(i, i + 5)]).mean(0)) ** 2).mean() for i in range(3)]
+    ).mean()
+    assert torch.allclose(got, want.reshape(1))
