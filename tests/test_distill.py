@@ -179,3 +179,10 @@ def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"step": 2, "ranks_identical": True} in _metrics(tmp_path / "run")
+
+
+def test_amortised_agp_recomputes_every_n_steps(tmp_path, data_dir, teacher_dir):
+    cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, amortize_every=2, data={"limit": 4}, train={"max_steps": 4}))
+    run_distill(cfg)
+    rows = [m for m in _metrics(tmp_path / "run") if "ce" in m]
+    assert [("coef/ce" in r) for r in rows] == [True, False, True, False]
