@@ -182,7 +182,47 @@ def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
 
 
 def test_amortised_agp_recomputes_every_n_steps(tmp_path, data_dir, teacher_dir):
-    cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, amortize_every=2, data={"limit": 4}, train={"max_steps": 4}))
+    cfg = load_config(
+        DistillConfig,
+        _cfg(tmp_path, data_dir, teacher_dir, amortize_every=2, data={"limit": 4}, train={"max_steps": 4}),
+    )
     run_distill(cfg)
     rows = [m for m in _metrics(tmp_path / "run") if "ce" in m]
     assert [("coef/ce" in r) for r in rows] == [True, False, True, False]
+
+
+def test_cached_targets_give_the_live_losses_and_bad_caches_are_refused(tmp_path, data_dir, teacher_dir):
+    from drivekd.distill.engine import Distiller
+    from drivekd.distill.run import run_cache_teacher
+    from drivekd.train.sft import load_model, load_training_data
+
+    cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe="ce-hidden", data={"limit": 6}))
+    cache_dir = run_cache_teacher(cfg, tmp_path / "cache")
+    assert (cache_dir / "manifest.json").is_file() and list(cache_dir.glob("shard-*.safetensors"))
+    for recipe in ("drive-kd", "ce-hidden"):
+        c = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=recipe, data={"limit": 6}))
+        cache_dir = run_cache_teacher(c, tmp_path / f"cache-{recipe}")
+        student = load_model(c.model)
+        train, val, _ = load_training_data(c.data, student)
+        live = Distiller(c, student, train + val)
+        cached = Distiller(c.model_copy(update={"cache": str(cache_dir)}), student, train + val)
+        assert not cached.teachers  # no teacher loaded
+        if live.projections:
+            cached.projections.load_state_dict(live.projections.state_dict())
+        batch = student.build_batch(train[:4])
+        with torch.no_grad():
+            a, b = live.objective(student.model, batch), cached.objective(student.model, batch)
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=2e-3, atol=1e-9), (recipe, key, a[key], b[key])
+    # a cache built for other data, or another teacher, is refused with one line
+    other = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe="drive-kd", data={"limit": 5}))
+    with pytest.raises(DriveKDError, match="different data"):
+        Distiller(
+            other.model_copy(update={"cache": str(tmp_path / "cache-drive-kd")}),
+            student,
+            load_training_data(other.data, student)[0],
+        )
+    with pytest.raises(DriveKDError, match="different recipe"):
+        Distiller(
+            c.model_copy(update={"cache": str(tmp_path / "cache-drive-kd"), "recipe": "planning"}), student, train + val
+        )

@@ -55,7 +55,10 @@ def test_group_loss_uses_window_means():
         torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
     )
     sig = Signal("attn_group", layers=(0, -2))
-    got = attention_loss(sig, smaps, tmaps, pos, student_layers=4, teacher_layers=8)
+    windows = group_windows(sig.student_layers(4), sig.teacher_layers(4, 8))
+    got = attention_loss(
+        sig, smaps, [s for s, _ in windows], [torch.stack([tmaps[t] for t in w]).mean(0) for _, w in windows], pos
+    )
     # student 0..2 (k=3) <- teacher 0..6 (m=7): g = 5
     want = torch.stack(
         [((smaps[i] - torch.stack([tmaps[j] for j in range(i, i + 5)]).mean(0)) ** 2).mean() for i in range(3)]

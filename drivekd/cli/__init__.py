@@ -11,7 +11,7 @@ from drivekd.cli.data import data
 from drivekd.cli.evaluate import baseline, evaluate
 from drivekd.cli.models import models
 from drivekd.cli.score import score
-from drivekd.cli.train import distill, sft
+from drivekd.cli.train import cache_teacher, distill, sft
 from drivekd.errors import DriveKDError
 
 
@@ -44,6 +44,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 main.add_command(data)
 main.add_command(sft)
 main.add_command(distill)
+main.add_command(cache_teacher)
 main.add_command(evaluate)
 main.add_command(baseline)
 main.add_command(models)

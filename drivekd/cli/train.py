@@ -37,3 +37,19 @@ def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None
     config = load_config(DistillConfig, config_path, overrides)
     final = run_distill(config, resume=resume)
     click.echo(f"saved {final}")
+
+
+@click.command(name="cache-teacher", context_settings={"ignore_unknown_options": True})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="The distillation YAML.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Cache folder (default: the config's `cache`)."
+)
+@click.argument("overrides", nargs=-1)
+def cache_teacher(config_path: Path, out: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run the teachers once and store the recipe's targets (fp16 safetensors); `distill` with
+    `cache=DIR` then loads no teacher."""
+    from drivekd.distill.run import run_cache_teacher
+    from drivekd.train.config import DistillConfig, load_config
+
+    config = load_config(DistillConfig, config_path, overrides)
+    click.echo(f"wrote {run_cache_teacher(config, out)}")

@@ -16,6 +16,7 @@ import yaml
 from accelerate import Accelerator
 
 from drivekd.data.sample import CAPABILITIES, Sample
+from drivekd.distill.cache import TeacherCache, expand_block, fingerprint, targets_for_storage
 from drivekd.distill.capture import capture, language_layers
 from drivekd.distill.combine import combination_coefficients, gradient_stats
 from drivekd.distill.signals import Positions, Signal, attention_loss, group_windows, hidden_loss, logit_kl
@@ -88,7 +89,7 @@ class Targets:
 
 
 class Distiller:
-    def __init__(self, config: DistillConfig, student: VLMBackend, probe: Sequence[Sample]) -> None:
+    def __init__(self, config: DistillConfig, student: VLMBackend, train: Sequence[Sample]) -> None:
         self.config = config
         self.student = student
         self.signals = load_recipe(config.recipe)
@@ -98,20 +99,36 @@ class Distiller:
         if missing:
             raise DriveKDError(f"signals {missing} have no teacher: set `teacher` (or `teachers.<signal>`)")
         self.teachers: dict[str, VLMBackend] = {}
-        for ckpt in dict.fromkeys(self.teacher_of.values()):  # each distinct checkpoint loaded once
-            teacher = load_backend(str(ckpt), LoadOptions(dtype=config.teacher_dtype, device=str(student.device)))
-            teacher.model.eval().requires_grad_(False)
-            self.teachers[str(ckpt)] = teacher
-            check_same_layout(student, teacher, probe, str(ckpt))
+        self.cache: TeacherCache | None = None
+        if config.cache and self.signals:
+            expected = fingerprint(self.signals, {n: str(t) for n, t in self.teacher_of.items()}, student, train)
+            self.cache = TeacherCache(config.cache, expected)  # no teacher is loaded at all
+        else:
+            for ckpt in dict.fromkeys(self.teacher_of.values()):  # each distinct checkpoint loaded once
+                teacher = load_backend(str(ckpt), LoadOptions(dtype=config.teacher_dtype, device=str(student.device)))
+                teacher.model.eval().requires_grad_(False)
+                self.teachers[str(ckpt)] = teacher
+                check_same_layout(student, teacher, train[:4], str(ckpt))
         self.mixing = mixing_matrix(config.mixing, self.names)
         self.projections = torch.nn.ModuleDict()
         for name, sig in self.signals.items():
-            t_width = self.teachers[str(self.teacher_of[name])].model.config.text_config.hidden_size
-            s_width = student.model.config.text_config.hidden_size
-            if sig.kind == "hidden" and t_width != s_width:
-                self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
+            if sig.kind == "hidden":
+                t_width = self._teacher_width(name)
+                s_width = student.model.config.text_config.hidden_size
+                if t_width != s_width:
+                    self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
         self.coefficients: torch.Tensor | None = None
         self.step_of = lambda: 0  # the trainer's optimiser step, set by the caller
+
+    def _teacher_width(self, name: str) -> int:
+        if self.cache is not None:
+            return int(self.cache.manifest["teacher_widths"][name])
+        return int(self.teachers[str(self.teacher_of[name])].model.config.text_config.hidden_size)
+
+    def teacher_layers(self, name: str) -> int:
+        if self.cache is not None:
+            return self.cache.teacher_layers(name)
+        return self.teachers[str(self.teacher_of[name])].num_layers
 
     # ---- what to compute -------------------------------------------------------------------
     def _student_attention_layers(self) -> set[int]:
@@ -151,7 +168,6 @@ class Distiller:
         # combination themselves, so they run the plain model; `sum` keeps DDP's own reduction.
         model = model if self.config.strategy == "sum" else self.student.model
         needs_hidden = any(s.kind == "hidden" for s in self.signals.values())
-        targets = self.teacher_targets(batch) if self.signals else {}
         with capture(self.student, self._student_attention_layers()) as smaps:
             out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
         losses = {ANCHOR: self.config.ce_weight * out.loss}
@@ -163,33 +179,72 @@ class Distiller:
         pos = Positions(batch.inputs["attention_mask"].bool(), batch.visual_mask, answer)
         caps = torch.tensor([CAPABILITIES.index(c) for c in batch.capabilities], device=labels.device)
         weights = self.mixing.to(labels.device)[caps]  # (B, signals)
+        aligned = self.aligned_targets(batch)
+        n_student = self.student.num_layers
         for j, (name, sig) in enumerate(self.signals.items()):
-            ckpt = str(self.teacher_of[name])
-            t = targets[ckpt]
-            teacher_layers = self.teachers[ckpt].num_layers
+            pairs = group_windows(
+                sig.student_layers(n_student), sig.teacher_layers(n_student, self.teacher_layers(name))
+            )
+            s_layers = [s for s, _ in pairs]
             if sig.needs_attention:
-                per_sample = attention_loss(sig, smaps, t.maps, pos, self.student.num_layers, teacher_layers)
+                per_sample = attention_loss(sig, smaps, s_layers, aligned[name], pos)
             elif sig.kind == "hidden":
-                pairs = group_windows(
-                    sig.student_layers(self.student.num_layers),
-                    sig.teacher_layers(self.student.num_layers, teacher_layers),
-                )
+                proj = self.projections[name] if name in self.projections else None
                 per_sample = torch.stack(
                     [
-                        hidden_loss(
-                            out.hidden_states[s + 1],
-                            torch.stack([t.hidden[k + 1] for k in window]).mean(0),
-                            pos,
-                            self.projections[name] if name in self.projections else None,
-                            sig.distance,
-                        )
-                        for s, window in pairs
+                        hidden_loss(out.hidden_states[s + 1], t, pos, proj, sig.distance)
+                        for s, t in zip(s_layers, aligned[name], strict=True)
                     ]
                 ).mean(0)
             else:
-                per_sample = logit_kl(out.logits, t.logits, pos, sig.temperature)
+                per_sample = logit_kl(out.logits, aligned[name][0], pos, sig.temperature)
             losses[name] = sig.weight * (weights[:, j] * per_sample).mean()
         return losses
+
+    def aligned_targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        """Per signal, the teacher tensors matched to its student layers, padded to the batch."""
+        lengths = batch.inputs["attention_mask"].sum(1).tolist()
+        per_sample: list[dict[str, torch.Tensor]] = [{} for _ in lengths]
+        if self.cache is not None:
+            for b, sample_id in enumerate(batch.sample_ids):
+                for name, sig in self.signals.items():
+                    for k in range(self._targets_per_signal(name, sig)):
+                        key = f"{name}/{k}"
+                        t = self.cache.tensors(sample_id, key)
+                        if sig.kind == "attn_tv":
+                            t = expand_block(t, batch.visual_mask[b, : int(lengths[b])].cpu())
+                        per_sample[b][key] = t
+        else:
+            live = self.teacher_targets(batch)
+            for name, sig in self.signals.items():
+                t = live[str(self.teacher_of[name])]
+                stored = targets_for_storage(
+                    sig, name, self.student.num_layers, self.teacher_layers(name), t.maps, t.hidden, t.logits, batch
+                )
+                for b, tensors in enumerate(stored):
+                    if sig.kind == "attn_tv":
+                        vis = batch.visual_mask[b, : int(lengths[b])]
+                        tensors = {k: expand_block(v, vis) for k, v in tensors.items()}
+                    per_sample[b].update(tensors)
+        width = batch.inputs["input_ids"].shape[1]
+        device = batch.inputs["input_ids"].device
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, sig in self.signals.items():
+            out[name] = [
+                _pad([per_sample[b][f"{name}/{k}"] for b in range(len(lengths))], width, square=sig.needs_attention).to(
+                    device
+                )
+                for k in range(self._targets_per_signal(name, sig))
+            ]
+        return out
+
+    def _targets_per_signal(self, name: str, sig: Signal) -> int:
+        n = self.student.num_layers
+        return (
+            len(group_windows(sig.student_layers(n), sig.teacher_layers(n, self.teacher_layers(name))))
+            if sig.kind != "logit_kl"
+            else 1
+        )
 
     # ---- gradient strategy -------------------------------------------------------------------
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -238,6 +293,20 @@ class Distiller:
         stats = gradient_stats(gram, names)
         stats.update({f"coef/{n}": float(x) for n, x in zip(names, w, strict=True)})
         return stats
+
+
+def _pad(items: list[torch.Tensor], width: int, *, square: bool) -> torch.Tensor:
+    """Place per-sample tensors trimmed to their length into a right-padded batch tensor."""
+    first = items[0]
+    shape = (len(items), width, width) if square else (len(items), width, *first.shape[1:])
+    out = torch.zeros(shape, dtype=torch.float32)
+    for b, t in enumerate(items):
+        n = t.shape[0]
+        if square:
+            out[b, :n, :n] = t.float()
+        else:
+            out[b, :n] = t.float()
+    return out
 
 
 def check_same_layout(student: VLMBackend, teacher: VLMBackend, probe: Sequence[Sample], name: str) -> None:

@@ -18,7 +18,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(config.train.seed)
     student = load_model(config.model)
     train, val, stats = load_training_data(config.data, student)
-    distiller = Distiller(config, student, train[:4])
+    distiller = Distiller(config, student, train + val)
     trainer = Trainer(
         config.train,
         student,
@@ -42,3 +42,47 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         trainer._log({"step": trainer.position.step, **{f"data_{k}": v for k, v in stats.items()}})
     trainer.train()
     return trainer.save_final()
+
+
+def run_cache_teacher(config: DistillConfig, out: Path | None = None) -> Path:
+    """Write the teacher targets of the run's train and val samples; returns the cache folder."""
+    import click
+
+    from drivekd.distill.cache import estimate_bytes, write_cache
+
+    target = Path(out or config.cache or Path(config.train.output_dir) / "teacher-cache")
+    student = load_model(config.model)
+    train, val, _ = load_training_data(config.data, student)
+    samples = train + val
+    distiller = Distiller(config.model_copy(update={"cache": None}), student, samples)
+    if not distiller.signals:
+        raise DriveKDError(f"recipe {config.recipe!r} has no teacher signals: nothing to cache")
+    per_image = {}
+    lengths, visual = [], []
+    for s in samples:
+        lengths.append(student.token_lengths(s))
+        count = 0
+        for ref in s.images:
+            from PIL import Image
+
+            with Image.open(ref.path) as im:
+                size = im.size
+            per_image.setdefault(size, student.visual_token_count(*size))
+            count += per_image[size]
+        visual.append(count)
+    layers = {n: distiller.teacher_layers(n) for n in distiller.names}
+    widths = {n: distiller._teacher_width(n) for n in distiller.names}
+    size = estimate_bytes(
+        distiller.signals,
+        lengths,
+        visual,
+        student.num_layers,
+        layers,
+        widths,
+        student.model.config.text_config.vocab_size,
+    )
+    click.echo(
+        f"teacher cache for {len(samples)} samples, signals {', '.join(distiller.names)}: about {size / 2**20:.1f} MiB (fp16) -> {target}"
+    )
+    write_cache(distiller, samples, target, batch_size=config.train.micro_batch_size)
+    return target

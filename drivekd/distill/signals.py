@@ -92,24 +92,17 @@ def map_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
 def attention_loss(
     signal: Signal,
     student_maps: dict[int, torch.Tensor],
-    teacher_maps: dict[int, torch.Tensor],
+    student_layers: list[int],
+    targets: list[torch.Tensor],
     positions: Positions,
-    student_layers: int,
-    teacher_layers: int,
 ) -> torch.Tensor:
-    if signal.kind == "attn_group":
-        s_layers = signal.student_layers(student_layers)
-        t_layers = signal.teacher_layers(student_layers, teacher_layers)
-        mask = positions.pair_mask("full")
-        losses = [
-            map_distance(student_maps[s], torch.stack([teacher_maps[t] for t in window]).mean(0), mask, signal.distance)
-            for s, window in group_windows(s_layers, t_layers)
-        ]
-        return torch.stack(losses).mean(0)
-    (s,) = signal.student_layers(student_layers)
-    (t,) = signal.teacher_layers(student_layers, teacher_layers)
+    """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
+    (a group window's mean for `attn_group`) matched to `student_layers[k]`."""
     mask = positions.pair_mask("tv" if signal.kind == "attn_tv" else "full")
-    return map_distance(student_maps[s], teacher_maps[t], mask, signal.distance)
+    losses = [
+        map_distance(student_maps[s], t, mask, signal.distance) for s, t in zip(student_layers, targets, strict=True)
+    ]
+    return torch.stack(losses).mean(0)
 
 
 def hidden_loss(

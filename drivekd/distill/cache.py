@@ -1,0 +1,202 @@
+"""Teacher target cache: run the teachers once, store exactly what the recipe's losses read.
+
+Layout of a cache folder: `manifest.json` (fingerprint, teacher depths, shard index) and
+`shard-00000.safetensors`, ... with fp16 tensors keyed `<sample id>/<signal>/<k>`, trimmed to the
+sample's length. `attn_tv` keeps only the text->vision block (everything else is masked out of its
+loss); `attn_group` keeps one window-mean map per matched student layer; `attn_full` the map;
+`hidden` the (window-mean) hidden states; `logit_kl` the logits. A cache whose teacher weights,
+recipe, tokenizer or data differ from the run's is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from drivekd.atomic import atomic_dir
+from drivekd.data.sample import Sample
+from drivekd.distill.signals import Signal, group_windows
+from drivekd.errors import DriveKDError
+from drivekd.models.backend import Batch, VLMBackend
+
+SHARD_SAMPLES = 256
+FORMAT = "drivekd-teacher-cache/1"
+
+
+def fingerprint(
+    signals: dict[str, Signal], teacher_of: dict[str, str], student: VLMBackend, samples: Sequence[Sample]
+) -> dict[str, str]:
+    """What a cache depends on; each part hashed so a mismatch can be named."""
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    teachers = {}
+    for ckpt in sorted(set(teacher_of.values())):
+        weights = sorted(Path(ckpt).glob("*.safetensors"))
+        h = hashlib.sha256()
+        for w in weights:
+            h.update(w.read_bytes())
+        teachers[ckpt] = h.hexdigest()[:16] if weights else ckpt
+    return {
+        "teacher": digest(teachers),
+        "recipe": digest({n: vars(s) for n, s in signals.items()} | {"_teachers": teacher_of}),
+        "tokenizer": digest(student.tokenizer.get_vocab()),
+        "data": digest([(s.id, s.question, s.answer, [im.path for im in s.images]) for s in samples]),
+    }
+
+
+def targets_for_storage(
+    signal: Signal,
+    name: str,
+    student_layers: int,
+    teacher_layers: int,
+    maps: dict[int, torch.Tensor],
+    hidden: tuple[torch.Tensor, ...] | None,
+    logits: torch.Tensor | None,
+    batch: Batch,
+) -> list[dict[str, torch.Tensor]]:
+    """Per sample of the batch: the tensors this signal's loss reads, trimmed to the sample's length."""
+    lengths = batch.inputs["attention_mask"].sum(1).tolist()
+    out: list[dict[str, torch.Tensor]] = [{} for _ in lengths]
+    s_layers = signal.student_layers(student_layers)
+    t_layers = signal.teacher_layers(student_layers, teacher_layers)
+    for b, n in enumerate(lengths):
+        if signal.kind in ("attn_tv", "attn_full"):
+            m = maps[t_layers[0]][b, :n, :n]
+            if signal.kind == "attn_tv":  # only the text->vision block: the loss reads nothing else
+                vis = batch.visual_mask[b, :n]
+                m = m[~vis][:, vis]
+            out[b][f"{name}/0"] = m
+        elif signal.kind == "attn_group":
+            for k, (_, window) in enumerate(group_windows(s_layers, t_layers)):
+                out[b][f"{name}/{k}"] = torch.stack([maps[t][b, :n, :n] for t in window]).mean(0)
+        elif signal.kind == "hidden":
+            for k, (_, window) in enumerate(group_windows(s_layers, t_layers)):
+                out[b][f"{name}/{k}"] = torch.stack([hidden[t + 1][b, :n] for t in window]).mean(0)
+        else:
+            out[b][f"{name}/0"] = logits[b, :n]
+    return out
+
+
+def write_cache(distiller: Any, samples: Sequence[Sample], out: Path, batch_size: int = 8) -> dict[str, Any]:
+    """Run the distiller's teachers over `samples` and write the cache folder atomically."""
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "fingerprint": fingerprint(
+            distiller.signals, {n: str(t) for n, t in distiller.teacher_of.items()}, distiller.student, samples
+        ),
+        "teacher_layers": {n: distiller.teachers[str(t)].num_layers for n, t in distiller.teacher_of.items()},
+        "teacher_widths": {
+            n: distiller.teachers[str(t)].model.config.text_config.hidden_size for n, t in distiller.teacher_of.items()
+        },
+        "index": {},
+    }
+    student = distiller.student
+    with atomic_dir(out, overwrite=True) as tmp:
+        shard: dict[str, torch.Tensor] = {}
+        shard_no = 0
+
+        def flush() -> None:
+            nonlocal shard, shard_no
+            if shard:
+                save_file(shard, str(tmp / f"shard-{shard_no:05d}.safetensors"))
+                shard, shard_no = {}, shard_no + 1
+
+        for i in tqdm(range(0, len(samples), batch_size), desc="cache", unit="batch", file=sys.stderr):
+            chunk = samples[i : i + batch_size]
+            batch = student.build_batch(chunk).to(student.device)
+            targets = distiller.teacher_targets(batch)
+            for name, sig in distiller.signals.items():
+                t = targets[str(distiller.teacher_of[name])]
+                layers = manifest["teacher_layers"][name]
+                per_sample = targets_for_storage(
+                    sig, name, student.num_layers, layers, t.maps, t.hidden, t.logits, batch
+                )
+                for sample, tensors in zip(chunk, per_sample, strict=True):
+                    for key, value in tensors.items():
+                        shard[f"{sample.id}/{key}"] = value.to(torch.float16).contiguous().cpu()
+            for sample in chunk:
+                manifest["index"][sample.id] = f"shard-{shard_no:05d}.safetensors"
+            if len({k.split("/")[0] for k in shard}) >= SHARD_SAMPLES:
+                flush()
+        flush()
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def expand_block(block: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Inverse of the text->vision trimming: an (n, n) map with the block in place, zeros elsewhere."""
+    n = visual.shape[0]
+    full = torch.zeros(n, n, dtype=block.dtype)
+    rows = (~visual).nonzero().squeeze(1)
+    cols = visual.nonzero().squeeze(1)
+    full[rows[:, None], cols[None, :]] = block
+    return full
+
+
+def estimate_bytes(
+    signals: dict[str, Signal],
+    lengths: Sequence[int],
+    visual: Sequence[int],
+    student_layers: int,
+    teacher_layers: dict[str, int],
+    widths: dict[str, int],
+    vocab: int,
+) -> int:
+    total = 0
+    for name, sig in signals.items():
+        k = len(
+            group_windows(sig.student_layers(student_layers), sig.teacher_layers(student_layers, teacher_layers[name]))
+        )
+        for n, v in zip(lengths, visual, strict=True):
+            per = {
+                "attn_tv": (n - v) * v,
+                "attn_full": n * n,
+                "attn_group": k * n * n,
+                "hidden": k * n * widths[name],
+                "logit_kl": n * vocab,
+            }
+            total += 2 * per[sig.kind]
+    return total
+
+
+class TeacherCache:
+    """Reads cached targets back into the padded batch layout the losses expect."""
+
+    def __init__(self, folder: str | Path, expected: dict[str, str]) -> None:
+        self.folder = Path(folder)
+        file = self.folder / "manifest.json"
+        if not file.is_file():
+            raise DriveKDError(
+                f"{self.folder}: not a teacher cache (no manifest.json); build it with `drivekd cache-teacher`"
+            )
+        self.manifest = json.loads(file.read_text())
+        for part, value in expected.items():
+            if self.manifest["fingerprint"].get(part) != value:
+                raise DriveKDError(
+                    f"{self.folder}: cache was made for a different {part} than this run's; rebuild it with `drivekd cache-teacher`"
+                )
+        self._shards: dict[str, dict[str, torch.Tensor]] = {}
+
+    def teacher_layers(self, name: str) -> int:
+        return int(self.manifest["teacher_layers"][name])
+
+    def _shard(self, file: str) -> dict[str, torch.Tensor]:
+        if file not in self._shards:
+            self._shards = {file: load_file(str(self.folder / file))}  # keep one shard in memory
+        return self._shards[file]
+
+    def tensors(self, sample_id: str, key: str) -> torch.Tensor:
+        file = self.manifest["index"].get(sample_id)
+        if file is None:
+            raise DriveKDError(f"{self.folder}: sample {sample_id} is not in the cache")
+        return self._shard(file)[f"{sample_id}/{key}"]
