@@ -7,6 +7,7 @@ import sys
 import click
 
 from drivekd import __version__
+from drivekd.cli.bench import bench
 from drivekd.cli.data import data
 from drivekd.cli.evaluate import baseline, evaluate
 from drivekd.cli.models import models
@@ -45,6 +46,7 @@ main.add_command(data)
 main.add_command(sft)
 main.add_command(distill)
 main.add_command(cache_teacher)
+main.add_command(bench)
 main.add_command(evaluate)
 main.add_command(baseline)
 main.add_command(models)

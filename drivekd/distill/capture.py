@@ -46,8 +46,10 @@ def capture_attention_forward(
         )
     sink, layer = entry
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if not torch.is_grad_enabled():
+        return _per_head_no_grad(sink, layer, query, key, value, attention_mask, scale, groups)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     logits = torch.matmul(query, key.transpose(2, 3)) * scale
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, : key.shape[-2]]
@@ -56,6 +58,33 @@ def capture_attention_forward(
     probs_dropped = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs_dropped, value).transpose(1, 2).contiguous()
     return out, None
+
+
+def _per_head_no_grad(
+    sink: dict[int, torch.Tensor],
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    groups: int,
+) -> tuple[torch.Tensor, None]:
+    """Teachers need no graph: one head at a time keeps the peak at one `(B, T, T)` map, not `(B, H, T, T)`."""
+    heads = query.shape[1]
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    mean = torch.zeros(query.shape[0], query.shape[2], key.shape[2], dtype=torch.float32, device=query.device)
+    out = torch.empty_like(query)
+    for h in range(heads):
+        kv = h // groups
+        logits = torch.matmul(query[:, h], key[:, kv].transpose(1, 2)) * scale
+        if mask is not None:
+            logits = logits + mask[:, 0]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        mean += probs
+        out[:, h] = torch.matmul(probs.to(value.dtype), value[:, kv])
+    sink[layer] = (mean / heads).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print measured figures (ratios taken within one run)."""

@@ -1,0 +1,104 @@
+"""`drivekd bench step`: one optimiser step of SFT against three-signal distillation strategies.
+
+Tiny InternVL student, a batch of >= 8 samples padded to >= 256 tokens, cached teacher targets
+(and the live teacher for comparison). Median of several timed steps after a warm-up; the ratios
+divide by the SFT step measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+STRATEGIES = ("sum", "pcgrad", "agp")
+
+
+def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amortize_every: int = 8) -> dict[str, Any]:
+    from drivekd.data.drivesim.generate import GenerateConfig, generate
+    from drivekd.data.formats import load_split
+    from drivekd.distill.engine import Distiller
+    from drivekd.distill.run import run_cache_teacher
+    from drivekd.models.loading import LoadOptions, load_backend
+    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+    from drivekd.train.sft import cross_entropy
+
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate(tmp / "data", GenerateConfig(scenes=4, seed=0))
+        load_backend("tiny-internvl-teacher", LoadOptions(seed=1)).save(tmp / "teacher")
+        student = load_backend("tiny-internvl-student")
+        train = load_split(tmp / "data", "train")
+        samples = sorted(train, key=lambda s: -student.token_lengths(s))[:batch_size]
+        batch = student.build_batch(samples)
+        tokens = int(batch.inputs["input_ids"].shape[1])
+        if tokens < min_tokens:
+            raise RuntimeError(f"batch has only {tokens} tokens")
+        config = DistillConfig(
+            model=ModelConfig(name="tiny-internvl-student"),
+            teacher=str(tmp / "teacher"),
+            recipe="drive-kd",
+            data=DataConfig(path=str(tmp / "data"), val_split=None),
+            train=TrainConfig(output_dir=str(tmp / "run"), micro_batch_size=batch_size),
+        )
+        cache = run_cache_teacher(config, tmp / "cache")
+        accelerator = Accelerator(cpu=True)
+        optimizer = torch.optim.AdamW(student.model.parameters(), lr=1e-5)
+
+        def timed(step_fn: Any, n: int = repeats) -> float:
+            step_fn()  # warm-up
+            times = []
+            for _ in range(n):
+                start = time.perf_counter()
+                step_fn()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        def sft() -> None:
+            accelerator.backward(cross_entropy(student.model, batch)["ce"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def distill_step(distiller: Distiller) -> Any:
+            def step() -> None:
+                distiller.backward(distiller.objective(student.model, batch), accelerator)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                distiller.counter += 1
+
+            return step
+
+        def make(strategy: str, *, cached: bool = True, amortize: int | None = None) -> Distiller:
+            cfg = config.model_copy(
+                update={"strategy": strategy, "cache": str(cache) if cached else None, "amortize_every": amortize}
+            )
+            d = Distiller(cfg, student, train)
+            d.counter = 0
+            d.step_of = lambda: d.counter
+            return d
+
+        sft_s = timed(sft)
+        figures = {s: timed(distill_step(make(s))) for s in STRATEGIES}
+        amortized = make("agp", amortize=amortize_every)
+        step = distill_step(amortized)
+        step()
+        start = time.perf_counter()
+        for _ in range(amortize_every):  # one exact AGP step and N-1 cheap ones
+            step()
+        figures["agp-amortized"] = (time.perf_counter() - start) / amortize_every
+        live_s = timed(distill_step(make("agp", cached=False)))
+    return {
+        "batch": batch_size,
+        "tokens": tokens,
+        "sft_step_s": sft_s,
+        "step_s": figures,
+        "ratios": {k: v / sft_s for k, v in figures.items()},
+        "live_teacher_step_s": live_s,
+        "live_teacher_ratio": live_s / sft_s,
+    }
