@@ -59,9 +59,15 @@ def test_capture_equals_eager_attention_with_padding(name, data_dir):
 
 def test_capture_keeps_gradients_for_the_student(data_dir):
     backend = load_backend("tiny-internvl-student")
+    backend.model.eval()
     batch = backend.build_batch(load_split(data_dir, "train")[:2])
     with capture(backend, [1]) as maps:
         backend.model(**batch.inputs)
+    with torch.no_grad():  # the grad path (all heads at once) equals the no-grad path (head by head)
+        with capture(backend, [1]) as ref:
+            backend.model(**batch.inputs)
+    valid = batch.inputs["attention_mask"].bool()
+    assert (maps[1] - ref[1]).detach()[valid].abs().max() < 1e-6
     maps[1].sum().backward()
     assert any(
         p.grad is not None and p.grad.abs().sum() > 0 for p in backend.model.model.language_model.layers[1].parameters()
