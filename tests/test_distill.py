@@ -232,3 +232,30 @@ def test_cached_targets_give_the_live_losses_and_bad_caches_are_refused(tmp_path
         Distiller(
             c.model_copy(update={"cache": str(tmp_path / "cache-drive-kd"), "recipe": "planning"}), student, train + val
         )
+
+
+def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_path, data_dir, teacher_dir):
+    from safetensors.torch import load_file
+
+    finals = {}
+    for mode in ("micro_batch", "step"):
+        cfg = load_config(
+            DistillConfig,
+            _cfg(tmp_path / mode, data_dir, teacher_dir, project_per=mode, data={"limit": 4}, train={"max_steps": 3}),
+        )
+        finals[mode] = load_file(run_distill(cfg) / "model.safetensors")
+    assert all(torch.allclose(finals["step"][k], finals["micro_batch"][k], atol=1e-6) for k in finals["step"])
+    accum = load_config(
+        DistillConfig,
+        _cfg(
+            tmp_path / "accum",
+            data_dir,
+            teacher_dir,
+            project_per="step",
+            data={"limit": 8},
+            train={"max_steps": 2, "grad_accum": 2},
+        ),
+    )
+    run_distill(accum)
+    rows = [m for m in _metrics(tmp_path / "accum" / "run") if "ce" in m]
+    assert len(rows) == 2 and all("coef/ce" in r and r["coef/ce"] >= 3 - 1e-6 for r in rows)

@@ -118,6 +118,8 @@ class Distiller:
                 if t_width != s_width:
                     self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
         self.coefficients: torch.Tensor | None = None
+        self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
+        self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
         self.step_of = lambda: 0  # the trainer's optimiser step, set by the caller
 
     def _teacher_width(self, name: str) -> int:
@@ -277,12 +279,32 @@ class Distiller:
                 )
             )
         stacked = torch.stack(flat)
+        if self.config.project_per == "step":
+            self._pending = (names, stacked if self._pending is None else self._pending[1] + stacked)
+            return {}
+        return self._combine(names, stacked, accelerator)
+
+    def before_step(self, accelerator: Accelerator) -> dict[str, float]:
+        """With `project_per: step`, combine the task gradients summed over the step's micro-batches."""
+        if self._pending is None:
+            return {}
+        names, stacked = self._pending
+        self._pending = None
+        if accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="mean")  # project the global task gradients
+        return self._combine(names, stacked, accelerator, reduced=True)
+
+    def _combine(
+        self, names: list[str], stacked: torch.Tensor, accelerator: Accelerator, *, reduced: bool = False
+    ) -> dict[str, float]:
+        params = self.trainable()
+        step = self.step_of()
         gram = (stacked.float() @ stacked.float().T).double()
         generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step)
         w = combination_coefficients(gram, names, self.config.strategy, anchor=ANCHOR, generator=generator)
         self.coefficients = w
         combined = w.to(stacked.dtype) @ stacked
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and not reduced:
             combined = accelerator.reduce(combined, reduction="mean")
         offset = 0
         for p in params:

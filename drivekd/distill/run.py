@@ -28,6 +28,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         backward=distiller.backward,
         max_length=config.data.max_length,
         extra_modules=distiller.projections,
+        before_step=distiller.before_step,
     )
     distiller.step_of = lambda: trainer.position.step
     if trainer.checkpoints() and not resume:

@@ -119,5 +119,8 @@ class DistillConfig(_Strict):
     ce_weight: float = 1.0
     strategy: Literal["sum", "pcgrad", "agp", "agp-stage1", "agp-stage2", "agp-normalized"] = "agp"
     amortize_every: int | None = None  # recompute AGP coefficients every N optimiser steps
+    project_per: Literal["micro_batch", "step"] = (
+        "micro_batch"  # combine each micro-batch's gradients, or their sums per step
+    )
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache: str | None = None  # teacher target cache folder (drivekd cache-teacher)

@@ -64,6 +64,7 @@ class Trainer:
         max_length: int | None = None,
         accelerator: Accelerator | None = None,
         extra_modules: torch.nn.Module | None = None,
+        before_step: Callable[[Accelerator], dict[str, float]] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -73,6 +74,7 @@ class Trainer:
         self.backward = backward
         self.max_length = max_length
         self.extra = extra_modules  # trained beside the model (e.g. hidden-state projections), checkpointed too
+        self.before_step = before_step  # e.g. combine task gradients accumulated over the step
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
@@ -254,6 +256,9 @@ class Trainer:
                     window_n += 1
                     window_samples += len(batch) * acc.num_processes
                 pos.batch_in_epoch = min(pos.batch_in_epoch + cfg.grad_accum, self.batches_per_epoch())
+                if self.before_step is not None:
+                    for k, v in self.before_step(acc).items():
+                        window[k] = window.get(k, 0.0) + v * cfg.grad_accum  # weighted like per-micro-batch figures
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(
                         [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
