@@ -259,3 +259,22 @@ def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_pat
     run_distill(accum)
     rows = [m for m in _metrics(tmp_path / "accum" / "run") if "ce" in m]
     assert len(rows) == 2 and all("coef/ce" in r and r["coef/ce"] >= 3 - 1e-6 for r in rows)
+
+
+def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
+    cfg = load_config(
+        DistillConfig,
+        _cfg(
+            tmp_path, data_dir, teacher_dir, reweight=True, reweight_lr=0.05, data={"limit": 4}, train={"max_steps": 3}
+        ),
+    )
+    run_distill(cfg)
+    rows = [m for m in _metrics(tmp_path / "run") if "weight/ce" in m]
+    assert len(rows) == 3
+    for r in rows:
+        total = r["weight/ce"] + r["weight/perception"] + r["weight/reasoning"] + r["weight/planning"]
+        assert total == pytest.approx(4.0, rel=1e-4) and r["weight/ce"] >= 0.6 - 1e-9
+    with pytest.raises(DriveKDError, match="reweight needs"):
+        run_distill(
+            load_config(DistillConfig, _cfg(tmp_path / "s", data_dir, teacher_dir, reweight=True, strategy="sum"))
+        )

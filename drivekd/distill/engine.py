@@ -19,6 +19,7 @@ from drivekd.data.sample import CAPABILITIES, Sample
 from drivekd.distill.cache import TeacherCache, expand_block, fingerprint, targets_for_storage
 from drivekd.distill.capture import capture, language_layers
 from drivekd.distill.combine import combination_coefficients, gradient_stats
+from drivekd.distill.reweight import LossReweighter
 from drivekd.distill.signals import Positions, Signal, attention_loss, group_windows, hidden_loss, logit_kl
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
@@ -119,7 +120,29 @@ class Distiller:
                     self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
         self.coefficients: torch.Tensor | None = None
         self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
+        self.reweighter: LossReweighter | None = None
+        self._last_values: dict[str, float] = {}
+        if config.reweight:
+            if config.strategy == "sum":
+                raise DriveKDError(
+                    "reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum"
+                )
+            static = {ANCHOR: config.ce_weight, **{n: sig.weight for n, sig in self.signals.items()}}
+            self.reweighter = LossReweighter(
+                static, lr=config.reweight_lr, alpha=config.reweight_alpha, floor=config.ce_floor
+            )
         self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
+        self.reweighter: LossReweighter | None = None
+        self._last_values: dict[str, float] = {}
+        if config.reweight:
+            if config.strategy == "sum":
+                raise DriveKDError(
+                    "reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum"
+                )
+            static = {ANCHOR: config.ce_weight, **{n: sig.weight for n, sig in self.signals.items()}}
+            self.reweighter = LossReweighter(
+                static, lr=config.reweight_lr, alpha=config.reweight_alpha, floor=config.ce_floor
+            )
         self.step_of = lambda: 0  # the trainer's optimiser step, set by the caller
 
     def _teacher_width(self, name: str) -> int:
@@ -172,7 +195,8 @@ class Distiller:
         needs_hidden = any(s.kind == "hidden" for s in self.signals.values())
         with capture(self.student, self._student_attention_layers()) as smaps:
             out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
-        losses = {ANCHOR: self.config.ce_weight * out.loss}
+        dynamic = self.reweighter.weights() if self.reweighter is not None else {}
+        losses = {ANCHOR: dynamic.get(ANCHOR, self.config.ce_weight) * out.loss}
         if not self.signals:
             return losses
         labels = batch.labels
@@ -200,7 +224,7 @@ class Distiller:
                 ).mean(0)
             else:
                 per_sample = logit_kl(out.logits, aligned[name][0], pos, sig.temperature)
-            losses[name] = sig.weight * (weights[:, j] * per_sample).mean()
+            losses[name] = dynamic.get(name, sig.weight) * (weights[:, j] * per_sample).mean()
         return losses
 
     def aligned_targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
@@ -257,6 +281,9 @@ class Distiller:
             accelerator.backward(sum(losses.values()))
             return {}
         names = list(losses)
+        if self.reweighter is not None:
+            w_now = self.reweighter.weights()
+            self._last_values = {n: float(losses[n].detach()) / max(w_now[n], 1e-12) for n in names}
         step = self.step_of()
         every = self.config.amortize_every
         if every and self.coefficients is not None and step % every != 0:
@@ -285,14 +312,22 @@ class Distiller:
         return self._combine(names, stacked, accelerator)
 
     def before_step(self, accelerator: Accelerator) -> dict[str, float]:
-        """With `project_per: step`, combine the task gradients summed over the step's micro-batches."""
-        if self._pending is None:
-            return {}
-        names, stacked = self._pending
-        self._pending = None
-        if accelerator.num_processes > 1:
-            stacked = accelerator.reduce(stacked, reduction="mean")  # project the global task gradients
-        return self._combine(names, stacked, accelerator, reduced=True)
+        """Once per optimiser step: combine step-summed gradients (`project_per: step`), then reweight."""
+        stats: dict[str, float] = {}
+        if self._pending is not None:
+            names, stacked = self._pending
+            self._pending = None
+            if accelerator.num_processes > 1:
+                stacked = accelerator.reduce(stacked, reduction="mean")  # project the global task gradients
+            stats = self._combine(names, stacked, accelerator, reduced=True)
+        if self.reweighter is not None:
+            reduce = (
+                (lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean").cpu())
+                if accelerator.num_processes > 1
+                else None
+            )
+            stats.update(self.reweighter.step(reduce))
+        return stats
 
     def _combine(
         self, names: list[str], stacked: torch.Tensor, accelerator: Accelerator, *, reduced: bool = False
@@ -300,6 +335,10 @@ class Distiller:
         params = self.trainable()
         step = self.step_of()
         gram = (stacked.float() @ stacked.float().T).double()
+        if self.reweighter is not None:
+            w_now = self.reweighter.weights()
+            norms = {n: float(gram[i, i].sqrt()) / max(w_now[n], 1e-12) for i, n in enumerate(names)}
+            self.reweighter.observe(norms, self._last_values)
         generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + step)
         w = combination_coefficients(gram, names, self.config.strategy, anchor=ANCHOR, generator=generator)
         self.coefficients = w

@@ -119,6 +119,10 @@ class DistillConfig(_Strict):
     ce_weight: float = 1.0
     strategy: Literal["sum", "pcgrad", "agp", "agp-stage1", "agp-stage2", "agp-normalized"] = "agp"
     amortize_every: int | None = None  # recompute AGP coefficients every N optimiser steps
+    reweight: bool = False  # online loss reweighting (method doc §4); needs a projection strategy
+    reweight_lr: float = 3e-4
+    reweight_alpha: float = 0.0
+    ce_floor: float = 0.6
     project_per: Literal["micro_batch", "step"] = (
         "micro_batch"  # combine each micro-batch's gradients, or their sums per step
     )
