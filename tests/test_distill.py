@@ -278,3 +278,64 @@ def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
         run_distill(
             load_config(DistillConfig, _cfg(tmp_path / "s", data_dir, teacher_dir, reweight=True, strategy="sum"))
         )
+
+
+def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path, data_dir, teacher_dir):
+    from safetensors.torch import load_file
+
+    from drivekd.distill.engine import Distiller
+    from drivekd.train.sft import load_model, load_training_data
+    from drivekd.train.trainer import Trainer
+
+    def config(where):
+        return load_config(DistillConfig, _cfg(tmp_path / where, data_dir, teacher_dir, recipe="ce-hidden", data={"limit": 8},
+                                               train={"max_steps": 4, "save_every": 2}))
+
+    full = run_distill(config("a"))
+    cfg = config("b")
+    torch.manual_seed(cfg.train.seed)
+    student = load_model(cfg.model)
+    train, val, _ = load_training_data(cfg.data, student)
+    distiller = Distiller(cfg, student, train + val)
+    assert distiller.projections  # teacher width 320, student 128: learned projections
+    calls = {"n": 0}
+
+    def dies_after_step_2(model, batch):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return distiller.objective(model, batch)
+
+    trainer = Trainer(cfg.train, student, train, val, dies_after_step_2, backward=distiller.backward,
+                      extra_modules=distiller.projections, before_step=distiller.before_step)
+    distiller.step_of = lambda: trainer.position.step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (trainer.checkpoints()[-1] / "extra.safetensors").is_file()
+    resumed = run_distill(cfg, resume=True)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_teacher_gives_full_teacher_targets(tmp_path, data_dir, teacher_dir):
+    from drivekd.distill.engine import Distiller
+    from drivekd.train.sft import load_model, load_training_data
+
+    (tmp_path / "early-hidden.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "early-hidden.yaml").write_text("perception: {kind: hidden, layer: 1}\n")
+    for recipe in (str(tmp_path / "early-hidden.yaml"), "drive-kd"):
+        cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=recipe, data={"limit": 4}))
+        student = load_model(cfg.model)
+        train, _, _ = load_training_data(cfg.data, student)
+        d = Distiller(cfg, student, train)
+        teacher = d.teachers[str(teacher_dir)]
+        batch = student.build_batch(train[:3])
+        got = d.teacher_targets(batch)[str(teacher_dir)]
+        with torch.no_grad(), capture(teacher, range(teacher.num_layers)) as maps:
+            full = teacher.model(**batch.inputs, output_hidden_states=True)
+        for layer, m in got.maps.items():
+            assert torch.allclose(m, maps[layer], atol=1e-6)
+        if got.hidden is not None:
+            assert len(got.hidden) == 4  # layers 0..2 ran: layer 1's output is still raw (not normed)
+            for k in (1, 2):
+                assert torch.allclose(got.hidden[k], full.hidden_states[k], atol=1e-5), k

@@ -7,7 +7,8 @@ knows signals and teachers; it knows nothing of capabilities beyond the mixing m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from accelerate import Accelerator
 
 from drivekd.data.sample import CAPABILITIES, Sample
 from drivekd.distill.cache import TeacherCache, expand_block, fingerprint, targets_for_storage
-from drivekd.distill.capture import capture, language_layers
+from drivekd.distill.capture import capture
 from drivekd.distill.combine import combination_coefficients, gradient_stats
 from drivekd.distill.reweight import LossReweighter
 from drivekd.distill.signals import Positions, Signal, attention_loss, group_windows, hidden_loss, logit_kl
@@ -181,7 +182,10 @@ class Distiller:
         out = {}
         for ckpt, teacher in self.teachers.items():
             layers, hidden, logits, deepest = self._teacher_needs(ckpt)
-            with capture(teacher, layers) as maps, _truncated(teacher, None if logits else deepest):
+            # hidden_states[k + 1] is layer k's raw output only while a later layer runs (the last is
+            # normed), so hidden signals keep one layer more
+            keep = None if logits else deepest + (2 if hidden else 1)
+            with capture(teacher, layers) as maps, _truncated(teacher, keep):
                 model = teacher.model if logits else teacher.model.model
                 result = model(**batch.inputs, output_hidden_states=hidden)
             out[ckpt] = Targets(dict(maps), result.hidden_states if hidden else None, result.logits if logits else None)
@@ -386,21 +390,16 @@ def check_same_layout(student: VLMBackend, teacher: VLMBackend, probe: Sequence[
         raise DriveKDError(f"teacher {name} and the student place visual tokens at different positions")
 
 
-class _truncated:
-    """Run only the first `deepest + 1` LM layers of a teacher (None: all of them)."""
-
-    def __init__(self, backend: VLMBackend, deepest: int | None) -> None:
-        self.backend, self.deepest = backend, deepest
-
-    def __enter__(self) -> None:
-        if self.deepest is None:
-            return
-        lm = language_layers(self.backend)
-        self.owner = self.backend.model.model.language_model
-        self.full = self.owner.layers
-        self.owner.layers = self.full[: self.deepest + 1]
-        del lm
-
-    def __exit__(self, *exc: object) -> None:
-        if self.deepest is not None:
-            self.owner.layers = self.full
+@contextlib.contextmanager
+def _truncated(backend: VLMBackend, keep: int | None) -> Iterator[None]:
+    """Run only the first `keep` LM layers of a teacher (None: all of them)."""
+    lm = backend.model.model.language_model
+    if keep is None or keep >= len(lm.layers):
+        yield
+        return
+    full = lm.layers
+    lm.layers = full[:keep]
+    try:
+        yield
+    finally:
+        lm.layers = full
