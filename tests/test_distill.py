@@ -288,8 +288,17 @@ def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path
     from drivekd.train.trainer import Trainer
 
     def config(where):
-        return load_config(DistillConfig, _cfg(tmp_path / where, data_dir, teacher_dir, recipe="ce-hidden", data={"limit": 8},
-                                               train={"max_steps": 4, "save_every": 2}))
+        return load_config(
+            DistillConfig,
+            _cfg(
+                tmp_path / where,
+                data_dir,
+                teacher_dir,
+                recipe="ce-hidden",
+                data={"limit": 8},
+                train={"max_steps": 4, "save_every": 2},
+            ),
+        )
 
     full = run_distill(config("a"))
     cfg = config("b")
@@ -306,8 +315,16 @@ def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path
             raise KeyboardInterrupt
         return distiller.objective(model, batch)
 
-    trainer = Trainer(cfg.train, student, train, val, dies_after_step_2, backward=distiller.backward,
-                      extra_modules=distiller.projections, before_step=distiller.before_step)
+    trainer = Trainer(
+        cfg.train,
+        student,
+        train,
+        val,
+        dies_after_step_2,
+        backward=distiller.backward,
+        extra_modules=distiller.projections,
+        before_step=distiller.before_step,
+    )
     distiller.step_of = lambda: trainer.position.step
     with pytest.raises(KeyboardInterrupt):
         trainer.train()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from drivekd.data.formats import load_samples, load_split
 from drivekd.data.sample import Sample
 from drivekd.data.validate import validate_samples
-from drivekd.errors import DataError, DriveKDError
+from drivekd.errors import DataError
 from drivekd.models.backend import Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, ModelConfig, SFTConfig, dump_config
@@ -76,27 +75,8 @@ def cross_entropy(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tenso
 
 
 def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
-    run_dir = Path(config.train.output_dir)
     torch.manual_seed(config.train.seed)
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)
     trainer = Trainer(config.train, backend, train, val, cross_entropy, max_length=config.data.max_length)
-    if trainer.checkpoints() and not resume:
-        raise DriveKDError(
-            f"{run_dir}: holds checkpoints of an earlier run; pass --resume, or choose another train.output_dir"
-        )
-    if resume and not trainer.resume():
-        raise DriveKDError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
-    if trainer.accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-        trainer._log({"step": trainer.position.step, **{f"data_{k}": v for k, v in stats.items()}})
-    trainer.train()
-    return trainer.save_final()
-
-
-def describe_data(samples: Sequence[Sample]) -> str:
-    caps: dict[str, int] = {}
-    for s in samples:
-        caps[s.capability] = caps.get(s.capability, 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(caps.items()))
+    return trainer.run(dump_config(config), stats, resume=resume)

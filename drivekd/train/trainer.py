@@ -159,6 +159,21 @@ class Trainer:
         self._trim_metrics(self.position.step)
         return True
 
+    def run(self, resolved_config: str, data_stats: dict[str, int], *, resume: bool = False) -> Path:
+        """Refuse to mix with an earlier run unless resuming, record the config, train, save HF weights."""
+        if self.checkpoints() and not resume:
+            raise DriveKDError(
+                f"{self.run_dir}: holds checkpoints of an earlier run; pass --resume, or choose another train.output_dir"
+            )
+        if resume and not self.resume():
+            raise DriveKDError(f"{self.run_dir}: --resume given but there is no checkpoint to resume from")
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(resolved_config, encoding="utf-8")
+            self._log({"step": self.position.step, **{f"data_{k}": v for k, v in data_stats.items()}})
+        self.train()
+        return self.save_final()
+
     # ---- metrics ---------------------------------------------------------------------------
     def _log(self, record: dict[str, float | int]) -> None:
         if not self.accelerator.is_main_process:
