@@ -132,18 +132,6 @@ class Distiller:
             self.reweighter = LossReweighter(
                 static, lr=config.reweight_lr, alpha=config.reweight_alpha, floor=config.ce_floor
             )
-        self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
-        self.reweighter: LossReweighter | None = None
-        self._last_values: dict[str, float] = {}
-        if config.reweight:
-            if config.strategy == "sum":
-                raise DriveKDError(
-                    "reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum"
-                )
-            static = {ANCHOR: config.ce_weight, **{n: sig.weight for n, sig in self.signals.items()}}
-            self.reweighter = LossReweighter(
-                static, lr=config.reweight_lr, alpha=config.reweight_alpha, floor=config.ce_floor
-            )
         self.step_of = lambda: 0  # the trainer's optimiser step, set by the caller
 
     def _teacher_width(self, name: str) -> int:
