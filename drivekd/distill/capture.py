@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from drivekd.models.backend import VLMBackend
 
@@ -47,12 +47,11 @@ def capture_attention_forward(
     sink, layer = entry
     groups = getattr(module, "num_key_value_groups", 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    attention_mask = _additive(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
     if not torch.is_grad_enabled():
         return _per_head_no_grad(sink, layer, query, key, value, attention_mask, scale, groups)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scale
-    if attention_mask is not None:
-        logits = logits + attention_mask[:, :, :, : key.shape[-2]]
+    logits = torch.matmul(query, key.transpose(2, 3)) * scale + attention_mask
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     sink[layer] = probs.mean(dim=1)
     probs_dropped = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
@@ -72,14 +71,13 @@ def _per_head_no_grad(
 ) -> tuple[torch.Tensor, None]:
     """Teachers need no graph: one head at a time keeps the peak at one `(B, T, T)` map, not `(B, H, T, T)`."""
     heads = query.shape[1]
-    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    mask = attention_mask
     mean = torch.zeros(query.shape[0], query.shape[2], key.shape[2], dtype=torch.float32, device=query.device)
     out = torch.empty_like(query)
     for h in range(heads):
         kv = h // groups
         logits = torch.matmul(query[:, h], key[:, kv].transpose(1, 2)) * scale
-        if mask is not None:
-            logits = logits + mask[:, 0]
+        logits = logits + mask[:, 0]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         mean += probs
         out[:, h] = torch.matmul(probs.to(value.dtype), value[:, kv])
@@ -88,7 +86,22 @@ def _per_head_no_grad(
 
 
 AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
+# SDPA-style masks (boolean, or None for plain causal): layers that are not captured keep SDPA's
+# fast causal path; captured layers turn the mask into an additive one themselves.
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+
+
+def _additive(
+    mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(B or 1, 1, q, k) additive mask from an SDPA boolean mask, or the causal one when it is None."""
+    if mask is None:
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
+    elif mask.dtype == torch.bool:
+        keep = mask[:, :, :, :k_len]
+    else:
+        return mask[:, :, :, :k_len]
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
 
 
 def language_layers(backend: VLMBackend) -> list[torch.nn.Module]:
