@@ -17,7 +17,7 @@ import yaml
 from accelerate import Accelerator
 
 from drivekd.data.sample import CAPABILITIES, Sample
-from drivekd.distill.cache import TeacherCache, expand_block, fingerprint, targets_for_storage
+from drivekd.distill.cache import TeacherCache, expand_block, fingerprint
 from drivekd.distill.capture import capture
 from drivekd.distill.combine import combination_coefficients, gradient_stats
 from drivekd.distill.reweight import LossReweighter
@@ -221,29 +221,18 @@ class Distiller:
 
     def aligned_targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
         """Per signal, the teacher tensors matched to its student layers, padded to the batch."""
+        if self.cache is None:
+            return self._live_aligned(batch)
         lengths = batch.inputs["attention_mask"].sum(1).tolist()
         per_sample: list[dict[str, torch.Tensor]] = [{} for _ in lengths]
-        if self.cache is not None:
-            for b, sample_id in enumerate(batch.sample_ids):
-                for name, sig in self.signals.items():
-                    for k in range(self._targets_per_signal(name, sig)):
-                        key = f"{name}/{k}"
-                        t = self.cache.tensors(sample_id, key)
-                        if sig.kind == "attn_tv":
-                            t = expand_block(t, batch.visual_mask[b, : int(lengths[b])].cpu())
-                        per_sample[b][key] = t
-        else:
-            live = self.teacher_targets(batch)
+        for b, sample_id in enumerate(batch.sample_ids):
             for name, sig in self.signals.items():
-                t = live[str(self.teacher_of[name])]
-                stored = targets_for_storage(
-                    sig, name, self.student.num_layers, self.teacher_layers(name), t.maps, t.hidden, t.logits, batch
-                )
-                for b, tensors in enumerate(stored):
+                for k in range(self._targets_per_signal(name, sig)):
+                    key = f"{name}/{k}"
+                    t = self.cache.tensors(sample_id, key)
                     if sig.kind == "attn_tv":
-                        vis = batch.visual_mask[b, : int(lengths[b])]
-                        tensors = {k: expand_block(v, vis) for k, v in tensors.items()}
-                    per_sample[b].update(tensors)
+                        t = expand_block(t, batch.visual_mask[b, : int(lengths[b])].cpu())
+                    per_sample[b][key] = t
         width = batch.inputs["input_ids"].shape[1]
         device = batch.inputs["input_ids"].device
         out: dict[str, list[torch.Tensor]] = {}
@@ -254,6 +243,26 @@ class Distiller:
                 )
                 for k in range(self._targets_per_signal(name, sig))
             ]
+        return out
+
+    def _live_aligned(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        """Live teachers: window means straight from the padded batch (the losses mask padding and,
+        for `attn_tv`, everything outside the block, so nothing needs trimming here)."""
+        live = self.teacher_targets(batch)
+        n = self.student.num_layers
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, sig in self.signals.items():
+            t = live[str(self.teacher_of[name])]
+            if sig.kind == "logit_kl":
+                out[name] = [t.logits]
+                continue
+            windows = [
+                w for _, w in group_windows(sig.student_layers(n), sig.teacher_layers(n, self.teacher_layers(name)))
+            ]
+            if sig.needs_attention:
+                out[name] = [torch.stack([t.maps[k] for k in w]).mean(0) for w in windows]
+            else:
+                out[name] = [torch.stack([t.hidden[k + 1] for k in w]).mean(0) for w in windows]
         return out
 
     def _targets_per_signal(self, name: str, sig: Signal) -> int:
