@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,28 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real console entry point in a fresh process, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "drivekd", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def run_torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
+    """`drivekd ARGS` under torchrun with 2 CPU processes (gloo), one thread each."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "drivekd",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 

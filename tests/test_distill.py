@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,8 @@ from drivekd.distill.run import run_distill
 from drivekd.errors import DriveKDError
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DistillConfig, load_config
+
+from .conftest import run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -163,26 +162,7 @@ def test_layout_mismatch_is_refused(tmp_path, data_dir):
 
 def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
     cfg = _cfg(tmp_path, data_dir, teacher_dir, train={"max_steps": 2, "micro_batch_size": 2})
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29544",
-            "-m",
-            "drivekd",
-            "distill",
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    r = run_torchrun("distill", "--config", str(cfg), port=29544)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"step": 2, "ranks_identical": True} in _metrics(tmp_path / "run")
 

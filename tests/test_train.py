@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ from drivekd.train.config import SFTConfig, load_config
 from drivekd.train.sft import cross_entropy, load_model, load_training_data, run_sft
 from drivekd.train.trainer import Trainer
 
-from .conftest import run_cli
+from .conftest import run_cli, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -133,27 +130,7 @@ def test_missing_images_fail_before_training(tmp_path, data_dir):
 
 def test_torchrun_two_processes_end_identical(tmp_path, data_dir):
     cfg = _config(tmp_path, data_dir, max_steps=3, micro_batch_size=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            "-m",
-            "drivekd",
-            "sft",
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    r = run_torchrun("sft", "--config", str(cfg), port=29533)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = _metrics(tmp_path / "run")
     assert {"step": 3, "ranks_identical": True} in metrics

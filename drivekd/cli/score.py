@@ -54,28 +54,6 @@ def score(
     Multiple choice is scored by the letter parsed from the prediction, open-ended answers with
     `facts` by field checks, the rest by BLEU-4 / ROUGE-L / CIDEr.
     """
-    results = _score(
-        files, judge_url, judge_model, judge_cache, judge_key_env, judge_timeout, judge_retries, judge_workers
-    )
-    if as_json:
-        for result in results:
-            click.echo(json.dumps(result, sort_keys=True))
-    else:
-        from drivekd.eval.scoring import render_markdown
-
-        click.echo(render_markdown(results))
-
-
-def _score(
-    files: tuple[Path, ...],
-    judge_url: str | None,
-    judge_model: str | None,
-    judge_cache: Path | None,
-    judge_key_env: str,
-    judge_timeout: float,
-    judge_retries: int,
-    judge_workers: int,
-) -> list[dict[str, object]]:
     from drivekd.eval.scoring import read_predictions, score_items, summarize
 
     if (judge_url is None) != (judge_model is None):
@@ -110,4 +88,10 @@ def _score(
                 verdicts = judge_items(preds, judge, progress=bar.update)
             result["judge"] = judge_summary(preds, verdicts, judge.config.model)
         results.append(result)
-    return results
+    if as_json:
+        for result in results:
+            click.echo(json.dumps(result, sort_keys=True))
+    else:
+        from drivekd.eval.scoring import render_markdown
+
+        click.echo(render_markdown(results))

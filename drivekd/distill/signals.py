@@ -8,7 +8,7 @@ sequence (same tokenizer and visual layout); padding is excluded from every mean
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -68,7 +68,6 @@ class Positions:
     valid: torch.Tensor  # (B, T) bool: real tokens (not padding)
     visual: torch.Tensor  # (B, T) bool: visual-token positions
     answer: torch.Tensor  # (B, T) bool: positions whose next token is an answer token (for logits)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def pair_mask(self, block: str) -> torch.Tensor:
         rows = self.valid

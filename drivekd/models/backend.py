@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ class Batch:
     visual_mask: torch.Tensor  # (B, T) bool: positions filled with visual embeddings
     sample_ids: list[str]
     capabilities: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
@@ -67,9 +66,9 @@ class VLMBackend(abc.ABC):
         """The token text one image of `count` visual tokens expands to in the prompt."""
 
     @property
-    @abc.abstractmethod
     def visual_token_id(self) -> int:
-        """The id of positions the model fills with visual embeddings."""
+        """The id of positions the model fills with visual embeddings (both families' config field)."""
+        return int(self.model.config.image_token_id)
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}

@@ -17,10 +17,6 @@ class InternVLBackend(VLMBackend):
     family = "internvl"
     model_class = InternVLForConditionalGeneration
 
-    @property
-    def visual_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         # One tile per image: the processor's default crop_to_patches=True would tile (method doc §9).
         out = self.image_processor(images, crop_to_patches=False, return_tensors="pt")

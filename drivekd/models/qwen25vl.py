@@ -17,10 +17,6 @@ class Qwen25VLBackend(VLMBackend):
     family = "qwen25vl"
     model_class = Qwen2_5_VLForConditionalGeneration
 
-    @property
-    def visual_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         out = self.image_processor(images, return_tensors="pt")
         merge = int(self.model.config.vision_config.spatial_merge_size)

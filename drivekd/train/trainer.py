@@ -11,6 +11,7 @@ and resumed ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -261,7 +262,7 @@ class Trainer:
                         acc.device
                     )
                     sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
-                    ctx = acc.no_sync(self.model) if not sync else _null()
+                    ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
                         losses = self.objective(self.model, batch)
                         scaled = {k: v / cfg.grad_accum for k, v in losses.items()}
@@ -322,14 +323,6 @@ class Trainer:
                 self.backend.save(tmp)
         self.accelerator.wait_for_everyone()
         return target
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _as_python_state(state: object) -> tuple:
