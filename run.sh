@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README. Each creates (or reuses) .venv inside the repository and
 # installs the pinned dependencies before running:
-#   ./run.sh demo   the main job on the embedded default (DriveSim-QA generated here)
+#   ./run.sh demo   the main job on the embedded default: `drivekd reproduce --profile quick`
 #   ./run.sh test   lint and the test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,11 +27,8 @@ case "${1:-}" in
     demo)
         setup
         shift
-        out=${DEMO_OUT:-runs/demo}
-        workers=$(nproc 2>/dev/null || echo 2)
-        "$VENV/bin/drivekd" data generate --out "$out/drivesim-qa" --scenes 330 --seed 0 --workers "$workers" --overwrite "$@"
-        "$VENV/bin/drivekd" data validate "$out/drivesim-qa"
-        "$VENV/bin/drivekd" data card "$out/drivesim-qa"
+        # the whole Drive-KD study at the quick profile; run it again to resume a killed one
+        "$VENV/bin/drivekd" reproduce --profile quick --out "${DEMO_OUT:-runs/quick}" "$@"
         ;;
     test)
         setup

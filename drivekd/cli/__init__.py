@@ -11,6 +11,8 @@ from drivekd.cli.bench import bench
 from drivekd.cli.data import data
 from drivekd.cli.evaluate import baseline, evaluate
 from drivekd.cli.models import models
+from drivekd.cli.prestudy import prestudy
+from drivekd.cli.reproduce import reproduce
 from drivekd.cli.score import score
 from drivekd.cli.train import cache_teacher, distill, sft
 from drivekd.errors import DriveKDError
@@ -51,3 +53,5 @@ main.add_command(evaluate)
 main.add_command(baseline)
 main.add_command(models)
 main.add_command(score)
+main.add_command(prestudy)
+main.add_command(reproduce)

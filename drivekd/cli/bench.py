@@ -74,3 +74,81 @@ def capture(json_out: Path | None, tokens: int, repeats: int) -> None:
         f"reasoning (all intermediate layers): memory {r['reasoning_memory_ratio']:.2f}, time {r['reasoning_time_ratio']:.2f}"
     )
     _emit({"memory_ratio": r["memory_ratio"], "time_ratio": r["time_ratio"], "details": r}, json_out)
+
+
+@bench.command()
+@click.option("--models", "models", required=True, multiple=True, help="Preset or checkpoint directory (repeatable).")
+@click.argument("more_models", nargs=-1, metavar="[MODEL]...")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset folder [default: runs/demo/drivesim-qa if present, else 3 generated scenes].",
+)
+@click.option("--split", default="test", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Prompt = first N samples.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs after 1 warm-up.")
+@click.option("--int8", is_flag=True, help="Also measure the last model with int8 dynamic quantisation (CPU).")
+@click.option("--score", is_flag=True, help="Also score greedy predictions on the split.")
+@click.option("--max-score-samples", type=click.IntRange(min=1), default=None, help="Score the first N samples only.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads per worker [default: torch's choice]; 1 is steadier on a busy CPU.",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON."
+)
+def infer(
+    models: tuple[str, ...],
+    more_models: tuple[str, ...],
+    data_dir: Path | None,
+    split: str,
+    batch: int,
+    new_tokens: int,
+    repeats: int,
+    int8: bool,
+    score: bool,
+    max_score_samples: int | None,
+    device: str,
+    threads: int | None,
+    json_out: Path | None,
+) -> None:
+    """Deployment figures per model, each in a fresh process: params, peak memory, decode tok/s, first-token latency.
+
+    `--models A B C` (or `--models A --models B`); ratios divide by the first model.
+    """
+    from drivekd.bench.infer import bench_infer, render_table
+
+    r = bench_infer(
+        [*models, *more_models],
+        data_dir=data_dir,
+        split=split,
+        batch=batch,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        int8=int8,
+        score=score,
+        max_score_samples=max_score_samples,
+        device=device,
+        threads=threads,
+    )
+    s = r["settings"]
+    click.echo(
+        f"batch {s['batch']} x {s['prompt_tokens']} prompt tokens ({s['split']} of {s['data']}), {s['new_tokens']} new "
+        f"tokens (EOS suppressed), median of {s['repeats']} after 1 warm-up; device {s['device']}, torch {s['torch']}, "
+        f"{s['torch_threads']} threads; peak memory: {s['peak_mem']}"
+        + ("" if s["load_avg_1min"] is None else f"; load average {s['load_avg_1min']:.1f} before the run")
+    )
+    click.echo(render_table(r))
+    first = r["models"][0]
+    if s["device"].startswith("cpu"):
+        click.echo(
+            f"CPU peak memory is the whole process while serving; {first['rss_before_load_mb']:.0f} MB of it "
+            "(Python, torch, data) is there before any model is loaded."
+        )
+    _emit(r, json_out)

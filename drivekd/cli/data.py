@@ -156,3 +156,17 @@ def sheet(path: Path, out: Path, scenes: int, fmt: str | None, image_roots: tupl
     validate_samples(samples).raise_if_bad(str(path))
     save_contact_sheet(samples, out, scenes)
     click.echo(f"wrote {out}")
+
+
+@data.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output dataset folder.")
+@click.option("--samples", type=int, required=True, help="Number of questions (all in test.jsonl).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def general(out: Path, samples: int, seed: int, overwrite: bool) -> None:
+    """Generate a small non-driving control set (coloured shapes) for `drivekd prestudy --general`."""
+    from drivekd.data.general import generate_general
+
+    info = generate_general(out, samples, seed, overwrite=overwrite)
+    kinds = ", ".join(f"{k} {v}" for k, v in info["by_question_type"].items())
+    click.echo(f"wrote {info['samples']} general samples ({kinds}) to {out / (info['split'] + '.jsonl')}")

@@ -48,7 +48,11 @@ def fingerprint(
         teachers[ckpt] = h.hexdigest()[:16] if weights else ckpt
     return {
         "teacher": digest(teachers),
-        "recipe": digest({n: vars(s) for n, s in signals.items()} | {"_teachers": teacher_of}),
+        # weight and distance change the loss, not the stored targets: a cache serves every weighting
+        "recipe": digest(
+            {n: {k: v for k, v in vars(s).items() if k not in ("weight", "distance")} for n, s in signals.items()}
+            | {"_teachers": teacher_of}
+        ),
         "tokenizer": digest(student.tokenizer.get_vocab()),
         "data": digest([(s.id, s.question, s.answer, [im.path for im in s.images]) for s in samples]),
     }

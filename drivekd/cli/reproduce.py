@@ -1,0 +1,21 @@
+"""`drivekd reproduce`: the whole Drive-KD study on the embedded default, in one resumable command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--profile", "profile_name", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Study directory (created or resumed).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-generation processes.")
+def reproduce(profile_name: str, out: Path, workers: int) -> None:
+    """Generate DriveSim-QA, train the teacher, pre-study it, train and score every student variant,
+    benchmark deployment and write OUT/report.md + OUT/results.json. Run it again to resume."""
+    from drivekd.study.profiles import get_profile
+    from drivekd.study.runner import Study
+
+    report = Study(out, get_profile(profile_name), workers=workers).run()
+    click.echo(f"wrote {report}")

@@ -1,0 +1,118 @@
+"""What a `drivekd reproduce` study runs: a profile (sizes, budgets, seeds) and its student variants.
+
+Variants are data (`variants.yaml`); a profile picks some of them. Everything a study's results depend
+on is in the profile, so `study.json` can refuse a directory made with other settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drivekd.errors import DriveKDError
+
+VARIANTS_FILE = Path(__file__).with_name("variants.yaml")
+_VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    recipe: str = "none"
+    per_capability: bool = False
+    strategy: str = "sum"
+    amortize_every: int | None = None
+    kd_share: float | None = None
+
+    @property
+    def distills(self) -> bool:
+        return self.recipe != "none"
+
+
+def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    out = {}
+    for name, fields in raw.items():
+        unknown = set(fields) - _VARIANT_KEYS
+        if unknown:
+            raise DriveKDError(f"{path}: variant {name!r}: unknown field(s) {sorted(unknown)}")
+        out[name] = Variant(name=name, **fields)
+    return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    scenes: int  # DriveSim-QA scenes (about 7.8 samples each, 80 % of scenes in train)
+    data_seed: int
+    teacher_epochs: float
+    teacher_eval_every: int | None
+    student_epochs: float
+    student_lr: float
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    # Loss-weight calibration: each signal's weight makes its loss `kd_share` x the CE loss on the
+    # untrained student (attention MSEs are 1e-7..1e-5 at weight 1, so fixed weights are meaningless).
+    # CE falls ~15x during training while attention losses fall less, so a small share at the start
+    # is already a large one later.
+    kd_share: float = 0.1
+    prestudy_samples: int = 96
+    bench_repeats: int = 5
+    eval_max_new_tokens: int = 96
+    teacher_preset: str = "tiny-internvl-teacher"
+    student_preset: str = "tiny-internvl-student"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything results depend on (written to study.json, compared on resume)."""
+        out = dataclasses.asdict(self)
+        out["seeds"] = list(self.seeds)
+        out["variants"] = list(self.variants)
+        variants = load_variants()
+        out["variant_definitions"] = {v: dataclasses.asdict(variants[v]) for v in self.variants}
+        return out
+
+
+ALL_VARIANTS = tuple(load_variants())
+
+PROFILES: dict[str, Profile] = {
+    # The README's main command: the whole pipeline end to end in <= 15 minutes on 2 CPU cores.
+    "quick": Profile(
+        name="quick",
+        scenes=100,
+        data_seed=0,
+        teacher_epochs=2,
+        teacher_eval_every=None,
+        student_epochs=2,
+        student_lr=2e-3,
+        seeds=(0,),
+        variants=("ce", "single-teacher", "multi-sum", "multi-agp"),
+        prestudy_samples=48,
+        bench_repeats=3,
+    ),
+    # Every variant, three seeds, the 330-scene DriveSim-QA of the demo and a 6-epoch teacher; one
+    # student epoch (259 steps) so all 3 x 14 runs fit in about an hour on 2 cores.
+    "full": Profile(
+        name="full",
+        scenes=330,
+        data_seed=0,
+        teacher_epochs=6,
+        teacher_eval_every=259,
+        student_epochs=1,
+        student_lr=2e-3,
+        seeds=(0, 1, 2),
+        variants=ALL_VARIANTS,
+        prestudy_samples=96,
+        bench_repeats=5,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise DriveKDError(f"unknown profile {name!r} (choose from {', '.join(PROFILES)})")
+    return PROFILES[name]

@@ -1,0 +1,243 @@
+"""The study's report: `results.json`, `report.md` and its PNG plots, rebuilt from whatever exists.
+
+Scores are on `test`; `val` scores are reported beside them because choices (loss share, best
+variant) are made on `val`. A difference counts as beyond the seed spread only when the two means
+are further apart than the sum of their standard deviations and both have at least two seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from drivekd.atomic import atomic_file
+from drivekd.data.sample import CAPABILITIES
+
+COLUMNS = (*CAPABILITIES, "average")
+REFERENCES = ("teacher", "majority")  # rows that are not student variants
+
+
+def _score(path: Path) -> dict[str, Any] | None:
+    from drivekd.eval.scoring import score_file
+
+    if not path.is_file():
+        return None
+    result = score_file(path)
+    return {**{c: result["capabilities"].get(c) for c in CAPABILITIES}, "average": result["average"]}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(out: Path) -> dict[str, Any]:
+    settings = json.loads((out / "study.json").read_text(encoding="utf-8"))["settings"]
+    variants: list[dict[str, Any]] = []
+    for name in REFERENCES:
+        test, val = _score(out / "preds" / name / "test.jsonl"), _score(out / "preds" / name / "val.jsonl")
+        if test:
+            variants.append(
+                {
+                    "name": name,
+                    **{c: test[c] for c in COLUMNS},
+                    "capabilities": {c: test[c] for c in CAPABILITIES},
+                    "val_average": val["average"] if val else None,
+                    "seeds": [],
+                    "std": dict.fromkeys(COLUMNS, 0.0),
+                    "failed": [],
+                }
+            )
+    for name in settings["variants"]:
+        per_seed, failed = [], []
+        for seed in settings["seeds"]:
+            fail = out / "runs" / name / f"seed-{seed}" / "failed.json"
+            if fail.is_file():
+                failed.append({"seed": seed, "error": json.loads(fail.read_text())["error"]})
+                continue
+            test = _score(out / "preds" / name / f"seed-{seed}" / "test.jsonl")
+            val = _score(out / "preds" / name / f"seed-{seed}" / "val.jsonl")
+            if test:
+                per_seed.append({"seed": seed, **test, "val_average": val["average"] if val else None})
+        row: dict[str, Any] = {"name": name, "seeds": per_seed, "failed": failed, "std": {}}
+        for c in COLUMNS:
+            row[c], row["std"][c] = _mean_std([s[c] for s in per_seed if s[c] is not None])
+        row["capabilities"] = {c: row[c] for c in CAPABILITIES}
+        row["val_average"] = _mean_std([s["val_average"] for s in per_seed if s["val_average"] is not None])[0]
+        variants.append(row)
+    return {"settings": settings, "variants": variants}
+
+
+def beyond_spread(a: dict[str, Any], b: dict[str, Any], column: str = "average") -> bool | None:
+    """True/False when both rows have >= 2 seeds; None when the spread is unknown."""
+    if len(a["seeds"]) < 2 or len(b["seeds"]) < 2 or a[column] is None or b[column] is None:
+        return None
+    return abs(a[column] - b[column]) > a["std"][column] + b["std"][column]
+
+
+def _fmt(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return "–"
+    if len(row["seeds"]) > 1:
+        return f"{value:.1f} ± {row['std'][column]:.1f}"
+    return f"{value:.1f}"
+
+
+def _curves(out: Path, settings: dict[str, Any], png: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    drew = False
+    teacher = out / "teacher" / "metrics.jsonl"
+    for ax, runs, title in (
+        (axes[0], [("teacher", teacher)], "teacher SFT"),
+        (
+            axes[1],
+            [(n, out / "runs" / n / f"seed-{settings['seeds'][0]}" / "metrics.jsonl") for n in settings["variants"]],
+            f"students (seed {settings['seeds'][0]}, all-data runs)",
+        ),
+    ):
+        for name, path in runs:
+            if not path.is_file():
+                continue
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            points = [(r["step"], r["ce"]) for r in rows if "ce" in r and "lr" in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=name, linewidth=1)
+                drew = True
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("training CE (answer tokens)")
+        ax.set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    if drew:
+        _save(fig, png)
+    plt.close(fig)
+    return drew
+
+
+def _bars(variants: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [v for v in variants if v["average"] is not None]
+    fig, ax = plt.subplots(figsize=(max(8, 1.0 * len(rows) + 2), 4))
+    width = 0.8 / len(COLUMNS)
+    x = np.arange(len(rows))
+    for k, column in enumerate(COLUMNS):
+        values = [v[column] or 0.0 for v in rows]
+        errors = [v["std"].get(column) or 0.0 for v in rows]
+        ax.bar(x + (k - 1.5) * width, values, width, yerr=errors, capsize=2, label=column)
+    ax.set_xticks(x, [v["name"] for v in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test score (0-100)")
+    ax.legend(fontsize=8, ncols=4)
+    ax.set_title("per-capability test scores (mean ± std over seeds)")
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)
+
+
+def _save(fig: Any, png: Path) -> None:
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _deployment(out: Path) -> str:
+    file = out / "bench" / "infer.json"
+    if not file.is_file():
+        return "_not measured yet_\n"
+    from drivekd.bench.infer import render_table
+
+    return render_table(json.loads(file.read_text(encoding="utf-8"))) + "\n"
+
+
+def _timings(out: Path) -> tuple[float, list[str]]:
+    file = out / "timings.jsonl"
+    if not file.is_file():
+        return 0.0, []
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
+    return sum(r["seconds"] for r in rows), [f"{r['step']} {r['seconds']:.0f} s" for r in rows]
+
+
+def write_report(out: Path) -> Path:
+    results = collect(out)
+    settings, variants = results["settings"], results["variants"]
+    _write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _bars(variants, out / "scores.png")
+    has_curves = _curves(out, settings, out / "curves.png")
+    by_name = {v["name"]: v for v in variants}
+    ce = by_name.get("ce")
+    lines = [
+        f"# Drive-KD reproduction on DriveSim-QA — profile `{settings['name']}`",
+        "",
+        f"Report written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
+        f"({platform.processor() or platform.machine()}, Python {platform.python_version()}). "
+        f"Teacher `{settings['teacher_preset']}` ({settings['teacher_epochs']} epochs), students "
+        f"`{settings['student_preset']}` ({settings['student_epochs']} epochs, lr {settings['student_lr']}), "
+        f"{settings['scenes']} scenes, seeds {settings['seeds']}, distillation losses calibrated to "
+        f"{settings['kd_share']} x CE at the start (`recipes/calibration.json`).",
+        "",
+        "## Scores (test; val Avg is what choices are made on)",
+        "",
+        "| variant | Perception | Reasoning | Planning | Avg | val Avg | seeds | vs CE |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for v in variants:
+        versus = ""
+        if ce is not None and v is not ce and v["seeds"] and ce["average"] is not None and v["average"] is not None:
+            delta = v["average"] - ce["average"]
+            verdict = {True: "beyond seed spread", False: "within seed spread", None: "one seed: spread unknown"}[
+                beyond_spread(v, ce)
+            ]
+            versus = f"{delta:+.1f} ({verdict})"
+        val = f"{v['val_average']:.1f}" if v["val_average"] is not None else "–"
+        lines.append(
+            f"| {v['name']} | {_fmt(v, 'perception')} | {_fmt(v, 'reasoning')} | {_fmt(v, 'planning')} | "
+            f"{_fmt(v, 'average')} | {val} | {len(v['seeds']) if v['name'] not in REFERENCES else '–'} | {versus} |"
+        )
+    failed = [(v["name"], f) for v in variants for f in v["failed"]]
+    if failed:
+        lines += ["", "### Failed runs", ""]
+        lines += [f"- `{name}` seed {f['seed']}: {f['error']}" for name, f in failed]
+    lines += ["", "![per-capability scores](scores.png)", ""]
+    if has_curves:
+        lines += ["## Training curves", "", "![training curves](curves.png)", ""]
+    lines += ["## Teacher pre-study", ""]
+    recipe = out / "prestudy" / "recipe.yaml"
+    if recipe.is_file():
+        lines += [
+            "Recommended signals (the students' `prestudy` recipe; rules in docs/prestudy.md):",
+            "",
+            "```yaml",
+            recipe.read_text(encoding="utf-8").strip(),
+            "```",
+            "",
+            "![pre-study panels](prestudy/prestudy.png)",
+            "",
+        ]
+    lines += ["## Deployment (teacher vs student vs int8 student)", "", _deployment(out)]
+    total, steps = _timings(out)
+    lines += ["## Time", "", f"Steps run by the invocations so far: {total / 60:.1f} min in total.", ""]
+    lines += [f"- {s}" for s in steps]
+    report = out / "report.md"
+    _write(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

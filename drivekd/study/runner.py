@@ -1,0 +1,412 @@
+"""`drivekd reproduce`: the whole Drive-KD study on DriveSim-QA, resumable step by step.
+
+A study directory holds `study.json` (the profile's settings; another profile's directory is
+refused), then one folder per step. A step is done when its output exists, so a killed study picks
+up where it stopped; a student run that fails is recorded in `failed.json` beside its checkpoints,
+reported with its error, and retried by the next invocation. Every student run goes through the same
+`run_sft` / `run_distill` a user calls; nothing here knows a capability's layers or a model family.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import yaml
+
+from drivekd.atomic import atomic_file
+from drivekd.data.sample import CAPABILITIES
+from drivekd.errors import DriveKDError
+from drivekd.study.profiles import Profile, Variant, load_variants
+from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, SFTConfig, TrainConfig
+
+SPLITS = ("val", "test")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _done(run_dir: Path) -> bool:
+    return (run_dir / "final" / "model.safetensors").is_file()
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else False
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """One trained student: a variant at a seed, on all data or on one capability's split."""
+
+    variant: Variant
+    seed: int
+    capability: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant.name}/seed-{self.seed}" + (f"/{self.capability}" if self.capability else "")
+
+
+class Study:
+    def __init__(self, out: Path, profile: Profile, *, workers: int = 2, echo: Any = click.echo) -> None:
+        self.out = out
+        self.profile = profile
+        self.workers = workers
+        self.echo = echo
+        self.variants = load_variants()
+        self.data = out / "data"
+        self.teacher_dir = out / "teacher"
+        self.teacher = self.teacher_dir / "final"
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def claim(self) -> None:
+        """Write study.json, or refuse a directory that holds another configuration's study."""
+        settings = self.profile.settings()
+        file = self.out / "study.json"
+        if file.is_file():
+            existing = json.loads(file.read_text(encoding="utf-8")).get("settings")
+            if existing != settings:
+                diff = sorted(
+                    k for k in set(settings) | set(existing or {}) if (existing or {}).get(k) != settings.get(k)
+                )
+                raise DriveKDError(
+                    f"{self.out}: holds a study with other settings (differs in: {', '.join(diff)}); "
+                    "choose another --out, or delete it"
+                )
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            raise DriveKDError(f"{self.out}: exists and is not a drivekd study (no study.json); choose another --out")
+        _write_json(file, {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def log_time(self, step: str, seconds: float) -> None:
+        with open(self.out / "timings.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
+
+    def timed(self, step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.echo(f"[reproduce] {step} ...")
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        self.log_time(step, elapsed)
+        self.echo(f"[reproduce] {step}: {elapsed:.0f} s")
+        return result
+
+    # ---- the study ---------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.claim()
+        if not (self.data / "card.json").is_file():
+            self.timed("data", self.generate_data)
+        if not _done(self.teacher_dir):
+            self.timed("teacher", self.train_teacher)
+        if not (self.out / "prestudy" / "recipe.yaml").is_file():
+            self.timed("prestudy", self.prestudy)
+        for split in SPLITS:
+            for name, fn in (("teacher", self.evaluate_teacher), ("majority", self.majority)):
+                if not self.pred_file(name, None, split).is_file():
+                    self.timed(f"eval {name} {split}", fn, split)
+        if not (self.out / "recipes" / "calibration.json").is_file():
+            self.timed("calibrate", self.calibrate)
+        for seed in self.profile.seeds:  # seed-major: a partial study has whole rows
+            for name in self.profile.variants:
+                self.student_variant(self.variants[name], seed)
+        if not (self.out / "bench" / "infer.json").is_file():
+            self.timed("bench infer", self.bench)
+        from drivekd.study.report import write_report
+
+        return self.timed("report", write_report, self.out)
+
+    def generate_data(self) -> None:
+        from drivekd.data.drivesim.generate import GenerateConfig, generate
+
+        p = self.profile
+        generate(self.data, GenerateConfig(scenes=p.scenes, seed=p.data_seed), workers=self.workers, overwrite=True)
+
+    # ---- configs -----------------------------------------------------------------------------
+    def train_config(
+        self, output_dir: Path, *, epochs: float, lr: float, seed: int, eval_every: int | None
+    ) -> TrainConfig:
+        return TrainConfig(
+            output_dir=str(output_dir),
+            epochs=epochs,
+            micro_batch_size=8,
+            lr=lr,
+            weight_decay=0.01,
+            warmup_steps=20,
+            min_lr_ratio=0.1,
+            log_every=10,
+            eval_every=eval_every,
+            save_every=100,
+            seed=seed,
+        )
+
+    def teacher_config(self) -> SFTConfig:
+        p = self.profile
+        return SFTConfig(
+            model=ModelConfig(name=p.teacher_preset),
+            data=DataConfig(path=str(self.data), max_length=512),
+            train=self.train_config(
+                self.teacher_dir, epochs=p.teacher_epochs, lr=1e-3, seed=0, eval_every=p.teacher_eval_every
+            ),
+        )
+
+    def student_config(self, run: StudentRun) -> SFTConfig | DistillConfig:
+        p = self.profile
+        common = {
+            "model": ModelConfig(name=p.student_preset, seed=run.seed),
+            "data": DataConfig(path=str(self.data), max_length=512, capability=run.capability),
+            "train": self.train_config(
+                self.run_dir(run), epochs=p.student_epochs, lr=p.student_lr, seed=run.seed, eval_every=None
+            ),
+        }
+        v = run.variant
+        if not v.distills:
+            return SFTConfig(**common)
+        return DistillConfig(
+            **common,
+            teacher=str(self.teacher),
+            recipe=str(self.recipe_file(v.recipe, run.capability, v.kd_share)),
+            mixing="reference",
+            strategy=v.strategy,
+            amortize_every=v.amortize_every,
+            cache=str(self.cache_dir(v.recipe, run.capability)),
+        )
+
+    # ---- teacher, pre-study, calibration -------------------------------------------------------
+    def train_teacher(self) -> None:
+        from drivekd.train.sft import run_sft
+
+        clean_partial(self.teacher_dir)
+        run_sft(self.teacher_config(), resume=_has_checkpoints(self.teacher_dir))
+
+    def prestudy(self) -> None:
+        from drivekd.data.general import generate_general
+        from drivekd.eval.prestudy import run_prestudy
+
+        general = self.out / "general"
+        if not (general / "test.jsonl").is_file():
+            generate_general(general, samples=self.profile.prestudy_samples, seed=self.profile.data_seed)
+        run_prestudy(
+            str(self.teacher),
+            self.data,
+            self.out / "prestudy",
+            general_dir=general,
+            split="val",
+            max_samples=self.profile.prestudy_samples,
+        )
+
+    def source_recipe(self, recipe: str, capability: str | None) -> dict[str, dict[str, Any]]:
+        """The recipe's signals as YAML data; `prestudy` is the pre-study's recommendation."""
+        from drivekd.distill.engine import RECIPES
+
+        path = self.out / "prestudy" / "recipe.yaml" if recipe == "prestudy" else RECIPES / f"{recipe}.yaml"
+        signals = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if capability is not None:
+            if capability not in signals:
+                raise DriveKDError(f"{path}: no {capability!r} signal for the single-capability protocol")
+            signals = {capability: signals[capability]}
+        return signals
+
+    def recipe_keys(self) -> list[tuple[str, str | None]]:
+        keys = []
+        for name in self.profile.variants:
+            v = self.variants[name]
+            if v.distills:
+                for cap in CAPABILITIES if v.per_capability else (None,):
+                    keys.append((v.recipe, cap))
+        return list(dict.fromkeys(keys))
+
+    @staticmethod
+    def _key(recipe: str, capability: str | None) -> str:
+        return recipe + (f"-{capability}" if capability else "")
+
+    def calibrate(self) -> None:
+        """Per recipe, weights making each signal's loss `kd_share` x CE on the untrained student.
+
+        Measured with the live teacher on the first batches of the recipe's own training data, so
+        the weights are a property of (teacher, student preset, recipe, data), not guessed.
+        """
+        from drivekd.distill.engine import Distiller
+        from drivekd.train.sft import load_model, load_training_data
+
+        p = self.profile
+        calibration: dict[str, Any] = {"kd_share": p.kd_share, "recipes": {}}
+        for recipe, cap in self.recipe_keys():
+            signals = self.source_recipe(recipe, cap)
+            raw_file = self.out / "recipes" / f"{self._key(recipe, cap)}.source.yaml"
+            with atomic_file(raw_file) as tmp:
+                tmp.write_text(yaml.safe_dump({n: {**f, "weight": 1.0} for n, f in signals.items()}), encoding="utf-8")
+            torch.manual_seed(0)
+            student = load_model(ModelConfig(name=p.student_preset, seed=0))
+            data = DataConfig(path=str(self.data), max_length=512, capability=cap)
+            train, _, _ = load_training_data(data, student)
+            config = DistillConfig(
+                model=ModelConfig(name=p.student_preset),
+                data=data,
+                train=TrainConfig(output_dir=str(self.out / "recipes")),
+                teacher=str(self.teacher),
+                recipe=str(raw_file),
+                strategy="sum",
+            )
+            distiller = Distiller(config, student, train)
+            totals: dict[str, float] = {}
+            chunks = [train[i : i + 8] for i in range(0, min(len(train), 32), 8)]
+            with torch.no_grad():
+                for chunk in chunks:
+                    for k, v in distiller.objective(student.model, student.build_batch(chunk)).items():
+                        totals[k] = totals.get(k, 0.0) + float(v) / len(chunks)
+            weights = {n: p.kd_share * totals["ce"] / max(totals[n], 1e-12) for n in signals}
+            calibration["recipes"][self._key(recipe, cap)] = {"initial_losses": totals, "weights": weights}
+        _write_json(self.out / "recipes" / "calibration.json", calibration)
+
+    def recipe_file(self, recipe: str, capability: str | None, share: float | None) -> Path:
+        """The calibrated recipe YAML for a loss share (written on first use)."""
+        share = self.profile.kd_share if share is None else share
+        key = self._key(recipe, capability)
+        path = self.out / "recipes" / f"{key}@{share:g}.yaml"
+        if not path.is_file():
+            weights = json.loads((self.out / "recipes" / "calibration.json").read_text())["recipes"][key]["weights"]
+            scale = share / self.profile.kd_share
+            signals = self.source_recipe(recipe, capability)
+            body = {n: {**f, "weight": float(f"{weights[n] * scale:.6g}")} for n, f in signals.items()}
+            with atomic_file(path) as tmp:
+                tmp.write_text(
+                    f"# {key}: weights calibrated so each loss starts at {share:g} x CE (recipes/calibration.json)\n"
+                    + yaml.safe_dump(body, sort_keys=False),
+                    encoding="utf-8",
+                )
+        return path
+
+    def cache_dir(self, recipe: str, capability: str | None) -> Path:
+        return self.out / "caches" / self._key(recipe, capability)
+
+    def ensure_cache(self, config: DistillConfig) -> None:
+        from drivekd.distill.run import run_cache_teacher
+
+        assert config.cache is not None
+        if not (Path(config.cache) / "manifest.json").is_file():
+            self.timed(f"teacher cache {Path(config.cache).name}", run_cache_teacher, config, Path(config.cache))
+
+    # ---- students ------------------------------------------------------------------------------
+    def run_dir(self, run: StudentRun) -> Path:
+        return self.out / "runs" / run.key
+
+    def pred_file(self, name: str, seed: int | None, split: str) -> Path:
+        return self.out / "preds" / name / (f"seed-{seed}" if seed is not None else "") / f"{split}.jsonl"
+
+    def student_variant(self, variant: Variant, seed: int) -> None:
+        runs = [StudentRun(variant, seed, cap) for cap in (CAPABILITIES if variant.per_capability else (None,))]
+        failed_file = self.out / "runs" / variant.name / f"seed-{seed}" / "failed.json"
+        if all(self.pred_file(variant.name, seed, s).is_file() for s in SPLITS):
+            return
+        failed_file.unlink(missing_ok=True)
+        try:
+            for run in runs:
+                if not _done(self.run_dir(run)):
+                    self.timed(f"train {run.key}", self.train_student, run)
+            for split in SPLITS:
+                self.timed(f"eval {variant.name}/seed-{seed} {split}", self.evaluate_students, runs, split)
+        except Exception as e:  # a failed run is reported and the study goes on
+            _write_json(
+                failed_file,
+                {"error": f"{type(e).__name__}: {e}".splitlines()[0], "traceback": traceback.format_exc()},
+            )
+            self.echo(f"[reproduce] {variant.name}/seed-{seed} FAILED: {type(e).__name__}: {e}".splitlines()[0])
+
+    def train_student(self, run: StudentRun) -> None:
+        from drivekd.distill.run import run_distill
+        from drivekd.train.sft import run_sft
+
+        config = self.student_config(run)
+        clean_partial(self.run_dir(run))
+        resume = _has_checkpoints(self.run_dir(run))
+        if isinstance(config, DistillConfig):
+            self.ensure_cache(config)
+            run_distill(config, resume=resume)
+        else:
+            run_sft(config, resume=resume)
+
+    def evaluate_students(self, runs: list[StudentRun], split: str) -> None:
+        from drivekd.data.formats import load_split
+
+        samples = load_split(self.data, split)
+        parts = []
+        for run in runs:
+            mine = [s for s in samples if run.capability in (None, s.capability)]
+            parts.append(self._predict(self.run_dir(run) / "final", mine, split))
+        first = runs[0]
+        self._write_preds(self.pred_file(first.variant.name, first.seed, split), [r for p in parts for r in p])
+
+    def _predict(self, model: Path, samples: list[Any], split: str) -> list[dict[str, Any]]:
+        from drivekd.eval.predict import predict
+        from drivekd.models.loading import load_backend
+
+        backend = load_backend(str(model))
+        tmp = model.parent / f".pred-{split}.jsonl"
+        predict(backend, samples, tmp, max_new_tokens=self.profile.eval_max_new_tokens)
+        rows = [json.loads(line) for line in tmp.read_text(encoding="utf-8").splitlines()]
+        tmp.unlink()
+        return rows
+
+    def _write_preds(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+    def evaluate_teacher(self, split: str) -> None:
+        from drivekd.data.formats import load_split
+
+        self._write_preds(
+            self.pred_file("teacher", None, split), self._predict(self.teacher, load_split(self.data, split), split)
+        )
+
+    def majority(self, split: str) -> None:
+        from drivekd.data.formats import load_split
+        from drivekd.eval.baselines import majority_predictions
+        from drivekd.eval.predict import prediction_record
+
+        samples = load_split(self.data, split)
+        predictions = majority_predictions(load_split(self.data, "train"), samples)
+        self._write_preds(
+            self.pred_file("majority", None, split),
+            [prediction_record(s, p) for s, p in zip(samples, predictions, strict=True)],
+        )
+
+    # ---- deployment --------------------------------------------------------------------------
+    def deployed_student(self) -> Path | None:
+        """The student the deployment table shows: multi-teacher AGP if it trained, else CE."""
+        for name in ("multi-agp", "ce", *self.profile.variants):
+            run_dir = self.out / "runs" / name / f"seed-{self.profile.seeds[0]}"
+            if _done(run_dir):
+                return run_dir / "final"
+        return None
+
+    def bench(self) -> None:
+        from drivekd.bench.infer import bench_infer
+
+        student = self.deployed_student()
+        models = [str(self.teacher)] + ([str(student)] if student else [])
+        result = bench_infer(
+            models,
+            data_dir=self.data,
+            split="test",
+            batch=1,
+            new_tokens=32,
+            repeats=self.profile.bench_repeats,
+            int8=student is not None,
+            score=True,
+        )
+        _write_json(self.out / "bench" / "infer.json", result)
+
+
+def clean_partial(run_dir: Path) -> None:
+    """A run killed before its first checkpoint starts again from scratch (its old metrics would mix in)."""
+    if run_dir.is_dir() and not _has_checkpoints(run_dir) and not _done(run_dir):
+        shutil.rmtree(run_dir)

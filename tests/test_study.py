@@ -1,0 +1,129 @@
+"""`drivekd reproduce`: a tiny end-to-end study, its resumption, refusal and failure handling."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drivekd.errors import DriveKDError
+from drivekd.study import runner
+from drivekd.study.profiles import PROFILES, Profile, load_variants
+from drivekd.study.report import beyond_spread
+from tests.conftest import run_cli
+
+TINY = Profile(
+    name="tiny",
+    scenes=4,
+    data_seed=5,
+    teacher_epochs=0.5,
+    teacher_eval_every=None,
+    student_epochs=0.5,
+    student_lr=2e-3,
+    seeds=(0,),
+    variants=("ce", "single-teacher", "multi-agp"),
+    prestudy_samples=8,
+    bench_repeats=1,
+    eval_max_new_tokens=8,
+)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "s"
+    report = runner.Study(out, TINY, workers=1, echo=lambda _: None).run()
+    assert report == out / "report.md"
+    return out
+
+
+def test_study_writes_every_artefact(study):
+    results = json.loads((study / "results.json").read_text())
+    rows = {v["name"]: v for v in results["variants"]}
+    assert set(rows) == {"teacher", "majority", "ce", "single-teacher", "multi-agp"}
+    for name in ("ce", "single-teacher", "multi-agp"):
+        row = rows[name]
+        assert [s["seed"] for s in row["seeds"]] == [0] and row["failed"] == []
+        assert set(row["capabilities"]) == {"perception", "reasoning", "planning"}
+        assert 0 <= row["average"] <= 100 and row["std"]["average"] == 0.0
+    # single-teacher: one student per capability, each scored on its own split only
+    for cap in ("perception", "reasoning", "planning"):
+        assert (study / "runs" / "single-teacher" / "seed-0" / cap / "final" / "model.safetensors").is_file()
+        recipe = yaml.safe_load((study / "recipes" / f"prestudy-{cap}@{TINY.kd_share:g}.yaml").read_text())
+        assert list(recipe) == [cap] and recipe[cap]["weight"] > 0
+    preds = [
+        json.loads(x) for x in (study / "preds" / "single-teacher" / "seed-0" / "test.jsonl").read_text().splitlines()
+    ]
+    test = [json.loads(x) for x in (study / "data" / "test.jsonl").read_text().splitlines()]
+    assert sorted(p["id"] for p in preds) == sorted(s["id"] for s in test)
+    # calibration: weight x initial loss == share x CE for every signal
+    cal = json.loads((study / "recipes" / "calibration.json").read_text())["recipes"]["prestudy"]
+    for name, weight in cal["weights"].items():
+        assert weight * cal["initial_losses"][name] == pytest.approx(TINY.kd_share * cal["initial_losses"]["ce"])
+    infer = json.loads((study / "bench" / "infer.json").read_text())
+    assert [m["name"] for m in infer["models"]][-1].endswith("int8")
+    report = (study / "report.md").read_text()
+    assert "| multi-agp |" in report and "Deployment" in report
+    assert (study / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert (study / "prestudy" / "prestudy.json").is_file()
+
+
+def test_finished_runs_are_not_redone(study, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+
+    for name in ("generate_data", "train_teacher", "prestudy", "calibrate", "train_student", "bench"):
+        monkeypatch.setattr(runner.Study, name, boom)
+    monkeypatch.setattr(runner.Study, "evaluate_students", boom)
+    runner.Study(study, TINY, echo=lambda _: None).run()
+
+
+def test_failed_run_is_marked_and_the_study_goes_on(study, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    shutil.copytree(study, out, ignore=shutil.ignore_patterns("runs", "preds", "bench"))
+    for keep in ("teacher", "majority"):
+        shutil.copytree(study / "preds" / keep, out / "preds" / keep)
+    original = runner.Study.train_student
+
+    def dies_for_agp(self, run):
+        if run.variant.name == "multi-agp":
+            raise RuntimeError("simulated out-of-memory")
+        return original(self, run)
+
+    monkeypatch.setattr(runner.Study, "train_student", dies_for_agp)
+    monkeypatch.setattr(runner.Study, "bench", lambda self: None)
+    profile = TINY
+    runner.Study(out, profile, echo=lambda _: None).run()
+    rows = {v["name"]: v for v in json.loads((out / "results.json").read_text())["variants"]}
+    assert rows["multi-agp"]["failed"] == [{"seed": 0, "error": "RuntimeError: simulated out-of-memory"}]
+    assert rows["ce"]["average"] is not None  # the others still ran
+    assert "simulated out-of-memory" in (out / "report.md").read_text()
+
+
+def test_other_configuration_is_refused(study):
+    other = Profile(**{**TINY.__dict__, "student_lr": 1e-3})
+    with pytest.raises(DriveKDError, match="student_lr"):
+        runner.Study(study, other).claim()
+
+
+def test_unrelated_directory_is_refused_by_the_cli(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = run_cli("reproduce", "--profile", "quick", "--out", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not a drivekd study" in r.stderr
+
+
+def test_profiles_name_known_variants():
+    variants = load_variants()
+    for profile in PROFILES.values():
+        assert set(profile.variants) <= set(variants)
+    assert {"ce", "single-teacher", "multi-sum", "multi-agp"} <= set(PROFILES["quick"].variants)
+    assert len(PROFILES["full"].seeds) >= 3 and set(PROFILES["full"].variants) == set(variants)
+
+
+def test_seed_spread_rule():
+    a = {"seeds": [1, 2], "average": 50.0, "std": {"average": 1.0}}
+    b = {"seeds": [1, 2], "average": 47.5, "std": {"average": 1.0}}
+    assert beyond_spread(a, b) is True
+    assert beyond_spread(a, {**b, "average": 48.5}) is False
+    assert beyond_spread(a, {**b, "seeds": [1]}) is None
