@@ -9,6 +9,14 @@ from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N runs N workers side by side: one thread each (and in the processes they start), or
+    # N x cores threads fight over the cores and every test gets several times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real console entry point in a fresh process, as a user would."""

@@ -45,6 +45,19 @@ def _long_batch(backend: Any, data_dir: Path, tokens: int) -> Any:
             return backend.build_batch([probe, probe])
 
 
+def _peak_rss_bytes() -> int:
+    """This process image's peak RSS. `ru_maxrss` can carry a larger parent's peak across exec, so
+    /proc's VmHWM is read where it exists."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, float]:
     from drivekd.distill.capture import capture
     from drivekd.models.loading import load_backend
@@ -74,7 +87,7 @@ def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, 
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     return {
         "time_s": statistics.median(times),
         "extra_peak_mb": max(peak - rss_before, 0) / 2**20,
