@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def estimate_bytes(
 class TeacherCache:
     """Reads cached targets back into the padded batch layout the losses expect."""
 
-    def __init__(self, folder: str | Path, expected: dict[str, str]) -> None:
+    def __init__(self, folder: str | Path, expected: dict[str, str], memory_budget: int = 4 * 2**30) -> None:
         self.folder = Path(folder)
         file = self.folder / "manifest.json"
         if not file.is_file():
@@ -189,15 +190,25 @@ class TeacherCache:
                 raise DriveKDError(
                     f"{self.folder}: cache was made for a different {part} than this run's; rebuild it with `drivekd cache-teacher`"
                 )
-        self._shards: dict[str, dict[str, torch.Tensor]] = {}
+        # A shuffled batch touches several shards: reloading a shard per sample cost more than the
+        # student's step, so loaded shards stay in memory, least recently used evicted past the budget.
+        self._shards: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.memory_budget = memory_budget
 
     def teacher_layers(self, name: str) -> int:
         return int(self.manifest["teacher_layers"][name])
 
     def _shard(self, file: str) -> dict[str, torch.Tensor]:
-        if file not in self._shards:
-            self._shards = {file: load_file(str(self.folder / file))}  # keep one shard in memory
-        return self._shards[file]
+        if file in self._shards:
+            self._shards.move_to_end(file)
+            return self._shards[file]
+        shard = load_file(str(self.folder / file))
+        self._shards[file] = shard
+        held = sum(t.nbytes for sh in self._shards.values() for t in sh.values())
+        while held > self.memory_budget and len(self._shards) > 1:
+            _, evicted = self._shards.popitem(last=False)
+            held -= sum(t.nbytes for t in evicted.values())
+        return shard
 
     def tensors(self, sample_id: str, key: str) -> torch.Tensor:
         file = self.manifest["index"].get(sample_id)
