@@ -127,3 +127,8 @@ def test_seed_spread_rule():
     assert beyond_spread(a, b) is True
     assert beyond_spread(a, {**b, "average": 48.5}) is False
     assert beyond_spread(a, {**b, "seeds": [1]}) is None
+
+
+def test_seed_outside_the_profile_is_refused(study):
+    with pytest.raises(DriveKDError, match=r"seed\(s\) \[7\]"):
+        runner.Study(study, TINY, echo=lambda _: None).run(seeds=[7])

@@ -11,11 +11,19 @@ import click
 @click.option("--profile", "profile_name", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study directory (created or resumed).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-generation processes.")
-def reproduce(profile_name: str, out: Path, workers: int) -> None:
+@click.option(
+    "--seed",
+    "seeds",
+    type=int,
+    multiple=True,
+    help="Train only these seeds' students (run seeds side by side in separate processes; "
+    "a final run without --seed adds the deployment table).",
+)
+def reproduce(profile_name: str, out: Path, workers: int, seeds: tuple[int, ...]) -> None:
     """Generate DriveSim-QA, train the teacher, pre-study it, train and score every student variant,
     benchmark deployment and write OUT/report.md + OUT/results.json. Run it again to resume."""
     from drivekd.study.profiles import get_profile
     from drivekd.study.runner import Study
 
-    report = Study(out, get_profile(profile_name), workers=workers).run()
+    report = Study(out, get_profile(profile_name), workers=workers).run(seeds or None)
     click.echo(f"wrote {report}")

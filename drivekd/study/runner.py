@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,15 @@ class Study:
         return result
 
     # ---- the study ---------------------------------------------------------------------------
-    def run(self) -> Path:
+    def run(self, seeds: Sequence[int] | None = None) -> Path:
+        """Every step not yet done. `seeds` restricts the student runs to those seeds (so seeds can
+        run side by side in separate processes); the deployment table waits for a run without it."""
         self.claim()
+        unknown = sorted(set(seeds or ()) - set(self.profile.seeds))
+        if unknown:
+            raise DriveKDError(
+                f"seed(s) {unknown} are not in profile {self.profile.name!r} (seeds {list(self.profile.seeds)})"
+            )
         if not (self.data / "card.json").is_file():
             self.timed("data", self.generate_data)
         if not _done(self.teacher_dir):
@@ -115,10 +123,12 @@ class Study:
                     self.timed(f"eval {name} {split}", fn, split)
         if not (self.out / "recipes" / "calibration.json").is_file():
             self.timed("calibrate", self.calibrate)
-        for seed in self.profile.seeds:  # seed-major: a partial study has whole rows
+        for recipe, capability in self.recipe_keys():  # before any student, so seeds can run in parallel
+            self.ensure_cache(recipe, capability)
+        for seed in seeds if seeds is not None else self.profile.seeds:  # seed-major: partial studies have whole rows
             for name in self.profile.variants:
                 self.student_variant(self.variants[name], seed)
-        if not (self.out / "bench" / "infer.json").is_file():
+        if seeds is None and not (self.out / "bench" / "infer.json").is_file():
             self.timed("bench infer", self.bench)
         from drivekd.study.report import write_report
 
@@ -288,12 +298,17 @@ class Study:
     def cache_dir(self, recipe: str, capability: str | None) -> Path:
         return self.out / "caches" / self._key(recipe, capability)
 
-    def ensure_cache(self, config: DistillConfig) -> None:
+    def ensure_cache(self, recipe: str, capability: str | None) -> None:
+        """Teacher targets of a recipe over its data subset, computed once for every seed and weighting."""
         from drivekd.distill.run import run_cache_teacher
 
-        assert config.cache is not None
-        if not (Path(config.cache) / "manifest.json").is_file():
-            self.timed(f"teacher cache {Path(config.cache).name}", run_cache_teacher, config, Path(config.cache))
+        folder = self.cache_dir(recipe, capability)
+        if (folder / "manifest.json").is_file():
+            return
+        variant = Variant(name="cache", recipe=recipe, per_capability=capability is not None)
+        config = self.student_config(StudentRun(variant, self.profile.seeds[0], capability))
+        assert isinstance(config, DistillConfig)
+        self.timed(f"teacher cache {folder.name}", run_cache_teacher, config, folder)
 
     # ---- students ------------------------------------------------------------------------------
     def run_dir(self, run: StudentRun) -> Path:
@@ -329,7 +344,7 @@ class Study:
         clean_partial(self.run_dir(run))
         resume = _has_checkpoints(self.run_dir(run))
         if isinstance(config, DistillConfig):
-            self.ensure_cache(config)
+            self.ensure_cache(run.variant.recipe, run.capability)
             run_distill(config, resume=resume)
         else:
             run_sft(config, resume=resume)
