@@ -132,3 +132,10 @@ def test_seed_spread_rule():
 def test_seed_outside_the_profile_is_refused(study):
     with pytest.raises(DriveKDError, match=r"seed\(s\) \[7\]"):
         runner.Study(study, TINY, echo=lambda _: None).run(seeds=[7])
+
+
+def test_report_only_trains_nothing(study, monkeypatch):
+    (study / "report.md").unlink()
+    monkeypatch.setattr(runner.Study, "train_student", lambda *a: (_ for _ in ()).throw(AssertionError("trained")))
+    assert runner.Study(study, TINY, echo=lambda _: None).report() == study / "report.md"
+    assert "| ce |" in (study / "report.md").read_text()

@@ -19,11 +19,15 @@ import click
     help="Train only these seeds' students (run seeds side by side in separate processes; "
     "a final run without --seed adds the deployment table).",
 )
-def reproduce(profile_name: str, out: Path, workers: int, seeds: tuple[int, ...]) -> None:
+@click.option(
+    "--report-only", is_flag=True, help="Rebuild OUT/report.md and results.json from what exists; train nothing."
+)
+def reproduce(profile_name: str, out: Path, workers: int, seeds: tuple[int, ...], report_only: bool) -> None:
     """Generate DriveSim-QA, train the teacher, pre-study it, train and score every student variant,
     benchmark deployment and write OUT/report.md + OUT/results.json. Run it again to resume."""
     from drivekd.study.profiles import get_profile
     from drivekd.study.runner import Study
 
-    report = Study(out, get_profile(profile_name), workers=workers).run(seeds or None)
+    study = Study(out, get_profile(profile_name), workers=workers)
+    report = study.report() if report_only else study.run(seeds or None)
     click.echo(f"wrote {report}")

@@ -63,14 +63,27 @@ def collect(out: Path) -> dict[str, Any]:
             test = _score(out / "preds" / name / f"seed-{seed}" / "test.jsonl")
             val = _score(out / "preds" / name / f"seed-{seed}" / "val.jsonl")
             if test:
-                per_seed.append({"seed": seed, **test, "val_average": val["average"] if val else None})
+                val_ce = _final_val_ce(out / "runs" / name / f"seed-{seed}" / "metrics.jsonl")
+                per_seed.append(
+                    {"seed": seed, **test, "val_average": val["average"] if val else None, "val_ce": val_ce}
+                )
         row: dict[str, Any] = {"name": name, "seeds": per_seed, "failed": failed, "std": {}}
         for c in COLUMNS:
             row[c], row["std"][c] = _mean_std([s[c] for s in per_seed if s[c] is not None])
         row["capabilities"] = {c: row[c] for c in CAPABILITIES}
         row["val_average"] = _mean_std([s["val_average"] for s in per_seed if s["val_average"] is not None])[0]
+        row["val_ce"], row["std"]["val_ce"] = _mean_std([s["val_ce"] for s in per_seed if s["val_ce"] is not None])
         variants.append(row)
     return {"settings": settings, "variants": variants}
+
+
+def _final_val_ce(metrics: Path) -> float | None:
+    """The answer-token CE on val at the end of an all-data run (per-capability runs have none)."""
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    values = [r["val_ce"] for r in rows if "val_ce" in r]
+    return values[-1] if values else None
 
 
 def beyond_spread(a: dict[str, Any], b: dict[str, Any], column: str = "average") -> bool | None:
@@ -193,8 +206,8 @@ def write_report(out: Path) -> Path:
         "",
         "## Scores (test; val Avg is what choices are made on)",
         "",
-        "| variant | Perception | Reasoning | Planning | Avg | val Avg | seeds | vs CE |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | Perception | Reasoning | Planning | Avg | val Avg | val CE | seeds | vs CE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for v in variants:
         versus = ""
@@ -204,10 +217,16 @@ def write_report(out: Path) -> Path:
                 beyond_spread(v, ce)
             ]
             versus = f"{delta:+.1f} ({verdict})"
+            if v.get("val_ce") is not None and ce.get("val_ce") is not None:
+                beyond = beyond_spread(v, ce, "val_ce")
+                versus += f"; val CE {v['val_ce'] - ce['val_ce']:+.3f}" + (" (beyond seed spread)" if beyond else "")
         val = f"{v['val_average']:.1f}" if v["val_average"] is not None else "–"
+        val_ce = "–"
+        if v.get("val_ce") is not None:
+            val_ce = f"{v['val_ce']:.3f}" + (f" ± {v['std']['val_ce']:.3f}" if len(v["seeds"]) > 1 else "")
         lines.append(
             f"| {v['name']} | {_fmt(v, 'perception')} | {_fmt(v, 'reasoning')} | {_fmt(v, 'planning')} | "
-            f"{_fmt(v, 'average')} | {val} | {len(v['seeds']) if v['name'] not in REFERENCES else '–'} | {versus} |"
+            f"{_fmt(v, 'average')} | {val} | {val_ce} | {len(v['seeds']) if v['name'] not in REFERENCES else '–'} | {versus} |"
         )
     failed = [(v["name"], f) for v in variants for f in v["failed"]]
     if failed:

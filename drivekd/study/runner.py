@@ -134,6 +134,15 @@ class Study:
 
         return self.timed("report", write_report, self.out)
 
+    def report(self) -> Path:
+        """Rebuild report.md / results.json from whatever the study holds, running nothing else."""
+        from drivekd.study.report import write_report
+
+        if not (self.out / "study.json").is_file():
+            raise DriveKDError(f"{self.out}: not a drivekd study (no study.json)")
+        self.claim()
+        return write_report(self.out)
+
     def generate_data(self) -> None:
         from drivekd.data.drivesim.generate import GenerateConfig, generate
 
