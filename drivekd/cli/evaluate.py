@@ -59,16 +59,10 @@ def evaluate(
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def baseline(data_path: Path, split: str, train_split: str, out: Path) -> None:
     """Write the majority-class baseline's predictions (score them with `drivekd score`)."""
-    import json
-
-    from drivekd.atomic import atomic_file
     from drivekd.data.formats import load_split
-    from drivekd.eval.baselines import majority_predictions
-    from drivekd.eval.predict import prediction_record
+    from drivekd.eval.baselines import majority_records
+    from drivekd.eval.predict import write_records
 
     samples = load_split(data_path, split)
-    predictions = majority_predictions(load_split(data_path, train_split), samples)
-    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for s, p in zip(samples, predictions, strict=True):
-            f.write(json.dumps(prediction_record(s, p), ensure_ascii=False) + "\n")
+    write_records(majority_records(load_split(data_path, train_split), samples), out)
     click.echo(f"wrote {len(samples)} majority-baseline predictions to {out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from drivekd.data.sample import Sample
 
@@ -38,3 +39,10 @@ def majority_predictions(train: Sequence[Sample], samples: Sequence[Sample]) -> 
             common = answers.get(s.question_type, Counter({"": 1})).most_common(1)[0][0]
             out.append(common)
     return out
+
+
+def majority_records(train: Sequence[Sample], samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """The majority baseline as prediction records (what `drivekd score` reads)."""
+    from drivekd.eval.predict import prediction_record
+
+    return [prediction_record(s, p) for s, p in zip(samples, majority_predictions(train, samples), strict=True)]

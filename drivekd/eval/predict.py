@@ -33,16 +33,15 @@ def prediction_record(sample: Sample, prediction: str) -> dict[str, Any]:
     return record
 
 
-def predict(
+def generate_records(
     backend: VLMBackend,
     samples: Sequence[Sample],
-    out: Path,
     *,
     batch_size: int = 16,
     max_new_tokens: int = 96,
-) -> dict[str, float]:
-    """Generate an answer per sample and write JSONL (atomically). Returns throughput figures."""
-    # Similar lengths together waste less padding; the file keeps the input order.
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One prediction record per sample, in input order, and throughput figures."""
+    # Similar lengths together waste less padding; the records keep the input order.
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].question))
     predictions: dict[int, str] = {}
     start = time.perf_counter()
@@ -53,7 +52,25 @@ def predict(
                 predictions[j] = text
             bar.update(len(idx))
     elapsed = time.perf_counter() - start
+    records = [prediction_record(s, predictions[i]) for i, s in enumerate(samples)]
+    return records, {"samples": len(samples), "seconds": elapsed, "samples_per_s": len(samples) / max(elapsed, 1e-9)}
+
+
+def write_records(records: Sequence[dict[str, Any]], out: Path) -> None:
     with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for i, s in enumerate(samples):
-            f.write(json.dumps(prediction_record(s, predictions[i]), ensure_ascii=False) + "\n")
-    return {"samples": len(samples), "seconds": elapsed, "samples_per_s": len(samples) / max(elapsed, 1e-9)}
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def predict(
+    backend: VLMBackend,
+    samples: Sequence[Sample],
+    out: Path,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+) -> dict[str, float]:
+    """Generate an answer per sample and write JSONL (atomically). Returns throughput figures."""
+    records, stats = generate_records(backend, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    write_records(records, out)
+    return stats

@@ -258,13 +258,13 @@ class Study:
 
         p = self.profile
         calibration: dict[str, Any] = {"kd_share": p.kd_share, "recipes": {}}
+        student = load_model(ModelConfig(name=p.student_preset, seed=0))  # forward passes only: loaded once
         for recipe, cap in self.recipe_keys():
             signals = self.source_recipe(recipe, cap)
             raw_file = self.out / "recipes" / f"{self._key(recipe, cap)}.source.yaml"
             with atomic_file(raw_file) as tmp:
                 tmp.write_text(yaml.safe_dump({n: {**f, "weight": 1.0} for n, f in signals.items()}), encoding="utf-8")
-            torch.manual_seed(0)
-            student = load_model(ModelConfig(name=p.student_preset, seed=0))
+            torch.manual_seed(0)  # hidden signals' projection heads start alike for every recipe
             data = DataConfig(path=str(self.data), max_length=512, capability=cap)
             train, _, _ = load_training_data(data, student)
             config = DistillConfig(
@@ -360,48 +360,37 @@ class Study:
 
     def evaluate_students(self, runs: list[StudentRun], split: str) -> None:
         from drivekd.data.formats import load_split
+        from drivekd.eval.predict import write_records
 
         samples = load_split(self.data, split)
         parts = []
         for run in runs:
             mine = [s for s in samples if run.capability in (None, s.capability)]
-            parts.append(self._predict(self.run_dir(run) / "final", mine, split))
+            parts.append(self._predict(self.run_dir(run) / "final", mine))
         first = runs[0]
-        self._write_preds(self.pred_file(first.variant.name, first.seed, split), [r for p in parts for r in p])
+        write_records([r for p in parts for r in p], self.pred_file(first.variant.name, first.seed, split))
 
-    def _predict(self, model: Path, samples: list[Any], split: str) -> list[dict[str, Any]]:
-        from drivekd.eval.predict import predict
+    def _predict(self, model: Path, samples: list[Any]) -> list[dict[str, Any]]:
+        from drivekd.eval.predict import generate_records
         from drivekd.models.loading import load_backend
 
         backend = load_backend(str(model))
-        tmp = model.parent / f".pred-{split}.jsonl"
-        predict(backend, samples, tmp, max_new_tokens=self.profile.eval_max_new_tokens)
-        rows = [json.loads(line) for line in tmp.read_text(encoding="utf-8").splitlines()]
-        tmp.unlink()
-        return rows
-
-    def _write_preds(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        with atomic_file(path) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return generate_records(backend, samples, max_new_tokens=self.profile.eval_max_new_tokens)[0]
 
     def evaluate_teacher(self, split: str) -> None:
         from drivekd.data.formats import load_split
+        from drivekd.eval.predict import write_records
 
-        self._write_preds(
-            self.pred_file("teacher", None, split), self._predict(self.teacher, load_split(self.data, split), split)
-        )
+        records = self._predict(self.teacher, load_split(self.data, split))
+        write_records(records, self.pred_file("teacher", None, split))
 
     def majority(self, split: str) -> None:
         from drivekd.data.formats import load_split
-        from drivekd.eval.baselines import majority_predictions
-        from drivekd.eval.predict import prediction_record
+        from drivekd.eval.baselines import majority_records
+        from drivekd.eval.predict import write_records
 
-        samples = load_split(self.data, split)
-        predictions = majority_predictions(load_split(self.data, "train"), samples)
-        self._write_preds(
-            self.pred_file("majority", None, split),
-            [prediction_record(s, p) for s, p in zip(samples, predictions, strict=True)],
-        )
+        records = majority_records(load_split(self.data, "train"), load_split(self.data, split))
+        write_records(records, self.pred_file("majority", None, split))
 
     # ---- deployment --------------------------------------------------------------------------
     def deployed_student(self) -> Path | None:
