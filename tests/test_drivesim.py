@@ -165,3 +165,37 @@ def test_contact_sheet_and_card_commands(dataset, tmp_path):
 def test_generate_refuses_existing_output(dataset):
     r = run_cli("data", "generate", "--out", str(dataset), "--scenes", "1")
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def _offered_prior_accuracy(answer_counts, trials=3000, n=4):
+    """Accuracy of 'pick the offered option that is most often right' on items drawn from the classes."""
+    rng = np.random.default_rng(1)
+    classes = list(answer_counts)
+    p = np.array([answer_counts[c] for c in classes], float)
+    p /= p.sum()
+    hits = 0
+    for _ in range(trials):
+        correct = classes[rng.choice(len(classes), p=p)]
+        choices, letter = multiple_choice(rng, correct, classes, n, answer_counts)
+        guess = max(choices, key=lambda k: answer_counts[choices[k]])
+        hits += guess == letter
+    return hits / trials
+
+
+def test_frequency_weighted_distractors_remove_the_offered_options_prior():
+    # 10 classes, skewed like nearest_ahead: uniform distractors let "most common offered" win often.
+    counts = {f"class {i}": c for i, c in enumerate([40, 30, 20, 10, 8, 6, 4, 3, 2, 1])}
+    rng = np.random.default_rng(0)
+    uniform_hits = 0
+    for _ in range(3000):
+        correct = list(counts)[rng.choice(10, p=np.array(list(counts.values())) / sum(counts.values()))]
+        choices, letter = multiple_choice(rng, correct, list(counts), 4)
+        uniform_hits += max(choices, key=lambda k: counts[choices[k]]) == letter
+    assert uniform_hits / 3000 > 0.5
+    assert _offered_prior_accuracy(counts) < 0.45  # about chance (0.25) plus the largest class's edge
+
+
+def test_weighted_distractors_fill_up_with_never_correct_options():
+    rng = np.random.default_rng(0)
+    choices, letter = multiple_choice(rng, "a", ["a", "b", "c", "d", "e"], 4, {"a": 5, "b": 2})
+    assert choices[letter] == "a" and len(choices) == 4 and "b" in choices.values()

@@ -2,6 +2,8 @@
 
 Each scene is built from its own seed (`[seed, scene index]`), so the output is byte-identical for a
 seed whatever the number of workers. Scenes are assigned to train/val/test whole (no leakage).
+Multiple-choice options are drawn in a second pass, once the training split's answer frequencies
+are known (see `questions.Options`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from drivekd.atomic import atomic_dir
 from drivekd.data.formats import SPLITS
 from drivekd.data.sample import CAPABILITIES, IMAGE_PLACEHOLDER, ImageRef, Sample
 
-GENERATOR_VERSION = "drivesim-qa/1"
+GENERATOR_VERSION = "drivesim-qa/2"  # 2: distractors drawn by answer frequency
 MAX_SCENE_ATTEMPTS = 20
 
 
@@ -38,8 +40,18 @@ def scene_id(index: int) -> str:
     return f"scene-{index:05d}"
 
 
-def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> list[dict[str, Any]]:
-    """Simulate, render and question one scene; returns its samples as native JSON objects."""
+@dataclass
+class SceneDraft:
+    """A simulated, rendered and questioned scene whose multiple-choice options are not drawn yet."""
+
+    index: int
+    images: list[ImageRef]
+    scenario: str
+    questions: list[Any]  # questions.QA
+
+
+def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDraft:
+    """Simulate, render and question one scene (images are written now, options drawn later)."""
     from drivekd.data.drivesim.camera import Renderer, default_cameras
     from drivekd.data.drivesim.questions import HORIZON_S, SceneContext, scene_questions
     from drivekd.data.drivesim.world import ACTIONS, SceneParams, World
@@ -53,29 +65,48 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> list[di
         raise RuntimeError(f"{scene_id(index)}: every warm-up crashed")
     snap = world.snapshot()
     rollouts = {a: world.rollout(a, HORIZON_S) for a in ACTIONS}
-    sid = scene_id(index)
     images, visible = [], {}
     for cam in default_cameras(config.image_width, config.image_height):
         image, vis = Renderer(cam).render(snap)
-        rel = f"images/{sid}_{cam.name}.png"
+        rel = f"images/{scene_id(index)}_{cam.name}.png"
         image.save(images_dir.parent / rel, optimize=False)
         images.append(ImageRef(cam.name, rel))
         visible[cam.name] = vis
-    header = "".join(f"{im.camera}: {IMAGE_PLACEHOLDER}\n" for im in images)
     ctx = SceneContext(snap, visible, rollouts, rng)
+    return SceneDraft(index, images, snap.params.scenario, scene_questions(ctx, config.per_capability))
+
+
+def answer_counts(drafts: list[SceneDraft]) -> dict[str, dict[str, int]]:
+    """How often each option text is the correct answer, per question type."""
+    counts: dict[str, Counter[str]] = {}
+    for draft in drafts:
+        for qa in draft.questions:
+            if qa.options is not None:
+                counts.setdefault(qa.question_type, Counter())[qa.options.correct] += 1
+    return {k: dict(v) for k, v in counts.items()}
+
+
+def finish_scene(draft: SceneDraft, config: GenerateConfig, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """Draw the scene's options (own seeded stream) and return its samples as native JSON objects."""
+    from drivekd.data.drivesim.questions import render_options
+
+    rng = np.random.default_rng([config.seed, draft.index, 1])
+    sid = scene_id(draft.index)
+    header = "".join(f"{im.camera}: {IMAGE_PLACEHOLDER}\n" for im in draft.images)
     out = []
-    for k, qa in enumerate(scene_questions(ctx, config.per_capability)):
+    for k, qa in enumerate(draft.questions):
+        qa = render_options(qa, rng, counts.get(qa.question_type))
         sample = Sample(
             id=f"{sid}-q{k:02d}",
             capability=qa.capability,
             question_type=qa.question_type,
-            images=images,
+            images=draft.images,
             question=header + qa.question,
             answer=qa.answer,
             scene_id=sid,
             choices=qa.choices,
             correct_choice=qa.correct_choice,
-            facts={**qa.facts, "scenario": snap.params.scenario},
+            facts={**qa.facts, "scenario": draft.scenario},
         )
         out.append(sample.to_json())
     return out
@@ -96,7 +127,7 @@ def split_of_scenes(config: GenerateConfig) -> list[str]:
     return names
 
 
-def _build_scene_star(args: tuple[int, GenerateConfig, Path]) -> list[dict[str, Any]]:
+def _build_scene_star(args: tuple[int, GenerateConfig, Path]) -> SceneDraft:
     return build_scene(*args)
 
 
@@ -113,22 +144,23 @@ def generate(
         images_dir = tmp / "images"
         images_dir.mkdir()
         jobs = [(i, config, images_dir) for i in range(config.scenes)]
-        per_scene: list[list[dict[str, Any]]] = []
+        drafts: list[SceneDraft] = []
         if workers <= 1:
             for job in jobs:
-                per_scene.append(_build_scene_star(job))
+                drafts.append(_build_scene_star(job))
                 if progress:
                     progress(1)
         else:
             with mp.get_context("spawn").Pool(workers) as pool:
                 for result in pool.imap(_build_scene_star, jobs, chunksize=1):
-                    per_scene.append(result)
+                    drafts.append(result)
                     if progress:
                         progress(1)
         splits = split_of_scenes(config)
+        counts = answer_counts([d for d in drafts if splits[d.index] == "train"])
         by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-        for idx, samples in enumerate(per_scene):
-            by_split[splits[idx]].extend(samples)
+        for draft in drafts:
+            by_split[splits[draft.index]].extend(finish_scene(draft, config, counts))
         for split, samples in by_split.items():
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for s in samples:

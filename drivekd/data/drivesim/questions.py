@@ -54,6 +54,24 @@ class QA:
     choices: dict[str, str] | None = None
     correct_choice: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    options: Options | None = None  # multiple choice before its options are drawn (`render_options`)
+
+
+@dataclass
+class Options:
+    """A multiple-choice item whose distractors are drawn once the whole dataset's answers are known.
+
+    Drawing distractors uniformly from every other class leaks the answer: rare classes then show up
+    as distractors far more often than as answers, so "pick the most common offered class" beats the
+    image. Drawn in proportion to how often each class is the answer, every offered option is about
+    equally likely to be right a priori.
+    """
+
+    stem: str
+    correct: str
+    pool: list[str]
+    n: int
+    evidence: list[str]
 
 
 @dataclass
@@ -124,15 +142,46 @@ class SceneContext:
 
 
 def multiple_choice(
-    rng: np.random.Generator, correct: str, distractors: list[str], n: int
+    rng: np.random.Generator,
+    correct: str,
+    distractors: list[str],
+    n: int,
+    answer_counts: dict[str, int] | None = None,
 ) -> tuple[dict[str, str], str]:
-    """Shuffle the correct option among up to n-1 distractors; letters A, B, ... in shuffled order."""
+    """Shuffle the correct option among up to n-1 distractors; letters A, B, ... in shuffled order.
+
+    With `answer_counts`, distractors are drawn in proportion to how often each is a correct answer
+    (options that are never right are used only to fill up); otherwise uniformly.
+    """
     pool = [d for d in dict.fromkeys(distractors) if d != correct]
-    picked = [pool[i] for i in rng.permutation(len(pool))[: n - 1]]
+    k = min(n - 1, len(pool))
+    weights = np.array([(answer_counts or {}).get(d, 0) for d in pool], dtype=float)
+    if answer_counts is None or k == len(pool) or np.count_nonzero(weights) < k:
+        ranked = rng.permutation(len(pool)).tolist()
+        if answer_counts is not None:  # answers first, in random order, then fillers
+            ranked.sort(key=lambda i: weights[i] == 0)
+        picked = [pool[i] for i in ranked[:k]]
+    else:
+        picked = [pool[i] for i in rng.choice(len(pool), size=k, replace=False, p=weights / weights.sum())]
     options = [correct, *picked]
     options = [options[i] for i in rng.permutation(len(options))]
     letters = [chr(ord("A") + i) for i in range(len(options))]
     return dict(zip(letters, options, strict=True)), letters[options.index(correct)]
+
+
+def render_options(qa: QA, rng: np.random.Generator, answer_counts: dict[str, int] | None) -> QA:
+    """Draw the options of a deferred multiple-choice item and write its question and answer."""
+    o = qa.options
+    if o is None:
+        return qa
+    choices, letter = multiple_choice(rng, o.correct, o.pool, o.n, answer_counts)
+    listed = " ".join(f"{k}. {v}" for k, v in choices.items())
+    qa.question = f"{o.stem} Please select the correct answer from the following options: {listed}"
+    qa.answer = "\n".join([f"Final: {{{letter}. {o.correct}}}", *o.evidence])
+    qa.choices, qa.correct_choice, qa.options = choices, letter, None
+    if qa.facts.get("label") is None:  # options that are unique (object tags): the letter is the class
+        qa.facts["label"] = letter
+    return qa
 
 
 def _mc(
@@ -146,11 +195,8 @@ def _mc(
     evidence: list[str],
     facts: dict[str, Any],
 ) -> QA:
-    choices, letter = multiple_choice(ctx.rng, correct, distractors, n)
-    options = " ".join(f"{k}. {v}" for k, v in choices.items())
-    q = f"{question} Please select the correct answer from the following options: {options}"
-    answer = "\n".join([f"Final: {{{letter}. {correct}}}", *evidence])
-    return QA(capability, qtype, q, answer, choices, letter, {**facts, "label": facts.get("label", correct)})
+    options = Options(question, correct, distractors, n, evidence)
+    return QA(capability, qtype, question, "", facts={**facts, "label": facts.get("label", correct)}, options=options)
 
 
 def describe(car: Car) -> str:
@@ -414,7 +460,7 @@ def key_object(ctx: SceneContext) -> list[QA]:
         evidence,
         {"object": correct, "ttc_s": round(ttc, 2) if math.isfinite(ttc) else None},
     )
-    qa.facts["label"] = qa.correct_choice  # the options are tags: only a letter can be a constant answer
+    qa.facts["label"] = None  # the options are tags: only a letter can be a constant answer (set on rendering)
     return [qa]
 
 
