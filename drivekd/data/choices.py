@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from drivekd.data.sample import Sample
 
 _OPTION = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=:))\(?([A-H])[.)]\s+")
 _FINAL = re.compile(r"Final\s*:\s*\{?\s*\(?([A-H])[.)}\s]", re.IGNORECASE)
@@ -36,3 +42,39 @@ def answer_letter(answer: str) -> str | None:
         return m.group(1).upper()
     m = _LEADING.match(answer)
     return m.group(1).upper() if m else None
+
+
+def permute_choices(sample: Sample, order: Sequence[int]) -> Sample:
+    """The same question with its options re-lettered: option `order[i]` becomes letter i.
+
+    Letters of an answer are arbitrary; a model trained many epochs on fixed letters can memorise
+    them per question instead of reading the options. Rewrites the inline options of the question,
+    the answer's committed letter and `choices`/`correct_choice`. A sample whose question, choices
+    and answer do not agree (options not inline, answer not `Final: {X. ...}`-style) is returned
+    unchanged: it cannot be re-lettered safely.
+    """
+    if not sample.choices or not sample.correct_choice or len(order) != len(sample.choices):
+        return sample
+    inline = parse_inline_options(sample.question)
+    letters = sorted(sample.choices)
+    if inline != sample.choices or letters != [chr(ord("A") + i) for i in range(len(letters))]:
+        return sample
+    m = _FINAL.search(sample.answer + " ")
+    if m is None or m.group(1) != sample.correct_choice:
+        return sample
+    texts = [sample.choices[k] for k in letters]
+    new_choices = {letters[i]: texts[j] for i, j in enumerate(order)}
+    new_letter = letters[list(order).index(letters.index(sample.correct_choice))]
+    first = next(mm for mm in _OPTION.finditer(sample.question) if mm.group(1) == "A")
+    options = " ".join(f"{k}. {v}" for k, v in new_choices.items())
+    question = sample.question[: first.start()] + options
+    answer = sample.answer[: m.start(1)] + new_letter + sample.answer[m.end(1) :]
+    return dataclasses.replace(sample, question=question, answer=answer, choices=new_choices, correct_choice=new_letter)
+
+
+def shuffle_choices(sample: Sample, key: Sequence[int]) -> Sample:
+    """`permute_choices` with a permutation drawn from `key` (e.g. seed, epoch, sample index)."""
+    if not sample.choices:
+        return sample
+    order = np.random.default_rng(list(key)).permutation(len(sample.choices))
+    return permute_choices(sample, order.tolist())
