@@ -51,6 +51,51 @@ def test_batch_labels_cover_answers_only(name, samples):
 
 
 @pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
+def test_decision_mask_is_the_final_span_and_weights_the_loss(name, samples):
+    import re
+
+    from drivekd.train.sft import answer_metrics, cross_entropy, weighted_cross_entropy
+
+    backend = load_backend(name)
+    batch = backend.build_batch(samples)
+    for i, s in enumerate(samples):
+        marked = backend.tokenizer.decode(batch.inputs["input_ids"][i][batch.decision_mask[i]])
+        assert marked == re.search(r"Final: \{[^}]*\}", s.answer).group(0)
+        assert (batch.labels[i][batch.decision_mask[i]] != IGNORE_INDEX).all()  # answer tokens only
+    # slow reference: per-token NLL summed with explicit weights
+    w = 3.0
+    logits = backend.model(**batch.inputs).logits.double()
+    num = den = 0.0
+    for i in range(len(samples)):
+        for t in range(1, batch.labels.shape[1]):
+            label = int(batch.labels[i, t])
+            if label == IGNORE_INDEX:
+                continue
+            weight = w if batch.decision_mask[i, t] else 1.0
+            num += weight * -torch.log_softmax(logits[i, t - 1], -1)[label].item()
+            den += weight
+    assert weighted_cross_entropy(w)(backend.model, batch)["ce"].item() == pytest.approx(num / den, rel=1e-4)
+    assert weighted_cross_entropy(1.0) is cross_entropy
+    # decision_acc: teacher-forced exact match of the whole span, against a per-sample loop; sample 0's
+    # span labels are set to the model's own argmax so that one sample is a hit
+    argmax = logits.argmax(-1)
+    span = batch.decision_mask[0].nonzero().flatten()
+    batch.labels[0, span] = argmax[0, span - 1]
+    expected = sum(
+        all(
+            int(argmax[i, t - 1]) == int(batch.labels[i, t])
+            for t in range(1, batch.labels.shape[1])
+            if batch.decision_mask[i, t]
+        )
+        for i in range(len(samples))
+    ) / len(samples)
+    metrics = answer_metrics(backend.model, batch)
+    assert expected >= 1 / len(samples)
+    assert metrics["decision_acc"].item() == pytest.approx(expected)
+    assert metrics["ce"].item() == pytest.approx(cross_entropy(backend.model, batch)["ce"].item())
+
+
+@pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
 def test_checkpoint_loads_back_with_plain_transformers(name, samples, tmp_path):
     backend = load_backend(name, LoadOptions(seed=3))
     backend.save(tmp_path)
@@ -82,6 +127,21 @@ def test_freeze_options():
     frozen = {n for n, p in backend.model.named_parameters() if not p.requires_grad}
     assert frozen and all("vision_tower" in n or "multi_modal_projector" in n for n in frozen)
     assert any(p.requires_grad for n, p in backend.model.named_parameters() if "language_model" in n)
+
+
+@pytest.mark.parametrize(
+    ("name", "vision", "projector"),
+    [
+        ("tiny-internvl-student", "vision_tower.", "multi_modal_projector."),
+        ("tiny-qwen25vl-student", "visual.blocks.", "visual.merger."),
+    ],
+)
+def test_parameter_parts(name, vision, projector):
+    backend = load_backend(name)
+    parts = {n: backend.part_of(n) for n, _ in backend.model.named_parameters()}
+    assert {parts[n] for n in parts if vision in n} == {"vision"}
+    assert {parts[n] for n in parts if projector in n} == {"projector"}
+    assert {parts[n] for n in parts if "language_model" in n or "lm_head" in n} == {"llm"}
 
 
 def test_lora_wraps_language_model():

@@ -8,6 +8,7 @@ Family files (`internvl.py`, `qwen25vl.py`) supply only the image-specific parts
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from drivekd.errors import DataError
 IGNORE_INDEX = -100
 
 
+_DECISION = re.compile(r"Final\s*:\s*\{[^}]*\}")  # the committed answer of DriveBench-style replies
+
+
 @dataclass
 class Batch:
     """Model inputs plus what losses and signals need about each position and sample."""
@@ -32,11 +36,13 @@ class Batch:
     visual_mask: torch.Tensor  # (B, T) bool: positions filled with visual embeddings
     sample_ids: list[str]
     capabilities: list[str]
+    decision_mask: torch.Tensor | None = None  # (B, T) bool: answer tokens inside `Final: {...}`
 
     def to(self, device: torch.device | str) -> Batch:
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
         self.labels = None if self.labels is None else self.labels.to(device)
         self.visual_mask = self.visual_mask.to(device)
+        self.decision_mask = None if self.decision_mask is None else self.decision_mask.to(device)
         return self
 
     def __len__(self) -> int:
@@ -45,6 +51,10 @@ class Batch:
 
 class VLMBackend(abc.ABC):
     family: str = ""
+    # Parameter-name prefixes of the model's parts (checked projector first: it may sit inside the
+    # vision module, as Qwen2.5-VL's `visual.merger` does); everything else is the language model.
+    vision_prefixes: tuple[str, ...] = ()
+    projector_prefixes: tuple[str, ...] = ()
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor: Any) -> None:
         self.model = model
@@ -110,26 +120,29 @@ class VLMBackend(abc.ABC):
                 except OSError as e:
                     raise DataError(f"sample {s.id}: cannot read image {ref.path}: {e}") from e
         pixel_inputs, counts = self.image_inputs(images) if images else ({}, [])
-        rows, label_rows, k = [], [], 0
+        rows, label_rows, decision_rows, k = [], [], [], 0
         for s in samples:
             n = len(s.images)
             prompt = self.tokenizer(self.prompt_text(s, counts[k : k + n]), add_special_tokens=False).input_ids
             k += n
-            answer = self.tokenizer(s.answer + self.im_end, add_special_tokens=False).input_ids if with_answers else []
+            answer, decision = self._answer_tokens(s.answer) if with_answers else ([], [])
             ids = prompt + answer
             if max_length is not None and len(ids) > max_length:
                 raise DataError(f"sample {s.id}: {len(ids)} tokens exceed max_length {max_length}")
             rows.append(ids)
             label_rows.append([IGNORE_INDEX] * len(prompt) + answer)
+            decision_rows.append([False] * len(prompt) + decision)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(rows, label_rows, strict=True)):
+        decision_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (ids, lab, dec) in enumerate(zip(rows, label_rows, decision_rows, strict=True)):
             sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
             input_ids[i, sl] = torch.tensor(ids)
             attention[i, sl] = 1
             labels[i, sl] = torch.tensor(lab)
+            decision_mask[i, sl] = torch.tensor(dec, dtype=torch.bool)
         inputs = {"input_ids": input_ids, "attention_mask": attention, **pixel_inputs, **self.extra_inputs(input_ids)}
         return Batch(
             inputs=inputs,
@@ -137,11 +150,28 @@ class VLMBackend(abc.ABC):
             visual_mask=input_ids == self.visual_token_id,
             sample_ids=[s.id for s in samples],
             capabilities=[s.capability for s in samples],
+            decision_mask=decision_mask if with_answers else None,
         )
+
+    def _answer_tokens(self, answer: str) -> tuple[list[int], list[bool]]:
+        """Token ids of an answer (plus end of turn) and which of them lie inside `Final: {...}`."""
+        enc = self.tokenizer(answer + self.im_end, add_special_tokens=False, return_offsets_mapping=True)
+        m = _DECISION.search(answer)
+        if m is None:
+            return enc.input_ids, [False] * len(enc.input_ids)
+        return enc.input_ids, [start < m.end() and end > m.start() for start, end in enc.offset_mapping]
 
     def visual_token_count(self, width: int, height: int) -> int:
         """Visual tokens of one image of this size (reads no pixels)."""
         return self.image_inputs([Image.new("RGB", (width, height))])[1][0]
+
+    def part_of(self, parameter_name: str) -> str:
+        """ "projector", "vision" or "llm": which part of the VLM a parameter belongs to."""
+        name = f".{parameter_name}."
+        for part, prefixes in (("projector", self.projector_prefixes), ("vision", self.vision_prefixes)):
+            if any(f".{pre}." in name for pre in prefixes):
+                return part
+        return "llm"
 
     def token_lengths(self, sample: Sample) -> int:
         """Sequence length of a sample with its answer; images are only opened for their size."""

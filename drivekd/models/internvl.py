@@ -16,6 +16,8 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 class InternVLBackend(VLMBackend):
     family = "internvl"
     model_class = InternVLForConditionalGeneration
+    vision_prefixes = ("vision_tower",)
+    projector_prefixes = ("multi_modal_projector",)
 
     def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         # One tile per image: the processor's default crop_to_patches=True would tile (method doc §9).

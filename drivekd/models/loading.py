@@ -138,18 +138,10 @@ def _model_type(path: Path) -> str | None:
 
 
 def _freeze(backend: VLMBackend, options: LoadOptions) -> None:
-    model = backend.model
-    groups = {
-        "vision": (options.freeze_vision, ("vision_tower", "visual")),
-        "projector": (options.freeze_projector, ("multi_modal_projector", "visual.merger")),
-        "llm": (options.freeze_llm, ("language_model", "lm_head")),
-    }
-    for frozen, prefixes in groups.values():
-        if not frozen:
-            continue
-        for name, p in model.named_parameters():
-            if any(f".{pre}." in f".{name}" for pre in prefixes):
-                p.requires_grad_(False)
+    frozen = {"vision": options.freeze_vision, "projector": options.freeze_projector, "llm": options.freeze_llm}
+    for name, p in backend.model.named_parameters():
+        if frozen[backend.part_of(name)]:
+            p.requires_grad_(False)
 
 
 def count_parameters(backend: VLMBackend) -> int:

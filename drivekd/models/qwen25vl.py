@@ -16,6 +16,8 @@ VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|i
 class Qwen25VLBackend(VLMBackend):
     family = "qwen25vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+    vision_prefixes = ("visual",)
+    projector_prefixes = ("visual.merger",)
 
     def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         out = self.image_processor(images, return_tensors="pt")
