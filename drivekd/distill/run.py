@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from drivekd.data.choices import shuffle_choices
 from drivekd.distill.engine import Distiller
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
@@ -15,6 +16,11 @@ from drivekd.train.trainer import Trainer
 
 def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(config.train.seed)
+    if config.data.shuffle_choices and config.cache:
+        raise DriveKDError(
+            f"data.shuffle_choices with cache {config.cache}: cached teacher maps belong to the original option "
+            "order (drop the cache to distil from the live teacher, or turn shuffling off)"
+        )
     student = load_model(config.model)
     train, val, stats = load_training_data(config.data, student)
     distiller = Distiller(config, student, train + val)
@@ -28,6 +34,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         max_length=config.data.max_length,
         extra_modules=distiller.projections,
         before_step=distiller.before_step,
+        augment=shuffle_choices if config.data.shuffle_choices else None,
     )
     distiller.step_of = lambda: trainer.position.step
     return trainer.run(dump_config(config), stats, resume=resume)

@@ -40,6 +40,9 @@ class DataConfig(_Strict):
     max_length: int = 512
     on_overlong: Literal["error", "skip"] = "error"  # an answer is never silently cut
     limit: int | None = None  # first N training samples (smoke tests)
+    # Re-letter multiple-choice options per epoch (training only), so letters must be read from the
+    # options rather than memorised per question.
+    shuffle_choices: bool = False
 
 
 class TrainConfig(_Strict):
@@ -48,7 +51,10 @@ class TrainConfig(_Strict):
     max_steps: int | None = None
     micro_batch_size: int = 8
     grad_accum: int = 1
+    group_by_length: bool = False  # batches of similar length (less padding), in shuffled order
+    decision_weight: float = 1.0  # SFT: loss weight of answer tokens inside `Final: {...}` vs the rest
     lr: float = 3e-4
+    lr_scale: dict[Literal["vision", "projector", "llm"], float] = {}  # e.g. {vision: 5}: per-part lr multipliers
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 10

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from drivekd.data.choices import shuffle_choices
 from drivekd.data.formats import load_samples, load_split
 from drivekd.data.sample import Sample
 from drivekd.data.validate import validate_samples
 from drivekd.errors import DataError
-from drivekd.models.backend import Batch, VLMBackend
+from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, ModelConfig, SFTConfig, dump_config
 from drivekd.train.trainer import Trainer
@@ -74,9 +76,56 @@ def cross_entropy(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tenso
     return {"ce": model(**batch.inputs, labels=batch.labels).loss}
 
 
+def answer_metrics(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Validation: plain answer CE, and `decision_acc`, the share of answers whose whole `Final: {...}`
+    span is the argmax under teacher forcing (the letter is what scores; CE averages it away)."""
+    out = model(**batch.inputs, labels=batch.labels)
+    metrics = {"ce": out.loss}
+    if batch.decision_mask is not None and bool(batch.decision_mask.any(1).all()):  # every answer has a span
+        mask = batch.decision_mask[:, 1:]
+        hits = ((out.logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~mask).all(1)
+        metrics["decision_acc"] = hits.float().mean()
+    return metrics
+
+
+def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
+    """Answer-token CE where tokens of the committed answer (`Final: {...}`) weigh `decision_weight`.
+
+    In DriveBench-style replies the evidence lines hold most of the hard tokens (distances, object
+    coordinates): untrained, they carry about half the loss while the answer letter carries a few per
+    cent, so the gradient is mostly about digits. Weighting the decision span back up is the fix.
+    """
+    if decision_weight == 1.0:
+        return cross_entropy
+
+    def objective(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = model(**batch.inputs).logits[:, :-1].float()
+        labels = batch.labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(labels)
+        weights = (labels != IGNORE_INDEX).float()
+        if batch.decision_mask is not None:
+            weights = weights * (1.0 + (decision_weight - 1.0) * batch.decision_mask[:, 1:].float())
+        return {"ce": (nll * weights).sum() / weights.sum().clamp_min(1.0)}
+
+    return objective
+
+
 def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(config.train.seed)
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)
-    trainer = Trainer(config.train, backend, train, val, cross_entropy, max_length=config.data.max_length)
+    augment = shuffle_choices if config.data.shuffle_choices else None
+    objective = weighted_cross_entropy(config.train.decision_weight)
+    trainer = Trainer(
+        config.train,
+        backend,
+        train,
+        val,
+        objective,
+        max_length=config.data.max_length,
+        augment=augment,
+        val_objective=answer_metrics,
+    )
     return trainer.run(dump_config(config), stats, resume=resume)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -66,28 +67,37 @@ class Trainer:
         accelerator: Accelerator | None = None,
         extra_modules: torch.nn.Module | None = None,
         before_step: Callable[[Accelerator], dict[str, float]] | None = None,
+        augment: Callable[[Sample, tuple[int, int, int]], Sample] | None = None,
+        val_objective: Objective | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.train_samples = list(train)
         self.val_samples = list(val)[: config.val_max_samples]
         self.objective = objective
+        self.val_objective = val_objective or objective  # e.g. plain CE, comparable across loss weightings
         self.backward = backward
         self.max_length = max_length
         self.extra = extra_modules  # trained beside the model (e.g. hidden-state projections), checkpointed too
         self.before_step = before_step  # e.g. combine task gradients accumulated over the step
+        self.augment = augment  # applied per (seed, epoch, sample index): reproducible across resumes and ranks
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
         self.run_dir = Path(config.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         acc = self.accelerator
-        params = [p for p in backend.model.parameters() if p.requires_grad]
+        by_scale: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in backend.model.named_parameters():
+            if p.requires_grad:
+                by_scale.setdefault(config.lr_scale.get(backend.part_of(name), 1.0), []).append(p)
         if extra_modules is not None:
-            params += [p for p in extra_modules.parameters() if p.requires_grad]
-        if not params:
+            by_scale.setdefault(1.0, []).extend(p for p in extra_modules.parameters() if p.requires_grad)
+        if not any(by_scale.values()):
             raise DriveKDError("no trainable parameters: everything is frozen")
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+        # The scheduler scales every group's initial lr alike, so per-part multipliers hold all along.
+        groups = [{"params": ps, "lr": config.lr * scale} for scale, ps in sorted(by_scale.items()) if ps]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
         self.total_steps = self._total_steps()
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, min(config.warmup_steps, self.total_steps), self.total_steps, min_lr_rate=config.min_lr_ratio
@@ -95,6 +105,7 @@ class Trainer:
         # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped.
         self.model, self.optimizer, self.scheduler = acc.prepare(backend.model, optimizer, scheduler)
         self.position = Position()
+        self._lengths: list[int] | None = None
 
     # ---- data order ------------------------------------------------------------------------
     @property
@@ -112,12 +123,31 @@ class Trainer:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return torch.randperm(len(self.train_samples), generator=g).tolist()
+        order = torch.randperm(len(self.train_samples), generator=g).tolist()
+        if not self.config.group_by_length:
+            return order
+        # As HF Trainer's group_by_length: sort within windows of 50 batches so a batch pads little,
+        # then shuffle whole batches; the short last batch stays last (batches are cut at fixed offsets).
+        lengths = self._token_lengths()
+        gb, window = self.global_batch, self.global_batch * 50
+        grouped = [
+            i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lengths.__getitem__)
+        ]
+        full = len(grouped) // gb
+        batches = [grouped[b * gb : (b + 1) * gb] for b in torch.randperm(full, generator=g).tolist()]
+        return [i for batch in batches for i in batch] + grouped[full * gb :]
 
-    def _local_batch(self, order: list[int], index: int) -> list[Sample]:
+    def _token_lengths(self) -> list[int]:
+        if self._lengths is None:
+            self._lengths = [self.backend.token_lengths(s) for s in self.train_samples]
+        return self._lengths
+
+    def _local_batch(self, order: list[int], index: int, epoch: int) -> list[Sample]:
         chunk = order[index * self.global_batch : (index + 1) * self.global_batch]
         mine = chunk[self.accelerator.process_index :: self.accelerator.num_processes]
-        return [self.train_samples[i] for i in mine]
+        if self.augment is None:
+            return [self.train_samples[i] for i in mine]
+        return [self.augment(self.train_samples[i], (self.config.seed, epoch, i)) for i in mine]
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -210,20 +240,25 @@ class Trainer:
             return {}
         self.model.eval()
         totals: dict[str, float] = {}
-        n = 0
+        counts: dict[str, int] = {}  # per metric: a batch may not report every metric
         size = self.config.micro_batch_size
         mine = self.val_samples[self.accelerator.process_index :: self.accelerator.num_processes]
         for i in range(0, len(mine), size):
             batch = self.backend.build_batch(mine[i : i + size], max_length=self.max_length).to(self.accelerator.device)
-            for k, v in self.objective(self.model, batch).items():
+            for k, v in self.val_objective(self.model, batch).items():
                 totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
-            n += len(batch)
+                counts[k] = counts.get(k, 0) + len(batch)
         self.model.train()
+        keys = sorted(totals)
+        if self.accelerator.num_processes > 1:  # a rank whose batches never reported a metric still reduces it
+            keys = sorted({k for rank_keys in gather_object([keys]) for k in rank_keys})
         out = torch.tensor(
-            [totals.get(k, 0.0) for k in sorted(totals)] + [n], dtype=torch.float64, device=self.accelerator.device
+            [totals.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys],
+            dtype=torch.float64,
+            device=self.accelerator.device,
         )
         out = self.accelerator.reduce(out, reduction="sum")
-        return {f"val_{k}": float(out[i] / max(out[-1], 1)) for i, k in enumerate(sorted(totals))}
+        return {f"val_{k}": float(out[i] / max(out[len(keys) + i], 1)) for i, k in enumerate(keys)}
 
     @torch.no_grad()
     def ranks_identical(self) -> bool:
@@ -258,9 +293,9 @@ class Trainer:
                     index = pos.batch_in_epoch + micro
                     if index >= self.batches_per_epoch():
                         break
-                    batch = self.backend.build_batch(self._local_batch(order, index), max_length=self.max_length).to(
-                        acc.device
-                    )
+                    batch = self.backend.build_batch(
+                        self._local_batch(order, index, pos.epoch), max_length=self.max_length
+                    ).to(acc.device)
                     sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
                     ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
@@ -290,7 +325,7 @@ class Trainer:
                     record = {
                         "step": pos.step,
                         "epoch": pos.epoch,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": self.scheduler.get_last_lr()[0] * cfg.lr / self.optimizer.param_groups[0]["initial_lr"],
                         "samples_per_s": window_samples / max(elapsed, 1e-9),
                         **last,
                     }
