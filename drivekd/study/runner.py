@@ -165,13 +165,14 @@ class Study:
             eval_every=eval_every,
             save_every=100,
             seed=seed,
+            group_by_length=self.profile.group_by_length,
         )
 
     def teacher_config(self) -> SFTConfig:
         p = self.profile
         return SFTConfig(
             model=ModelConfig(name=p.teacher_preset),
-            data=DataConfig(path=str(self.data), max_length=512),
+            data=DataConfig(path=str(self.data), max_length=512, shuffle_choices=p.teacher_shuffle_choices),
             train=self.train_config(
                 self.teacher_dir, epochs=p.teacher_epochs, lr=1e-3, seed=0, eval_every=p.teacher_eval_every
             ),
