@@ -15,18 +15,24 @@ _FINAL = re.compile(r"Final\s*:\s*\{?\s*\(?([A-H])[.)}\s]", re.IGNORECASE)
 _LEADING = re.compile(r"^\s*\(?([A-H])(?:[.)]|\s*$)")
 
 
-def parse_inline_options(question: str) -> dict[str, str] | None:
-    """`... options: A. Going ahead. B. Turn left.` -> {"A": "Going ahead.", "B": "Turn left."}.
-
-    Options must run A, B, C, ... in order; anything else is not treated as multiple choice.
-    """
-    marks = []
+def _option_marks(question: str) -> list[re.Match[str]]:
+    """Where the inline options `A.`, `B.`, ... start, in order (fewer than two: not multiple choice)."""
+    marks: list[re.Match[str]] = []
     expected = "A"
     for m in _OPTION.finditer(question):
         if m.group(1) == expected:
             marks.append(m)
             expected = chr(ord(expected) + 1)
-    if len(marks) < 2:
+    return marks if len(marks) >= 2 else []
+
+
+def parse_inline_options(question: str) -> dict[str, str] | None:
+    """`... options: A. Going ahead. B. Turn left.` -> {"A": "Going ahead.", "B": "Turn left."}.
+
+    Options must run A, B, C, ... in order; anything else is not treated as multiple choice.
+    """
+    marks = _option_marks(question)
+    if not marks:
         return None
     options = {}
     for i, m in enumerate(marks):
@@ -65,9 +71,8 @@ def permute_choices(sample: Sample, order: Sequence[int]) -> Sample:
     texts = [sample.choices[k] for k in letters]
     new_choices = {letters[i]: texts[j] for i, j in enumerate(order)}
     new_letter = letters[list(order).index(letters.index(sample.correct_choice))]
-    first = next(mm for mm in _OPTION.finditer(sample.question) if mm.group(1) == "A")
     options = " ".join(f"{k}. {v}" for k, v in new_choices.items())
-    question = sample.question[: first.start()] + options
+    question = sample.question[: _option_marks(sample.question)[0].start()] + options
     answer = sample.answer[: m.start(1)] + new_letter + sample.answer[m.end(1) :]
     return dataclasses.replace(sample, question=question, answer=answer, choices=new_choices, correct_choice=new_letter)
 

@@ -65,6 +65,7 @@ class VLMBackend(abc.ABC):
         self.eos_id = tokenizer.convert_tokens_to_ids(self.im_end)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._count_cache: dict[tuple[int, int], int] = {}
+        self._length_cache: dict[tuple[tuple[str, ...], str, str], int] = {}
 
     # ---- family-specific -------------------------------------------------------------------
     @abc.abstractmethod
@@ -174,7 +175,16 @@ class VLMBackend(abc.ABC):
         return "llm"
 
     def token_lengths(self, sample: Sample) -> int:
-        """Sequence length of a sample with its answer; images are only opened for their size."""
+        """Sequence length of a sample with its answer; images are only opened for their size.
+
+        Remembered per (images, question, answer): the length filter and length-grouped batching
+        both ask for every training sample."""
+        key = (tuple(ref.path for ref in sample.images), sample.question, sample.answer)
+        if key not in self._length_cache:
+            self._length_cache[key] = self._token_lengths(sample)
+        return self._length_cache[key]
+
+    def _token_lengths(self, sample: Sample) -> int:
         counts = []
         for ref in sample.images:
             with Image.open(ref.path) as im:

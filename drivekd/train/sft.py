@@ -92,8 +92,9 @@ def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module,
     """Answer-token CE where tokens of the committed answer (`Final: {...}`) weigh `decision_weight`.
 
     In DriveBench-style replies the evidence lines hold most of the hard tokens (distances, object
-    coordinates): untrained, they carry about half the loss while the answer letter carries a few per
-    cent, so the gradient is mostly about digits. Weighting the decision span back up is the fix.
+    coordinates): in a 700-step tiny teacher they carried 46 % of the loss and the answer letter 7 %,
+    so the gradient is mostly about digits. This option weights the decision span back up (on
+    DriveSim-QA at 700 steps it did not change the scores; README "Measured").
     """
     if decision_weight == 1.0:
         return cross_entropy

@@ -105,7 +105,6 @@ class Trainer:
         # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped.
         self.model, self.optimizer, self.scheduler = acc.prepare(backend.model, optimizer, scheduler)
         self.position = Position()
-        self._lengths: list[int] | None = None
 
     # ---- data order ------------------------------------------------------------------------
     @property
@@ -138,9 +137,7 @@ class Trainer:
         return [i for batch in batches for i in batch] + grouped[full * gb :]
 
     def _token_lengths(self) -> list[int]:
-        if self._lengths is None:
-            self._lengths = [self.backend.token_lengths(s) for s in self.train_samples]
-        return self._lengths
+        return [self.backend.token_lengths(s) for s in self.train_samples]  # the backend remembers them
 
     def _local_batch(self, order: list[int], index: int, epoch: int) -> list[Sample]:
         chunk = order[index * self.global_batch : (index + 1) * self.global_batch]

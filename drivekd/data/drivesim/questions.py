@@ -179,7 +179,7 @@ def render_options(qa: QA, rng: np.random.Generator, answer_counts: dict[str, in
     qa.question = f"{o.stem} Please select the correct answer from the following options: {listed}"
     qa.answer = "\n".join([f"Final: {{{letter}. {o.correct}}}", *o.evidence])
     qa.choices, qa.correct_choice, qa.options = choices, letter, None
-    if qa.facts.get("label") is None:  # options that are unique (object tags): the letter is the class
+    if qa.facts["label"] is None:  # options unique to the item (object tags): the letter is the class
         qa.facts["label"] = letter
     return qa
 
@@ -458,9 +458,9 @@ def key_object(ctx: SceneContext) -> list[QA]:
         choices,
         len(choices),
         evidence,
-        {"object": correct, "ttc_s": round(ttc, 2) if math.isfinite(ttc) else None},
+        # the options are tags, unique per scene: only a letter can be a constant answer (label None)
+        {"object": correct, "ttc_s": round(ttc, 2) if math.isfinite(ttc) else None, "label": None},
     )
-    qa.facts["label"] = None  # the options are tags: only a letter can be a constant answer (set on rendering)
     return [qa]
 
 
