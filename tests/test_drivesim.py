@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import math
@@ -199,3 +200,49 @@ def test_weighted_distractors_fill_up_with_never_correct_options():
     rng = np.random.default_rng(0)
     choices, letter = multiple_choice(rng, "a", ["a", "b", "c", "d", "e"], 4, {"a": 5, "b": 2})
     assert choices[letter] == "a" and len(choices) == 4 and "b" in choices.values()
+
+
+def test_grounded_caption_names_every_visible_vehicle_once():
+    from drivekd.data.drivesim.captions import scene_caption
+
+    # ahead in the same lane (braking), ahead in the right lane, behind in the same lane
+    others = [(1, 15.0, 20.0), (2, 30.0, 20.0), (1, -20.0, 20.0)]
+    snap = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=others).snapshot()
+    snap.cars = [dataclasses.replace(c, accel=-4.0) if c.index == 1 else c for c in snap.cars]
+    visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
+    qa = scene_caption(SceneContext(snap, visible, {}, np.random.default_rng(0)))
+    lines = qa.answer.splitlines()
+    seen = [(cam, v) for cam, vs in visible.items() for v in vs]
+    assert qa.facts["vehicles"] == len(seen) == 3
+    assert lines[0] == "CAM_FRONT: 2 vehicles." and lines[3] == "CAM_BACK: 1 vehicle."
+    for k, (cam, v) in enumerate(seen, start=1):
+        (line,) = [ln for ln in lines if ln.startswith(v.tag(cam, k))]
+        assert f"{v.car.colour} {v.car.body}" in line
+    by_index = {v.car.index: ln for (cam, v), ln in zip(seen, [ln for ln in lines if ln.startswith("<c")], strict=True)}
+    assert by_index[1].endswith("in the same lane, brake lights lit.")
+    assert "in the right lane, no lights." in by_index[2] and "behind, in the same lane" in by_index[3]
+    assert lines[-1] == "Ego lane: a middle lane of 3."
+
+
+def test_caption_task_generates_valid_data_and_refuses_unknown_tasks(tmp_path):
+    out = tmp_path / "captions"
+    card = generate(out, GenerateConfig(scenes=3, seed=5, task="captions"))
+    samples = load_samples(out)
+    assert len(samples) == 3 == card["samples"]
+    assert {s.question_type for s in samples} == {"grounded_caption"}
+    assert all(s.answer.endswith(f"lane of {s.facts['lanes']}.") and s.choices is None for s in samples)
+    assert validate_samples(samples).ok
+    assert card["config"]["task"] == "captions"
+    assert "majority_class" not in card["question_types"]["grounded_caption"]  # free text: no class
+    with pytest.raises(ValueError, match="task 'vqa'"):
+        GenerateConfig(scenes=1, task="vqa")
+
+
+def test_warm_up_lane_check_never_reads_a_missing_lane(tmp_path):
+    # scene 295 of seed 1: the warm-up driver, changing lanes away from the rightmost lane, wants to go
+    # right again; the right neighbour of its current lane does not exist (was an IndexError)
+    from drivekd.data.drivesim.generate import build_scene
+
+    (tmp_path / "images").mkdir()
+    draft = build_scene(295, GenerateConfig(scenes=296, seed=1, task="captions"), tmp_path / "images")
+    assert len(draft.questions) == 1 and draft.questions[0].question_type == "grounded_caption"

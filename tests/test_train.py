@@ -194,7 +194,8 @@ def test_torchrun_two_processes_end_identical(tmp_path, data_dir):
 
 
 def test_shipped_configs_validate():
-    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("sft-*.yaml")):
+    shipped = Path(__file__).parents[1].joinpath("configs")
+    for path in sorted([*shipped.glob("sft-*.yaml"), *shipped.glob("pretrain-*.yaml")]):
         cfg = load_config(SFTConfig, path)
         assert cfg.train.output_dir and cfg.model.name
 

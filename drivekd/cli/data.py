@@ -48,9 +48,16 @@ def data() -> None:
     show_default=True,
     help="Questions per capability per scene.",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["qa", "captions"]),
+    default="qa",
+    show_default=True,
+    help="qa: DriveBench-style questions; captions: one grounded scene caption per scene (pretraining).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def generate(
-    out: Path, scenes: int, seed: int, workers: int, image_size: str, per_capability: int, overwrite: bool
+    out: Path, scenes: int, seed: int, workers: int, image_size: str, per_capability: int, task: str, overwrite: bool
 ) -> None:
     """Generate DriveSim-QA from highway-env traffic (train/val/test split by scene)."""
     from drivekd.data.drivesim.generate import GenerateConfig, card_markdown
@@ -63,7 +70,7 @@ def generate(
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists; pass --overwrite to replace it")
     config = GenerateConfig(
-        scenes=scenes, seed=seed, image_width=width, image_height=height, per_capability=per_capability
+        scenes=scenes, seed=seed, image_width=width, image_height=height, per_capability=per_capability, task=task
     )
     start = time.perf_counter()
     with tqdm(total=scenes, desc="scenes", unit="scene", file=sys.stderr) as bar:

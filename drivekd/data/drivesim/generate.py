@@ -22,8 +22,9 @@ from drivekd.atomic import atomic_dir
 from drivekd.data.formats import SPLITS
 from drivekd.data.sample import CAPABILITIES, IMAGE_PLACEHOLDER, ImageRef, Sample
 
-GENERATOR_VERSION = "drivesim-qa/2"  # 2: distractors drawn by answer frequency
+GENERATOR_VERSION = "drivesim-qa/3"  # 2: distractors drawn by answer frequency; 3: warm-up lane check fixed
 MAX_SCENE_ATTEMPTS = 20
+TASKS = ("qa", "captions")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,11 @@ class GenerateConfig:
     image_height: int = 128
     per_capability: int = 3
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    task: str = "qa"  # "qa": DriveBench-style questions; "captions": grounded captions for pretraining
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
 
 
 def scene_id(index: int) -> str:
@@ -53,6 +59,7 @@ class SceneDraft:
 def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDraft:
     """Simulate, render and question one scene (images are written now, options drawn later)."""
     from drivekd.data.drivesim.camera import Renderer, default_cameras
+    from drivekd.data.drivesim.captions import scene_caption
     from drivekd.data.drivesim.questions import HORIZON_S, SceneContext, scene_questions
     from drivekd.data.drivesim.world import ACTIONS, SceneParams, World
 
@@ -64,7 +71,8 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
     else:
         raise RuntimeError(f"{scene_id(index)}: every warm-up crashed")
     snap = world.snapshot()
-    rollouts = {a: world.rollout(a, HORIZON_S) for a in ACTIONS}
+    # counterfactual rollouts are what answers planning questions; captions describe the frame only
+    rollouts = {a: world.rollout(a, HORIZON_S) for a in ACTIONS} if config.task == "qa" else {}
     images, visible = [], {}
     for cam in default_cameras(config.image_width, config.image_height):
         image, vis = Renderer(cam).render(snap)
@@ -73,7 +81,8 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
         images.append(ImageRef(cam.name, rel))
         visible[cam.name] = vis
     ctx = SceneContext(snap, visible, rollouts, rng)
-    return SceneDraft(index, images, snap.params.scenario, scene_questions(ctx, config.per_capability))
+    questions = scene_questions(ctx, config.per_capability) if config.task == "qa" else [scene_caption(ctx)]
+    return SceneDraft(index, images, snap.params.scenario, questions)
 
 
 def answer_counts(drafts: list[SceneDraft]) -> dict[str, dict[str, int]]:
@@ -176,16 +185,16 @@ def dataset_card(by_split: dict[str, list[dict[str, Any]]], config: GenerateConf
     types: dict[str, dict[str, Any]] = {}
     for qtype in sorted({x["question_type"] for x in everything}):
         items = [x for x in everything if x["question_type"] == qtype]
-        labels = Counter(str(x["facts"].get("label")) for x in items)
-        majority_label, majority_n = labels.most_common(1)[0]
+        labels = Counter(str(x["facts"]["label"]) for x in items if x["facts"].get("label") is not None)
         mc = [x for x in items if x.get("choices")]
         entry: dict[str, Any] = {
             "capability": items[0]["capability"],
             "samples": len(items),
             "kind": "multiple_choice" if mc else "open_ended",
-            "majority_class": majority_label,
-            "majority_accuracy": round(majority_n / len(items), 4),
         }
+        if labels:  # free text such as captions has no class to be a majority of
+            majority_label, majority_n = labels.most_common(1)[0]
+            entry.update(majority_class=majority_label, majority_accuracy=round(majority_n / len(items), 4))
         if mc:
             entry["chance_accuracy"] = round(float(np.mean([1 / len(x["choices"]) for x in mc])), 4)
             letters = Counter(x["correct_choice"] for x in mc)
@@ -224,8 +233,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     ]
     for qtype, t in card["question_types"].items():
         chance = f"{t['chance_accuracy']:.2f}" if "chance_accuracy" in t else "-"
+        majority = f"{t['majority_accuracy']:.2f}" if "majority_accuracy" in t else "-"
         lines.append(
-            f"| {qtype} | {t['capability']} | {t['kind']} | {t['samples']} | {t['majority_class'][:40]} | "
-            f"{t['majority_accuracy']:.2f} | {chance} |"
+            f"| {qtype} | {t['capability']} | {t['kind']} | {t['samples']} | {t.get('majority_class', '-')[:40]} | "
+            f"{majority} | {chance} |"
         )
     return "\n".join(lines)

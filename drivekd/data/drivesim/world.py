@@ -173,8 +173,12 @@ class World:
             return False
         ego, road = self.env.vehicle, self.env.road
         _from, _to, lane_id = ego.lane_index
-        target = (_from, _to, lane_id + (1 if action == "LANE_RIGHT" else -1))
-        front, rear = road.neighbour_vehicles(ego, target)
+        target_id = lane_id + (1 if action == "LANE_RIGHT" else -1)
+        # mid-lane-change the action is taken from the target lane, so the neighbour of the current
+        # lane may not exist (past the road's edge: an IndexError, or lane -1 read as the last): not free
+        if not 0 <= target_id < len(road.network.graph[_from][_to]):
+            return False
+        front, rear = road.neighbour_vehicles(ego, (_from, _to, target_id))
         if front is not None and ego.lane_distance_to(front) < 12.0:
             return False
         return not (rear is not None and -ego.lane_distance_to(rear) < 10.0)
