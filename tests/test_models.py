@@ -158,3 +158,16 @@ def test_bad_model_paths(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(DriveKDError, match="not a supported VLM"):
         load_backend(str(tmp_path))
+
+
+def test_shipped_tokenizer_keeps_every_digit_a_token():
+    from drivekd.models.tokenizer import load_shipped_tokenizer, train_tokenizer
+
+    tok = load_shipped_tokenizer()
+    tag = "<c1,CAM_FRONT,0.5000,0.4727>"
+    pieces = tok.convert_ids_to_tokens(tok(tag, add_special_tokens=False).input_ids)
+    assert pieces[-12:] == [",", "0", ".", "5", "0", "0", "0", ",", "0", ".", "4", "7", "2", "7", ">"][-12:]
+    assert tok.decode(tok(tag + " 16 m", add_special_tokens=False).input_ids) == tag + " 16 m"
+    # a corpus full of one number still never merges its digits
+    fresh = train_tokenizer(["0.4727 0.4727 speed 22.4"] * 50, vocab_size=300)
+    assert all(len(t.lstrip("Ġ")) <= 1 or not any(c.isdigit() for c in t) for t in fresh.get_vocab())
