@@ -151,6 +151,31 @@ def test_multiple_choice_letters_are_near_uniform():
     assert max(shares) - min(shares) < 0.05
 
 
+def test_correct_letters_are_dealt_evenly_within_each_split(dataset):
+    for split in ("train", "val", "test"):
+        letters: dict[tuple[str, int], list[str]] = {}
+        for s in load_split(dataset, split):
+            if s.choices:
+                assert answer_letter(s.answer) == s.correct_choice and s.question.endswith(
+                    " ".join(f"{k}. {v}" for k, v in s.choices.items())
+                )
+                letters.setdefault((s.question_type, len(s.choices)), []).append(s.correct_choice)
+        assert letters
+        for (_, n), got in letters.items():
+            per_letter = [got.count(chr(ord("A") + i)) for i in range(n)]
+            assert max(per_letter) - min(per_letter) <= 1, (split, per_letter)
+
+
+def test_a_fixed_position_keeps_the_drawn_options():
+    for position in range(4):
+        free = multiple_choice(np.random.default_rng(5), "right", ["w1", "w2", "w3", "w4", "w5"], 4)[0]
+        placed, letter = multiple_choice(
+            np.random.default_rng(5), "right", ["w1", "w2", "w3", "w4", "w5"], 4, None, position
+        )
+        assert letter == "ABCD"[position] and placed[letter] == "right"
+        assert sorted(placed.values()) == sorted(free.values())
+
+
 def test_contact_sheet_and_card_commands(dataset, tmp_path):
     out = tmp_path / "sheet.png"
     r = run_cli("data", "sheet", str(dataset), "--out", str(out), "--scenes", "2")

@@ -176,6 +176,10 @@ def test_score_file_numbers(pred_file):
         "capability": "perception",
         "samples": 3,
         "score": pytest.approx(100 / 3, abs=1e-4),
+        "letters": {
+            "top_letter_share": pytest.approx(200 / 3, abs=1e-3),
+            "best_constant_letter": pytest.approx(100 / 3, abs=1e-3),
+        },
     }
     assert r["by_question_type"]["count_vehicles"]["score"] == 100.0
     assert r["by_question_type"]["free_text"] == {"capability": "planning", "samples": 2, "score": 50.0}
@@ -285,3 +289,25 @@ def test_cli_table_json_and_errors(pred_file, tmp_path):
     assert res.output.strip() == f"error: {bad}:1: missing required field 'capability'"
     res = runner.invoke(main, ["score", str(pred_file), "--judge-url", "http://127.0.0.1:9"])
     assert res.exit_code == 2 and "--judge-model" in res.output
+
+
+def test_letter_bias_exposes_a_one_letter_model(tmp_path):
+    # 5 colour items whose correct letters are D, D, D, A, B; 2 status items (C, A) -> pooled over 7
+    gold = [("colour", "D"), ("colour", "D"), ("colour", "D"), ("colour", "A"), ("colour", "B")]
+    gold += [("status", "C"), ("status", "A")]
+    choices = {k: f"option {k}" for k in "ABCD"}
+    lines = [
+        _line(i, "perception", qt, "Final: {D. option D}", f"Final: {{{g}. x}}", choices=choices, correct_choice=g)
+        for i, (qt, g) in enumerate(gold)
+    ]
+    f = tmp_path / "one-letter.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    r = score_file(f)
+    assert r["by_question_type"]["colour"]["score"] == pytest.approx(60.0)
+    assert r["by_question_type"]["colour"]["letters"] == {"top_letter_share": 100.0, "best_constant_letter": 60.0}
+    assert r["by_question_type"]["status"]["letters"] == {"top_letter_share": 100.0, "best_constant_letter": 50.0}
+    assert r["letters"] == {"top_letter_share": 100.0, "best_constant_letter": pytest.approx(400 / 7, abs=1e-3)}
+    open_ended = tmp_path / "open.jsonl"
+    open_ended.write_text(_line(1, "planning", "q", "a", "b") + "\n")
+    assert score_file(open_ended)["letters"] is None
+    assert "MC best constant letter % | 57.14" in render_markdown([r])

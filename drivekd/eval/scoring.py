@@ -14,6 +14,11 @@ Every sample gets a score in 0..100:
 A capability's score is the mean over its samples and `average` the mean of the capabilities present,
 as the paper's Avg. Corpus BLEU-4 (0-100), mean ROUGE-L (x 100) and CIDEr-D (0-10, as coco-caption
 reports it) over all open-ended samples are reported beside, under `language`.
+
+Multiple choice also gets a letter-bias check (`letters`): how many answers use the model's most
+used letter, and what the best constant letter would score on the same items. A tiny model often
+answers every item with one letter; on a test set whose correct letters are uneven that alone can
+look like +20 points, so read an MC score beside these two figures.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +89,7 @@ class ItemScore:
     method: str
     parsed: str | None = None
     language: Language | None = None
+    expected: str | None = None  # the correct letter, for multiple choice
 
 
 # ---------------------------------------------------------------- reading
@@ -303,7 +310,9 @@ def score_items(preds: Sequence[Prediction]) -> list[ItemScore]:
             assert p.choices is not None
             letter = parse_choice(p.prediction, p.choices)
             score = 100.0 if letter == p.correct_choice else 0.0
-            out.append(ItemScore(p.id, p.capability, p.question_type, score, "choice", letter))
+            out.append(
+                ItemScore(p.id, p.capability, p.question_type, score, "choice", letter, expected=p.correct_choice)
+            )
             continue
         language = Language(
             metrics.bleu_stats(p.prediction, [p.reference]), metrics.rouge_l(p.prediction, p.reference), cider_of[id(p)]
@@ -330,6 +339,22 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def letter_bias(items: Sequence[ItemScore]) -> dict[str, Any] | None:
+    """Multiple-choice letter use, in %: `top_letter_share` of answers with the most used letter
+    (per question type, pooled), `best_constant_letter` the accuracy of always answering the letter
+    most often correct (per question type, pooled). None without multiple choice."""
+    groups: dict[str, list[ItemScore]] = {}
+    for i in items:
+        if i.method == "choice":
+            groups.setdefault(i.question_type, []).append(i)
+    if not groups:
+        return None
+    top = sum(max(Counter(i.parsed for i in g if i.parsed).values(), default=0) for g in groups.values())
+    constant = sum(max(Counter(i.expected for i in g).values()) for g in groups.values())
+    n = sum(len(g) for g in groups.values())
+    return {"top_letter_share": _r(100.0 * top / n), "best_constant_letter": _r(100.0 * constant / n)}
+
+
 def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
     """The per-file result: see `score_file`."""
     caps = {c: _r(_mean([i.score for i in items if i.capability == c])) for c in CAPABILITIES}
@@ -345,6 +370,9 @@ def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
         # A question type used under two capabilities is kept apart rather than silently merged.
         key = qt if len(qt_caps[qt]) == 1 else f"{cap}/{qt}"
         by_qt[key] = {"capability": cap, "samples": len(scores), "score": _r(_mean(scores))}
+        bias = letter_bias([i for i in items if i.capability == cap and i.question_type == qt])
+        if bias:
+            by_qt[key]["letters"] = bias
     langs = [i.language for i in items if i.language is not None]
     if langs:
         summed = [sum(column) for column in zip(*(lang.bleu_stats for lang in langs), strict=True)]
@@ -363,6 +391,7 @@ def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
         "by_question_type": by_qt,
         "language": language,
         "unparseable": sum(1 for i in items if i.method == "choice" and i.parsed is None),
+        "letters": letter_bias(items),
     }
 
 
@@ -371,7 +400,7 @@ def score_file(path: str | Path) -> dict[str, Any]:
 
     Returns `{"file", "samples", "capabilities": {"perception", "reasoning", "planning"}, "average",
     "by_question_type": {qt: {"capability", "samples", "score"}}, "language": {"bleu4", "rougeL",
-    "cider"}, "unparseable"}`; scores are 0..100 (CIDEr 0..10), None where there is nothing to score.
+    "cider"}, "unparseable", "letters"}` (`letters`, also per MC question type: see `letter_bias`); scores are 0..100 (CIDEr 0..10), None where there is nothing to score.
     """
     preds = read_predictions(path)
     return summarize(str(path), score_items(preds))
@@ -410,6 +439,10 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
     rows.append(("ROUGE-L", [r["language"]["rougeL"] for r in results]))
     rows.append(("CIDEr", [r["language"]["cider"] for r in results]))
     rows.append(("MC unparseable", [r["unparseable"] for r in results]))
+    rows.append(
+        ("MC answers in the most used letter %", [(r.get("letters") or {}).get("top_letter_share") for r in results])
+    )
+    rows.append(("MC best constant letter %", [(r.get("letters") or {}).get("best_constant_letter") for r in results]))
     if any("judge" in r for r in results):
         for cap in CAPABILITIES:
             rows.append((f"Judge {cap}", [(r.get("judge") or {}).get("capabilities", {}).get(cap) for r in results]))

@@ -3,7 +3,9 @@
 Each scene is built from its own seed (`[seed, scene index]`), so the output is byte-identical for a
 seed whatever the number of workers. Scenes are assigned to train/val/test whole (no leakage).
 Multiple-choice options are drawn in a second pass, once the training split's answer frequencies
-are known (see `questions.Options`).
+are known (see `questions.Options`), and the correct letter is dealt out evenly within each split and
+question type (`answer_positions`): with letters drawn at random, a 60-item test type can have one
+letter right 40 % of the time, and a model that always writes that letter looks like it learned.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from drivekd.atomic import atomic_dir
 from drivekd.data.formats import SPLITS
 from drivekd.data.sample import CAPABILITIES, IMAGE_PLACEHOLDER, ImageRef, Sample
 
-GENERATOR_VERSION = "drivesim-qa/3"  # 2: distractors drawn by answer frequency; 3: warm-up lane check fixed
+# 2: distractors drawn by answer frequency; 3: warm-up lane check fixed; 4: answer letters balanced per split
+GENERATOR_VERSION = "drivesim-qa/4"
 MAX_SCENE_ATTEMPTS = 20
 TASKS = ("qa", "captions")
 
@@ -95,7 +98,32 @@ def answer_counts(drafts: list[SceneDraft]) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in counts.items()}
 
 
-def finish_scene(draft: SceneDraft, config: GenerateConfig, counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+def answer_positions(drafts: list[SceneDraft], rng: np.random.Generator) -> dict[tuple[int, int], int]:
+    """Where each multiple-choice item's correct option goes, keyed by (scene index, question index).
+
+    Per question type and option count, positions are a shuffled deck holding every position
+    equally often (±1), so within the drafts given (one split) no letter is right more than chance.
+    """
+    from drivekd.data.drivesim.questions import option_count
+
+    groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for draft in drafts:
+        for k, qa in enumerate(draft.questions):
+            if qa.options is not None:
+                groups.setdefault((qa.question_type, option_count(qa.options)), []).append((draft.index, k))
+    positions = {}
+    for (_, n), items in sorted(groups.items()):
+        deck = rng.permutation(np.resize(rng.permutation(n), len(items)))
+        positions.update(zip(items, deck.tolist(), strict=True))
+    return positions
+
+
+def finish_scene(
+    draft: SceneDraft,
+    config: GenerateConfig,
+    counts: dict[str, dict[str, int]],
+    positions: dict[tuple[int, int], int] | None = None,
+) -> list[dict[str, Any]]:
     """Draw the scene's options (own seeded stream) and return its samples as native JSON objects."""
     from drivekd.data.drivesim.questions import render_options
 
@@ -104,7 +132,7 @@ def finish_scene(draft: SceneDraft, config: GenerateConfig, counts: dict[str, di
     header = "".join(f"{im.camera}: {IMAGE_PLACEHOLDER}\n" for im in draft.images)
     out = []
     for k, qa in enumerate(draft.questions):
-        qa = render_options(qa, rng, counts.get(qa.question_type))
+        qa = render_options(qa, rng, counts.get(qa.question_type), (positions or {}).get((draft.index, k)))
         sample = Sample(
             id=f"{sid}-q{k:02d}",
             capability=qa.capability,
@@ -167,9 +195,13 @@ def generate(
                         progress(1)
         splits = split_of_scenes(config)
         counts = answer_counts([d for d in drafts if splits[d.index] == "train"])
+        positions = {}
+        for i, split in enumerate(SPLITS):
+            split_drafts = [d for d in drafts if splits[d.index] == split]
+            positions.update(answer_positions(split_drafts, np.random.default_rng([config.seed, 104729, i])))
         by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         for draft in drafts:
-            by_split[splits[draft.index]].extend(finish_scene(draft, config, counts))
+            by_split[splits[draft.index]].extend(finish_scene(draft, config, counts, positions))
         for split, samples in by_split.items():
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for s in samples:

@@ -147,11 +147,13 @@ def multiple_choice(
     distractors: list[str],
     n: int,
     answer_counts: dict[str, int] | None = None,
+    position: int | None = None,
 ) -> tuple[dict[str, str], str]:
     """Shuffle the correct option among up to n-1 distractors; letters A, B, ... in shuffled order.
 
     With `answer_counts`, distractors are drawn in proportion to how often each is a correct answer
-    (options that are never right are used only to fill up); otherwise uniformly.
+    (options that are never right are used only to fill up); otherwise uniformly. `position` puts
+    the correct option at that index (the distractors stay shuffled) instead of a random one.
     """
     pool = [d for d in dict.fromkeys(distractors) if d != correct]
     k = min(n - 1, len(pool))
@@ -165,16 +167,26 @@ def multiple_choice(
         picked = [pool[i] for i in rng.choice(len(pool), size=k, replace=False, p=weights / weights.sum())]
     options = [correct, *picked]
     options = [options[i] for i in rng.permutation(len(options))]
+    if position is not None:
+        options.remove(correct)
+        options.insert(min(position, len(options)), correct)
     letters = [chr(ord("A") + i) for i in range(len(options))]
     return dict(zip(letters, options, strict=True)), letters[options.index(correct)]
 
 
-def render_options(qa: QA, rng: np.random.Generator, answer_counts: dict[str, int] | None) -> QA:
+def option_count(o: Options) -> int:
+    """How many options `multiple_choice` will offer for this item."""
+    return 1 + min(o.n - 1, len([d for d in dict.fromkeys(o.pool) if d != o.correct]))
+
+
+def render_options(
+    qa: QA, rng: np.random.Generator, answer_counts: dict[str, int] | None, position: int | None = None
+) -> QA:
     """Draw the options of a deferred multiple-choice item and write its question and answer."""
     o = qa.options
     if o is None:
         return qa
-    choices, letter = multiple_choice(rng, o.correct, o.pool, o.n, answer_counts)
+    choices, letter = multiple_choice(rng, o.correct, o.pool, o.n, answer_counts, position)
     listed = " ".join(f"{k}. {v}" for k, v in choices.items())
     qa.question = f"{o.stem} Please select the correct answer from the following options: {listed}"
     qa.answer = "\n".join([f"Final: {{{letter}. {o.correct}}}", *o.evidence])
