@@ -359,18 +359,18 @@ def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
     """The per-file result: see `score_file`."""
     caps = {c: _r(_mean([i.score for i in items if i.capability == c])) for c in CAPABILITIES}
     present = [v for v in caps.values() if v is not None]
-    groups: dict[tuple[str, str], list[float]] = {}
+    groups: dict[tuple[str, str], list[ItemScore]] = {}
     for i in items:
-        groups.setdefault((i.capability, i.question_type), []).append(i.score)
+        groups.setdefault((i.capability, i.question_type), []).append(i)
     qt_caps: dict[str, set[str]] = {}
     for cap, qt in groups:
         qt_caps.setdefault(qt, set()).add(cap)
     by_qt = {}
-    for (cap, qt), scores in sorted(groups.items(), key=lambda kv: (CAPABILITIES.index(kv[0][0]), kv[0][1])):
+    for (cap, qt), group in sorted(groups.items(), key=lambda kv: (CAPABILITIES.index(kv[0][0]), kv[0][1])):
         # A question type used under two capabilities is kept apart rather than silently merged.
         key = qt if len(qt_caps[qt]) == 1 else f"{cap}/{qt}"
-        by_qt[key] = {"capability": cap, "samples": len(scores), "score": _r(_mean(scores))}
-        bias = letter_bias([i for i in items if i.capability == cap and i.question_type == qt])
+        by_qt[key] = {"capability": cap, "samples": len(group), "score": _r(_mean([i.score for i in group]))}
+        bias = letter_bias(group)
         if bias:
             by_qt[key]["letters"] = bias
     langs = [i.language for i in items if i.language is not None]
@@ -400,7 +400,8 @@ def score_file(path: str | Path) -> dict[str, Any]:
 
     Returns `{"file", "samples", "capabilities": {"perception", "reasoning", "planning"}, "average",
     "by_question_type": {qt: {"capability", "samples", "score"}}, "language": {"bleu4", "rougeL",
-    "cider"}, "unparseable", "letters"}` (`letters`, also per MC question type: see `letter_bias`); scores are 0..100 (CIDEr 0..10), None where there is nothing to score.
+    "cider"}, "unparseable", "letters"}` (`letters` also per MC question type: see `letter_bias`);
+    scores are 0..100 (CIDEr 0..10), None where there is nothing to score.
     """
     preds = read_predictions(path)
     return summarize(str(path), score_items(preds))

@@ -122,7 +122,7 @@ def finish_scene(
     draft: SceneDraft,
     config: GenerateConfig,
     counts: dict[str, dict[str, int]],
-    positions: dict[tuple[int, int], int] | None = None,
+    positions: dict[tuple[int, int], int],
 ) -> list[dict[str, Any]]:
     """Draw the scene's options (own seeded stream) and return its samples as native JSON objects."""
     from drivekd.data.drivesim.questions import render_options
@@ -132,7 +132,7 @@ def finish_scene(
     header = "".join(f"{im.camera}: {IMAGE_PLACEHOLDER}\n" for im in draft.images)
     out = []
     for k, qa in enumerate(draft.questions):
-        qa = render_options(qa, rng, counts.get(qa.question_type), (positions or {}).get((draft.index, k)))
+        qa = render_options(qa, rng, counts.get(qa.question_type), positions.get((draft.index, k)))
         sample = Sample(
             id=f"{sid}-q{k:02d}",
             capability=qa.capability,

@@ -141,6 +141,10 @@ class SceneContext:
         return [a for a in ACTIONS if not self.rollouts[a].available]
 
 
+def _distinct_distractors(correct: str, distractors: list[str]) -> list[str]:
+    return [d for d in dict.fromkeys(distractors) if d != correct]
+
+
 def multiple_choice(
     rng: np.random.Generator,
     correct: str,
@@ -155,7 +159,7 @@ def multiple_choice(
     (options that are never right are used only to fill up); otherwise uniformly. `position` puts
     the correct option at that index (the distractors stay shuffled) instead of a random one.
     """
-    pool = [d for d in dict.fromkeys(distractors) if d != correct]
+    pool = _distinct_distractors(correct, distractors)
     k = min(n - 1, len(pool))
     weights = np.array([(answer_counts or {}).get(d, 0) for d in pool], dtype=float)
     if answer_counts is None or k == len(pool) or np.count_nonzero(weights) < k:
@@ -176,7 +180,7 @@ def multiple_choice(
 
 def option_count(o: Options) -> int:
     """How many options `multiple_choice` will offer for this item."""
-    return 1 + min(o.n - 1, len([d for d in dict.fromkeys(o.pool) if d != o.correct]))
+    return 1 + min(o.n - 1, len(_distinct_distractors(o.correct, o.pool)))
 
 
 def render_options(
