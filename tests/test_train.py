@@ -227,7 +227,54 @@ def test_eval_then_score(tmp_path, data_dir):
     assert len(rows) == 6
     assert {"id", "capability", "question_type", "prediction", "reference", "question"} <= set(rows[0])
     assert any("choices" in row and "correct_choice" in row for row in rows)
+    control = tmp_path / "control.jsonl"
+    common = ("--model", str(tmp_path / "model"), "--data", str(data_dir), "--split", "train", "--limit", "6")
+    c = run_cli("eval", *common, "--out", str(control), "--max-new-tokens", "8", "--other-images")
+    assert c.returncode == 0 and "another scene's images" in c.stdout, c.stderr
+    assert [json.loads(line)["id"] for line in control.read_text().splitlines()] == [row["id"] for row in rows]
     s = run_cli("score", str(pred), "--json")
     assert s.returncode == 0, s.stderr
     result = json.loads(s.stdout.splitlines()[0])
     assert result["samples"] == 6 and set(result["capabilities"]) == {"perception", "reasoning", "planning"}
+
+
+def test_other_images_swaps_whole_scenes(data_dir):
+    from drivekd.data.formats import load_split
+    from drivekd.data.sample import with_other_images
+
+    samples = load_split(data_dir, "train")
+    swapped = with_other_images(samples)
+    assert [s.id for s in swapped] == [s.id for s in samples]
+    assert [s.answer for s in swapped] == [s.answer for s in samples]
+    donor_of = {}
+    for before, after in zip(samples, swapped, strict=True):
+        assert [im.camera for im in after.images] == [im.camera for im in before.images]
+        donors = {Path(im.path).name.split("_")[0] for im in after.images}
+        assert len(donors) == 1 and before.scene_id not in donors  # one other scene, whole
+        donor = donors.pop()
+        assert donor_of.setdefault(before.scene_id, donor) == donor  # all samples of a scene alike
+    assert len(set(donor_of.values())) == len(donor_of) > 1  # every scene's images shown exactly once
+    lone = [s for s in samples if s.scene_id == samples[0].scene_id]
+    assert with_other_images(lone) == lone  # a single scene has no other images to show
+
+
+def test_val_image_gain_is_zero_when_images_carry_nothing(tmp_path, data_dir):
+    import shutil
+
+    # Validate on train: the fixture's val split is one scene, which has no other images to show.
+    overrides = ["train.val_other_images=true", "train.val_max_samples=64", "data.val_split=train"]
+    run_sft(load_config(SFTConfig, _config(tmp_path / "real", data_dir, max_steps=1), overrides))
+    real = [m for m in _metrics(tmp_path / "real" / "run") if "val_image_gain" in m][-1]
+    assert real["val_image_gain"] == pytest.approx(real["val_ce_other_images"] - real["val_ce"])
+    assert abs(real["val_image_gain"]) > 1e-4  # a random model's CE moves with its images
+
+    same = tmp_path / "same"
+    shutil.copytree(data_dir, same)
+    first = sorted((same / "images").glob("*.png"))[0].name.split("_")[0]
+    for png in (same / "images").glob("*.png"):
+        if not png.name.startswith(first + "_"):
+            shutil.copy(same / "images" / f"{first}_{png.name.split('_', 1)[1]}", png)
+    run_sft(load_config(SFTConfig, _config(tmp_path / "blind", same, max_steps=1), overrides))
+    blind = [m for m in _metrics(tmp_path / "blind" / "run") if "val_image_gain" in m][-1]
+    assert blind["val_image_gain"] == pytest.approx(0.0, abs=1e-6)
+    assert blind["val_ce"] == pytest.approx(real["val_ce"], rel=0.2)  # same model and answers

@@ -19,6 +19,12 @@ import click
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--image-root", "image_roots", multiple=True, metavar="DIR|PREFIX=DIR")
+@click.option(
+    "--other-images",
+    is_flag=True,
+    help="Image-blind control: show every sample another scene's cameras. Scores that barely move mean "
+    "the model answers from the text alone.",
+)
 def evaluate(
     model_path: str,
     data_path: Path,
@@ -31,9 +37,11 @@ def evaluate(
     dtype: str,
     device: str,
     image_roots: tuple[str, ...],
+    other_images: bool,
 ) -> None:
     """Greedy-decode answers (KV cache, batched) and write one JSON line per sample."""
     from drivekd.data.formats import load_samples, load_split
+    from drivekd.data.sample import with_other_images
     from drivekd.data.validate import validate_samples
     from drivekd.eval.predict import predict
     from drivekd.models.loading import LoadOptions, load_backend
@@ -45,10 +53,13 @@ def evaluate(
         samples = [s for s in samples if s.capability == capability]
     samples = samples[:limit] if limit else samples
     validate_samples(samples).raise_if_bad(str(data_path))
+    if other_images:
+        samples = with_other_images(samples)
     backend = load_backend(model_path, LoadOptions(dtype=dtype, device=device))
     stats = predict(backend, samples, out, batch_size=batch_size, max_new_tokens=max_new_tokens)
     click.echo(
         f"wrote {stats['samples']} predictions to {out} in {stats['seconds']:.1f} s ({stats['samples_per_s']:.2f} samples/s)"
+        + (", every sample shown another scene's images" if other_images else "")
     )
 
 

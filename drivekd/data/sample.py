@@ -99,3 +99,32 @@ def _relative(path: str, base: Path | None) -> str:
     if not p.is_absolute():
         return path
     return os.path.relpath(p, base.resolve())
+
+
+def with_other_images(samples: list[Sample]) -> list[Sample]:
+    """The image-blind control: every sample shown the cameras of another scene.
+
+    A model whose answers and losses do not change under this swap does not read the images
+    (DriveBench reports as much of real VLMs). Samples are grouped by their camera list; within a
+    group, scenes are taken in order of first appearance and scene k gets the images of scene k+1
+    (cyclically), so no sample keeps its own scene. A group with a single scene cannot be swapped
+    and is returned unchanged. Deterministic: the same list gives the same swap on every rank.
+    """
+    scenes_of: dict[tuple[str, ...], list[str]] = {}
+    images_of: dict[tuple[tuple[str, ...], str], list[ImageRef]] = {}
+    for s in samples:
+        cameras = tuple(im.camera for im in s.images)
+        if (cameras, s.scene_id) not in images_of:
+            images_of[(cameras, s.scene_id)] = s.images
+            scenes_of.setdefault(cameras, []).append(s.scene_id)
+    position = {(cameras, scene): i for cameras, scenes in scenes_of.items() for i, scene in enumerate(scenes)}
+    out = []
+    for s in samples:
+        cameras = tuple(im.camera for im in s.images)
+        scenes = scenes_of[cameras]
+        if len(scenes) < 2:
+            out.append(s)
+            continue
+        donor = scenes[(position[(cameras, s.scene_id)] + 1) % len(scenes)]
+        out.append(dataclasses.replace(s, images=list(images_of[(cameras, donor)])))
+    return out

@@ -65,6 +65,9 @@ class TrainConfig(_Strict):
     log_every: int = 10
     eval_every: int | None = None
     val_max_samples: int = 256
+    # Also score validation with every sample shown another scene's images: `val_image_gain` (CE with
+    # other images minus CE with its own) near 0 means the model does not read the images.
+    val_other_images: bool = False
     save_every: int | None = None
     keep_last: int = 2
 

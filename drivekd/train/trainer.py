@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from drivekd.atomic import atomic_dir
-from drivekd.data.sample import Sample
+from drivekd.data.sample import Sample, with_other_images
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import Batch, VLMBackend
 from drivekd.train.config import TrainConfig
@@ -74,6 +74,8 @@ class Trainer:
         self.backend = backend
         self.train_samples = list(train)
         self.val_samples = list(val)[: config.val_max_samples]
+        # The image-blind control: the same answers scored with another scene's images.
+        self.val_other_images = with_other_images(self.val_samples) if config.val_other_images else []
         self.objective = objective
         self.val_objective = val_objective or objective  # e.g. plain CE, comparable across loss weightings
         self.backward = backward
@@ -238,16 +240,13 @@ class Trainer:
         self.model.eval()
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}  # per metric: a batch may not report every metric
-        size = self.config.micro_batch_size
-        mine = self.val_samples[self.accelerator.process_index :: self.accelerator.num_processes]
-        for i in range(0, len(mine), size):
-            batch = self.backend.build_batch(mine[i : i + size], max_length=self.max_length).to(self.accelerator.device)
-            for k, v in self.val_objective(self.model, batch).items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(batch)
-                counts[k] = counts.get(k, 0) + len(batch)
+        rank, ranks = self.accelerator.process_index, self.accelerator.num_processes
+        self._accumulate(self.val_samples[rank::ranks], "", totals, counts)
+        if self.val_other_images:
+            self._accumulate(self.val_other_images[rank::ranks], "_other_images", totals, counts)
         self.model.train()
         keys = sorted(totals)
-        if self.accelerator.num_processes > 1:  # a rank whose batches never reported a metric still reduces it
+        if ranks > 1:  # a rank whose batches never reported a metric still reduces it
             keys = sorted({k for rank_keys in gather_object([keys]) for k in rank_keys})
         out = torch.tensor(
             [totals.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys],
@@ -255,7 +254,19 @@ class Trainer:
             device=self.accelerator.device,
         )
         out = self.accelerator.reduce(out, reduction="sum")
-        return {f"val_{k}": float(out[i] / max(out[len(keys) + i], 1)) for i, k in enumerate(keys)}
+        metrics = {f"val_{k}": float(out[i] / max(out[len(keys) + i], 1)) for i, k in enumerate(keys)}
+        if "val_ce" in metrics and "val_ce_other_images" in metrics:
+            metrics["val_image_gain"] = metrics["val_ce_other_images"] - metrics["val_ce"]
+        return metrics
+
+    def _accumulate(self, samples: list[Sample], suffix: str, totals: dict[str, float], counts: dict[str, int]) -> None:
+        size = self.config.micro_batch_size
+        for i in range(0, len(samples), size):
+            # Another scene's images may expand to more visual tokens (dynamic resolution): no length cap.
+            batch = self.backend.build_batch(samples[i : i + size], max_length=None if suffix else self.max_length)
+            for k, v in self.val_objective(self.model, batch.to(self.accelerator.device)).items():
+                totals[k + suffix] = totals.get(k + suffix, 0.0) + float(v) * len(batch)
+                counts[k + suffix] = counts.get(k + suffix, 0) + len(batch)
 
     @torch.no_grad()
     def ranks_identical(self) -> bool:
