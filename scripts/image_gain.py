@@ -19,6 +19,7 @@ from drivekd.data.formats import load_split
 from drivekd.data.sample import Sample, with_other_images
 from drivekd.models.backend import IGNORE_INDEX, VLMBackend
 from drivekd.models.loading import load_backend
+from drivekd.train.sft import token_nll
 
 
 @torch.no_grad()
@@ -27,15 +28,11 @@ def per_sample_ce(backend: VLMBackend, samples: list[Sample], batch_size: int = 
     out = []
     for i in range(0, len(samples), batch_size):
         batch = backend.build_batch(samples[i : i + batch_size])
-        logits = backend.model(**batch.inputs).logits[:, :-1].float()
-        labels = batch.labels[:, 1:]
-        ce = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-        )
+        nll, labels = token_nll(backend.model, batch)
         answer = (labels != IGNORE_INDEX).float()
         decision = batch.decision_mask[:, 1:].float()
-        whole = (ce * answer).sum(1) / answer.sum(1)
-        span = (ce * decision).sum(1) / decision.sum(1).clamp_min(1)
+        whole = (nll * answer).sum(1) / answer.sum(1)
+        span = (nll * decision).sum(1) / decision.sum(1).clamp_min(1)
         out += list(zip(whole.tolist(), span.tolist(), strict=True))
     return out
 

@@ -110,21 +110,17 @@ def with_other_images(samples: list[Sample]) -> list[Sample]:
     (cyclically), so no sample keeps its own scene. A group with a single scene cannot be swapped
     and is returned unchanged. Deterministic: the same list gives the same swap on every rank.
     """
+    keys = [(tuple(im.camera for im in s.images), s.scene_id) for s in samples]
     scenes_of: dict[tuple[str, ...], list[str]] = {}
     images_of: dict[tuple[tuple[str, ...], str], list[ImageRef]] = {}
-    for s in samples:
-        cameras = tuple(im.camera for im in s.images)
-        if (cameras, s.scene_id) not in images_of:
-            images_of[(cameras, s.scene_id)] = s.images
-            scenes_of.setdefault(cameras, []).append(s.scene_id)
+    for s, key in zip(samples, keys, strict=True):
+        if key not in images_of:
+            images_of[key] = s.images
+            scenes_of.setdefault(key[0], []).append(key[1])
     position = {(cameras, scene): i for cameras, scenes in scenes_of.items() for i, scene in enumerate(scenes)}
     out = []
-    for s in samples:
-        cameras = tuple(im.camera for im in s.images)
+    for s, (cameras, scene) in zip(samples, keys, strict=True):
         scenes = scenes_of[cameras]
-        if len(scenes) < 2:
-            out.append(s)
-            continue
-        donor = scenes[(position[(cameras, s.scene_id)] + 1) % len(scenes)]
-        out.append(dataclasses.replace(s, images=list(images_of[(cameras, donor)])))
+        donor = scenes[(position[(cameras, scene)] + 1) % len(scenes)]  # itself when the group has one scene
+        out.append(s if donor == scene else dataclasses.replace(s, images=list(images_of[(cameras, donor)])))
     return out

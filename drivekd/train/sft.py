@@ -88,6 +88,16 @@ def answer_metrics(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tens
     return metrics
 
 
+def token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token NLL (B, T-1; 0 where the label is ignored) and the shifted labels."""
+    logits = model(**batch.inputs).logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(labels)
+    return nll, labels
+
+
 def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
     """Answer-token CE where tokens of the committed answer (`Final: {...}`) weigh `decision_weight`.
 
@@ -100,11 +110,7 @@ def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module,
         return cross_entropy
 
     def objective(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        logits = model(**batch.inputs).logits[:, :-1].float()
-        labels = batch.labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(labels)
+        nll, labels = token_nll(model, batch)
         weights = (labels != IGNORE_INDEX).float()
         if batch.decision_mask is not None:
             weights = weights * (1.0 + (decision_weight - 1.0) * batch.decision_mask[:, 1:].float())

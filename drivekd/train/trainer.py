@@ -241,9 +241,10 @@ class Trainer:
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}  # per metric: a batch may not report every metric
         rank, ranks = self.accelerator.process_index, self.accelerator.num_processes
-        self._accumulate(self.val_samples[rank::ranks], "", totals, counts)
+        self._accumulate(self.val_samples[rank::ranks], "", totals, counts, max_length=self.max_length)
         if self.val_other_images:
-            self._accumulate(self.val_other_images[rank::ranks], "_other_images", totals, counts)
+            # Another scene's images may expand to more visual tokens (dynamic resolution): no length cap.
+            self._accumulate(self.val_other_images[rank::ranks], "_other_images", totals, counts, max_length=None)
         self.model.train()
         keys = sorted(totals)
         if ranks > 1:  # a rank whose batches never reported a metric still reduces it
@@ -259,11 +260,18 @@ class Trainer:
             metrics["val_image_gain"] = metrics["val_ce_other_images"] - metrics["val_ce"]
         return metrics
 
-    def _accumulate(self, samples: list[Sample], suffix: str, totals: dict[str, float], counts: dict[str, int]) -> None:
+    def _accumulate(
+        self,
+        samples: list[Sample],
+        suffix: str,
+        totals: dict[str, float],
+        counts: dict[str, int],
+        *,
+        max_length: int | None,
+    ) -> None:
         size = self.config.micro_batch_size
         for i in range(0, len(samples), size):
-            # Another scene's images may expand to more visual tokens (dynamic resolution): no length cap.
-            batch = self.backend.build_batch(samples[i : i + size], max_length=None if suffix else self.max_length)
+            batch = self.backend.build_batch(samples[i : i + size], max_length=max_length)
             for k, v in self.val_objective(self.model, batch.to(self.accelerator.device)).items():
                 totals[k + suffix] = totals.get(k + suffix, 0.0) + float(v) * len(batch)
                 counts[k + suffix] = counts.get(k + suffix, 0) + len(batch)
