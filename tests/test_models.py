@@ -171,3 +171,87 @@ def test_shipped_tokenizer_keeps_every_digit_a_token():
     # a corpus full of one number still never merges its digits
     fresh = train_tokenizer(["0.4727 0.4727 speed 22.4"] * 50, vocab_size=300)
     assert all(len(t.lstrip("Ġ")) <= 1 or not any(c.isdigit() for c in t) for t in fresh.get_vocab())
+
+
+def _tagged_sample(tmp_path, tag, *, square_at=None, cams=("CAM_FRONT", "CAM_BACK"), size=(224, 128)):
+    from PIL import Image
+
+    from drivekd.data.sample import ImageRef, Sample
+
+    refs = []
+    for cam in cams:
+        img = Image.new("RGB", size)
+        if square_at is not None and cam == square_at[0]:
+            u, v = int(square_at[1] * size[0]), int(square_at[2] * size[1])
+            img.paste((255, 255, 255), (u - 6, v - 6, u + 6, v + 6))
+        path = tmp_path / f"{cam}-{len(list(tmp_path.iterdir()))}.png"
+        img.save(path)
+        refs.append(ImageRef(cam, str(path)))
+    question = "".join(f"{cam}: <image>\n" for cam in cams) + f"What colour is object {tag}?"
+    return Sample("t", "perception", "colour", refs, question, "Red.", "sc")
+
+
+@pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
+@pytest.mark.parametrize("where", [("CAM_FRONT", 0.6, 0.4), ("CAM_BACK", 0.9, 0.1), ("CAM_BACK", 0.1, 0.9)])
+def test_tag_mask_points_at_the_token_that_sees_the_tagged_spot(name, where, tmp_path):
+    """Reference: paint a white square at the tag's spot; the visual token whose features change most
+    must be the one the tag mask marks."""
+    backend = load_backend(name)
+    backend.model.eval()
+    cam, x, y = where
+    tag = f"<c1,{cam},{x:.4f},{y:.4f}>"
+    plain, painted = _tagged_sample(tmp_path, tag), _tagged_sample(tmp_path, tag, square_at=where)
+    batch = backend.build_batch([plain, painted])
+    assert batch.tag_mask.sum(1).tolist() == [1, 1]
+    assert torch.equal(batch.tag_mask[0], batch.tag_mask[1]) and bool((batch.tag_mask & batch.visual_mask).any())
+    with torch.no_grad():
+        embeds = backend.model.get_input_embeddings()(batch.inputs["input_ids"])
+        features = backend.model.model.get_image_features(
+            **{k: v for k, v in batch.inputs.items() if k in ("pixel_values", "image_grid_thw")}
+        )
+    features = getattr(features, "pooler_output", features)
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    features = features.reshape(-1, embeds.shape[-1])
+    per_sample = features.shape[0] // 2
+    change = (features[per_sample:] - features[:per_sample]).norm(dim=-1)
+    visual_positions = batch.visual_mask[1].nonzero().flatten()
+    assert visual_positions[change.argmax()] == batch.tag_mask[1].nonzero().flatten()[0]
+
+
+def test_tag_mask_reads_pixel_coordinates_and_skips_what_points_nowhere(tmp_path):
+    backend = load_backend("tiny-internvl-student")
+    fraction = _tagged_sample(tmp_path, "<c1,CAM_BACK,0.6000,0.4000>")
+    pixels = _tagged_sample(tmp_path, "<c1,CAM_BACK,134.4,51.2>")  # the same spot of a 224x128 image
+    two_tags = _tagged_sample(tmp_path, "<c1,CAM_BACK,0.6,0.4> or <c2,CAM_FRONT,0.2,0.5>")
+    other_camera = _tagged_sample(tmp_path, "<c1,CAM_FRONT_LEFT,0.6,0.4>")
+    batch = backend.build_batch([fraction, pixels, two_tags, other_camera])
+    assert torch.equal(batch.tag_mask[0], batch.tag_mask[1]) and int(batch.tag_mask[0].sum()) == 1
+    assert not batch.tag_mask[2:].any()
+    left = backend.build_batch([fraction, two_tags], padding_side="left")
+    assert int(left.tag_mask[0].sum()) == 1 and bool((left.tag_mask & left.visual_mask).sum() == 1)
+
+
+def test_tag_attention_loss_is_the_eager_attention_mass(tmp_path):
+    from drivekd.models.backend import IGNORE_INDEX
+    from drivekd.train.sft import cross_entropy, with_tag_attention
+
+    backend = load_backend("tiny-internvl-student", LoadOptions(attn_implementation="eager"))
+    backend.model.eval()
+    samples = [
+        _tagged_sample(tmp_path, "<c1,CAM_FRONT,0.3,0.6>"),
+        _tagged_sample(tmp_path, "<c1,CAM_FRONT,0.3,0.6> or <c2,CAM_BACK,0.5,0.5>"),  # no single object
+        _tagged_sample(tmp_path, "<c3,CAM_BACK,0.8,0.7>"),
+    ]
+    batch = backend.build_batch(samples)
+    losses = with_tag_attention(cross_entropy, backend, weight=0.5, layer=-2)(backend.model, batch)
+    with torch.no_grad():
+        out = backend.model(**batch.inputs, labels=batch.labels, output_attentions=True)
+    maps = out.attentions[2].mean(1)  # layer -2 of 4, head mean
+    expected = []
+    for i in (0, 2):
+        target = int(batch.tag_mask[i].nonzero())
+        for q in range(batch.labels.shape[1] - 1):
+            if batch.labels[i, q + 1] != IGNORE_INDEX:
+                expected.append(-torch.log(maps[i, q, target]))
+    assert torch.allclose(losses["ce"], out.loss, atol=1e-5)
+    assert torch.allclose(losses["tag_attention"], 0.5 * torch.stack(expected).mean(), atol=1e-5)

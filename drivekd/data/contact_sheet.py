@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from drivekd.data.sample import Sample
-
-_TAG = re.compile(r"<c\d+,(CAM_[A-Z_]+),([0-9.]+),([0-9.]+)>")
+from drivekd.data.sample import OBJECT_TAG, Sample
 
 
 def contact_sheet(samples: Sequence[Sample], scenes: int, caption_width: int = 300) -> Image.Image:
@@ -24,7 +21,7 @@ def contact_sheet(samples: Sequence[Sample], scenes: int, caption_width: int = 3
         tiles = [Image.open(im.path).convert("RGB") for im in first.images]
         draw_tags = {im.camera: ImageDraw.Draw(tile) for im, tile in zip(first.images, tiles, strict=True)}
         for s in scene_samples:
-            for cam, x, y in _TAG.findall(s.question + s.answer):
+            for cam, x, y in OBJECT_TAG.findall(s.question + s.answer):
                 if cam in draw_tags:
                     w, h = tiles[0].size
                     u, v = float(x) * w, float(y) * h

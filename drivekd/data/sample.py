@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from drivekd.errors import DataError
 
 CAPABILITIES: tuple[str, ...] = ("perception", "reasoning", "planning")
 IMAGE_PLACEHOLDER = "<image>"
+# DriveLM object tags: `<c1,CAM_FRONT,0.4911,0.5273>` (fractions of the image) or pixel coordinates.
+OBJECT_TAG = re.compile(r"<c\d+,(CAM_[A-Z_]+),([0-9.]+),([0-9.]+)>")
 
 # DriveBench's prediction and behavior questions both test reasoning (method doc §2).
 _CAPABILITY_ALIASES: dict[str, str] = {
@@ -124,3 +127,14 @@ def with_other_images(samples: list[Sample]) -> list[Sample]:
         donor = scenes[(position[(cameras, scene)] + 1) % len(scenes)]  # itself when the group has one scene
         out.append(s if donor == scene else dataclasses.replace(s, images=list(images_of[(cameras, donor)])))
     return out
+
+
+def object_tags(text: str) -> list[tuple[str, float, float]]:
+    """The distinct `(camera, x, y)` object tags in `text`, in order of first mention."""
+    seen: dict[tuple[str, float, float], None] = {}
+    for cam, x, y in OBJECT_TAG.findall(text):
+        try:
+            seen[(cam, float(x), float(y))] = None
+        except ValueError:  # e.g. "1.2.3": not a coordinate
+            continue
+    return list(seen)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample
+from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample, object_tags
 from drivekd.errors import DataError
 
 IGNORE_INDEX = -100
@@ -37,12 +37,14 @@ class Batch:
     sample_ids: list[str]
     capabilities: list[str]
     decision_mask: torch.Tensor | None = None  # (B, T) bool: answer tokens inside `Final: {...}`
+    tag_mask: torch.Tensor | None = None  # (B, T) bool: the visual token under the question's one object tag
 
     def to(self, device: torch.device | str) -> Batch:
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
         self.labels = None if self.labels is None else self.labels.to(device)
         self.visual_mask = self.visual_mask.to(device)
         self.decision_mask = None if self.decision_mask is None else self.decision_mask.to(device)
+        self.tag_mask = None if self.tag_mask is None else self.tag_mask.to(device)
         return self
 
     def __len__(self) -> int:
@@ -71,6 +73,11 @@ class VLMBackend(abc.ABC):
     @abc.abstractmethod
     def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pixel tensors for the model, and the number of visual tokens of each image."""
+
+    @abc.abstractmethod
+    def token_grids(self, pixel_inputs: dict[str, torch.Tensor], counts: list[int]) -> list[tuple[int, int, int]]:
+        """Per image: `(offset, rows, cols)` of the row-major token grid that covers the whole image
+        within the image's token block (a tiled InternVL image: its thumbnail)."""
 
     @abc.abstractmethod
     def image_tokens(self, count: int) -> str:
@@ -121,10 +128,12 @@ class VLMBackend(abc.ABC):
                 except OSError as e:
                     raise DataError(f"sample {s.id}: cannot read image {ref.path}: {e}") from e
         pixel_inputs, counts = self.image_inputs(images) if images else ({}, [])
-        rows, label_rows, decision_rows, k = [], [], [], 0
+        grids = self.token_grids(pixel_inputs, counts) if images else []
+        rows, label_rows, decision_rows, tag_positions, k = [], [], [], [], 0
         for s in samples:
             n = len(s.images)
             prompt = self.tokenizer(self.prompt_text(s, counts[k : k + n]), add_special_tokens=False).input_ids
+            tag_positions.append(self._tag_position(s, prompt, images[k : k + n], grids[k : k + n]))
             k += n
             answer, decision = self._answer_tokens(s.answer) if with_answers else ([], [])
             ids = prompt + answer
@@ -138,12 +147,16 @@ class VLMBackend(abc.ABC):
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         decision_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        tag_mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for i, (ids, lab, dec) in enumerate(zip(rows, label_rows, decision_rows, strict=True)):
-            sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+            start = 0 if padding_side == "right" else width - len(ids)
+            sl = slice(start, start + len(ids))
             input_ids[i, sl] = torch.tensor(ids)
             attention[i, sl] = 1
             labels[i, sl] = torch.tensor(lab)
             decision_mask[i, sl] = torch.tensor(dec, dtype=torch.bool)
+            if tag_positions[i] is not None:
+                tag_mask[i, start + tag_positions[i]] = True
         inputs = {"input_ids": input_ids, "attention_mask": attention, **pixel_inputs, **self.extra_inputs(input_ids)}
         return Batch(
             inputs=inputs,
@@ -152,7 +165,40 @@ class VLMBackend(abc.ABC):
             sample_ids=[s.id for s in samples],
             capabilities=[s.capability for s in samples],
             decision_mask=decision_mask if with_answers else None,
+            tag_mask=tag_mask,
         )
+
+    def _tag_position(
+        self, sample: Sample, prompt: list[int], images: list[Image.Image], grids: list[tuple[int, int, int]]
+    ) -> int | None:
+        """Prompt position of the visual token under the question's object tag, when it names exactly
+        one object in one of the sample's cameras (several tagged options point at no single token)."""
+        tags = object_tags(sample.question)
+        cameras = [ref.camera for ref in sample.images]
+        if len(tags) != 1 or tags[0][0] not in cameras:
+            return None
+        camera, x, y = tags[0]
+        j = cameras.index(camera)
+        if x > 1 or y > 1:  # pixel coordinates, as in DriveLM
+            x, y = x / images[j].width, y / images[j].height
+        offset, grid_rows, grid_cols = grids[j]
+        visual = [p for p, t in enumerate(prompt) if t == self.visual_token_id]
+        block_start = visual[sum(self._block_sizes(prompt)[:j])]
+        row = min(max(int(y * grid_rows), 0), grid_rows - 1)
+        col = min(max(int(x * grid_cols), 0), grid_cols - 1)
+        return block_start + offset + row * grid_cols + col
+
+    def _block_sizes(self, prompt: list[int]) -> list[int]:
+        """Lengths of the runs of visual tokens in a prompt: one per image, in placeholder order."""
+        sizes, previous = [], False
+        for t in prompt:
+            current = t == self.visual_token_id
+            if current and not previous:
+                sizes.append(0)
+            if current:
+                sizes[-1] += 1
+            previous = current
+        return sizes
 
     def _answer_tokens(self, answer: str) -> tuple[list[int], list[bool]]:
         """Token ids of an answer (plus end of turn) and which of them lie inside `Final: {...}`."""

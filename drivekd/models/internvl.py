@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,6 +25,12 @@ class InternVLBackend(VLMBackend):
         out = self.image_processor(images, crop_to_patches=False, return_tensors="pt")
         pixels = out["pixel_values"].to(self.model.dtype)
         return {"pixel_values": pixels}, [int(self.model.config.image_seq_length)] * len(images)
+
+    def token_grids(self, pixel_inputs: dict[str, torch.Tensor], counts: list[int]) -> list[tuple[int, int, int]]:
+        # A tiled image ends with its thumbnail, one whole-image tile of `image_seq_length` tokens.
+        per_tile = int(self.model.config.image_seq_length)
+        side = math.isqrt(per_tile)
+        return [(count - per_tile, side, side) for count in counts]
 
     def image_tokens(self, count: int) -> str:
         return IMG_START + IMG_CONTEXT * count + IMG_END

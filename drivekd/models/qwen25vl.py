@@ -26,6 +26,10 @@ class Qwen25VLBackend(VLMBackend):
         counts = [int(t * h * w) // (merge * merge) for t, h, w in grid.tolist()]
         return {"pixel_values": out["pixel_values"].to(self.model.dtype), "image_grid_thw": grid}, counts
 
+    def token_grids(self, pixel_inputs: dict[str, torch.Tensor], counts: list[int]) -> list[tuple[int, int, int]]:
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        return [(0, h // merge, w // merge) for _, h, w in pixel_inputs["image_grid_thw"].tolist()]
+
     def image_tokens(self, count: int) -> str:
         return VISION_START + IMAGE_PAD * count + VISION_END
 

@@ -53,6 +53,10 @@ class TrainConfig(_Strict):
     grad_accum: int = 1
     group_by_length: bool = False  # batches of similar length (less padding), in shuffled order
     decision_weight: float = 1.0  # SFT: loss weight of answer tokens inside `Final: {...}` vs the rest
+    # SFT: weight of the tag-attention loss (answer positions attend to the tagged object's visual
+    # token; `sft.with_tag_attention`) and the LM layer it supervises (None: the middle one).
+    tag_attention_weight: float = 0.0
+    tag_attention_layer: int | None = None
     lr: float = 3e-4
     lr_scale: dict[Literal["vision", "projector", "llm"], float] = {}  # e.g. {vision: 5}: per-part lr multipliers
     weight_decay: float = 0.0

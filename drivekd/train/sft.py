@@ -119,12 +119,52 @@ def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module,
     return objective
 
 
+def with_tag_attention(
+    objective: Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]],
+    backend: VLMBackend,
+    *,
+    weight: float,
+    layer: int,
+) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
+    """Add `tag_attention`: −log of the attention mass (head mean, LM layer `layer`) that each
+    answer-predicting position puts on the visual token under the question's object tag.
+
+    A tiny VLM trained from scratch does not learn, in any budget we can afford, to go from a tag's
+    printed coordinates to the visual token they point at (README "Direct test"). The tag itself says
+    where to look, so this supervises the lookup directly; nothing beyond the question is used, and
+    answering needs no tag at test time.
+    """
+    from drivekd.distill.capture import capture, resolve_layer
+
+    layer = resolve_layer(layer, backend.num_layers)
+
+    def objective_with_grounding(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        if batch.tag_mask is None or not bool(batch.tag_mask.any()):
+            return objective(model, batch)
+        with capture(backend, [layer]) as maps:
+            losses = objective(model, batch)
+        queries = (batch.labels[:, 1:] != IGNORE_INDEX) & batch.tag_mask.any(1, keepdim=True)
+        mass = torch.einsum("bqk,bk->bq", maps[layer][:, :-1].float(), batch.tag_mask.float())
+        losses["tag_attention"] = weight * -mass[queries].clamp_min(1e-6).log().mean()
+        return losses
+
+    return objective_with_grounding
+
+
 def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(config.train.seed)
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)
     augment = shuffle_choices if config.data.shuffle_choices else None
     objective = weighted_cross_entropy(config.train.decision_weight)
+    if config.train.tag_attention_weight > 0:
+        layer = config.train.tag_attention_layer
+        objective = with_tag_attention(
+            objective,
+            backend,
+            weight=config.train.tag_attention_weight,
+            layer=backend.num_layers // 2 if layer is None else layer,
+        )
     trainer = Trainer(
         config.train,
         backend,
