@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -227,6 +229,12 @@ def test_tag_mask_reads_pixel_coordinates_and_skips_what_points_nowhere(tmp_path
     batch = backend.build_batch([fraction, pixels, two_tags, other_camera])
     assert torch.equal(batch.tag_mask[0], batch.tag_mask[1]) and int(batch.tag_mask[0].sum()) == 1
     assert not batch.tag_mask[2:].any()
+    # several tagged options: the object the answer picks (training batches only)
+    options = dataclasses.replace(two_tags, answer="Final: {B. <c2,CAM_FRONT,0.2,0.5>}")
+    answer_tag = _tagged_sample(tmp_path, "<c2,CAM_FRONT,0.2,0.5>")
+    trained = backend.build_batch([options, answer_tag])
+    assert int(trained.tag_mask[0].sum()) == 1 and torch.equal(trained.tag_mask[0], trained.tag_mask[1])
+    assert not backend.build_batch([options], with_answers=False).tag_mask.any()
     left = backend.build_batch([fraction, two_tags], padding_side="left")
     assert int(left.tag_mask[0].sum()) == 1 and bool((left.tag_mask & left.visual_mask).sum() == 1)
 

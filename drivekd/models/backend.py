@@ -37,7 +37,7 @@ class Batch:
     sample_ids: list[str]
     capabilities: list[str]
     decision_mask: torch.Tensor | None = None  # (B, T) bool: answer tokens inside `Final: {...}`
-    tag_mask: torch.Tensor | None = None  # (B, T) bool: the visual token under the question's one object tag
+    tag_mask: torch.Tensor | None = None  # (B, T) bool: the visual token under the object the sample is about
 
     def to(self, device: torch.device | str) -> Batch:
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
@@ -133,7 +133,7 @@ class VLMBackend(abc.ABC):
         for s in samples:
             n = len(s.images)
             prompt = self.tokenizer(self.prompt_text(s, counts[k : k + n]), add_special_tokens=False).input_ids
-            tag_positions.append(self._tag_position(s, prompt, images[k : k + n], grids[k : k + n]))
+            tag_positions.append(self._tag_position(s, prompt, images[k : k + n], grids[k : k + n], with_answers))
             k += n
             answer, decision = self._answer_tokens(s.answer) if with_answers else ([], [])
             ids = prompt + answer
@@ -169,11 +169,19 @@ class VLMBackend(abc.ABC):
         )
 
     def _tag_position(
-        self, sample: Sample, prompt: list[int], images: list[Image.Image], grids: list[tuple[int, int, int]]
+        self,
+        sample: Sample,
+        prompt: list[int],
+        images: list[Image.Image],
+        grids: list[tuple[int, int, int]],
+        with_answer: bool,
     ) -> int | None:
-        """Prompt position of the visual token under the question's object tag, when it names exactly
-        one object in one of the sample's cameras (several tagged options point at no single token)."""
+        """Prompt position of the visual token under the object a sample is about: the question's one
+        object tag, else (training batches) the answer's, e.g. the vehicle a "nearest ahead" answer
+        names or the chosen one of several tagged options. None when neither names exactly one."""
         tags = object_tags(sample.question)
+        if len(tags) != 1 and with_answer:
+            tags = object_tags(sample.answer)
         cameras = [ref.camera for ref in sample.images]
         if len(tags) != 1 or tags[0][0] not in cameras:
             return None
