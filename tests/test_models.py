@@ -250,16 +250,20 @@ def test_tag_attention_loss_is_the_eager_attention_mass(tmp_path):
         _tagged_sample(tmp_path, "<c1,CAM_FRONT,0.3,0.6> or <c2,CAM_BACK,0.5,0.5>"),  # no single object
         _tagged_sample(tmp_path, "<c3,CAM_BACK,0.8,0.7>"),
     ]
+    samples[2] = dataclasses.replace(samples[2], answer="Final: {B. Red.}\nObject: red sedan")
     batch = backend.build_batch(samples)
     losses = with_tag_attention(cross_entropy, backend, weight=0.5, layer=-2)(backend.model, batch)
     with torch.no_grad():
         out = backend.model(**batch.inputs, labels=batch.labels, output_attentions=True)
     maps = out.attentions[2].mean(1)  # layer -2 of 4, head mean
     expected = []
+    final_span = backend.tokenizer("Final: {B. Red.}", add_special_tokens=False).input_ids
     for i in (0, 2):
         target = int(batch.tag_mask[i].nonzero())
-        for q in range(batch.labels.shape[1] - 1):
-            if batch.labels[i, q + 1] != IGNORE_INDEX:
-                expected.append(-torch.log(maps[i, q, target]))
+        answer_start = int((batch.labels[i] != IGNORE_INDEX).nonzero()[0])
+        # sample 0 ("Red."): every answer token; sample 2: only the tokens of `Final: {B. Red.}`
+        last = answer_start + len(final_span) if i == 2 else int((batch.labels[i] != IGNORE_INDEX).nonzero()[-1]) + 1
+        for q in range(answer_start - 1, last - 1):
+            expected.append(-torch.log(maps[i, q, target]))
     assert torch.allclose(losses["ce"], out.loss, atol=1e-5)
     assert torch.allclose(losses["tag_attention"], 0.5 * torch.stack(expected).mean(), atol=1e-5)

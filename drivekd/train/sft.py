@@ -126,13 +126,15 @@ def with_tag_attention(
     weight: float,
     layer: int,
 ) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
-    """Add `tag_attention`: −log of the attention mass (head mean, LM layer `layer`) that each
-    answer-predicting position puts on the visual token under the question's object tag.
+    """Add `tag_attention`: −log of the attention mass (head mean, LM layer `layer`) that the
+    positions predicting the committed answer (`Final: {...}`, else every answer token) put on the
+    visual token of the object the sample is about (`Batch.tag_mask`).
 
     A tiny VLM trained from scratch does not learn, in any budget we can afford, to go from a tag's
     printed coordinates to the visual token they point at (README "Direct test"). The tag itself says
-    where to look, so this supervises the lookup directly; nothing beyond the question is used, and
-    answering needs no tag at test time.
+    where to look, so this supervises the lookup directly. Only the committed answer is supervised:
+    at weight 1 on every token of a long DriveBench-style answer, a 12M teacher's CE was 0.92 vs
+    0.5 at step 350 — one layer made to stare at one token cannot do its other work.
     """
     from drivekd.distill.capture import capture, resolve_layer
 
@@ -143,7 +145,11 @@ def with_tag_attention(
             return objective(model, batch)
         with capture(backend, [layer]) as maps:
             losses = objective(model, batch)
-        queries = (batch.labels[:, 1:] != IGNORE_INDEX) & batch.tag_mask.any(1, keepdim=True)
+        queries = batch.labels[:, 1:] != IGNORE_INDEX
+        if batch.decision_mask is not None:  # where there is a `Final: {...}`, only its tokens look
+            decision = batch.decision_mask[:, 1:]
+            queries = torch.where(decision.any(1, keepdim=True), decision, queries)
+        queries = queries & batch.tag_mask.any(1, keepdim=True)
         mass = torch.einsum("bqk,bk->bq", maps[layer][:, :-1].float(), batch.tag_mask.float())
         losses["tag_attention"] = weight * -mass[queries].clamp_min(1e-6).log().mean()
         return losses
