@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from drivekd.models.backend import VLMBackend
 
 IMPLEMENTATION = "drivekd_capture"
-_ACTIVE: dict[int, tuple[dict[int, torch.Tensor], int]] = {}  # id(attention module) -> (sink, layer)
+_ACTIVE: dict[int, tuple[dict[int, torch.Tensor], int, bool]] = {}  # id(module) -> (sink, layer, per head)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -44,16 +44,16 @@ def capture_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    sink, layer = entry
+    sink, layer, per_head = entry
     groups = getattr(module, "num_key_value_groups", 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     attention_mask = _additive(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not per_head:
         return _per_head_no_grad(sink, layer, query, key, value, attention_mask, scale, groups)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     logits = torch.matmul(query, key.transpose(2, 3)) * scale + attention_mask
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    sink[layer] = probs.mean(dim=1)
+    sink[layer] = probs if per_head else probs.mean(dim=1)
     probs_dropped = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs_dropped, value).transpose(1, 2).contiguous()
     return out, None
@@ -118,8 +118,11 @@ def resolve_layer(index: int, num_layers: int) -> int:
 
 
 @contextlib.contextmanager
-def capture(backend: VLMBackend, layers: set[int] | list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Within the block, forward passes store head-mean maps `(B, T, T)` of `layers` in the yielded dict.
+def capture(
+    backend: VLMBackend, layers: set[int] | list[int], *, per_head: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Within the block, forward passes store head-mean maps `(B, T, T)` of `layers` in the yielded dict
+    (`per_head`: every head's map, `(B, H, T, T)`).
 
     The language model switches to the capture implementation for the duration (SDPA elsewhere),
     and back to its previous implementation afterwards.
@@ -130,7 +133,7 @@ def capture(backend: VLMBackend, layers: set[int] | list[int]) -> Iterator[dict[
     text_config = backend.model.config.text_config
     previous = text_config._attn_implementation
     for i in wanted:
-        _ACTIVE[id(modules[i])] = (sink, i)
+        _ACTIVE[id(modules[i])] = (sink, i, per_head)
     backend.model.set_attn_implementation({"text_config": IMPLEMENTATION})
     try:
         yield sink

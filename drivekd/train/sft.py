@@ -126,7 +126,7 @@ def with_tag_attention(
     weight: float,
     layer: int,
 ) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
-    """Add `tag_attention`: −log of the attention mass (head mean, LM layer `layer`) that the
+    """Add `tag_attention`: −log of the attention mass (head 0 of LM layer `layer`) that the
     positions predicting the committed answer (`Final: {...}`, else every answer token) put on the
     visual token of the object the sample is about (`Batch.tag_mask`).
 
@@ -134,7 +134,8 @@ def with_tag_attention(
     printed coordinates to the visual token they point at (README "Direct test"). The tag itself says
     where to look, so this supervises the lookup directly. Only the committed answer is supervised:
     at weight 1 on every token of a long DriveBench-style answer, a 12M teacher's CE was 0.92 vs
-    0.5 at step 350 — one layer made to stare at one token cannot do its other work.
+    0.5 at step 350 — one layer made to stare at one token cannot do its other work. For the same
+    reason one head is supervised, not the head mean: the layer's other heads stay free.
     """
     from drivekd.distill.capture import capture, resolve_layer
 
@@ -143,14 +144,14 @@ def with_tag_attention(
     def objective_with_grounding(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         if batch.tag_mask is None or not bool(batch.tag_mask.any()):
             return objective(model, batch)
-        with capture(backend, [layer]) as maps:
+        with capture(backend, [layer], per_head=True) as maps:
             losses = objective(model, batch)
         queries = batch.labels[:, 1:] != IGNORE_INDEX
         if batch.decision_mask is not None:  # where there is a `Final: {...}`, only its tokens look
             decision = batch.decision_mask[:, 1:]
             queries = torch.where(decision.any(1, keepdim=True), decision, queries)
         queries = queries & batch.tag_mask.any(1, keepdim=True)
-        mass = torch.einsum("bqk,bk->bq", maps[layer][:, :-1].float(), batch.tag_mask.float())
+        mass = torch.einsum("bqk,bk->bq", maps[layer][:, 0, :-1].float(), batch.tag_mask.float())
         losses["tag_attention"] = weight * -mass[queries].clamp_min(1e-6).log().mean()
         return losses
 
