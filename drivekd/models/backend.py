@@ -190,23 +190,12 @@ class VLMBackend(abc.ABC):
         if x > 1 or y > 1:  # pixel coordinates, as in DriveLM
             x, y = x / images[j].width, y / images[j].height
         offset, grid_rows, grid_cols = grids[j]
-        visual = [p for p, t in enumerate(prompt) if t == self.visual_token_id]
-        block_start = visual[sum(self._block_sizes(prompt)[:j])]
+        vis = self.visual_token_id
+        # each image is one run of visual tokens, in placeholder order
+        block_starts = [p for p, t in enumerate(prompt) if t == vis and (p == 0 or prompt[p - 1] != vis)]
         row = min(max(int(y * grid_rows), 0), grid_rows - 1)
         col = min(max(int(x * grid_cols), 0), grid_cols - 1)
-        return block_start + offset + row * grid_cols + col
-
-    def _block_sizes(self, prompt: list[int]) -> list[int]:
-        """Lengths of the runs of visual tokens in a prompt: one per image, in placeholder order."""
-        sizes, previous = [], False
-        for t in prompt:
-            current = t == self.visual_token_id
-            if current and not previous:
-                sizes.append(0)
-            if current:
-                sizes[-1] += 1
-            previous = current
-        return sizes
+        return block_starts[j] + offset + row * grid_cols + col
 
     def _answer_tokens(self, answer: str) -> tuple[list[int], list[bool]]:
         """Token ids of an answer (plus end of turn) and which of them lie inside `Final: {...}`."""
