@@ -164,8 +164,9 @@ def test_config_errors_are_one_line(tmp_path, data_dir):
     for override, needle in [
         ("train.lrr=1", "train.lrr: Extra inputs are not permitted"),
         ("train.micro_batch_size=many", "train.micro_batch_size: Input should be a valid integer"),
+        ("train.tag_attention_weight=1 train.tag_attention_layer=9", "train.tag_attention_layer=9: the model has"),
     ]:
-        r = run_cli("sft", "--config", str(cfg), override)
+        r = run_cli("sft", "--config", str(cfg), *override.split())
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     r = run_cli("sft", "--config", str(cfg), "model.name=/no/such/model")

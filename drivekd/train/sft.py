@@ -11,7 +11,7 @@ from drivekd.data.choices import shuffle_choices
 from drivekd.data.formats import load_samples, load_split
 from drivekd.data.sample import Sample
 from drivekd.data.validate import validate_samples
-from drivekd.errors import DataError
+from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, ModelConfig, SFTConfig, dump_config
@@ -166,12 +166,13 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     objective = weighted_cross_entropy(config.train.decision_weight)
     if config.train.tag_attention_weight > 0:
         layer = config.train.tag_attention_layer
-        objective = with_tag_attention(
-            objective,
-            backend,
-            weight=config.train.tag_attention_weight,
-            layer=backend.num_layers // 2 if layer is None else layer,
-        )
+        layer = backend.num_layers // 2 if layer is None else layer
+        if not -backend.num_layers <= layer < backend.num_layers:
+            raise DriveKDError(
+                f"train.tag_attention_layer={layer}: the model has {backend.num_layers} LM layers "
+                f"(use 0..{backend.num_layers - 1}, or negative from the end)"
+            )
+        objective = with_tag_attention(objective, backend, weight=config.train.tag_attention_weight, layer=layer)
     trainer = Trainer(
         config.train,
         backend,
