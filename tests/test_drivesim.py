@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from drivekd.data.choices import answer_letter
 from drivekd.data.drivesim.camera import Renderer, default_cameras
@@ -247,6 +248,60 @@ def test_grounded_caption_names_every_visible_vehicle_once():
     assert by_index[1].endswith("in the same lane, brake lights lit.")
     assert "in the right lane, no lights." in by_index[2] and "behind, in the same lane" in by_index[3]
     assert lines[-1] == "Ego lane: a middle lane of 3."
+
+
+def test_object_questions_ask_colour_and_lights_of_every_vehicle_within_30_m():
+    from drivekd.data.drivesim.objects import object_questions
+
+    # braking ahead in the same lane, signalling left ahead in the right lane, 60 m behind (too far)
+    others = [(1, 15.0, 20.0), (2, 25.0, 20.0), (1, -60.0, 20.0)]
+    snap = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=others).snapshot()
+    snap.cars = [
+        dataclasses.replace(c, accel=-4.0)
+        if c.index == 1
+        else dataclasses.replace(c, target_lane=("0", "1", 1))
+        if c.index == 2
+        else c
+        for c in snap.cars
+    ]
+    visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
+    ctx = SceneContext(snap, visible, {}, np.random.default_rng(0))
+    assert len(ctx.tagged()) == 3
+    items = object_questions(ctx, (224, 128))
+    kinds = ["close_up_colour", "close_up_lights", "tag_colour", "tag_lights"]
+    assert [q.question_type for q in items] == kinds * 2
+    by_car = {v.car.index: v for v in visible["CAM_FRONT"]}
+    tag1 = by_car[1].tag("CAM_FRONT", 1)
+    car1 = next(c for c in snap.cars if c.index == 1)
+    assert items[2].question == f"What colour is object {tag1}?" and items[3].facts["object"] == tag1
+    assert [q.answer for q in items[:4]] == [f"{car1.colour.capitalize()}.", "Brake lights lit."] * 2
+    assert items[0].facts["attribute"] == car1.colour and items[1].facts["status"] == "braking"
+    assert items[7].answer == "Left indicator on." and items[7].facts["object"] == by_car[2].tag("CAM_FRONT", 1)
+    # close-ups are square, inside the image, and contain the vehicle's box centre
+    for q, vis in ((items[0], by_car[1]), (items[4], by_car[2])):
+        cam, (left, top, right, bottom) = q.crop
+        assert cam == "CAM_FRONT" and right - left == bottom - top >= 16
+        assert 0 <= left and right <= 224 and 0 <= top and bottom <= 128
+        assert left < vis.cx * 224 < right and top < vis.cy * 128 < bottom
+        assert right - left >= 2 * max(vis.width * 224, vis.height * 128) or right - left == 128
+    assert items[2].crop is None and items[3].crop is None
+
+
+def test_object_task_shows_close_ups_alone_and_tagged_questions_in_the_scene(tmp_path):
+    out = tmp_path / "objects"
+    card = generate(out, GenerateConfig(scenes=3, seed=5, task="objects"))
+    samples = load_samples(out)
+    assert validate_samples(samples).ok
+    assert set(card["question_types"]) == {"close_up_colour", "close_up_lights", "tag_colour", "tag_lights"}
+    for s in samples:
+        if s.question_type.startswith("close_up"):
+            assert [im.camera for im in s.images] == ["CLOSE_UP"]
+            assert s.question.startswith("CLOSE_UP: <image>\n") and "<c" not in s.question
+            with Image.open(s.images[0].path) as im:
+                assert im.width == im.height >= 16
+        else:
+            assert [im.camera for im in s.images] == ["CAM_FRONT", "CAM_BACK"]
+            assert s.facts["object"] in s.question
 
 
 def test_caption_task_generates_valid_data_and_refuses_unknown_tasks(tmp_path):

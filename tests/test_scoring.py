@@ -128,6 +128,13 @@ def test_fact_checks():
     assert fact_score("Final: {<c2,CAM_FRONT,0.56,0.40>}", near)[1] == 0.0  # 0.06 off in x
     assert fact_score("Final: {<c2,CAM_BACK,0.5,0.4375>}", near)[1] == 0.0  # other camera
     assert fact_score("anything", {"label": "x", "camera": "CAM_FRONT"}) is None
+    # dense object questions: the attribute decides, not the tag the question is about
+    lights = {"attribute": "brake lights lit", "object": "<c1,CAM_FRONT,0.5,0.5>"}
+    assert fact_score("Brake lights lit.", lights) == ("attribute", 100.0, "brake lights lit")
+    assert fact_score("No lights.\nsomething else", lights)[1] == 0.0
+    assert fact_score("Final: {Red}", {"attribute": "red"})[1] == 100.0
+    assert fact_score("Red car.", {"attribute": "red"})[1] == 0.0  # the whole phrase, not a prefix
+    assert fact_score("", {"attribute": "red"}) == ("attribute", 0.0, None)
 
 
 def _line(i, cap, qt, pred, ref, **extra):

@@ -50,10 +50,11 @@ def data() -> None:
 )
 @click.option(
     "--task",
-    type=click.Choice(["qa", "captions"]),
+    type=click.Choice(["qa", "captions", "objects"]),
     default="qa",
     show_default=True,
-    help="qa: DriveBench-style questions; captions: one grounded scene caption per scene (pretraining).",
+    help="qa: DriveBench-style questions; captions: one grounded scene caption per scene (pretraining); "
+    "objects: a colour and a lights question per vehicle within 30 m (dense grounding stage).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def generate(

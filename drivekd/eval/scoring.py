@@ -37,7 +37,7 @@ from drivekd.errors import DataError
 from drivekd.eval import metrics
 from drivekd.eval.parsing import after_final, parse_choice, parse_field, parse_final_set, parse_set
 
-FACT_CHECKS: tuple[str, ...] = ("safe_actions", "collision_actions", "count", "action", "lane", "object")
+FACT_CHECKS: tuple[str, ...] = ("safe_actions", "collision_actions", "count", "action", "lane", "attribute", "object")
 OBJECT_TOLERANCE = 0.05
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "capability", "question_type", "prediction", "reference")
 
@@ -260,6 +260,14 @@ def _check_lane(prediction: str, gold: Any) -> tuple[float, str | None]:
     return (100.0 if got and got == _word(str(gold)) else 0.0), got
 
 
+def _check_attribute(prediction: str, gold: Any) -> tuple[float, str | None]:
+    said = _final_line(prediction)
+    if said is None:
+        said = prediction.strip().splitlines()[0] if prediction.strip() else ""
+    got = _word(said)
+    return (100.0 if got and got == _word(str(gold)) else 0.0), got or None
+
+
 def _check_object(prediction: str, gold: Any) -> tuple[float, str | None]:
     want = _tag(gold) if isinstance(gold, str) else None
     if want is None:
@@ -279,6 +287,7 @@ _CHECKS: dict[str, Callable[[str, Any], tuple[float, str | None]]] = {
     "count": _check_count,
     "action": _check_action,
     "lane": _check_lane,
+    "attribute": _check_attribute,
     "object": _check_object,
 }
 

@@ -70,13 +70,15 @@ def default_cameras(width: int, height: int) -> tuple[Camera, Camera]:
 
 @dataclass
 class Visible:
-    """A vehicle that shows in a camera image: its unoccluded pixel count and box centre in [0, 1]."""
+    """A vehicle that shows in a camera image: its unoccluded pixel count, box centre and size in [0, 1]."""
 
     car: Car
     pixels: int
     cx: float
     cy: float
     depth: float
+    width: float = 0.0
+    height: float = 0.0
 
     def tag(self, camera: str, k: int) -> str:
         return f"<c{k},{camera},{self.cx:.4f},{self.cy:.4f}>"
@@ -233,7 +235,9 @@ class Renderer:
                 continue
             cx = (xs.min() + xs.max() + 1) / 2 / arr.shape[1]
             cy = (ys.min() + ys.max() + 1) / 2 / arr.shape[0]
-            out.append(Visible(car, len(xs), float(cx), float(cy), depth))
+            w = (xs.max() - xs.min() + 1) / arr.shape[1]
+            h = (ys.max() - ys.min() + 1) / arr.shape[0]
+            out.append(Visible(car, len(xs), float(cx), float(cy), depth, float(w), float(h)))
         out.sort(key=lambda v: v.depth)
         return out
 

@@ -14,7 +14,7 @@ import json
 import multiprocessing as mp
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from drivekd.data.sample import CAPABILITIES, IMAGE_PLACEHOLDER, ImageRef, Sampl
 # 2: distractors drawn by answer frequency; 3: warm-up lane check fixed; 4: answer letters balanced per split
 GENERATOR_VERSION = "drivesim-qa/4"
 MAX_SCENE_ATTEMPTS = 20
-TASKS = ("qa", "captions")
+TASKS = ("qa", "captions", "objects")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class GenerateConfig:
     image_height: int = 128
     per_capability: int = 3
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    task: str = "qa"  # "qa": DriveBench-style questions; "captions": grounded captions for pretraining
+    # "qa": DriveBench-style questions; "captions": grounded captions for pretraining; "objects": one
+    # short question per nearby vehicle (colour, lights), the dense grounding stage before QA
+    task: str = "qa"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -57,12 +59,14 @@ class SceneDraft:
     images: list[ImageRef]
     scenario: str
     questions: list[Any]  # questions.QA
+    own_images: dict[int, ImageRef] = field(default_factory=dict)  # question index -> its close-up
 
 
 def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDraft:
     """Simulate, render and question one scene (images are written now, options drawn later)."""
     from drivekd.data.drivesim.camera import Renderer, default_cameras
     from drivekd.data.drivesim.captions import scene_caption
+    from drivekd.data.drivesim.objects import CLOSE_UP_CAMERA, object_questions
     from drivekd.data.drivesim.questions import HORIZON_S, SceneContext, scene_questions
     from drivekd.data.drivesim.world import ACTIONS, SceneParams, World
 
@@ -76,16 +80,28 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
     snap = world.snapshot()
     # counterfactual rollouts are what answers planning questions; captions describe the frame only
     rollouts = {a: world.rollout(a, HORIZON_S) for a in ACTIONS} if config.task == "qa" else {}
-    images, visible = [], {}
+    images, visible, frames = [], {}, {}
     for cam in default_cameras(config.image_width, config.image_height):
-        image, vis = Renderer(cam).render(snap)
+        frames[cam.name], visible[cam.name] = Renderer(cam).render(snap)
         rel = f"images/{scene_id(index)}_{cam.name}.png"
-        image.save(images_dir.parent / rel, optimize=False)
+        frames[cam.name].save(images_dir.parent / rel, optimize=False)
         images.append(ImageRef(cam.name, rel))
-        visible[cam.name] = vis
     ctx = SceneContext(snap, visible, rollouts, rng)
-    questions = scene_questions(ctx, config.per_capability) if config.task == "qa" else [scene_caption(ctx)]
-    return SceneDraft(index, images, snap.params.scenario, questions)
+    if config.task == "qa":
+        questions = scene_questions(ctx, config.per_capability)
+    elif config.task == "objects":
+        questions = object_questions(ctx, (config.image_width, config.image_height))
+    else:
+        questions = [scene_caption(ctx)]
+    own_images = {}
+    for k, qa in enumerate(questions):
+        if qa.crop is not None:
+            cam, box = qa.crop
+            rel = f"images/{scene_id(index)}_{cam}_{'_'.join(map(str, box))}.png"
+            if rel not in {r.path for r in own_images.values()}:
+                frames[cam].crop(box).save(images_dir.parent / rel, optimize=False)
+            own_images[k] = ImageRef(CLOSE_UP_CAMERA, rel)
+    return SceneDraft(index, images, snap.params.scenario, questions, own_images)
 
 
 def answer_counts(drafts: list[SceneDraft]) -> dict[str, dict[str, int]]:
@@ -129,15 +145,16 @@ def finish_scene(
 
     rng = np.random.default_rng([config.seed, draft.index, 1])
     sid = scene_id(draft.index)
-    header = "".join(f"{im.camera}: {IMAGE_PLACEHOLDER}\n" for im in draft.images)
     out = []
     for k, qa in enumerate(draft.questions):
         qa = render_options(qa, rng, counts.get(qa.question_type), positions.get((draft.index, k)))
+        images = [draft.own_images[k]] if k in draft.own_images else draft.images
+        header = "".join(f"{im.camera}: {IMAGE_PLACEHOLDER}\n" for im in images)
         sample = Sample(
             id=f"{sid}-q{k:02d}",
             capability=qa.capability,
             question_type=qa.question_type,
-            images=draft.images,
+            images=images,
             question=header + qa.question,
             answer=qa.answer,
             scene_id=sid,

@@ -55,6 +55,8 @@ class QA:
     correct_choice: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     options: Options | None = None  # multiple choice before its options are drawn (`render_options`)
+    # shown instead of the scene's cameras: (camera, pixel box) cut out of that camera's image
+    crop: tuple[str, tuple[int, int, int, int]] | None = None
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""Dense object questions: the grounding curriculum between whole-image and DriveBench-style questions.
+
+A DriveSim-QA sample asks about one tagged vehicle once, inside a long answer whose text priors
+already explain most tokens; a from-scratch tiny VLM learns the format long before it learns to read
+the vehicle the tag points at. Here every nearby vehicle of a scene gets short questions whose
+one-phrase answer can only come from its pixels (its colour, its lights), asked twice:
+
+- on a close-up cut out of the camera image, shown alone: the answer is a property of the whole
+  image, which a from-scratch model learns to read within a few hundred steps;
+- in the full scene by its tag: the same reading, after the tag -> visual token lookup.
+
+The close-ups open the path from visual features to the answer; the tagged twins move it to the
+lookup the QA questions need (README, "Grounding stage").
+"""
+
+from __future__ import annotations
+
+from drivekd.data.drivesim.camera import Visible
+from drivekd.data.drivesim.captions import LIGHTS
+from drivekd.data.drivesim.questions import QA, SceneContext, status_of
+
+# Beyond this bumper gap a vehicle covers a few pixels of a 96 x 96 model input: nothing to read.
+MAX_GAP_M = 30.0
+CLOSE_UP_CONTEXT = 2.5  # close-up side / the vehicle's larger box side
+CLOSE_UP_MIN_PX = 16
+CLOSE_UP_CAMERA = "CLOSE_UP"
+
+
+def close_up_box(vis: Visible, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A square pixel box around the vehicle, shifted (not clipped) to stay inside the image."""
+    width, height = image_size
+    side = max(vis.width * width, vis.height * height) * CLOSE_UP_CONTEXT
+    side = int(min(max(round(side), CLOSE_UP_MIN_PX), width, height))
+    left = min(max(round(vis.cx * width - side / 2), 0), width - side)
+    top = min(max(round(vis.cy * height - side / 2), 0), height - side)
+    return left, top, left + side, top + side
+
+
+def object_questions(ctx: SceneContext, image_size: tuple[int, int], max_gap: float = MAX_GAP_M) -> list[QA]:
+    out = []
+    for cam, vis in ctx.tagged():
+        if ctx.relations[vis.car.index].gap > max_gap:
+            continue
+        car, tag, box = vis.car, vis.tag(cam, 1), close_up_box(vis, image_size)
+        status = status_of(car)
+        colour = {"attribute": car.colour, "object": tag, "label": car.colour}
+        lights = {"attribute": LIGHTS[status], "status": status, "object": tag, "label": status}
+        colour_answer, lights_answer = f"{car.colour.capitalize()}.", f"{LIGHTS[status].capitalize()}."
+        out += [
+            QA("perception", "close_up_colour", "What colour is the vehicle in this close-up?", colour_answer,
+               facts=colour, crop=(cam, box)),
+            QA("perception", "close_up_lights", "Which lights does the vehicle in this close-up show?", lights_answer,
+               facts=lights, crop=(cam, box)),
+            QA("perception", "tag_colour", f"What colour is object {tag}?", colour_answer, facts=colour),
+            QA("perception", "tag_lights", f"Which lights does object {tag} show?", lights_answer, facts=lights),
+        ]  # fmt: skip
+    return out
