@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from drivekd.data.choices import answer_letter
-from drivekd.data.drivesim.camera import Renderer, default_cameras
+from drivekd.data.drivesim.camera import Renderer, Visible, default_cameras
 from drivekd.data.drivesim.generate import GenerateConfig, generate, split_of_scenes
 from drivekd.data.drivesim.questions import SceneContext, multiple_choice, recommended_action
 from drivekd.data.drivesim.world import ACTIONS, World
@@ -267,7 +267,7 @@ def test_object_questions_ask_colour_and_lights_of_every_vehicle_within_30_m():
     visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
     ctx = SceneContext(snap, visible, {}, np.random.default_rng(0))
     assert len(ctx.tagged()) == 3
-    items = object_questions(ctx, (224, 128))
+    items = object_questions(ctx)
     kinds = ["close_up_colour", "close_up_lights", "tag_colour", "tag_lights"]
     assert [q.question_type for q in items] == kinds * 2
     by_car = {v.car.index: v for v in visible["CAM_FRONT"]}
@@ -277,14 +277,12 @@ def test_object_questions_ask_colour_and_lights_of_every_vehicle_within_30_m():
     assert [q.answer for q in items[:4]] == [f"{car1.colour.capitalize()}.", "Brake lights lit."] * 2
     assert items[0].facts["attribute"] == car1.colour and items[1].facts["status"] == "braking"
     assert items[7].answer == "Left indicator on." and items[7].facts["object"] == by_car[2].tag("CAM_FRONT", 1)
-    # close-ups are square, inside the image, and contain the vehicle's box centre
-    for q, vis in ((items[0], by_car[1]), (items[4], by_car[2])):
-        cam, (left, top, right, bottom) = q.crop
-        assert cam == "CAM_FRONT" and right - left == bottom - top >= 16
-        assert 0 <= left and right <= 224 and 0 <= top and bottom <= 128
-        assert left < vis.cx * 224 < right and top < vis.cy * 128 < bottom
-        assert right - left >= 2 * max(vis.width * 224, vis.height * 128) or right - left == 128
-    assert items[2].crop is None and items[3].crop is None
+    # both questions of a vehicle share one close-up of it
+    for q, car_index in ((items[0], 1), (items[4], 2)):
+        cam, vehicle, context = q.close_up
+        assert (cam, vehicle) == ("CAM_FRONT", car_index) and 1.0 <= context <= 2.0
+        assert q.close_up == items[items.index(q) + 1].close_up
+    assert items[2].close_up is None and items[3].close_up is None
 
 
 def test_object_task_shows_close_ups_alone_and_tagged_questions_in_the_scene(tmp_path):
@@ -298,7 +296,7 @@ def test_object_task_shows_close_ups_alone_and_tagged_questions_in_the_scene(tmp
             assert [im.camera for im in s.images] == ["CLOSE_UP"]
             assert s.question.startswith("CLOSE_UP: <image>\n") and "<c" not in s.question
             with Image.open(s.images[0].path) as im:
-                assert im.width == im.height >= 16
+                assert im.width == im.height >= 8
         else:
             assert [im.camera for im in s.images] == ["CAM_FRONT", "CAM_BACK"]
             assert s.facts["object"] in s.question
@@ -326,3 +324,40 @@ def test_warm_up_lane_check_never_reads_a_missing_lane(tmp_path):
     (tmp_path / "images").mkdir()
     draft = build_scene(295, GenerateConfig(scenes=296, seed=1, task="captions"), tmp_path / "images")
     assert len(draft.questions) == 1 and draft.questions[0].question_type == "grounded_caption"
+
+
+def test_close_up_box_is_square_around_the_vehicle_and_shifted_inside_the_image():
+    from drivekd.data.drivesim.objects import close_up_box
+
+    car = World.constructed(lanes=1, ego_lane=0, ego_speed=20.0, others=[]).snapshot().ego
+    mid = Visible(car, 100, cx=0.5, cy=0.5, depth=10.0, width=0.1, height=0.25)  # 22.4 x 32 px
+    assert close_up_box(mid, (224, 128), 1.0) == (96, 48, 128, 80)
+    assert close_up_box(mid, (224, 128), 2.0) == (80, 32, 144, 96)
+    corner = Visible(car, 100, cx=0.02, cy=0.97, depth=10.0, width=0.04, height=0.05)
+    assert close_up_box(corner, (224, 128), 2.0) == (0, 110, 18, 128)  # 17.9 px, shifted, not clipped
+    tiny = Visible(car, 4, cx=0.5, cy=0.5, depth=60.0, width=0.005, height=0.01)
+    assert close_up_box(tiny, (224, 128), 1.0) == (108, 60, 116, 68)  # at least 8 px
+    huge = Visible(car, 9000, cx=0.5, cy=0.6, depth=3.0, width=0.9, height=0.9)
+    assert close_up_box(huge, (224, 128), 2.0) == (48, 0, 176, 128)  # at most the image height
+
+
+def test_close_up_shows_the_vehicle_without_the_one_in_front_of_it():
+    from drivekd.data.drivesim.objects import close_up
+
+    # a blue car 20 m ahead in the right lane, partly hidden behind a red one 10 m ahead in the ego lane
+    snap = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=[(1, 10.0, 20.0), (2, 20.0, 20.0)]).snapshot()
+    snap.cars = [dataclasses.replace(c, colour="red" if c.index == 1 else "blue") for c in snap.cars]
+    front = default_cameras(224, 128)[0]
+    _, seen = Renderer(front).render(snap)
+    assert {v.car.index for v in seen} == {1, 2}
+
+    def body_pixels(image):  # shaded red / blue paint (tail lamps are a darker red)
+        r, g, b = np.asarray(image).astype(int).transpose(2, 0, 1)
+        return int(((r > 140) & (g < 50) & (b < 50)).sum()), int(((b > 100) & (r < 60)).sum())
+
+    red, blue = body_pixels(close_up(snap, front, 2, 1.5))
+    assert red == 0 and blue > 200
+    red, blue = body_pixels(close_up(snap, front, 1, 1.5))
+    assert red > 1000 and blue == 0
+    with pytest.raises(ValueError, match="vehicle 7 is not visible in CAM_FRONT"):
+        close_up(snap, front, 7, 1.5)

@@ -66,7 +66,7 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
     """Simulate, render and question one scene (images are written now, options drawn later)."""
     from drivekd.data.drivesim.camera import Renderer, default_cameras
     from drivekd.data.drivesim.captions import scene_caption
-    from drivekd.data.drivesim.objects import CLOSE_UP_CAMERA, object_questions
+    from drivekd.data.drivesim.objects import CLOSE_UP_CAMERA, close_up, object_questions
     from drivekd.data.drivesim.questions import HORIZON_S, SceneContext, scene_questions
     from drivekd.data.drivesim.world import ACTIONS, SceneParams, World
 
@@ -80,26 +80,27 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
     snap = world.snapshot()
     # counterfactual rollouts are what answers planning questions; captions describe the frame only
     rollouts = {a: world.rollout(a, HORIZON_S) for a in ACTIONS} if config.task == "qa" else {}
-    images, visible, frames = [], {}, {}
-    for cam in default_cameras(config.image_width, config.image_height):
-        frames[cam.name], visible[cam.name] = Renderer(cam).render(snap)
+    cameras = {cam.name: cam for cam in default_cameras(config.image_width, config.image_height)}
+    images, visible = [], {}
+    for cam in cameras.values():
+        image, visible[cam.name] = Renderer(cam).render(snap)
         rel = f"images/{scene_id(index)}_{cam.name}.png"
-        frames[cam.name].save(images_dir.parent / rel, optimize=False)
+        image.save(images_dir.parent / rel, optimize=False)
         images.append(ImageRef(cam.name, rel))
     ctx = SceneContext(snap, visible, rollouts, rng)
     if config.task == "qa":
         questions = scene_questions(ctx, config.per_capability)
     elif config.task == "objects":
-        questions = object_questions(ctx, (config.image_width, config.image_height))
+        questions = object_questions(ctx)
     else:
         questions = [scene_caption(ctx)]
     own_images = {}
     for k, qa in enumerate(questions):
-        if qa.crop is not None:
-            cam, box = qa.crop
-            rel = f"images/{scene_id(index)}_{cam}_{'_'.join(map(str, box))}.png"
-            if rel not in {r.path for r in own_images.values()}:
-                frames[cam].crop(box).save(images_dir.parent / rel, optimize=False)
+        if qa.close_up is not None:
+            cam_name, vehicle, context = qa.close_up
+            rel = f"images/{scene_id(index)}_{cam_name}_v{vehicle}.png"
+            if not (images_dir.parent / rel).exists():
+                close_up(snap, cameras[cam_name], vehicle, context).save(images_dir.parent / rel, optimize=False)
             own_images[k] = ImageRef(CLOSE_UP_CAMERA, rel)
     return SceneDraft(index, images, snap.params.scenario, questions, own_images)
 

@@ -55,8 +55,9 @@ class QA:
     correct_choice: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     options: Options | None = None  # multiple choice before its options are drawn (`render_options`)
-    # shown instead of the scene's cameras: (camera, pixel box) cut out of that camera's image
-    crop: tuple[str, tuple[int, int, int, int]] | None = None
+    # (camera, vehicle index, context): shown a close-up of that vehicle alone instead of the
+    # scene's cameras (`objects.close_up`)
+    close_up: tuple[str, int, float] | None = None
 
 
 @dataclass
