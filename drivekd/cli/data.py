@@ -54,7 +54,7 @@ def data() -> None:
     default="qa",
     show_default=True,
     help="qa: DriveBench-style questions; captions: one grounded scene caption per scene (pretraining); "
-    "objects: a colour and a lights question per vehicle within 30 m (dense grounding stage).",
+    "objects: colour and lights of every vehicle within 30 m, on its close-up and by its tag (grounding stage).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def generate(

@@ -77,8 +77,8 @@ class Visible:
     cx: float
     cy: float
     depth: float
-    width: float = 0.0
-    height: float = 0.0
+    width: float
+    height: float
 
     def tag(self, camera: str, k: int) -> str:
         return f"<c{k},{camera},{self.cx:.4f},{self.cy:.4f}>"
