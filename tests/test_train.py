@@ -92,6 +92,31 @@ def test_resume_matches_uninterrupted_run(tmp_path, data_dir):
     assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated metrics after the resume
 
 
+def test_mix_adds_a_seeded_subset_of_another_dataset_to_training_only(tmp_path, data_dir):
+    objects = tmp_path / "objects"
+    generate(objects, GenerateConfig(scenes=5, seed=9, task="objects"))
+    n_objects = len((objects / "train.jsonl").read_text().splitlines())
+    backend = load_model(load_config(SFTConfig, _config(tmp_path, data_dir)).model)
+    plain_train, plain_val, _ = load_training_data(load_config(SFTConfig, _config(tmp_path, data_dir)).data, backend)
+
+    def mixed(spec: str):
+        cfg = load_config(SFTConfig, _config(tmp_path, data_dir), [f"data.mix={spec}"])  # a YAML list override
+        return load_training_data(cfg.data, backend)
+
+    train, val, stats = mixed(f"[{{path: {objects}, samples: 3, seed: 1}}]")
+    assert stats["mixed_in"] == 3 and len(train) == len(plain_train) + 3
+    assert [s.id for s in train[: len(plain_train)]] == [s.id for s in plain_train]
+    extra = train[len(plain_train) :]
+    assert all(s.id.startswith("objects:scene-") for s in extra)  # QA and objects both number scene-00000-q00
+    assert len({s.id for s in train}) == len(train)
+    assert [s.id for s in val] == [s.id for s in plain_val]  # validation stays the main data's
+    assert [s.id for s in mixed(f"[{{path: {objects}, samples: 3, seed: 1}}]")[0]] == [s.id for s in train]
+    assert [s.id for s in mixed(f"[{{path: {objects}, samples: 3, seed: 2}}]")[0]] != [s.id for s in train]
+    assert len(mixed(f"[{{path: {objects}}}]")[0]) == len(plain_train) + n_objects
+    with pytest.raises(DataError, match=f"objects: data.mix asks for {n_objects + 1} samples, it holds {n_objects}"):
+        mixed(f"[{{path: {objects}, samples: {n_objects + 1}}}]")
+
+
 def test_group_by_length_pads_less_and_keeps_every_sample_once(tmp_path, data_dir):
     def padded_tokens(trainer, order):
         lengths, gb = trainer._token_lengths(), trainer.global_batch

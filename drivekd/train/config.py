@@ -30,6 +30,15 @@ class ModelConfig(_Strict):
     seed: int = 0  # initialisation seed of presets
 
 
+class MixIn(_Strict):
+    """Extra training data mixed into `data.path`'s train split (e.g. grounding items kept in QA SFT)."""
+
+    path: str  # a native dataset folder (its train split) or a data file of any format
+    format: str | None = None
+    samples: int | None = None  # a seeded random subset of this many; None: all of them
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     path: str
     format: str | None = None
@@ -43,6 +52,8 @@ class DataConfig(_Strict):
     # Re-letter multiple-choice options per epoch (training only), so letters must be read from the
     # options rather than memorised per question.
     shuffle_choices: bool = False
+    # Training only: validation stays `path`'s val split, so curves remain comparable with and without.
+    mix: list[MixIn] = []
 
 
 class TrainConfig(_Strict):

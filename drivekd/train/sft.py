@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from drivekd.data.validate import validate_samples
 from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
-from drivekd.train.config import DataConfig, ModelConfig, SFTConfig, dump_config
+from drivekd.train.config import DataConfig, MixIn, ModelConfig, SFTConfig, dump_config
 from drivekd.train.trainer import Trainer
 
 
@@ -46,15 +48,19 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
         return load_samples(path, cfg.format, cfg.image_roots) if split == cfg.train_split else []
 
     train, val = read(cfg.train_split), read(cfg.val_split)
+    if cfg.limit is not None:
+        train = train[: cfg.limit]
+    mixed = [s for mix in cfg.mix for s in _mix_in(mix, cfg)]
+    train = train + mixed
+    if mixed and len({s.id for s in train}) < len(train):
+        raise DataError(f"{cfg.path}: data.mix: two training sources share a folder name; their ids collide")
     if cfg.capability:
         train = [s for s in train if s.capability == cfg.capability]
         val = [s for s in val if s.capability == cfg.capability]
-    if cfg.limit is not None:
-        train = train[: cfg.limit]
     if not train:
         raise DataError(f"{cfg.path}: no training samples (split {cfg.train_split!r}, capability {cfg.capability})")
     validate_samples(train + val).raise_if_bad(cfg.path)
-    stats = {"train": len(train), "val": len(val), "skipped_overlong": 0}
+    stats = {"train": len(train), "val": len(val), "mixed_in": len(mixed), "skipped_overlong": 0}
     kept = []
     for s in train:
         n = backend.token_lengths(s)
@@ -70,6 +76,20 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
     val = [s for s in val if backend.token_lengths(s) <= cfg.max_length]
     stats["train"] = len(kept)
     return kept, val, stats
+
+
+def _mix_in(mix: MixIn, cfg: DataConfig) -> list[Sample]:
+    path = Path(mix.path)
+    if path.is_dir():
+        samples = load_split(path, cfg.train_split, cfg.image_roots)
+    else:
+        samples = load_samples(path, mix.format, cfg.image_roots)
+    if mix.samples is not None:
+        if mix.samples > len(samples):
+            raise DataError(f"{mix.path}: data.mix asks for {mix.samples} samples, it holds {len(samples)}")
+        samples = random.Random(mix.seed).sample(samples, mix.samples)
+    # Generated datasets number their items alike (scene-00000-q00); ids key teacher caches.
+    return [dataclasses.replace(s, id=f"{path.name}:{s.id}") for s in samples]
 
 
 def cross_entropy(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
