@@ -10,7 +10,7 @@ from drivekd.cli import main
 from drivekd.data.formats import load_samples
 from drivekd.errors import DataError
 from drivekd.eval import metrics
-from drivekd.eval.parsing import parse_choice, parse_field, parse_final_set
+from drivekd.eval.parsing import letter_matches_text, parse_choice, parse_field, parse_final_set
 from drivekd.eval.scoring import fact_score, render_markdown, score_file
 
 from .conftest import FIXTURES
@@ -186,6 +186,7 @@ def test_score_file_numbers(pred_file):
         "letters": {
             "top_letter_share": pytest.approx(200 / 3, abs=1e-3),
             "best_constant_letter": pytest.approx(100 / 3, abs=1e-3),
+            "letter_matches_text": 100.0,  # only item 1 writes an option's text after its letter
         },
     }
     assert r["by_question_type"]["count_vehicles"]["score"] == 100.0
@@ -298,6 +299,25 @@ def test_cli_table_json_and_errors(pred_file, tmp_path):
     assert res.exit_code == 2 and "--judge-model" in res.output
 
 
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("Final: {B. Turn left.}\nObject: red car", True),
+        ("Final: {D. Turn left.}", False),  # D is Braking: the letter was not looked up
+        ("Draft: A. Going ahead.\nFinal: {c) turn RIGHT}", True),  # last Final, case and marks ignored
+        ("C. Going ahead.", False),  # no Final: the first line
+        ("Final: {B}", None),  # a letter alone: nothing to compare
+        ("Final: {B. a car on the left}", None),  # free text, not an option
+        ("Final: {Turn left.}", None),  # text alone, no letter
+        ("A car is ahead, turn left.", None),  # an article, not option A
+        ("Final: {E. Turn left.}", None),  # not a letter of these choices
+        (None, None),
+    ],
+)
+def test_letter_matches_text(prediction, expected):
+    assert letter_matches_text(prediction, CHOICES) is expected
+
+
 def test_letter_bias_exposes_a_one_letter_model(tmp_path):
     # 5 colour items whose correct letters are D, D, D, A, B; 2 status items (C, A) -> pooled over 7
     gold = [("colour", "D"), ("colour", "D"), ("colour", "D"), ("colour", "A"), ("colour", "B")]
@@ -311,10 +331,21 @@ def test_letter_bias_exposes_a_one_letter_model(tmp_path):
     f.write_text("\n".join(lines) + "\n")
     r = score_file(f)
     assert r["by_question_type"]["colour"]["score"] == pytest.approx(60.0)
-    assert r["by_question_type"]["colour"]["letters"] == {"top_letter_share": 100.0, "best_constant_letter": 60.0}
-    assert r["by_question_type"]["status"]["letters"] == {"top_letter_share": 100.0, "best_constant_letter": 50.0}
-    assert r["letters"] == {"top_letter_share": 100.0, "best_constant_letter": pytest.approx(400 / 7, abs=1e-3)}
+    letters = {"top_letter_share": 100.0, "letter_matches_text": 100.0}
+    assert r["by_question_type"]["colour"]["letters"] == {**letters, "best_constant_letter": 60.0}
+    assert r["by_question_type"]["status"]["letters"] == {**letters, "best_constant_letter": 50.0}
+    assert r["letters"] == {**letters, "best_constant_letter": pytest.approx(400 / 7, abs=1e-3)}
     open_ended = tmp_path / "open.jsonl"
     open_ended.write_text(_line(1, "planning", "q", "a", "b") + "\n")
     assert score_file(open_ended)["letters"] is None
     assert "MC best constant letter % | 57.14" in render_markdown([r])
+    assert "MC letter names the option text written % | 100" in render_markdown([r])
+    shuffled = tmp_path / "unlooked.jsonl"  # right texts under letters drawn without looking: 1 of 4 agree
+    shuffled.write_text(
+        "\n".join(
+            _mc(i, "perception", "colour", f"Final: {{{letter}. {CHOICES[correct]}}}", correct)
+            for i, (letter, correct) in enumerate([("A", "A"), ("A", "B"), ("B", "C"), ("C", "D")])
+        )
+        + "\n"
+    )
+    assert score_file(shuffled)["letters"]["letter_matches_text"] == 25.0

@@ -104,6 +104,30 @@ def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
     return letters.pop() if len(letters) == 1 else None
 
 
+def letter_matches_text(prediction: str, choices: dict[str, str]) -> bool | None:
+    """Does the option text a committed answer writes after its letter (`Final: {D. Black.}`) belong
+    to that letter? True / False when the text is one of the options, None when the answer writes
+    no letter, no text or free text.
+
+    A model that picks letters without looking them up in the options writes `D. Black.` where D
+    is White: its letter is chance even when its text is right.
+    """
+    if not isinstance(prediction, str) or not isinstance(choices, dict) or not choices:
+        return None
+    final = after_final(prediction.strip())
+    line = (final if final is not None else prediction).strip().split("\n", 1)[0]
+    m = _MARKED_LETTER.match(line)
+    letter = _letter_in(m["letter"], choices) if m else None
+    if letter is None or not m["mark"].strip():
+        return None
+    said = _normalise(line[m.end() :])
+    if not said:
+        return None
+    if said == _normalise(str(choices[letter])):
+        return True
+    return False if any(said == _normalise(str(v)) for v in choices.values()) else None
+
+
 def parse_final_set(text: str) -> list[str] | None:
     """`Final: {IDLE, SLOWER}` -> ["IDLE", "SLOWER"]; `Final: {none}` -> []; no `Final:` -> None.
 

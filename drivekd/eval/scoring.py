@@ -18,7 +18,10 @@ reports it) over all open-ended samples are reported beside, under `language`.
 Multiple choice also gets a letter-bias check (`letters`): how many answers use the model's most
 used letter, and what the best constant letter would score on the same items. A tiny model often
 answers every item with one letter; on a test set whose correct letters are uneven that alone can
-look like +20 points, so read an MC score beside these two figures.
+look like +20 points, so read an MC score beside these two figures. A third,
+`letter_matches_text`, is the share of answers writing a letter and an option's text
+(`Final: {D. Black.}`) whose letter names that text: near chance, the model has not learned to
+look its answer up among the options, and its letters are chance whatever it knows.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from typing import Any
 from drivekd.data.sample import CAPABILITIES, normalize_capability
 from drivekd.errors import DataError
 from drivekd.eval import metrics
-from drivekd.eval.parsing import after_final, parse_choice, parse_field, parse_final_set, parse_set
+from drivekd.eval.parsing import (
+    after_final,
+    letter_matches_text,
+    parse_choice,
+    parse_field,
+    parse_final_set,
+    parse_set,
+)
 
 FACT_CHECKS: tuple[str, ...] = ("safe_actions", "collision_actions", "count", "action", "lane", "attribute", "object")
 OBJECT_TOLERANCE = 0.05
@@ -90,6 +100,7 @@ class ItemScore:
     parsed: str | None = None
     language: Language | None = None
     expected: str | None = None  # the correct letter, for multiple choice
+    letter_matches_text: bool | None = None  # multiple choice: see `parsing.letter_matches_text`
 
 
 # ---------------------------------------------------------------- reading
@@ -319,8 +330,18 @@ def score_items(preds: Sequence[Prediction]) -> list[ItemScore]:
             assert p.choices is not None
             letter = parse_choice(p.prediction, p.choices)
             score = 100.0 if letter == p.correct_choice else 0.0
+            agrees = letter_matches_text(p.prediction, p.choices)
             out.append(
-                ItemScore(p.id, p.capability, p.question_type, score, "choice", letter, expected=p.correct_choice)
+                ItemScore(
+                    p.id,
+                    p.capability,
+                    p.question_type,
+                    score,
+                    "choice",
+                    letter,
+                    expected=p.correct_choice,
+                    letter_matches_text=agrees,
+                )
             )
             continue
         language = Language(
@@ -361,7 +382,12 @@ def letter_bias(items: Sequence[ItemScore]) -> dict[str, Any] | None:
     top = sum(max(Counter(i.parsed for i in g if i.parsed).values(), default=0) for g in groups.values())
     constant = sum(max(Counter(i.expected for i in g).values()) for g in groups.values())
     n = sum(len(g) for g in groups.values())
-    return {"top_letter_share": _r(100.0 * top / n), "best_constant_letter": _r(100.0 * constant / n)}
+    checked = [i.letter_matches_text for g in groups.values() for i in g if i.letter_matches_text is not None]
+    return {
+        "top_letter_share": _r(100.0 * top / n),
+        "best_constant_letter": _r(100.0 * constant / n),
+        "letter_matches_text": _r(100.0 * sum(checked) / len(checked)) if checked else None,
+    }
 
 
 def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
@@ -453,6 +479,12 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
         ("MC answers in the most used letter %", [(r.get("letters") or {}).get("top_letter_share") for r in results])
     )
     rows.append(("MC best constant letter %", [(r.get("letters") or {}).get("best_constant_letter") for r in results]))
+    rows.append(
+        (
+            "MC letter names the option text written %",
+            [(r.get("letters") or {}).get("letter_matches_text") for r in results],
+        )
+    )
     if any("judge" in r for r in results):
         for cap in CAPABILITIES:
             rows.append((f"Judge {cap}", [(r.get("judge") or {}).get("capabilities", {}).get(cap) for r in results]))
