@@ -113,6 +113,11 @@ def test_mix_adds_a_seeded_subset_of_another_dataset_to_training_only(tmp_path, 
     assert [s.id for s in mixed(f"[{{path: {objects}, samples: 3, seed: 1}}]")[0]] == [s.id for s in train]
     assert [s.id for s in mixed(f"[{{path: {objects}, samples: 3, seed: 2}}]")[0]] != [s.id for s in train]
     assert len(mixed(f"[{{path: {objects}}}]")[0]) == len(plain_train) + n_objects
+    reasoning = load_config(
+        SFTConfig, _config(tmp_path, data_dir), [f"data.mix=[{{path: {objects}}}]", "data.capability=reasoning"]
+    )
+    train, _, stats = load_training_data(reasoning.data, backend)  # objects items are all perception
+    assert stats["mixed_in"] == 0 and train and all(s.capability == "reasoning" for s in train)
     with pytest.raises(DataError, match=f"objects: data.mix asks for {n_objects + 1} samples, it holds {n_objects}"):
         mixed(f"[{{path: {objects}, samples: {n_objects + 1}}}]")
 

@@ -48,15 +48,14 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
         return load_samples(path, cfg.format, cfg.image_roots) if split == cfg.train_split else []
 
     train, val = read(cfg.train_split), read(cfg.val_split)
+    mixed = [s for mix in cfg.mix for s in _mix_in(mix, cfg)]
+    if cfg.capability:
+        train, val, mixed = ([s for s in part if s.capability == cfg.capability] for part in (train, val, mixed))
     if cfg.limit is not None:
         train = train[: cfg.limit]
-    mixed = [s for mix in cfg.mix for s in _mix_in(mix, cfg)]
     train = train + mixed
     if mixed and len({s.id for s in train}) < len(train):
         raise DataError(f"{cfg.path}: data.mix: two training sources share a folder name; their ids collide")
-    if cfg.capability:
-        train = [s for s in train if s.capability == cfg.capability]
-        val = [s for s in val if s.capability == cfg.capability]
     if not train:
         raise DataError(f"{cfg.path}: no training samples (split {cfg.train_split!r}, capability {cfg.capability})")
     validate_samples(train + val).raise_if_bad(cfg.path)
