@@ -137,6 +137,36 @@ def convert(src: Path, dst: Path, fmt: str | None, image_roots: tuple[str, ...],
 
 
 @data.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output dataset folder.")
+@_format
+@click.option("--overwrite", is_flag=True, help="Replace OUT's split files if they exist.")
+def drill(src: Path, out: Path, fmt: str | None, overwrite: bool) -> None:
+    """Write option-lookup items (text only) from SRC's multiple-choice samples, split by split.
+
+    `Which option says "Black."? ... A. White. B. Black.` -> `Final: {B. Black.}`: the step a language
+    model trained from scratch must learn before its multiple-choice letters mean anything. Mix them
+    into SFT with `data.mix` or train on them first (README "The learning rate is part of it").
+    """
+    from drivekd.data.drill import option_lookup
+
+    files = data_files(src)
+    splits = [f.stem if src.is_dir() else "train" for f in files]
+    if not overwrite and any((out / f"{split}.jsonl").exists() for split in splits):
+        raise DataError(f"{out}: already holds {', '.join(s + '.jsonl' for s in splits)}; pass --overwrite")
+    made = {}
+    for file, split in zip(files, splits, strict=True):
+        items = option_lookup(load_samples(file, fmt))
+        if items:
+            out.mkdir(parents=True, exist_ok=True)
+            write_jsonl(items, out / f"{split}.jsonl")
+            made[split] = len(items)
+    if not made:
+        raise DataError(f"{src}: no multiple-choice samples (with choices and a correct letter) to drill")
+    click.echo(f"wrote {', '.join(f'{n} {split}' for split, n in made.items())} option-lookup items to {out}")
+
+
+@data.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print card.json as it is.")
 def card(directory: Path, as_json: bool) -> None:
