@@ -26,6 +26,16 @@ def _option_marks(question: str) -> list[re.Match[str]]:
     return marks if len(marks) >= 2 else []
 
 
+def format_options(choices: dict[str, str]) -> str:
+    """{"A": "Going ahead.", "B": "Turn left."} -> `A. Going ahead. B. Turn left.` (inverse of `parse_inline_options`)."""
+    return " ".join(f"{k}. {v}" for k, v in choices.items())
+
+
+def mc_question(stem: str, choices: dict[str, str]) -> str:
+    """A question with its options inline, in DriveBench's wording."""
+    return f"{stem} Please select the correct answer from the following options: {format_options(choices)}"
+
+
 def parse_inline_options(question: str) -> dict[str, str] | None:
     """`... options: A. Going ahead. B. Turn left.` -> {"A": "Going ahead.", "B": "Turn left."}.
 
@@ -71,8 +81,7 @@ def permute_choices(sample: Sample, order: Sequence[int]) -> Sample:
     texts = [sample.choices[k] for k in letters]
     new_choices = {letters[i]: texts[j] for i, j in enumerate(order)}
     new_letter = letters[list(order).index(letters.index(sample.correct_choice))]
-    options = " ".join(f"{k}. {v}" for k, v in new_choices.items())
-    question = sample.question[: _option_marks(sample.question)[0].start()] + options
+    question = sample.question[: _option_marks(sample.question)[0].start()] + format_options(new_choices)
     answer = sample.answer[: m.start(1)] + new_letter + sample.answer[m.end(1) :]
     return dataclasses.replace(sample, question=question, answer=answer, choices=new_choices, correct_choice=new_letter)
 

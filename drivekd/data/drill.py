@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from drivekd.data.choices import mc_question
 from drivekd.data.sample import Sample
 
 
@@ -23,15 +24,13 @@ def option_lookup(samples: Iterable[Sample]) -> list[Sample]:
         if not s.choices or s.correct_choice not in s.choices:
             continue
         letter, text = s.correct_choice, s.choices[s.correct_choice]
-        options = " ".join(f"{k}. {v}" for k, v in s.choices.items())
         out.append(
             Sample(
                 id=f"{s.id}-lookup",
                 capability=s.capability,
                 question_type=s.question_type,
                 images=[],
-                question=f'Which option says "{text}"? Please select the correct answer from the following options: '
-                + options,
+                question=mc_question(f'Which option says "{text}"?', s.choices),
                 answer=f"Final: {{{letter}. {text}}}",
                 scene_id=s.scene_id,
                 choices=dict(s.choices),

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from drivekd.atomic import atomic_dir
+from drivekd.data.choices import mc_question
 from drivekd.data.sample import IMAGE_PLACEHOLDER, ImageRef, Sample
 from drivekd.errors import DataError, DriveKDError
 
@@ -99,11 +100,6 @@ def _options(rng: np.random.Generator, correct: str, pool: list[str], k: int) ->
     return choices, letters[texts.index(correct)]
 
 
-def _mc_question(question: str, choices: dict[str, str]) -> str:
-    listed = " ".join(f"{k}. {v}" for k, v in choices.items())
-    return f"{question} Please select the correct answer from the following options: {listed}"
-
-
 def _plural(word: str, n: int) -> str:
     return word if n == 1 else word + "s"
 
@@ -121,7 +117,7 @@ def build_question(
             return None
         target = unique[int(rng.integers(len(unique)))]
         choices, letter = _options(rng, target.colour, list(COLOURS), 4)
-        question = _mc_question(f"What colour is the {target.kind} in {name}?", choices)
+        question = mc_question(f"What colour is the {target.kind} in {name}?", choices)
         answer = f"Final: {{{letter}. {choices[letter]}}}\nObject: the {target.kind} in {name}"
         return question, answer, choices, letter, {"image": name, "shape": target.kind, "label": target.colour}
     if qtype == "general_count":
@@ -135,7 +131,7 @@ def build_question(
     k = int(rng.integers(1, len(shapes)))
     target, left = shapes[k], shapes[k - 1]
     choices, letter = _options(rng, left.kind, list(SHAPES), len(SHAPES))
-    question = _mc_question(f"Which shape is directly left of the {target.colour} one in {name}?", choices)
+    question = mc_question(f"Which shape is directly left of the {target.colour} one in {name}?", choices)
     answer = f"Final: {{{letter}. {choices[letter]}}}\nObject: {left.colour} {left.kind}"
     return question, answer, choices, letter, {"image": name, "colour": target.colour, "label": left.kind}
 

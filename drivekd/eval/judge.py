@@ -28,6 +28,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from drivekd.data.choices import format_options
 from drivekd.data.sample import CAPABILITIES
 from drivekd.errors import DriveKDError
 from drivekd.eval.scoring import Prediction
@@ -90,7 +91,7 @@ def build_prompt(pred: Prediction) -> str:
     kind = _KINDS[rubric] + (" multiple-choice" if pred.is_choice else "")
     question = pred.question or "(not given)"
     if pred.choices and (pred.question is None or "A." not in pred.question):
-        question += " Options: " + " ".join(f"{k}. {v}" for k, v in pred.choices.items())
+        question += " Options: " + format_options(pred.choices)
     tail = _TAIL.format(question=question, reference=pred.reference, prediction=pred.prediction)
     return f"{_INTRO.format(kind=kind)}\n\n{_CRITERIA[rubric]}\n\n{tail}"
 

@@ -120,12 +120,8 @@ def letter_matches_text(prediction: str, choices: dict[str, str]) -> bool | None
     letter = _letter_in(m["letter"], choices) if m else None
     if letter is None or not m["mark"].strip():
         return None
-    said = _normalise(line[m.end() :])
-    if not said:
-        return None
-    if said == _normalise(str(choices[letter])):
-        return True
-    return False if any(said == _normalise(str(v)) for v in choices.values()) else None
+    said = _option_text(line[m.end() :], choices)
+    return None if said is None else said == letter
 
 
 def parse_final_set(text: str) -> list[str] | None:

@@ -38,16 +38,8 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> VLMBackend:
 
 def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sample], list[Sample], dict[str, int]]:
     """Train/val samples after the capability filter and the length policy; images checked up front."""
-    path = Path(cfg.path)
-
-    def read(split: str | None) -> list[Sample]:
-        if split is None:
-            return []
-        if path.is_dir():
-            return load_split(path, split, cfg.image_roots)
-        return load_samples(path, cfg.format, cfg.image_roots) if split == cfg.train_split else []
-
-    train, val = read(cfg.train_split), read(cfg.val_split)
+    train = _read_split(Path(cfg.path), cfg.format, cfg.train_split, cfg)
+    val = _read_split(Path(cfg.path), cfg.format, cfg.val_split, cfg)
     mixed = [s for mix in cfg.mix for s in _mix_in(mix, cfg)]
     if cfg.capability:
         train, val, mixed = ([s for s in part if s.capability == cfg.capability] for part in (train, val, mixed))
@@ -77,12 +69,18 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
     return kept, val, stats
 
 
+def _read_split(path: Path, fmt: str | None, split: str | None, cfg: DataConfig) -> list[Sample]:
+    """A native folder's split; a data file is all training data (no val from it)."""
+    if split is None:
+        return []
+    if path.is_dir():
+        return load_split(path, split, cfg.image_roots)
+    return load_samples(path, fmt, cfg.image_roots) if split == cfg.train_split else []
+
+
 def _mix_in(mix: MixIn, cfg: DataConfig) -> list[Sample]:
     path = Path(mix.path)
-    if path.is_dir():
-        samples = load_split(path, cfg.train_split, cfg.image_roots)
-    else:
-        samples = load_samples(path, mix.format, cfg.image_roots)
+    samples = _read_split(path, mix.format, cfg.train_split, cfg)
     if mix.samples is not None:
         if mix.samples > len(samples):
             raise DataError(f"{mix.path}: data.mix asks for {mix.samples} samples, it holds {len(samples)}")

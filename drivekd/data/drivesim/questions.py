@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from drivekd.data.choices import mc_question
 from drivekd.data.drivesim.camera import Visible
 from drivekd.data.drivesim.world import ACTIONS, COLOURS, Car, RolloutResult, Snapshot
 
@@ -194,8 +195,7 @@ def render_options(
     if o is None:
         return qa
     choices, letter = multiple_choice(rng, o.correct, o.pool, o.n, answer_counts, position)
-    listed = " ".join(f"{k}. {v}" for k, v in choices.items())
-    qa.question = f"{o.stem} Please select the correct answer from the following options: {listed}"
+    qa.question = mc_question(o.stem, choices)
     qa.answer = "\n".join([f"Final: {{{letter}. {o.correct}}}", *o.evidence])
     qa.choices, qa.correct_choice, qa.options = choices, letter, None
     if qa.facts["label"] is None:  # options unique to the item (object tags): the letter is the class
