@@ -75,6 +75,15 @@ def test_drill_command_writes_each_split_and_refuses_bad_input(tmp_path: Path):
     )
     assert run_cli("data", "drill", str(src), "--out", str(out), "--overwrite").returncode == 0
 
+    (src / "val.jsonl").write_text('{"id": "broken"\n')  # malformed: nothing may be written
+    res = run_cli("data", "drill", str(src), "--out", str(tmp_path / "half"))
+    assert (
+        res.returncode == 2
+        and res.stderr.startswith(f"error: {src / 'val.jsonl'}:1:")
+        and "malformed JSON" in res.stderr
+    )
+    assert not (tmp_path / "half").exists()
+
     only_open = tmp_path / "open.jsonl"
     write_jsonl([_open(4)], only_open)
     res = run_cli("data", "drill", str(only_open), "--out", str(tmp_path / "none"))

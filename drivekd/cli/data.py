@@ -154,15 +154,14 @@ def drill(src: Path, out: Path, fmt: str | None, overwrite: bool) -> None:
     splits = [f.stem if src.is_dir() else "train" for f in files]
     if not overwrite and any((out / f"{split}.jsonl").exists() for split in splits):
         raise DataError(f"{out}: already holds {', '.join(s + '.jsonl' for s in splits)}; pass --overwrite")
-    made = {}
-    for file, split in zip(files, splits, strict=True):
-        items = option_lookup(load_samples(file, fmt))
-        if items:
-            out.mkdir(parents=True, exist_ok=True)
-            write_jsonl(items, out / f"{split}.jsonl")
-            made[split] = len(items)
+    # Every input is read before anything is written: a bad split leaves OUT untouched.
+    drilled = {split: option_lookup(load_samples(file, fmt)) for file, split in zip(files, splits, strict=True)}
+    made = {split: len(items) for split, items in drilled.items() if items}
     if not made:
         raise DataError(f"{src}: no multiple-choice samples (with choices and a correct letter) to drill")
+    out.mkdir(parents=True, exist_ok=True)
+    for split in made:
+        write_jsonl(drilled[split], out / f"{split}.jsonl")
     click.echo(f"wrote {', '.join(f'{n} {split}' for split, n in made.items())} option-lookup items to {out}")
 
 
