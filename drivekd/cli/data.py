@@ -146,7 +146,7 @@ def drill(src: Path, out: Path, fmt: str | None, overwrite: bool) -> None:
 
     `Which option says "Black."? ... A. White. B. Black.` -> `Final: {B. Black.}`: the step a language
     model trained from scratch must learn before its multiple-choice letters mean anything. Mix them
-    into SFT with `data.mix` or train on them first (README "The learning rate is part of it").
+    into SFT with `data.mix` or train on them first (docs/teacher-study.md, "The learning rate is part of it").
     """
     from drivekd.data.drill import option_lookup
 

@@ -3,7 +3,7 @@
 Every multiple-choice answer here starts with a letter, and choosing it is an in-context lookup:
 find the option that says what you know, copy its letter. A language model trained from random
 initialisation (the tiny presets) learns the rest of a driving answer long before it learns that
-step, so its letters stay at chance whatever it knows (README "QA SFT from the grounded teacher").
+step, so its letters stay at chance whatever it knows (docs/teacher-study.md, "QA SFT from the grounded teacher").
 These items isolate the step: the question quotes the right option's text, the answer is
 `Final: {X. text}`. On DriveSim-QA the 12M teacher learns them in ~3,000 steps at lr 3e-4 (not at
 1e-3); real pretrained teachers arrive with the skill and need no drill.

@@ -121,7 +121,7 @@ def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module,
     In DriveBench-style replies the evidence lines hold most of the hard tokens (distances, object
     coordinates): in a 700-step tiny teacher they carried 46 % of the loss and the answer letter 7 %,
     so the gradient is mostly about digits. This option weights the decision span back up (on
-    DriveSim-QA at 700 steps it did not change the scores; README "Measured").
+    DriveSim-QA at 700 steps it did not change the scores; docs/teacher-study.md).
     """
     if decision_weight == 1.0:
         return cross_entropy
@@ -148,7 +148,7 @@ def with_tag_attention(
     visual token of the object the sample is about (`Batch.tag_mask`).
 
     A tiny VLM trained from scratch does not learn, in any budget we can afford, to go from a tag's
-    printed coordinates to the visual token they point at (README "Direct test"). The tag itself says
+    printed coordinates to the visual token they point at (docs/teacher-study.md, "Direct test"). The tag itself says
     where to look, so this supervises the lookup directly. Only the committed answer is supervised:
     at weight 1 on every token of a long DriveBench-style answer, a 12M teacher's CE was 0.92 vs
     0.5 at step 350 — one layer made to stare at one token cannot do its other work. For the same

@@ -11,7 +11,7 @@ one-phrase answer can only come from its pixels (its colour, its lights), asked 
 - in the full scene by its tag: the same reading, after the tag -> visual token lookup.
 
 The close-ups open the path from visual features to the answer; the tagged twins move it to the
-lookup the QA questions need (README, "Grounding stage").
+lookup the QA questions need (docs/teacher-study.md, "Grounding stage").
 """
 
 from __future__ import annotations
