@@ -23,8 +23,8 @@ from drivekd.train.sft import token_nll
 
 
 @torch.no_grad()
-def per_sample_ce(backend: VLMBackend, samples: list[Sample], batch_size: int = 16) -> list[tuple[float, float]]:
-    """(mean CE over answer tokens, mean CE over the decision span) per sample."""
+def per_sample_ce(backend: VLMBackend, samples: list[Sample], batch_size: int = 16) -> list[tuple[float, float | None]]:
+    """(mean CE over answer tokens, mean CE over the decision span or None without one) per sample."""
     out = []
     for i in range(0, len(samples), batch_size):
         batch = backend.build_batch(samples[i : i + batch_size])
@@ -33,7 +33,10 @@ def per_sample_ce(backend: VLMBackend, samples: list[Sample], batch_size: int = 
         decision = batch.decision_mask[:, 1:].float()
         whole = (nll * answer).sum(1) / answer.sum(1)
         span = (nll * decision).sum(1) / decision.sum(1).clamp_min(1)
-        out += list(zip(whole.tolist(), span.tolist(), strict=True))
+        has_span = decision.sum(1) > 0
+        out += [
+            (w, sp if h else None) for w, sp, h in zip(whole.tolist(), span.tolist(), has_span.tolist(), strict=True)
+        ]
     return out
 
 
@@ -43,14 +46,17 @@ def main(model: str, data: str, split: str = "val", limit: str = "256") -> None:
     samples = load_split(data, split)[: int(limit)]
     own = per_sample_ce(backend, samples)
     other = per_sample_ce(backend, with_other_images(samples))
-    gains: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    gains: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
     for s, (a, a_span), (o, o_span) in zip(samples, own, other, strict=True):
+        span_gain = None if a_span is None or o_span is None else o_span - a_span
         for key in (s.question_type, "ALL"):
-            gains[key].append((o - a, o_span - a_span))
+            gains[key].append((o - a, span_gain))
+    # Answers without a `Final: {...}` span (grounding items, captions) show "–", not a misleading 0.
     print(f"{'question type':24s} {'n':>4s} {'gain, answer':>13s} {'gain, Final span':>17s}  (nats/token)")
     for key, rows in sorted(gains.items(), key=lambda kv: (kv[0] == "ALL", kv[0])):
-        n = len(rows)
-        print(f"{key:24s} {n:4d} {sum(r[0] for r in rows) / n:+13.4f} {sum(r[1] for r in rows) / n:+17.4f}")
+        spans = [r[1] for r in rows if r[1] is not None]
+        span = f"{sum(spans) / len(spans):+17.4f}" if spans else f"{'–':>17s}"
+        print(f"{key:24s} {len(rows):4d} {sum(r[0] for r in rows) / len(rows):+13.4f} {span}")
 
 
 if __name__ == "__main__":
