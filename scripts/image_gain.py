@@ -32,11 +32,9 @@ def per_sample_ce(backend: VLMBackend, samples: list[Sample], batch_size: int = 
         answer = (labels != IGNORE_INDEX).float()
         decision = batch.decision_mask[:, 1:].float()
         whole = (nll * answer).sum(1) / answer.sum(1)
-        span = (nll * decision).sum(1) / decision.sum(1).clamp_min(1)
-        has_span = decision.sum(1) > 0
-        out += [
-            (w, sp if h else None) for w, sp, h in zip(whole.tolist(), span.tolist(), has_span.tolist(), strict=True)
-        ]
+        span_len = decision.sum(1)
+        span = ((nll * decision).sum(1) / span_len.clamp_min(1)).tolist()
+        out += [(w, sp if n else None) for w, sp, n in zip(whole.tolist(), span, span_len.tolist(), strict=True)]
     return out
 
 
