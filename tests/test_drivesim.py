@@ -302,6 +302,51 @@ def test_object_task_shows_close_ups_alone_and_tagged_questions_in_the_scene(tmp
             assert s.facts["object"] in s.question
 
 
+def test_tagged_questions_are_the_qa_colour_and_status_items_of_every_vehicle_within_30_m():
+    from drivekd.data.drivesim.objects import tagged_questions
+    from drivekd.data.drivesim.questions import render_options
+
+    # braking ahead in the same lane, signalling left ahead in the right lane, 60 m behind (too far)
+    others = [(1, 15.0, 20.0), (2, 25.0, 20.0), (1, -60.0, 20.0)]
+    snap = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=others).snapshot()
+    snap.cars = [
+        dataclasses.replace(c, accel=-4.0)
+        if c.index == 1
+        else dataclasses.replace(c, target_lane=("0", "1", 1))
+        if c.index == 2
+        else c
+        for c in snap.cars
+    ]
+    visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
+    ctx = SceneContext(snap, visible, {}, np.random.default_rng(0))
+    items = tagged_questions(ctx)
+    # neither near vehicle shows "no lights", so none is thinned: colour and status for both
+    assert [q.question_type for q in items] == ["object_colour", "object_status"] * 2
+    by_car = {v.car.index: v for v in visible["CAM_FRONT"]}
+    car1 = next(c for c in snap.cars if c.index == 1)
+    tag1, tag2 = by_car[1].tag("CAM_FRONT", 1), by_car[2].tag("CAM_FRONT", 1)
+    assert [q.facts["object"] for q in items] == [tag1, tag1, tag2, tag2]
+    assert items[1].facts["status"] == "braking" and items[3].facts["status"] == "left"
+    colour = render_options(items[0], np.random.default_rng(1), None, position=2)
+    assert colour.question.startswith(f"What colour is object {tag1}? Please select the correct answer")
+    assert colour.correct_choice == "C" and len(colour.choices) == 4
+    assert colour.answer.splitlines()[0] == f"Final: {{C. {car1.colour.capitalize()}.}}"
+    assert colour.answer.splitlines()[1] == f"Object: {car1.colour} {car1.body}"
+    status = render_options(items[3], np.random.default_rng(1), None, position=0)
+    assert status.answer.startswith("Final: {A. Changing to the left lane.}")
+
+
+def test_tagged_task_writes_only_qa_colour_and_status_items(tmp_path):
+    out = tmp_path / "tagged"
+    card = generate(out, GenerateConfig(scenes=4, seed=5, task="tagged"))
+    samples = load_samples(out)
+    assert validate_samples(samples).ok and samples
+    assert set(card["question_types"]) <= {"object_colour", "object_status"}
+    for s in samples:
+        assert [im.camera for im in s.images] == ["CAM_FRONT", "CAM_BACK"]
+        assert s.facts["object"] in s.question and s.choices and s.answer.startswith(f"Final: {{{s.correct_choice}.")
+
+
 def test_caption_task_generates_valid_data_and_refuses_unknown_tasks(tmp_path):
     out = tmp_path / "captions"
     card = generate(out, GenerateConfig(scenes=3, seed=5, task="captions"))

@@ -50,11 +50,12 @@ def data() -> None:
 )
 @click.option(
     "--task",
-    type=click.Choice(["qa", "captions", "objects"]),
+    type=click.Choice(["qa", "captions", "objects", "tagged"]),
     default="qa",
     show_default=True,
     help="qa: DriveBench-style questions; captions: one grounded scene caption per scene (pretraining); "
-    "objects: colour and lights of every vehicle within 30 m, on its close-up and by its tag (grounding stage).",
+    "objects: colour and lights of every vehicle within 30 m, on its close-up and by its tag (grounding stage); "
+    "tagged: the QA's own colour and status multiple choice for every vehicle within 30 m.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def generate(

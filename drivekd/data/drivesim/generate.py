@@ -27,7 +27,7 @@ from drivekd.data.sample import CAPABILITIES, IMAGE_PLACEHOLDER, ImageRef, Sampl
 # 2: distractors drawn by answer frequency; 3: warm-up lane check fixed; 4: answer letters balanced per split
 GENERATOR_VERSION = "drivesim-qa/4"
 MAX_SCENE_ATTEMPTS = 20
-TASKS = ("qa", "captions", "objects")
+TASKS = ("qa", "captions", "objects", "tagged")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class GenerateConfig:
     per_capability: int = 3
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     # "qa": DriveBench-style questions; "captions": grounded captions for pretraining; "objects": one
-    # short question per nearby vehicle (colour, lights), the dense grounding stage before QA
+    # short question per nearby vehicle (colour, lights), the dense grounding stage before QA;
+    # "tagged": QA's own colour and status multiple choice for every nearby vehicle
     task: str = "qa"
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
     """Simulate, render and question one scene (images are written now, options drawn later)."""
     from drivekd.data.drivesim.camera import Renderer, default_cameras
     from drivekd.data.drivesim.captions import scene_caption
-    from drivekd.data.drivesim.objects import CLOSE_UP_CAMERA, close_up, object_questions
+    from drivekd.data.drivesim.objects import CLOSE_UP_CAMERA, close_up, object_questions, tagged_questions
     from drivekd.data.drivesim.questions import HORIZON_S, SceneContext, scene_questions
     from drivekd.data.drivesim.world import ACTIONS, SceneParams, World
 
@@ -92,6 +93,8 @@ def build_scene(index: int, config: GenerateConfig, images_dir: Path) -> SceneDr
         questions = scene_questions(ctx, config.per_capability)
     elif config.task == "objects":
         questions = object_questions(ctx)
+    elif config.task == "tagged":
+        questions = tagged_questions(ctx)
     else:
         questions = [scene_caption(ctx)]
     own_images = {}

@@ -12,6 +12,10 @@ one-phrase answer can only come from its pixels (its colour, its lights), asked 
 
 The close-ups open the path from visual features to the answer; the tagged twins move it to the
 lookup the QA questions need (docs/teacher-study.md, "Grounding stage").
+
+`tagged_questions` asks the same two things in the QA's own words instead (its `object_colour` and
+`object_status` multiple choice, every nearby vehicle): a tiny model's reading stays tied to the
+wording it was learned in, so this is the dense version of exactly what QA scores.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from PIL import Image
 
 from drivekd.data.drivesim.camera import Camera, Renderer, Visible
 from drivekd.data.drivesim.captions import LIGHTS
-from drivekd.data.drivesim.questions import QA, SceneContext, status_of
+from drivekd.data.drivesim.questions import QA, SceneContext, colour_question, status_of, status_question
 from drivekd.data.drivesim.world import Snapshot
 
 # Beyond this bumper gap a vehicle covers a few pixels of a 96 x 96 model input: nothing to read.
@@ -72,4 +76,17 @@ def object_questions(ctx: SceneContext, max_gap: float = MAX_GAP_M) -> list[QA]:
             QA("perception", "tag_colour", f"What colour is object {tag}?", colour_answer, facts=colour),
             QA("perception", "tag_lights", f"Which lights does object {tag} show?", lights_answer, facts=lights),
         ]  # fmt: skip
+    return out
+
+
+def tagged_questions(ctx: SceneContext, max_gap: float = MAX_GAP_M) -> list[QA]:
+    """QA's `object_colour` and `object_status` items for every vehicle within `max_gap`."""
+    out = []
+    for cam, vis in ctx.tagged():
+        if ctx.relations[vis.car.index].gap > max_gap:
+            continue
+        out.append(colour_question(ctx, cam, vis))
+        # QA's class balance: most vehicles show no lights, so QA keeps 30 % of those (questions.py)
+        if not ctx.thin(status_of(vis.car) == "ahead", 0.3):
+            out.append(status_question(ctx, cam, vis))
     return out

@@ -327,10 +327,15 @@ def object_status(ctx: SceneContext) -> list[QA]:
     if not tagged:
         return []
     cam, vis = _balanced_pick(ctx, tagged, lambda cv: status_of(cv[1].car))
+    if ctx.thin(status_of(vis.car) == "ahead", 0.3):
+        return []
+    return [status_question(ctx, cam, vis)]
+
+
+def status_question(ctx: SceneContext, cam: str, vis: Visible) -> QA:
+    """The `object_status` item about one tagged vehicle."""
     car, rel, tag = vis.car, ctx.relations[vis.car.index], vis.tag(cam, 1)
     status = status_of(car)
-    if ctx.thin(status == "ahead", 0.3):
-        return []
     cue = {
         "ahead": "no brake lights or indicators; the vehicle is aligned with its lane",
         "left": "its left amber indicator is on and it is drifting toward the left lane",
@@ -338,19 +343,17 @@ def object_status(ctx: SceneContext) -> list[QA]:
         "braking": "its brake lights are lit",
     }[status]
     evidence = [f"Object: {describe(car)}", f"Position & orientation: {rel.where()}", f"Contextual evidence: {cue}."]
-    return [
-        _mc(
-            ctx,
-            "perception",
-            "object_status",
-            f"What is the moving status of object {tag}?",
-            STATUS_TEXT[status],
-            list(STATUS_TEXT.values()),
-            4,
-            evidence,
-            {"status": status, "object": tag, "label": status},
-        )
-    ]
+    return _mc(
+        ctx,
+        "perception",
+        "object_status",
+        f"What is the moving status of object {tag}?",
+        STATUS_TEXT[status],
+        list(STATUS_TEXT.values()),
+        4,
+        evidence,
+        {"status": status, "object": tag, "label": status},
+    )
 
 
 def object_colour(ctx: SceneContext) -> list[QA]:
@@ -358,21 +361,24 @@ def object_colour(ctx: SceneContext) -> list[QA]:
     if not tagged:
         return []
     cam, vis = tagged[int(ctx.rng.integers(len(tagged)))]
+    return [colour_question(ctx, cam, vis)]
+
+
+def colour_question(ctx: SceneContext, cam: str, vis: Visible) -> QA:
+    """The `object_colour` item about one tagged vehicle."""
     colour, tag = vis.car.colour, vis.tag(cam, 1)
     evidence = [f"Object: {describe(vis.car)}", f"Position & orientation: {ctx.relations[vis.car.index].where()}"]
-    return [
-        _mc(
-            ctx,
-            "perception",
-            "object_colour",
-            f"What colour is object {tag}?",
-            f"{colour.capitalize()}.",
-            [f"{c.capitalize()}." for c in COLOURS],
-            4,
-            evidence,
-            {"colour": colour, "object": tag, "label": colour},
-        )
-    ]
+    return _mc(
+        ctx,
+        "perception",
+        "object_colour",
+        f"What colour is object {tag}?",
+        f"{colour.capitalize()}.",
+        [f"{c.capitalize()}." for c in COLOURS],
+        4,
+        evidence,
+        {"colour": colour, "object": tag, "label": colour},
+    )
 
 
 # ---------------------------------------------------------------- reasoning
