@@ -250,10 +250,8 @@ def test_grounded_caption_names_every_visible_vehicle_once():
     assert lines[-1] == "Ego lane: a middle lane of 3."
 
 
-def test_object_questions_ask_colour_and_lights_of_every_vehicle_within_30_m():
-    from drivekd.data.drivesim.objects import object_questions
-
-    # braking ahead in the same lane, signalling left ahead in the right lane, 60 m behind (too far)
+def _two_near_one_far():
+    """Braking ahead in the same lane, signalling left ahead in the right lane, 60 m behind (too far)."""
     others = [(1, 15.0, 20.0), (2, 25.0, 20.0), (1, -60.0, 20.0)]
     snap = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=others).snapshot()
     snap.cars = [
@@ -265,7 +263,13 @@ def test_object_questions_ask_colour_and_lights_of_every_vehicle_within_30_m():
         for c in snap.cars
     ]
     visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
-    ctx = SceneContext(snap, visible, {}, np.random.default_rng(0))
+    return snap, visible, SceneContext(snap, visible, {}, np.random.default_rng(0))
+
+
+def test_object_questions_ask_colour_and_lights_of_every_vehicle_within_30_m():
+    from drivekd.data.drivesim.objects import object_questions
+
+    snap, visible, ctx = _two_near_one_far()
     assert len(ctx.tagged()) == 3
     items = object_questions(ctx)
     kinds = ["close_up_colour", "close_up_lights", "tag_colour", "tag_lights"]
@@ -306,19 +310,7 @@ def test_tagged_questions_are_the_qa_colour_and_status_items_of_every_vehicle_wi
     from drivekd.data.drivesim.objects import tagged_questions
     from drivekd.data.drivesim.questions import render_options
 
-    # braking ahead in the same lane, signalling left ahead in the right lane, 60 m behind (too far)
-    others = [(1, 15.0, 20.0), (2, 25.0, 20.0), (1, -60.0, 20.0)]
-    snap = World.constructed(lanes=3, ego_lane=1, ego_speed=20.0, others=others).snapshot()
-    snap.cars = [
-        dataclasses.replace(c, accel=-4.0)
-        if c.index == 1
-        else dataclasses.replace(c, target_lane=("0", "1", 1))
-        if c.index == 2
-        else c
-        for c in snap.cars
-    ]
-    visible = {cam.name: Renderer(cam).render(snap)[1] for cam in default_cameras(224, 128)}
-    ctx = SceneContext(snap, visible, {}, np.random.default_rng(0))
+    snap, visible, ctx = _two_near_one_far()
     items = tagged_questions(ctx)
     # neither near vehicle shows "no lights", so none is thinned: colour and status for both
     assert [q.question_type for q in items] == ["object_colour", "object_status"] * 2
