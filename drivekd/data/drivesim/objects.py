@@ -29,7 +29,8 @@ from drivekd.data.drivesim.captions import LIGHTS
 from drivekd.data.drivesim.questions import QA, SceneContext, colour_question, status_of, status_question
 from drivekd.data.drivesim.world import Snapshot
 
-# Beyond this bumper gap a vehicle covers a few pixels of a 96 x 96 model input: nothing to read.
+# Beyond this bumper gap a vehicle covers a few pixels of a 96 x 96 model input: the grounding stage
+# keeps to vehicles big enough to learn a first reading from.
 MAX_GAP_M = 30.0
 # close-up side / the vehicle's larger box side, drawn per vehicle: from the box alone (nearly one
 # colour, what a from-scratch model reads first) to the vehicle with its surroundings
