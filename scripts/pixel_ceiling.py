@@ -6,24 +6,25 @@ A small CNN is trained, with full supervision and the exact tag location, on a w
 tagged vehicle of OBJECTS_DIR's train split (`drivekd data generate --task objects`: colour and
 lights/status of every vehicle within 30 m), after the camera image is resized to SIZE the way a
 model's image processor would. It is scored on OBJECTS_DIR's val split (vehicles within 30 m) and on
-QA_DIR's val + test `object_colour` / `object_status` items (their tags, their labels, any distance). A VLM that finds the tag can read at most about what this reads from the
-same pixels (it also has context, e.g. drift between lanes, which the window partly cuts off), so a
-figure here far below a target says the input resolution, not the training, is the limit.
+QA_DIR's val + test `object_colour` / `object_status` items (their tags, their labels, any distance).
+A VLM that finds the tag can read at most about what this reads from the same pixels (it also has
+context, e.g. drift between lanes, which the window partly cuts off), so a figure here far below a
+target says the input resolution, not the training, is the limit.
 A diagnostic, not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-TAG = re.compile(r"<c\d+,(CAM_\w+),([\d.]+),([\d.]+)>")
+from drivekd.data.formats import load_split
+from drivekd.data.sample import OBJECT_TAG
+
 WINDOW = 0.25  # of the image width and height: 24 px at 96, a 3 x 3 block of 16-px visual tokens
 TASKS = {  # objects question type -> (QA question type, label field)
     "tag_colour": ("object_colour", "attribute"),
@@ -31,31 +32,31 @@ TASKS = {  # objects question type -> (QA question type, label field)
 }
 
 
-def items(folder: Path, split: str, qtype: str, field: str) -> list[tuple[Path, float, float, str]]:
+def items(folder: Path, split: str, qtype: str, field: str) -> list[tuple[str, float, float, str]]:
+    """(image path, tag x, tag y, label) of every `qtype` sample of a split."""
     out = []
-    for line in (folder / f"{split}.jsonl").open(encoding="utf-8"):
-        s = json.loads(line)
-        if s["question_type"] != qtype:
+    for s in load_split(folder, split):
+        if s.question_type != qtype:
             continue
-        camera, x, y = TAG.search(s["facts"]["object"]).groups()
-        path = next(folder / im["path"] for im in s["images"] if im["camera"] == camera)
-        out.append((path, float(x), float(y), s["facts"][field]))
+        camera, x, y = OBJECT_TAG.search(s.facts["object"]).groups()
+        path = next(im.path for im in s.images if im.camera == camera)
+        out.append((path, float(x), float(y), s.facts[field]))
     return out
 
 
-def windows(rows: list[tuple[Path, float, float, str]], size: tuple[int, int]) -> torch.Tensor:
+def windows(rows: list[tuple[str, float, float, str]], size: tuple[int, int]) -> torch.Tensor:
     w, h = size
     cw, ch = max(4, round(WINDOW * w)), max(4, round(WINDOW * h))
-    cache: dict[Path, np.ndarray] = {}
     out = np.zeros((len(rows), 3, ch, cw), np.float32)
+    loaded, padded = None, np.zeros(0)
     for i, (path, x, y, _) in enumerate(rows):
-        if path not in cache:
+        if path != loaded:  # items of one scene come together: one image at a time
             img = Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC)
             padded = np.zeros((h + ch, w + cw, 3), np.float32)
             padded[ch // 2 : ch // 2 + h, cw // 2 : cw // 2 + w] = np.asarray(img, np.float32) / 255.0
-            cache = {path: padded}  # items of one scene come together: keep one image
+            loaded = path
         left, top = round(x * w), round(y * h)  # window centred on the tag, in padded coords
-        out[i] = cache[path][top : top + ch, left : left + cw].transpose(2, 0, 1)
+        out[i] = padded[top : top + ch, left : left + cw].transpose(2, 0, 1)
     return torch.from_numpy(out)
 
 

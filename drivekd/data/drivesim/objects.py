@@ -26,7 +26,14 @@ from PIL import Image
 
 from drivekd.data.drivesim.camera import Camera, Renderer, Visible
 from drivekd.data.drivesim.captions import LIGHTS
-from drivekd.data.drivesim.questions import QA, SceneContext, colour_question, status_of, status_question
+from drivekd.data.drivesim.questions import (
+    QA,
+    SceneContext,
+    asks_status,
+    colour_question,
+    status_of,
+    status_question,
+)
 from drivekd.data.drivesim.world import Snapshot
 
 # Beyond this bumper gap a vehicle covers a few pixels of a 96 x 96 model input: the grounding stage
@@ -87,7 +94,6 @@ def tagged_questions(ctx: SceneContext, max_gap: float = MAX_GAP_M) -> list[QA]:
         if ctx.relations[vis.car.index].gap > max_gap:
             continue
         out.append(colour_question(ctx, cam, vis))
-        # QA's class balance: most vehicles show no lights, so QA keeps 30 % of those (questions.py)
-        if not ctx.thin(status_of(vis.car) == "ahead", 0.3):
+        if asks_status(ctx, vis.car):
             out.append(status_question(ctx, cam, vis))
     return out
