@@ -1,0 +1,345 @@
+"""Build the pretrained DriveSim bases (`drivekd reproduce --profile drivesim-internvl-teacher`).
+
+A build is data (`bases.yaml`): the datasets it generates, the `drivekd sft` stages it runs in
+order, and the held-out set its card is scored on. Like a study, it is resumable step by step: a
+dataset is done when its folder has a card (or split files), a stage when its final model exists,
+and a killed stage resumes from its last checkpoint. The last steps export the weights in the
+shipped dtype, score the exported copy (own images, another scene's images, the majority baseline)
+and write `card.json` beside them; `drivekd models install-base` copies the result into the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from drivekd.atomic import atomic_dir, atomic_file
+from drivekd.errors import DriveKDError
+
+BASES_FILE = Path(__file__).with_name("bases.yaml")
+# Scenes of seed S are built from (S, i): every seed in this range belongs to the bases, so a study or
+# a test using one of them could score a base on scenes it was trained on.
+BASE_SEEDS = range(100, 300)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    task: str = "qa"
+    scenes: int = 0
+    seed: int = 0
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    drill: str | None = None  # option-lookup items of this dataset instead of generating
+
+
+@dataclass(frozen=True)
+class BaseBuild:
+    name: str
+    preset: str
+    about: str
+    datasets: dict[str, DatasetSpec]
+    stages: dict[str, dict[str, Any]]
+    evaluate: str
+    check: str
+    export_dtype: str = "float16"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def trained_seeds(self) -> list[int]:
+        """Seeds whose scenes (any split) the build trains on or scores with."""
+        return sorted({d.seed for d in self.datasets.values() if d.drill is None})
+
+
+def load_builds(path: Path = BASES_FILE) -> dict[str, BaseBuild]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    builds = {}
+    for name, spec in raw.items():
+        datasets = {}
+        for dname, d in spec["datasets"].items():
+            d = dict(d)
+            if "split" in d:
+                d["split"] = tuple(d["split"])
+            datasets[dname] = DatasetSpec(name=dname, **d)
+        builds[name] = BaseBuild(
+            name=name,
+            preset=spec["preset"],
+            about=" ".join(spec["about"].split()),
+            datasets=datasets,
+            stages=spec["stages"],
+            evaluate=spec["evaluate"],
+            check=spec["check"],
+            export_dtype=spec.get("export_dtype", "float16"),
+            raw=spec,
+        )
+        for dname, d in datasets.items():
+            if d.drill is not None and d.drill not in datasets:
+                raise DriveKDError(f"{path}: {name}: dataset {dname!r} drills unknown dataset {d.drill!r}")
+            if d.drill is None and d.seed not in BASE_SEEDS:
+                raise DriveKDError(f"{path}: {name}: dataset {dname!r}: seed {d.seed} is outside {BASE_SEEDS}")
+    return builds
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class BaseBuilder:
+    def __init__(self, build: BaseBuild, out: Path, *, workers: int = 2, echo: Callable[[str], None] = click.echo):
+        self.build = build
+        self.out = out
+        self.workers = workers
+        self.echo = echo
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def claim(self) -> None:
+        file = self.out / "build.json"
+        settings = {"name": self.build.name, "spec": self.build.raw}
+        if file.is_file():
+            if json.loads(file.read_text(encoding="utf-8")).get("settings") != settings:
+                raise DriveKDError(f"{self.out}: holds a build with other settings; choose another --out, or delete it")
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            raise DriveKDError(f"{self.out}: exists and is not a drivekd base build (no build.json)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json(file, {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def timed(self, step: str, fn: Callable[[], Any]) -> Any:
+        self.echo(f"[build {self.build.name}] {step} ...")
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        with open(self.out / "timings.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
+        self.echo(f"[build {self.build.name}] {step}: {seconds:.0f} s")
+        return result
+
+    def timings(self) -> dict[str, float]:
+        file = self.out / "timings.jsonl"
+        out: dict[str, float] = {}
+        if file.is_file():
+            for line in file.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                out[rec["step"]] = out.get(rec["step"], 0.0) + rec["seconds"]
+        return out
+
+    def dataset_dir(self, name: str) -> Path:
+        return self.out / "data" / name
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / "stages" / name
+
+    @property
+    def export_dir(self) -> Path:
+        return self.out / "export" / self.build.name
+
+    # ---- steps -------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.claim()
+        for name, spec in self.build.datasets.items():
+            if not _dataset_done(self.dataset_dir(name)):
+                self.timed(f"data {name}", lambda spec=spec: self.make_dataset(spec))
+        stages = list(self.build.stages)
+        for i, name in enumerate(stages, 1):
+            if not (self.stage_dir(name) / "final" / "model.safetensors").is_file():
+                self.echo(f"[build {self.build.name}] stage {i}/{len(stages)}: {name}")
+                self.timed(f"stage {name}", lambda name=name: self.run_stage(name))
+        if not (self.export_dir / "model.safetensors").is_file():
+            self.timed("export", self.export)
+        scores = self.out / "scores.json"
+        if not scores.is_file():
+            self.timed("evaluate", self.evaluate)
+        self.write_card()
+        self.echo(f"[build {self.build.name}] done: {self.export_dir}")
+        return self.export_dir
+
+    def make_dataset(self, spec: DatasetSpec) -> None:
+        target = self.dataset_dir(spec.name)
+        if spec.drill is not None:
+            from drivekd.data.drill import option_lookup
+            from drivekd.data.formats import load_split, write_jsonl
+
+            source = self.dataset_dir(spec.drill)
+            with atomic_dir(target, overwrite=True) as tmp:
+                for split in ("train", "val", "test"):
+                    write_jsonl(option_lookup(load_split(source, split)), tmp / f"{split}.jsonl")
+            return
+        from drivekd.data.drivesim.generate import GenerateConfig, generate
+
+        config = GenerateConfig(scenes=spec.scenes, seed=spec.seed, task=spec.task, split_fractions=spec.split)
+        generate(target, config, workers=self.workers, overwrite=True)
+
+    def stage_config(self, name: str) -> Any:
+        from drivekd.train.config import SFTConfig
+
+        raw = json.loads(json.dumps(self.build.stages[name]))  # a deep copy
+        raw.setdefault("train", {})["output_dir"] = str(self.stage_dir(name))
+        return SFTConfig.model_validate(self._resolve(raw, name))
+
+    def _resolve(self, value: Any, stage: str) -> Any:
+        if isinstance(value, dict):
+            return {k: self._resolve(v, stage) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._resolve(v, stage) for v in value]
+        if isinstance(value, str) and value.startswith("@"):
+            ref = value[1:]
+            if ref in self.build.datasets:
+                return str(self.dataset_dir(ref))
+            order = list(self.build.stages)
+            if ref in order and order.index(ref) < order.index(stage):
+                return str(self.stage_dir(ref) / "final")
+            raise DriveKDError(
+                f"{BASES_FILE}: {self.build.name}: stage {stage}: {value} is no dataset or earlier stage"
+            )
+        return value
+
+    def run_stage(self, name: str) -> None:
+        from drivekd.train.sft import run_sft
+
+        run_dir = self.stage_dir(name)
+        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+        run_sft(self.stage_config(name), resume=resume)
+
+    def export(self) -> None:
+        from drivekd.models.loading import LoadOptions, load_backend
+
+        last = self.stage_dir(list(self.build.stages)[-1]) / "final"
+        backend = load_backend(str(last), LoadOptions(dtype=self.build.export_dtype))
+        with atomic_dir(self.export_dir, overwrite=True) as tmp:
+            backend.save(tmp)
+
+    def evaluate(self) -> None:
+        from drivekd.data.formats import load_split
+        from drivekd.data.sample import with_other_images
+        from drivekd.eval.baselines import majority_records
+        from drivekd.eval.predict import predict, write_records
+        from drivekd.eval.scoring import score_file
+        from drivekd.models.loading import LoadOptions, load_backend
+
+        data = self.dataset_dir(self.build.evaluate)
+        test = load_split(data, "test")
+        preds = self.out / "predictions"
+        preds.mkdir(exist_ok=True)
+        files = {
+            "majority": preds / "majority.jsonl",
+            "model": preds / "model.jsonl",
+            "other_images": preds / "other-images.jsonl",
+        }
+        if not files["majority"].is_file():
+            write_records(majority_records(load_split(data, "train"), test), files["majority"])
+        backend = load_backend(str(self.export_dir), LoadOptions(dtype="float32"))
+        throughput = {}
+        for key, samples in (("model", test), ("other_images", with_other_images(test))):
+            if not files[key].is_file():
+                throughput[key] = predict(backend, samples, files[key])
+        check = check_score(backend, self.dataset_dir(self.build.check), preds / "check.jsonl")
+        _write_json(
+            self.out / "scores.json",
+            {
+                "items": len(test),
+                "throughput": throughput,
+                "check": check,
+                **{k: score_file(f) for k, f in files.items()},
+            },
+        )
+
+    def write_card(self) -> None:
+        import torch
+        import transformers
+
+        scores = json.loads((self.out / "scores.json").read_text(encoding="utf-8"))
+        heldout = self.build.datasets[self.build.evaluate]
+        card = {
+            "name": self.build.name,
+            "about": self.build.about,
+            "preset": self.build.preset,
+            "dtype": self.build.export_dtype,
+            "weights_sha256": sha256_of(self.export_dir / "model.safetensors"),
+            "rebuild": f"drivekd reproduce --profile {self.build.name} --out DIR",
+            "generator": _generator_version(self.dataset_dir(self.build.evaluate)),
+            "seeds": self.build.trained_seeds,
+            "datasets": self.build.raw["datasets"],
+            "stages": self.build.stages,
+            "steps": sum(self.stage_config(s).train.max_steps or 0 for s in self.build.stages),
+            "seconds": self.timings(),
+            "machine": f"{platform.machine()}, {_cpu_count()} CPU threads, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}",
+            "built": time.strftime("%Y-%m-%d"),
+            "heldout": {
+                "dataset": self.build.evaluate,
+                "seed": heldout.seed,
+                "scenes": heldout.scenes,
+                "split": "test",
+                "items": scores["items"],
+            },
+            "scores": {key: _summary(scores[key]) for key in ("model", "other_images", "majority")},
+            "check": {"dataset": self.build.raw["datasets"][self.build.check], **scores["check"]},
+        }
+        _write_json(self.export_dir / "card.json", card)
+
+
+def check_score(backend: Any, data: Path, out: Path) -> dict[str, Any]:
+    """Avg on the check dataset's test split: what the shipped-weights test recomputes."""
+    from drivekd.data.formats import load_split
+    from drivekd.eval.predict import predict
+    from drivekd.eval.scoring import score_file
+
+    samples = load_split(data, "test")
+    predict(backend, samples, out)
+    return {"items": len(samples), "Avg": score_file(out)["average"]}
+
+
+def _summary(score: dict[str, Any]) -> dict[str, Any]:
+    """The card's per-capability and per-type view of a `score_file` result."""
+    return {
+        "Avg": score["average"],
+        **score["capabilities"],
+        "types": {t: v["score"] for t, v in score["by_question_type"].items()},
+        "top_letter_share": (score.get("letters") or {}).get("top_letter_share"),
+    }
+
+
+def _generator_version(data: Path) -> str | None:
+    card = data / "card.json"
+    return json.loads(card.read_text(encoding="utf-8")).get("generator_version") if card.is_file() else None
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _dataset_done(path: Path) -> bool:
+    return (path / "card.json").is_file() or (path / "train.jsonl").is_file()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def install(export_dir: Path, target_root: Path) -> Path:
+    """Copy a finished build's export (weights, tokenizer, processor, card) into the package."""
+    card = json.loads((export_dir / "card.json").read_text(encoding="utf-8"))
+    if sha256_of(export_dir / "model.safetensors") != card["weights_sha256"]:
+        raise DriveKDError(f"{export_dir}: model.safetensors does not match its card's hash")
+    target = target_root / card["name"]
+    with atomic_dir(target, overwrite=True) as tmp:
+        for f in export_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return target
