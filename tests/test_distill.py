@@ -336,3 +336,56 @@ def test_truncated_teacher_gives_full_teacher_targets(tmp_path, data_dir, teache
             assert len(got.hidden) == 4  # layers 0..2 ran: layer 1's output is still raw (not normed)
             for k in (1, 2):
                 assert torch.allclose(got.hidden[k], full.hidden_states[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reweight": True},
+        {"amortize_every": 3},
+        {"project_per": "step", "train": {"grad_accum": 2}},
+    ],
+    ids=["reweight", "amortize", "project-per-step"],
+)
+def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir, teacher_dir, monkeypatch, options):
+    """Reweighter state, amortised coefficients and step-wise pending gradients live in the checkpoint."""
+    from safetensors.torch import load_file
+
+    from drivekd.distill.engine import Distiller
+
+    def config(where):
+        train = {"max_steps": 5, "save_every": 2, "eval_every": 5, **options.get("train", {})}
+        rest = {k: v for k, v in options.items() if k != "train"}
+        return load_config(DistillConfig, _cfg(tmp_path / where, data_dir, teacher_dir, train=train, **rest))
+
+    full = run_distill(config("a"))
+    original = Distiller.objective
+    calls = {"n": 0}
+    stop_at = 3 * config("b").train.grad_accum  # dies inside step 3: the last checkpoint is step 2
+
+    def dies(self, model, batch, **kw):
+        calls["n"] += 1
+        if calls["n"] > stop_at:
+            raise KeyboardInterrupt
+        return original(self, model, batch, **kw)
+
+    monkeypatch.setattr(Distiller, "objective", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(config("b"))
+    monkeypatch.setattr(Distiller, "objective", original)
+    resumed = run_distill(config("b"), resume=True)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run's log has each step once, and the same figures as the uninterrupted one
+    ma, mb = _metrics(full.parent), _metrics(resumed.parent)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    weights = [k for k in ma[-2] if k.startswith(("weight/", "coef/"))]
+    assert all(ma[-2][k] == mb[-2][k] for k in weights)
+
+
+def test_distill_validation_reports_plain_ce_whatever_the_weights(tmp_path, data_dir, teacher_dir):
+    runs = {}
+    for w in (1.0, 3.0):
+        cfg = _cfg(tmp_path / str(w), data_dir, teacher_dir, ce_weight=w, train={"max_steps": 1, "lr": 1e-12})
+        runs[w] = [m for m in _metrics(run_distill(load_config(DistillConfig, cfg)).parent) if "val_ce" in m][-1]
+    assert runs[1.0]["val_ce"] == pytest.approx(runs[3.0]["val_ce"], rel=1e-4)

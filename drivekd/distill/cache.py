@@ -32,6 +32,25 @@ SHARD_SAMPLES = 256
 FORMAT = "drivekd-teacher-cache/1"
 
 
+def checkpoint_digest(spec: str) -> str:
+    """A model's identity by content: its config and weight files' bytes (a preset or hub id: its name)."""
+    from drivekd.models.loading import PRESETS, resolve_model
+
+    if spec in PRESETS:
+        return f"preset:{spec}"
+    path = Path(resolve_model(spec))
+    if not path.is_dir():
+        return f"hub:{spec}"
+    h = hashlib.sha256()
+    for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+        if file.is_file():
+            h.update(file.name.encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def fingerprint(
     signals: dict[str, Signal], teacher_of: dict[str, str], student: VLMBackend, samples: Sequence[Sample]
 ) -> dict[str, str]:
@@ -40,19 +59,15 @@ def fingerprint(
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    teachers = {}
-    for ckpt in sorted(set(teacher_of.values())):
-        weights = sorted(Path(ckpt).glob("*.safetensors"))
-        h = hashlib.sha256()
-        for w in weights:
-            h.update(w.read_bytes())
-        teachers[ckpt] = h.hexdigest()[:16] if weights else ckpt
+    # Keyed by signal, valued by content: the same weights under another spelling of their path (a
+    # trailing "/", a relative path, a moved study folder, a shipped model's name) are the same teacher.
+    teachers = {name: checkpoint_digest(ckpt) for name, ckpt in sorted(teacher_of.items())}
     return {
         "teacher": digest(teachers),
         # weight and distance change the loss, not the stored targets: a cache serves every weighting
         "recipe": digest(
             {n: {k: v for k, v in vars(s).items() if k not in ("weight", "distance")} for n, s in signals.items()}
-            | {"_teachers": teacher_of}
+            | {"_teachers": teachers}
         ),
         "tokenizer": digest(student.tokenizer.get_vocab()),
         "data": digest([(s.id, s.question, s.answer, [im.path for im in s.images]) for s in samples]),

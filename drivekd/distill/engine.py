@@ -179,8 +179,33 @@ class Distiller:
             out[ckpt] = Targets(dict(maps), result.hidden_states if hidden else None, result.logits if logits else None)
         return out
 
+    # ---- checkpointed state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs to continue bit-identically: amortised coefficients, task
+        gradients pending for a step-wise projection, the reweighter."""
+        return {
+            "coefficients": self.coefficients,
+            "pending": None if self._pending is None else {"names": self._pending[0], "grads": self._pending[1]},
+            "last_values": dict(self._last_values),
+            "reweighter": self.reweighter.state_dict() if self.reweighter is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.coefficients = state["coefficients"]  # type: ignore[assignment]
+        pending = state["pending"]
+        self._pending = None if pending is None else (list(pending["names"]), pending["grads"])  # type: ignore[index]
+        self._last_values = dict(state["last_values"])  # type: ignore[call-overload]
+        if (state["reweighter"] is None) != (self.reweighter is None):
+            raise DriveKDError("checkpoint and config disagree on `reweight`; resume with the run's own config")
+        if self.reweighter is not None:
+            self.reweighter.load_state_dict(state["reweighter"])  # type: ignore[arg-type]
+
     # ---- objective ---------------------------------------------------------------------------
-    def objective(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def validation_objective(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Validation: plain (unweighted) CE, so runs with any weighting compare; signal losses as trained."""
+        return self.objective(model, batch, plain_ce=True)
+
+    def objective(self, model: torch.nn.Module, batch: Batch, *, plain_ce: bool = False) -> dict[str, torch.Tensor]:
         # Projection strategies take gradients per loss with autograd.grad and all-reduce the
         # combination themselves, so they run the plain model; `sum` keeps DDP's own reduction.
         model = model if self.config.strategy == "sum" else self.student.model
@@ -188,7 +213,7 @@ class Distiller:
         with capture(self.student, self._student_attention_layers()) as smaps:
             out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
         dynamic = self.reweighter.weights() if self.reweighter is not None else {}
-        losses = {ANCHOR: dynamic.get(ANCHOR, self.config.ce_weight) * out.loss}
+        losses = {ANCHOR: out.loss if plain_ce else dynamic.get(ANCHOR, self.config.ce_weight) * out.loss}
         if not self.signals:
             return losses
         labels = batch.labels

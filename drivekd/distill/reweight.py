@@ -42,6 +42,25 @@ class LossReweighter:
         self._losses = torch.zeros(len(self.names), dtype=torch.float64)
         self._count = 0
 
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "a": self.a.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "initial": self.initial,
+            "norms": self._norms.clone(),
+            "losses": self._losses.clone(),
+            "count": self._count,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        with torch.no_grad():
+            self.a.copy_(state["a"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.initial = state["initial"]  # type: ignore[assignment]
+        self._norms = state["norms"].clone()  # type: ignore[union-attr]
+        self._losses = state["losses"].clone()  # type: ignore[union-attr]
+        self._count = int(state["count"])  # type: ignore[arg-type]
+
     def weights(self) -> dict[str, float]:
         w = torch.nn.functional.softplus(self.a.detach()).clamp(*self.clamp)
         return dict(zip(self.names, w.tolist(), strict=True))

@@ -35,6 +35,8 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         extra_modules=distiller.projections,
         before_step=distiller.before_step,
         augment=shuffle_choices if config.data.shuffle_choices else None,
+        val_objective=distiller.validation_objective,
+        stateful=distiller,
     )
     distiller.step_of = lambda: trainer.position.step
     return trainer.run(dump_config(config), stats, resume=resume)

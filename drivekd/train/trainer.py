@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -69,6 +70,7 @@ class Trainer:
         before_step: Callable[[Accelerator], dict[str, float]] | None = None,
         augment: Callable[[Sample, tuple[int, int, int]], Sample] | None = None,
         val_objective: Objective | None = None,
+        stateful: Any = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -83,6 +85,9 @@ class Trainer:
         self.extra = extra_modules  # trained beside the model (e.g. hidden-state projections), checkpointed too
         self.before_step = before_step  # e.g. combine task gradients accumulated over the step
         self.augment = augment  # applied per (seed, epoch, sample index): reproducible across resumes and ranks
+        # An object with state_dict()/load_state_dict() checkpointed with the run (e.g. the distiller's
+        # amortised coefficients and reweighter), so a resumed run continues bit-identically.
+        self.stateful = stateful
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
@@ -161,6 +166,8 @@ class Trainer:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+                if self.stateful is not None:
+                    torch.save(self.stateful.state_dict(), tmp / "objective_state.pt")
                 (tmp / "trainer_state.json").write_text(json.dumps(vars(self.position)))
             for old in self.checkpoints()[: -self.config.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -182,6 +189,13 @@ class Trainer:
             load_model(self.extra, str(latest / "extra.safetensors"))
         self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        if self.stateful is not None:
+            file = latest / "objective_state.pt"
+            if not file.is_file():
+                raise DriveKDError(
+                    f"{latest}: no objective_state.pt: written by an older drivekd, cannot resume exactly"
+                )
+            self.stateful.load_state_dict(torch.load(file, weights_only=True))
         rng = torch.load(latest / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_python_state(rng["python"]))
@@ -200,7 +214,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(resolved_config, encoding="utf-8")
-            self._log({"step": self.position.step, **{f"data_{k}": v for k, v in data_stats.items()}})
+            if not resume:  # a fresh start replaces the log of an earlier attempt that never checkpointed
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                self._log({"step": self.position.step, **{f"data_{k}": v for k, v in data_stats.items()}})
         self.train()
         return self.save_final()
 
