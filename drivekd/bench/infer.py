@@ -339,9 +339,12 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _check_model(spec: str) -> None:
-    from drivekd.models.loading import PRESETS
+    from drivekd.models.loading import PRESETS, PRETRAINED, pretrained_path
 
     if spec in PRESETS:
+        return
+    if spec in PRETRAINED:
+        pretrained_path(spec)
         return
     path = Path(spec).expanduser()
     if not path.exists():

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from drivekd.atomic import atomic_file
 from drivekd.data.formats import FORMATS, data_files, load_samples, write_jsonl
 from drivekd.data.validate import validate_samples
 from drivekd.errors import DataError
@@ -90,7 +91,12 @@ def generate(
 @_image_root
 @click.option("--no-image-check", is_flag=True, help="Skip checking that images exist and decode.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def validate(path: Path, fmt: str | None, image_roots: tuple[str, ...], no_image_check: bool, as_json: bool) -> None:
+@click.option(
+    "--strict", is_flag=True, help="Also fail on items marked multiple choice whose options could not be found."
+)
+def validate(
+    path: Path, fmt: str | None, image_roots: tuple[str, ...], no_image_check: bool, as_json: bool, strict: bool
+) -> None:
     """Check a dataset (file or native folder): counts, images referenced and missing. Exit 0 only if valid."""
     samples = load_samples(path, fmt, image_roots)
     report = validate_samples(samples, check_images=not no_image_check)
@@ -103,7 +109,43 @@ def validate(path: Path, fmt: str | None, image_roots: tuple[str, ...], no_image
         )
         click.echo("capability: " + ", ".join(f"{k} {v}" for k, v in report.by_capability.items()))
         click.echo("question type: " + ", ".join(f"{k} {v}" for k, v in report.by_question_type.items()))
-    report.raise_if_bad(str(path))
+        click.echo(f"multiple choice: {report.multiple_choice}")
+        if report.mc_without_options:
+            click.echo(
+                f"warning: {len(report.mc_without_options)} item(s) marked multiple choice have no options in "
+                f"their question and will be scored as open-ended text (first: {report.mc_without_options[0]}); "
+                "--strict makes this an error",
+                err=True,
+            )
+    report.raise_if_bad(str(path), strict=strict)
+
+
+def _copy_images(src: Path, samples: list, target: Path) -> None:
+    """One copy per distinct source file, named by its content hash: two frames of one scene never
+    share a copy their sources do not share. Every image is checked to decode before any is copied."""
+    import hashlib
+
+    from drivekd.data.sample import ImageRef
+    from drivekd.data.validate import image_problem
+
+    names: dict[str, str] = {}  # resolved source path -> copy name
+    for s in samples:
+        for im in s.images:
+            source = str(Path(im.path).resolve())
+            if source in names:
+                continue
+            problem = image_problem(Path(im.path))
+            if problem is not None:
+                raise DataError(f"{src}: sample {s.id}: image {im.path} is {problem}")
+            digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:20]
+            names[source] = f"{digest}{Path(source).suffix.lower()}"
+    target.mkdir(parents=True, exist_ok=True)
+    for source, name in names.items():
+        if not (target / name).is_file():
+            with atomic_file(target / name) as tmp:
+                shutil.copyfile(source, tmp)
+    for s in samples:
+        s.images = [ImageRef(im.camera, str(target / names[str(Path(im.path).resolve())])) for im in s.images]
 
 
 @data.command()
@@ -118,21 +160,7 @@ def convert(src: Path, dst: Path, fmt: str | None, image_roots: tuple[str, ...],
     """Convert SRC (any supported format) to native JSONL at DST."""
     samples = load_samples(src, fmt, image_roots)
     if copy_images:
-        from drivekd.data.sample import ImageRef
-
-        target = dst.resolve().parent / "images"
-        target.mkdir(parents=True, exist_ok=True)
-        for s in samples:
-            new = []
-            for im in s.images:
-                src_img = Path(im.path)
-                if not src_img.is_file():
-                    raise DataError(f"{src}: sample {s.id}: image {im.path} is missing")
-                dest = target / f"{s.scene_id}_{im.camera}{src_img.suffix}".replace("/", "_")
-                if not dest.exists():
-                    shutil.copy2(src_img, dest)
-                new.append(ImageRef(im.camera, str(dest)))
-            s.images = new
+        _copy_images(src, samples, dst.resolve().parent / "images")
     write_jsonl(samples, dst)
     click.echo(f"wrote {len(samples)} samples from {', '.join(map(str, data_files(src)))} to {dst}")
 

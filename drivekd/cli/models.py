@@ -14,15 +14,69 @@ def models() -> None:
 
 @models.command(name="list")
 def list_presets() -> None:
-    """Tiny presets with their sizes (parameters, LM layers, visual tokens per 224x128 image)."""
-    from drivekd.models.loading import PRESETS, count_parameters, load_backend
+    """Tiny presets (random initialisation) and the shipped pretrained models, with their sizes."""
+    from drivekd.errors import DriveKDError
+    from drivekd.models.loading import PRESETS, PRETRAINED, count_parameters, load_backend, pretrained_card
 
-    click.echo("| preset | family | parameters | LM layers | visual tokens / image |\n|---|---|---|---|---|")
-    for name in PRESETS:
-        b = load_backend(name)
+    click.echo(
+        "| model | kind | family | parameters | LM layers | visual tokens / 224x128 image | held-out Avg (majority) |"
+        "\n|---|---|---|---|---|---|---|"
+    )
+    for name in (*PRESETS, *PRETRAINED):
+        try:
+            b = load_backend(name)
+        except DriveKDError as e:
+            click.echo(f"| {name} | pretrained | – | – | – | – | missing: {e} |")
+            continue
+        kind, score = "preset (random init)", "–"
+        if name in PRETRAINED:
+            card = pretrained_card(name)
+            kind = f"pretrained ({card['built']})"
+            score = f"{card['scores']['model']['Avg']:.1f} ({card['scores']['majority']['Avg']:.1f})"
         click.echo(
-            f"| {name} | {b.family} | {count_parameters(b) / 1e6:.2f}M | {b.num_layers} | {b.visual_token_count(224, 128)} |"
+            f"| {name} | {kind} | {b.family} | {count_parameters(b) / 1e6:.2f}M | {b.num_layers} | "
+            f"{b.visual_token_count(224, 128)} | {score} |"
         )
+
+
+@models.command(name="card")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print card.json as it is.")
+def show_card(name: str, as_json: bool) -> None:
+    """A shipped pretrained model's card: data seeds, recipe, compute, held-out scores per type."""
+    import json
+
+    from drivekd.errors import DriveKDError
+    from drivekd.models.loading import PRETRAINED, pretrained_card
+
+    if name not in PRETRAINED:
+        raise DriveKDError(f"{name}: not a shipped pretrained model ({', '.join(PRETRAINED)})")
+    card = pretrained_card(name)
+    if as_json:
+        click.echo(json.dumps(card, indent=2))
+        return
+    click.echo(f"# {name}\n\n{card['about']}\n")
+    click.echo(f"- built {card['built']} on {card['machine']}; rebuild: `{card['rebuild']}`")
+    click.echo(f"- {card['steps']} training steps, {sum(card['seconds'].values()) / 60:.0f} min in all")
+    click.echo(f"- trained and scored on DriveSim-QA seeds {card['seeds']} ({card['generator']})")
+    click.echo(f"- weights {card['dtype']}, sha256 {card['weights_sha256'][:16]}...\n")
+    held = card["heldout"]
+    click.echo(f"Held-out test ({held['items']} items, seed {held['seed']}):\n")
+    scores = card["scores"]
+    click.echo("| | model | another scene's images | majority |\n|---|---:|---:|---:|")
+    for key in ("Avg", "perception", "reasoning", "planning", *scores["model"]["types"]):
+        cells = [scores[s].get(key, scores[s]["types"].get(key)) for s in ("model", "other_images", "majority")]
+        click.echo(f"| {key} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
+
+
+@models.command(name="install-base")
+@click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def install_base(export_dir: Path) -> None:
+    """Copy a finished base build (DIR/export/NAME, with its card) into the package."""
+    from drivekd.models.loading import PRETRAINED_DIR
+    from drivekd.study.bases import install
+
+    click.echo(f"installed {install(export_dir, PRETRAINED_DIR)}")
 
 
 @models.command(name="build-tokenizer")

@@ -134,6 +134,15 @@ def _read_native(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Samp
                 )
             sample_id = str(_require(item, "id", where))
             capability = normalize_capability(_require(item, "capability", where), where=where)
+            question = str(_require(item, "question", where))
+            answer = str(_require(item, "answer", where))
+            choices, letter = item.get("choices"), item.get("correct_choice")
+            if choices is None:
+                choices, inline_letter = _choices_of(question, answer)
+                letter = letter if letter is not None else inline_letter
+            elif letter is None and isinstance(choices, dict):
+                found = answer_letter(answer)
+                letter = found if found in choices else None
             yield (
                 where,
                 Sample(
@@ -141,11 +150,11 @@ def _read_native(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Samp
                     capability=capability,
                     question_type=str(item.get("question_type") or capability),
                     images=images,
-                    question=str(_require(item, "question", where)),
-                    answer=str(_require(item, "answer", where)),
+                    question=question,
+                    answer=answer,
                     scene_id=str(item.get("scene_id") or sample_id),
-                    choices=item.get("choices"),
-                    correct_choice=item.get("correct_choice"),
+                    choices=choices,
+                    correct_choice=letter,
                     facts=item.get("facts") or {},
                 ),
             )
@@ -222,9 +231,7 @@ def _read_drivebench(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, 
             raise DataError(f"{where}: field 'image_path' must map camera names to paths")
         question = str(_require(item, "question", where))
         answer = str(_require(item, "answer", where))
-        choices, letter = (None, None)
-        if item.get("tag") == 0:
-            choices, letter = _choices_of(question, answer)
+        choices, letter = _choices_of(question, answer)
         frame = str(item.get("frame_token") or f"frame{i}")
         yield (
             where,
@@ -258,6 +265,8 @@ def _read_drivelm(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Sam
                 for k, item in enumerate(items):
                     where = f"{fwhere} {qtype}[{k}]"
                     question = str(_require(item, "Q", where))
+                    answer = str(_require(item, "A", where))
+                    choices, letter = _choices_of(question, answer)
                     yield (
                         where,
                         Sample(
@@ -266,8 +275,10 @@ def _read_drivelm(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Sam
                             question_type=qtype.lower(),
                             images=list(images),
                             question=_with_placeholders(question, list(paths)),
-                            answer=str(_require(item, "A", where)),
+                            answer=answer,
                             scene_id=str(scene_id),
+                            choices=choices,
+                            correct_choice=letter,
                         ),
                     )
 

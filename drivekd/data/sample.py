@@ -129,6 +129,14 @@ def with_other_images(samples: list[Sample]) -> list[Sample]:
     return out
 
 
+def marked_multiple_choice(sample: Sample) -> bool:
+    """Does the source mark this item multiple choice? DriveBench's `tag` 0 does (kept in `facts`),
+    written as 0, "0", [0] or ["0"] depending on the file."""
+    tag = sample.facts.get("tag") if isinstance(sample.facts, dict) else None
+    tags = tag if isinstance(tag, list) else [tag]
+    return any(str(t).strip() == "0" for t in tags if t is not None and not isinstance(t, bool))
+
+
 def object_tags(text: str) -> list[tuple[str, float, float]]:
     """The distinct `(camera, x, y)` object tags in `text`, in order of first mention."""
     seen: dict[tuple[str, float, float], None] = {}

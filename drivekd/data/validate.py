@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from drivekd.data.sample import CAPABILITIES, Sample
+from drivekd.data.sample import CAPABILITIES, Sample, marked_multiple_choice
 from drivekd.errors import DataError
 
 
@@ -22,10 +22,14 @@ class ValidationReport:
     missing_images: list[str] = field(default_factory=list)
     unreadable_images: list[str] = field(default_factory=list)
     first_bad: tuple[str, str, str] | None = None  # (sample id, path, problem)
+    # Marked multiple choice by the source (DriveBench tag 0) but no `A. ... B. ...` options found:
+    # scored as open-ended text unless fixed. Ids, in input order.
+    mc_without_options: list[str] = field(default_factory=list)
+    multiple_choice: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.missing_images and not self.unreadable_images
+        return not self.missing_images and not self.unreadable_images and self.samples > 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -34,11 +38,21 @@ class ValidationReport:
             "by_capability": self.by_capability,
             "by_question_type": self.by_question_type,
             "images_referenced": self.images_referenced,
+            "multiple_choice": self.multiple_choice,
+            "mc_without_options": self.mc_without_options,
             "missing_images": self.missing_images,
             "unreadable_images": self.unreadable_images,
         }
 
-    def raise_if_bad(self, source: str) -> None:
+    def raise_if_bad(self, source: str, *, strict: bool = False) -> None:
+        if self.samples == 0:
+            raise DataError(f"{source}: no samples")
+        if strict and self.mc_without_options:
+            n = len(self.mc_without_options)
+            raise DataError(
+                f"{source}: sample {self.mc_without_options[0]}: marked multiple choice (tag 0) but no "
+                f"'A. ... B. ...' options found in its question" + (f" (and {n - 1} more)" if n > 1 else "")
+            )
         if self.first_bad is None:
             return
         sample_id, path, problem = self.first_bad
@@ -60,10 +74,12 @@ def validate_samples(samples: Sequence[Sample], *, check_images: bool = True) ->
         by_capability=dict(by_cap),
         by_question_type=dict(sorted(by_type.items())),
         images_referenced=len(first_user),
+        multiple_choice=sum(1 for s in samples if s.choices),
+        mc_without_options=[s.id for s in samples if not s.choices and marked_multiple_choice(s)],
     )
     if check_images:
         for path, sample_id in first_user.items():
-            problem = _image_problem(Path(path))
+            problem = image_problem(Path(path))
             if problem is None:
                 continue
             (report.missing_images if problem == "missing" else report.unreadable_images).append(path)
@@ -72,7 +88,7 @@ def validate_samples(samples: Sequence[Sample], *, check_images: bool = True) ->
     return report
 
 
-def _image_problem(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
     if not path.is_file():
         return "missing"
     try:

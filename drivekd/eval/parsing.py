@@ -75,7 +75,9 @@ def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
     Tried in order, the first hit inside `choices` wins: the text after the last `Final:` (a marked
     letter such as `{C. ...}`, `C. ...`, `(c)`, `C`, or one option's text); a marked letter at the
     start (`B. There is a car ahead.`, `(d)`, `C`); `Answer: A` / `the answer is (B)` / `option C`;
-    the whole prediction equal to one option's text; a single parenthesised letter anywhere.
+    the whole prediction equal to one option's text; a letter followed by its own option text, or
+    one option's text, anywhere in a sentence (two different options stated: None); a single
+    parenthesised letter anywhere. A sentence-initial article ("A car is ahead") is never option A.
     """
     if not isinstance(prediction, str) or not isinstance(choices, dict) or not choices:
         return None
@@ -100,8 +102,45 @@ def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
     hit = _option_text(text, choices)
     if hit:
         return hit
+    stated = _stated_options(text, choices)
+    if stated is not None:
+        return stated or None
     letters = {_letter_in(m.group(1), choices) for m in _PAREN_LETTER.finditer(text)} - {None}
     return letters.pop() if len(letters) == 1 else None
+
+
+def _spans(pattern: str, said: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(rf"(?<![a-z0-9]){pattern}(?![a-z0-9])", said)]
+
+
+def _stated_options(text: str, choices: dict[str, str]) -> str | None:
+    """Options a sentence states: a letter followed by its own option text (`I pick B, turn left`),
+    else an option's text anywhere (`... so the car will turn left.`), case and punctuation ignored.
+
+    Returns the one letter stated, "" when two different options are stated (unparseable: a model
+    naming both did not commit), None when none is. A text inside a longer stated option's text
+    ("left" in "turn left") does not count as stated on its own.
+    """
+    said = _normalise(text)
+    texts = {k: _normalise(str(v)) for k, v in choices.items()}
+    texts = {k: v for k, v in texts.items() if v}
+    with_letter = {k for k, v in texts.items() if _spans(re.escape(f"{k.lower()} {v}"), said)}
+    if with_letter:
+        return with_letter.pop() if len(with_letter) == 1 else ""
+    found = {k: _spans(re.escape(v), said) for k, v in texts.items()}
+    found = {k: spans for k, spans in found.items() if spans}
+    inside = {
+        k
+        for k, spans in found.items()
+        if all(
+            any(o != k and a <= s and e <= b and (b - a) > (e - s) for o, others in found.items() for a, b in others)
+            for s, e in spans
+        )
+    }
+    stated = set(found) - inside
+    if not stated:
+        return None
+    return stated.pop() if len(stated) == 1 else ""
 
 
 def letter_matches_text(prediction: str, choices: dict[str, str]) -> bool | None:

@@ -153,11 +153,20 @@ def _prediction(item: Any, where: str) -> Prediction:
         isinstance(choices, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in choices.items())
     ):
         raise DataError(f"{where}: field 'choices' must map letters to option texts")
+    choices = choices or None  # {} offers nothing to choose from
     correct = item.get("correct_choice")
     if correct is not None and (not isinstance(correct, str) or (choices is not None and correct not in choices)):
         raise DataError(
             f"{where}: field 'correct_choice' {correct!r} is not one of the choices {sorted(choices or {})}"
         )
+    if choices is not None and correct is None:
+        # The reference states the letter (`Final: {B. Turn left.}`): read it with the models' parser.
+        correct = parse_choice(item["reference"], choices) if isinstance(item["reference"], str) else None
+        if correct is None:
+            raise DataError(
+                f"{where}: has 'choices' but no 'correct_choice', and its reference names no option "
+                f"({str(item['reference'])[:60]!r}); add correct_choice or drop choices"
+            )
     facts = item.get("facts") or {}
     if not isinstance(facts, dict):
         raise DataError(f"{where}: field 'facts' must be a JSON object")

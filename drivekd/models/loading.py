@@ -50,6 +50,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 TINY_IMAGE_SIZE, TINY_PATCH = 96, 8
 
+# Pretrained tiny models shipped inside the package (weights, tokenizer, processor, card.json), built
+# by `drivekd reproduce --profile NAME` and installed with `drivekd models install-base`.
+PRETRAINED_DIR = Path(__file__).with_name("pretrained")
+PRETRAINED = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
+
+
+def pretrained_path(name: str) -> Path:
+    """The folder of a shipped pretrained model; an error naming the rebuild if it is missing."""
+    path = PRETRAINED_DIR / name
+    if not (path / "model.safetensors").is_file():
+        raise DriveKDError(
+            f"{name}: the shipped weights are missing from {path}; rebuild them with `drivekd reproduce "
+            f"--profile {name} --out DIR` and `drivekd models install-base DIR/export/{name}`"
+        )
+    return path
+
+
+def pretrained_card(name: str) -> dict[str, Any]:
+    return json.loads((pretrained_path(name) / "card.json").read_text(encoding="utf-8"))
+
+
+def resolve_model(spec: str) -> str:
+    """A shipped pretrained model's name becomes its folder; anything else is returned unchanged."""
+    return str(pretrained_path(spec)) if spec in PRETRAINED else spec
+
 
 @dataclass
 class LoadOptions:
@@ -68,7 +93,7 @@ def load_backend(spec: str, options: LoadOptions | None = None) -> VLMBackend:
     options = options or LoadOptions()
     if options.dtype not in DTYPES:
         raise DriveKDError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
-    backend = _build_preset(spec, options) if spec in PRESETS else _load_pretrained(spec, options)
+    backend = _build_preset(spec, options) if spec in PRESETS else _load_pretrained(resolve_model(spec), options)
     backend.model.to(options.device)
     _freeze(backend, options)
     if options.lora:
@@ -110,7 +135,10 @@ def _load_pretrained(spec: str, options: LoadOptions) -> VLMBackend:
     if path.exists() and not (path / "config.json").is_file():
         raise DriveKDError(f"{spec}: no config.json: not a model checkpoint directory")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
-        raise DriveKDError(f"{spec}: no such model directory, and not a preset ({', '.join(PRESETS)}) or hub id")
+        raise DriveKDError(
+            f"{spec}: no such model directory, and not a preset ({', '.join(PRESETS)}), "
+            f"a shipped model ({', '.join(PRETRAINED)}) or hub id"
+        )
     model_type = _model_type(path) if path.exists() else None
     try:
         if model_type is None:
