@@ -130,3 +130,42 @@ def test_help_pages():
     assert r.returncode == 0 and "data" in r.stdout
     r = run_cli("data", "generate", "--help")
     assert r.returncode == 0 and "--scenes" in r.stdout and "--workers" in r.stdout
+
+
+def test_json_lines_in_a_json_file_name_the_real_column(tmp_path):
+    f = tmp_path / "bad.json"
+    good = {"id": "a", "capability": "plan", "images": [], "question": "q", "answer": "a"}
+    f.write_text(json.dumps(good) + '\n{"id": "b",, "x": 1}\n')
+    _one_line_error(run_cli("data", "validate", str(f)), f"{f}:2:12:", "malformed JSON")
+
+
+def test_misspelled_override_is_reported_against_the_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: tiny-internvl-student}\ndata: {path: nowhere}\ntrain: {output_dir: r}\n")
+    _one_line_error(run_cli("sft", "--config", str(cfg), "train.lrr=1e-3"), "override 'train.lrr=1e-3'", "train.lrr")
+    r = run_cli("sft", "--config", str(cfg), "train.lrr=1e-3")
+    assert str(cfg) not in r.stderr
+
+
+def test_data_split_by_scene(tmp_path, drivelm_file):
+    import copy
+
+    data = json.loads(drivelm_file.read_text())
+    scene = data["scene-a"]
+    for i in range(9):  # ten scenes in all, four questions each (frame tokens are unique, as in DriveLM)
+        data[f"scene-{i}"] = {"key_frames": {f"frame-x{i}": copy.deepcopy(scene["key_frames"]["frame-1"])}}
+    drivelm_file.write_text(json.dumps(data))
+    out = tmp_path / "split"
+    r = run_cli("data", "split", str(drivelm_file), str(out), "--val", "0.2", "--test", "0.2", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    splits = {
+        n: [json.loads(x) for x in (out / f"{n}.jsonl").read_text().splitlines()] for n in ("train", "val", "test")
+    }
+    assert [len(splits[n]) for n in ("train", "val", "test")] == [24, 8, 8]
+    scenes = {n: {s["scene_id"] for s in items} for n, items in splits.items()}
+    assert not (scenes["train"] & scenes["val"]) and not (scenes["train"] & scenes["test"])
+    assert run_cli("data", "validate", str(out)).returncode == 0  # image paths still resolve
+    again = tmp_path / "again"
+    run_cli("data", "split", str(drivelm_file), str(again), "--val", "0.2", "--test", "0.2", "--seed", "1")
+    assert (again / "test.jsonl").read_text() == (out / "test.jsonl").read_text()  # seeded
+    _one_line_error(run_cli("data", "split", str(drivelm_file), str(out)), str(out), "already exists")

@@ -389,3 +389,36 @@ def test_distill_validation_reports_plain_ce_whatever_the_weights(tmp_path, data
         cfg = _cfg(tmp_path / str(w), data_dir, teacher_dir, ce_weight=w, train={"max_steps": 1, "lr": 1e-12})
         runs[w] = [m for m in _metrics(run_distill(load_config(DistillConfig, cfg)).parent) if "val_ce" in m][-1]
     assert runs[1.0]["val_ce"] == pytest.approx(runs[3.0]["val_ce"], rel=1e-4)
+
+
+def test_recipe_errors_are_found_before_any_work(tmp_path, data_dir, teacher_dir):
+    from .conftest import run_cli
+
+    bad = tmp_path / "deep.yaml"
+    bad.write_text("perception: {kind: attn_tv, layer: 50}\n")
+    cfg = _cfg(tmp_path / "a", data_dir, teacher_dir, recipe=str(bad))
+    r = run_cli("distill", "--config", str(cfg))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "layer 50 is outside the student tiny-internvl-student (4 LM layers" in r.stderr
+    assert not (tmp_path / "a" / "run").exists()  # nothing created: no config.yaml, no metrics.jsonl
+    qwen = tmp_path / "qwen"
+    load_backend("tiny-qwen25vl-teacher").save(qwen)
+    cfg = _cfg(tmp_path / "b", data_dir, qwen)
+    with pytest.raises(DriveKDError, match=r"qwen2_5_vl model and the student .* internvl one: their visual tokens"):
+        run_distill(load_config(DistillConfig, cfg))
+    assert not (tmp_path / "b" / "run").exists()
+
+
+def test_cache_fingerprint_follows_teacher_content_not_its_path(tmp_path, teacher_dir, monkeypatch):
+    import shutil
+
+    from drivekd.distill.cache import checkpoint_digest
+
+    moved = tmp_path / "moved"
+    shutil.copytree(teacher_dir, moved)
+    monkeypatch.chdir(tmp_path)
+    same = {checkpoint_digest(str(teacher_dir)), checkpoint_digest(str(teacher_dir) + "/"), checkpoint_digest("moved")}
+    assert len(same) == 1 and checkpoint_digest(str(moved)) in same
+    other = tmp_path / "other"
+    load_backend("tiny-internvl-teacher", LoadOptions(seed=8)).save(other)
+    assert checkpoint_digest(str(other)) not in same

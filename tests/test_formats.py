@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from drivekd.data.choices import answer_letter, parse_inline_options
 from drivekd.data.formats import detect_format, load_samples, write_jsonl
@@ -9,7 +10,7 @@ from drivekd.data.paths import ImageResolver
 from drivekd.data.sample import normalize_capability
 from drivekd.errors import DataError
 
-from .conftest import FIXTURES, png
+from .conftest import FIXTURES, png, run_cli
 
 REFERENCE = FIXTURES / "reference-demo.json"
 
@@ -113,3 +114,121 @@ def test_inline_options_and_letters():
     assert answer_letter("Final: D. The ego ...") == "D"
     assert answer_letter("A") == "A"
     assert answer_letter("Keep going.") is None
+
+
+def _drivebench_mc(tag, question, answer="C", **extra):
+    return {
+        "scene_token": "sc",
+        "frame_token": "fr",
+        "question_type": "perception",
+        "question": question,
+        "answer": answer,
+        "image_path": {"CAM_FRONT": "a.png"},
+        **({} if tag == "absent" else {"tag": tag}),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("tag", [0, [0], "0", ["0"], 1, [2], "absent", None])
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What is it doing? A. Going ahead. B. Turn left. C. Turn right.",
+        "What is it doing?\nA. Going ahead.\nB. Turn left.\nC. Turn right.",
+        "What is it doing? Options: A) Going ahead. B) Turn left. C) Turn right.",
+    ],
+    ids=["inline", "one-per-line", "parenthesis"],
+)
+def test_drivebench_options_become_choices_whatever_the_tag(tmp_path, tag, question):
+    png(tmp_path / "a.png")
+    f = tmp_path / "db.json"
+    f.write_text(json.dumps([_drivebench_mc(tag, question, "C. Turn right.")]))
+    (s,) = load_samples(f)
+    assert s.choices == {"A": "Going ahead.", "B": "Turn left.", "C": "Turn right."}
+    assert s.correct_choice == "C"
+
+
+def test_drivelm_inline_options_become_choices(tmp_path):
+    png(tmp_path / "x.png")
+    q = "What is the status of the car <c1,CAM_FRONT,0.5,0.5>? A. Moving. B. Parked. C. Braking. D. Turning."
+    data = {
+        "s": {"key_frames": {"f": {"QA": {"perception": [{"Q": q, "A": "B"}]}, "image_paths": {"CAM_FRONT": "x.png"}}}}
+    }
+    f = tmp_path / "lm.json"
+    f.write_text(json.dumps(data))
+    (s,) = load_samples(f)
+    assert s.choices == {"A": "Moving.", "B": "Parked.", "C": "Braking.", "D": "Turning."} and s.correct_choice == "B"
+
+
+def test_native_without_choices_reads_inline_options(tmp_path):
+    png(tmp_path / "a.png")
+    item = {
+        "id": "x",
+        "capability": "perception",
+        "images": [{"camera": "CAM_FRONT", "path": "a.png"}],
+        "question": "<image> Which? A. Car. B. Truck.",
+        "answer": "Final: {B. Truck.}",
+    }
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(item) + "\n")
+    (s,) = load_samples(f)
+    assert s.choices == {"A": "Car.", "B": "Truck."} and s.correct_choice == "B"
+
+
+def test_validate_counts_multiple_choice_items_without_options(tmp_path):
+    from drivekd.data.validate import validate_samples
+
+    png(tmp_path / "a.png")
+    f = tmp_path / "db.json"
+    items = [
+        _drivebench_mc(0, "What is it doing? A. Going ahead. B. Stopped.", "A"),
+        _drivebench_mc([0], "What is the object doing?", "It is stopped."),  # marked MC, no options
+        _drivebench_mc(1, "What should the ego do?", "Keep going."),
+    ]
+    f.write_text(json.dumps(items))
+    report = validate_samples(load_samples(f))
+    assert report.multiple_choice == 1 and report.mc_without_options == ["fr:1"]
+    report.raise_if_bad(str(f))  # a count, not an error ...
+    with pytest.raises(DataError, match=r"db.json: sample fr:1: marked multiple choice .* no 'A\. \.\.\. B\."):
+        report.raise_if_bad(str(f), strict=True)  # ... unless strict
+    r = run_cli("data", "validate", str(f), "--strict")
+    assert r.returncode == 2 and "fr:1" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("data", "validate", str(f))
+    assert r.returncode == 0 and "1 item(s) marked multiple choice have no options" in r.stderr
+
+
+def test_empty_data_file_fails_validation(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    r = run_cli("data", "validate", str(f))
+    assert r.returncode == 2 and "empty.jsonl: no samples" in r.stderr
+
+
+def test_convert_copies_each_distinct_source_image_once(tmp_path):
+    """Two key frames of one scene keep their own images (named by content, not scene + camera)."""
+    png(tmp_path / "f1.png", colour=(200, 0, 0))
+    png(tmp_path / "f2.png", colour=(0, 200, 0))
+    frames = {
+        fid: {"QA": {"perception": [{"Q": f"What is in {fid}?", "A": "A car."}]}, "image_paths": {"CAM_FRONT": path}}
+        for fid, path in (("k1", "f1.png"), ("k2", "f2.png"))
+    }
+    src = tmp_path / "lm.json"
+    src.write_text(json.dumps({"scene-a": {"key_frames": frames}}))
+    out = tmp_path / "out" / "data.jsonl"
+    r = run_cli("data", "convert", str(src), str(out), "--copy-images")
+    assert r.returncode == 0, r.stderr
+    converted = load_samples(out)
+    copies = [Path(s.images[0].path) for s in converted]
+    assert copies[0] != copies[1] and len(list((out.parent / "images").iterdir())) == 2
+    assert Image.open(copies[0]).getpixel((0, 0)) == (200, 0, 0)
+    assert Image.open(copies[1]).getpixel((0, 0)) == (0, 200, 0)
+
+
+def test_convert_refuses_a_file_that_is_not_an_image(tmp_path):
+    (tmp_path / "f1.png").write_text("not an image")
+    src = tmp_path / "lm.json"
+    frames = {"k1": {"QA": {"perception": [{"Q": "What?", "A": "A car."}]}, "image_paths": {"CAM_FRONT": "f1.png"}}}
+    src.write_text(json.dumps({"scene-a": {"key_frames": frames}}))
+    r = run_cli("data", "convert", str(src), str(tmp_path / "o" / "d.jsonl"), "--copy-images")
+    assert r.returncode == 2 and "k1" in r.stderr and "f1.png is unreadable" in r.stderr
+    assert not (tmp_path / "o" / "images").exists() or not any((tmp_path / "o" / "images").iterdir())

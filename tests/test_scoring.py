@@ -63,6 +63,58 @@ def test_parse_choice_unparseable(prediction):
     assert parse_choice(prediction, CHOICES) is None
 
 
+@pytest.mark.parametrize(
+    ("prediction", "letter"),
+    [
+        # DriveBench/DriveLM-style free answers that state an option inside a sentence
+        ("I think the vehicle will turn left at the junction.", "B"),
+        ("The correct answer is B. Turn left.", "B"),
+        ("Looking at the image, B turn left is most likely.", "B"),
+        ("It is braking, so the answer should be braking.", "D"),
+        ("A car in front is braking.", "D"),  # sentence-initial article, then an option's text
+        # DriveBench's parser looks for the first capital A-D anywhere: "A" of the article wins there
+        ("A white truck blocks the lane, so the answer is C.", "C"),
+        ("The object is going ahead.", "A"),
+    ],
+)
+def test_parse_choice_reads_options_stated_in_a_sentence(prediction, letter):
+    assert parse_choice(prediction, CHOICES) == letter
+
+
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        "It could turn left or turn right.",  # two different options stated: no commitment
+        "Going ahead, then braking.",
+        "A car is turning.",  # no option's text, and "A" is an article
+    ],
+)
+def test_parse_choice_two_options_stated_is_unparseable(prediction):
+    assert parse_choice(prediction, CHOICES) is None
+
+
+def test_parse_choice_prefers_the_longer_option_text():
+    choices = {"A": "Left.", "B": "Turn left.", "C": "Right."}
+    assert parse_choice("The car will turn left soon", choices) == "B"
+    assert parse_choice("It drifts left.", choices) == "A"
+
+
+def test_correct_letter_comes_from_the_reference_when_missing(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        _line(1, "perception", "q", "B", "Final: {B. Turn left.}", choices=CHOICES)
+        + "\n"
+        + _line(2, "perception", "q", "A. Going ahead.", "C. Turn right.", choices=CHOICES)
+        + "\n"
+    )
+    r = score_file(f)
+    assert r["by_question_type"]["q"]["score"] == 50.0 and r["language"]["bleu4"] is None  # scored as MC
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_line(1, "perception", "q", "B", "no letter here", choices=CHOICES) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: has 'choices' but no 'correct_choice'"):
+        score_file(bad)
+
+
 def test_parse_choice_only_returns_offered_letters():
     assert parse_choice("D. Braking.", {"A": "x", "B": "y"}) is None
     assert parse_choice("Going ahead.", {"A": "Going ahead.", "B": "going ahead"}) is None  # ambiguous text

@@ -195,6 +195,58 @@ def drill(src: Path, out: Path, fmt: str | None, overwrite: bool) -> None:
 
 
 @data.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_format
+@_image_root
+@click.option("--val", "val_fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option("--test", "test_fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option(
+    "--by",
+    type=click.Choice(["scene", "sample"]),
+    default="scene",
+    show_default=True,
+    help="scene: no scene in two splits (questions about one scene share its images); sample: items alone.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def split(
+    src: Path,
+    out: Path,
+    fmt: str | None,
+    image_roots: tuple[str, ...],
+    val_fraction: float,
+    test_fraction: float,
+    by: str,
+    seed: int,
+    overwrite: bool,
+) -> None:
+    """Split a data file (any format) into a native folder OUT with train/val/test.jsonl."""
+    import random
+
+    if val_fraction + test_fraction >= 1:
+        raise click.BadParameter("--val + --test must leave something to train on", param_hint="--val/--test")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: already exists; pass --overwrite to replace it")
+    samples = load_samples(src, fmt, image_roots)
+    groups = list(dict.fromkeys(s.scene_id if by == "scene" else s.id for s in samples))
+    random.Random(seed).shuffle(groups)
+    n_val, n_test = round(len(groups) * val_fraction), round(len(groups) * test_fraction)
+    if len(groups) - n_val - n_test < 1 or (val_fraction > 0 and n_val == 0):
+        raise DataError(f"{src}: {len(groups)} {by}(s) cannot be split {val_fraction}/{test_fraction}")
+    split_of = {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(groups)}
+    from drivekd.atomic import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for name in ("train", "val", "test"):
+            part = [s for s in samples if split_of[s.scene_id if by == "scene" else s.id] == name]
+            write_jsonl(part, tmp / f"{name}.jsonl")
+    # image paths were written relative to the temporary folder, a sibling of OUT: valid after the rename
+    counts = {name: sum(1 for g in split_of.values() if g == name) for name in ("train", "val", "test")}
+    click.echo(f"wrote {out}: " + ", ".join(f"{name} {n} {by}(s)" for name, n in counts.items()))
+
+
+@data.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print card.json as it is.")
 def card(directory: Path, as_json: bool) -> None:

@@ -54,9 +54,11 @@ def data_files(path: str | Path) -> list[Path]:
 
 
 def detect_format(file: Path) -> str:
-    if file.suffix == ".jsonl":
+    if file.suffix == ".jsonl" or _is_json_lines(file):
         return "native"
     data = _parse_json(file)
+    if isinstance(data, dict) and "capability" in data:  # one native line in a .json file
+        return "native"
     if isinstance(data, dict):
         first = next(iter(data.values()), None)
         if isinstance(first, dict) and "key_frames" in first:
@@ -95,6 +97,23 @@ def _load_file(file: Path, fmt: str | None, image_roots: Sequence[str]) -> list[
     return samples
 
 
+def _is_json_lines(file: Path) -> bool:
+    """A `.json` file holding JSON Lines (one object per line): parsed whole it fails with "Extra data"
+    at line 2, column 1, which names no real fault; read line by line, errors point at the line."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+            second = next((line for line in f if line.strip()), None)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if second is None:
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _parse_json(file: Path) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
@@ -114,6 +133,24 @@ def _require(item: Any, key: str, where: str) -> Any:
     return item[key]
 
 
+def _typed(item: Any, key: str, where: str, kind: type, what: str) -> Any:
+    value = _require(item, key, where)
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field {key!r} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _choices_field(item: dict[str, Any], where: str) -> tuple[dict[str, str] | None, str | None]:
+    choices, letter = item.get("choices"), item.get("correct_choice")
+    if choices is not None and not (
+        isinstance(choices, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in choices.items())
+    ):
+        raise DataError(f"{where}: field 'choices' must map letters to option texts")
+    if letter is not None and not isinstance(letter, str):
+        raise DataError(f"{where}: field 'correct_choice' must be a letter, got {type(letter).__name__}")
+    return choices or None, letter
+
+
 def _read_native(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Sample]]:
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -125,7 +162,7 @@ def _read_native(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Samp
                 raise DataError(f"{file}:{lineno}:{e.colno}: malformed JSON: {e.msg}") from e
             where = f"{file}: item {lineno - 1} (line {lineno})"
             images = []
-            for k, im in enumerate(_require(item, "images", where)):
+            for k, im in enumerate(_typed(item, "images", where, list, "a list")):
                 images.append(
                     ImageRef(
                         str(_require(im, "camera", f"{where} image {k}")),
@@ -136,11 +173,11 @@ def _read_native(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Samp
             capability = normalize_capability(_require(item, "capability", where), where=where)
             question = str(_require(item, "question", where))
             answer = str(_require(item, "answer", where))
-            choices, letter = item.get("choices"), item.get("correct_choice")
+            choices, letter = _choices_field(item, where)
             if choices is None:
                 choices, inline_letter = _choices_of(question, answer)
                 letter = letter if letter is not None else inline_letter
-            elif letter is None and isinstance(choices, dict):
+            elif letter is None:
                 found = answer_letter(answer)
                 letter = found if found in choices else None
             yield (
@@ -181,8 +218,8 @@ def _read_reference(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, S
         raise DataError(f"{file}: reference format must be a JSON list of items")
     for i, item in enumerate(data):
         where = f"{file}: item {i}"
-        messages = _require(item, "messages", where)
-        raw_images = _require(item, "images", where)
+        messages = _typed(item, "messages", where, list, "a list")
+        raw_images = _typed(item, "images", where, list, "a list")
         capability_name = _require(item, "question_type", where)
         user = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         bot = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
@@ -255,13 +292,15 @@ def _read_drivelm(file: Path, resolve: ImageResolver) -> Iterator[tuple[str, Sam
     if not isinstance(data, dict):
         raise DataError(f"{file}: DriveLM format must be a JSON object keyed by scene id")
     for scene_id, scene in data.items():
-        frames = _require(scene, "key_frames", f"{file}: scene {scene_id}")
+        frames = _typed(scene, "key_frames", f"{file}: scene {scene_id}", dict, "an object of frames")
         for frame_id, frame in frames.items():
             fwhere = f"{file}: scene {scene_id} frame {frame_id}"
-            qa = _require(frame, "QA", fwhere)
-            paths = _require(frame, "image_paths", fwhere)
+            qa = _typed(frame, "QA", fwhere, dict, "an object of question lists")
+            paths = _typed(frame, "image_paths", fwhere, dict, "an object mapping cameras to paths")
             images = [ImageRef(cam, resolve(str(p))) for cam, p in paths.items()]
             for qtype, items in qa.items():
+                if not isinstance(items, list):
+                    raise DataError(f"{fwhere}: QA {qtype!r} must be a list of questions")
                 for k, item in enumerate(items):
                     where = f"{fwhere} {qtype}[{k}]"
                     question = str(_require(item, "Q", where))

@@ -55,6 +55,44 @@ def load_recipe(spec: str) -> dict[str, Signal]:
     return signals
 
 
+def check_recipe(config: DistillConfig) -> dict[str, Signal]:
+    """Everything a distillation config can get wrong, found from configs alone, before any model,
+    data or output folder is touched: the recipe itself, each signal's layers against the student's
+    and its teacher's depths, and teacher and student of one family (maps compare position by
+    position only when the tokenizer and visual tokens per image agree)."""
+    from drivekd.distill.capture import resolve_layer
+    from drivekd.models.loading import model_shape
+
+    signals = load_recipe(config.recipe)
+    student = model_shape(config.model.name)
+    for name, sig in signals.items():
+        teacher_spec = config.teachers.get(name, config.teacher)
+        if teacher_spec is None:
+            raise DriveKDError(f"signal {name!r} has no teacher: set `teacher` (or `teachers.{name}`)")
+        teacher = model_shape(teacher_spec)
+        if student is not None and teacher is not None and student.family != teacher.family:
+            raise DriveKDError(
+                f"teacher {teacher_spec} is a {teacher.family} model and the student {config.model.name} a "
+                f"{student.family} one: their visual tokens per image differ, so attention maps cannot be "
+                "compared position by position; distil within one family"
+            )
+        indices = list(sig.layers) if sig.layers is not None else [sig.layer if sig.layer is not None else 0]
+        if sig.kind == "logit_kl":
+            continue
+        for who, shape, spec in (("student", student, config.model.name), ("teacher", teacher, teacher_spec)):
+            if shape is None:
+                continue
+            for index in indices:
+                try:
+                    resolve_layer(index, shape.num_layers)
+                except ValueError:
+                    raise DriveKDError(
+                        f"recipe {config.recipe}: signal {name!r}: layer {index} is outside the {who} {spec} "
+                        f"({shape.num_layers} LM layers: use 0..{shape.num_layers - 1}, or negative from the end)"
+                    ) from None
+    return signals
+
+
 def mixing_matrix(spec: str | list[list[float]], names: Sequence[str]) -> torch.Tensor:
     """Rows: sample capability (perception, reasoning, planning); columns: signals; rows sum to 1.
 
@@ -404,9 +442,11 @@ def check_same_layout(student: VLMBackend, teacher: VLMBackend, probe: Sequence[
     ids_s, ids_t = bs.inputs["input_ids"], bt.inputs["input_ids"]
     if ids_s.shape != ids_t.shape or not torch.equal(ids_s, ids_t):
         i = next(k for k in range(len(probe)) if ids_s.shape != ids_t.shape or not torch.equal(ids_s[k], ids_t[k]))
+        vis_t, vis_s = int(bt.visual_mask[i].sum()), int(bs.visual_mask[i].sum())
         raise DriveKDError(
-            f"teacher {name} and the student tokenise sample {probe[i].id} differently "
-            f"({ids_t.shape[1]} vs {ids_s.shape[1]} tokens): they need the same tokenizer and image layout"
+            f"teacher {name} ({teacher.family}) and the student ({student.family}) tokenise sample {probe[i].id} "
+            f"differently ({ids_t.shape[1]} vs {ids_s.shape[1]} tokens, {vis_t} vs {vis_s} visual): they need "
+            "the same tokenizer and visual tokens per image"
         )
     if not torch.equal(bs.visual_mask, bt.visual_mask):
         raise DriveKDError(f"teacher {name} and the student place visual tokens at different positions")

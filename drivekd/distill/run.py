@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from drivekd.data.choices import shuffle_choices
-from drivekd.distill.engine import Distiller
+from drivekd.distill.engine import Distiller, check_recipe
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
 from drivekd.train.sft import load_model, load_training_data
@@ -15,6 +15,7 @@ from drivekd.train.trainer import Trainer
 
 
 def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
+    check_recipe(config)  # before any model, data or folder is touched
     torch.manual_seed(config.train.seed)
     if config.data.shuffle_choices and config.cache:
         raise DriveKDError(
@@ -49,6 +50,7 @@ def run_cache_teacher(config: DistillConfig, out: Path | None = None) -> Path:
     from drivekd.distill.cache import estimate_bytes, write_cache
 
     target = Path(out or config.cache or Path(config.train.output_dir) / "teacher-cache")
+    check_recipe(config)
     student = load_model(config.model)
     train, val, _ = load_training_data(config.data, student)
     samples = train + val

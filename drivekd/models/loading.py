@@ -88,6 +88,33 @@ class LoadOptions:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What can be known of a model before loading its weights (for checks made before any work)."""
+
+    family: str  # "internvl" | "qwen2_5_vl" | another model_type (unsupported)
+    num_layers: int
+    hidden_size: int
+
+
+def model_shape(spec: str) -> ModelShape | None:
+    """A preset's or checkpoint folder's shape from its config alone; None for a hub id not on disk."""
+    if spec in PRESETS:
+        p = PRESETS[spec]
+        return ModelShape(p["family"], p["text"]["layers"], p["text"]["hidden"])
+    path = Path(resolve_model(spec))
+    if not path.is_dir():
+        return None
+    if not (path / "config.json").is_file():
+        raise DriveKDError(f"{spec}: no config.json: not a model checkpoint directory")
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or config
+    layers, hidden = text.get("num_hidden_layers"), text.get("hidden_size")
+    if not isinstance(layers, int) or not isinstance(hidden, int):
+        raise DriveKDError(f"{path}/config.json: no text_config.num_hidden_layers / hidden_size")
+    return ModelShape(str(config.get("model_type")), layers, hidden)
+
+
 def load_backend(spec: str, options: LoadOptions | None = None) -> VLMBackend:
     """`spec` is a preset name, a local checkpoint directory, or a hub id (offline: a directory)."""
     options = options or LoadOptions()

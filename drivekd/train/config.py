@@ -123,7 +123,10 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise DriveKDError(f"{path}: {loc}: {err['msg']}{more}") from e
+        # A field given on the command line is reported against the command line, not the file.
+        given = [o for o in overrides if o.split("=", 1)[0] == loc or loc.startswith(o.split("=", 1)[0] + ".")]
+        source = f"override {given[-1]!r}" if given else str(path)
+        raise DriveKDError(f"{source}: {loc}: {err['msg']}{more}") from e
 
 
 def dump_config(config: BaseModel) -> str:

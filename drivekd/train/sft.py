@@ -51,6 +51,14 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
     if not train:
         raise DataError(f"{cfg.path}: no training samples (split {cfg.train_split!r}, capability {cfg.capability})")
     validate_samples(train + val).raise_if_bad(cfg.path)
+    if not val and cfg.val_split is not None:
+        import click
+
+        click.echo(
+            f"warning: {cfg.path}: no validation split (a data file is all training data), so no val metrics; "
+            "make one with `drivekd data split FILE DIR` and train on DIR",
+            err=True,
+        )
     stats = {"train": len(train), "val": len(val), "mixed_in": len(mixed), "skipped_overlong": 0}
     kept = []
     for s in train:
