@@ -27,7 +27,12 @@ def _score(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = score_file(path)
-    return {**{c: result["capabilities"].get(c) for c in CAPABILITIES}, "average": result["average"]}
+    return {
+        **{c: result["capabilities"].get(c) for c in CAPABILITIES},
+        "average": result["average"],
+        "items": result["samples"],
+        "types": {t: v["score"] for t, v in result["by_question_type"].items()},
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -41,12 +46,16 @@ def collect(out: Path) -> dict[str, Any]:
     variants: list[dict[str, Any]] = []
     for name in REFERENCES:
         test, val = _score(out / "preds" / name / "test.jsonl"), _score(out / "preds" / name / "val.jsonl")
+        control = _score(out / "preds" / name / "test-other-images.jsonl")
         if test:
             variants.append(
                 {
                     "name": name,
                     **{c: test[c] for c in COLUMNS},
                     "capabilities": {c: test[c] for c in CAPABILITIES},
+                    "items": test["items"],
+                    "types": test["types"],
+                    "other_images_average": control["average"] if control else None,
                     "val_average": val["average"] if val else None,
                     "seeds": [],
                     "std": dict.fromkeys(COLUMNS, 0.0),
@@ -62,19 +71,36 @@ def collect(out: Path) -> dict[str, Any]:
                 continue
             test = _score(out / "preds" / name / f"seed-{seed}" / "test.jsonl")
             val = _score(out / "preds" / name / f"seed-{seed}" / "val.jsonl")
+            control = _score(out / "preds" / name / f"seed-{seed}" / "test-other-images.jsonl")
             if test:
                 val_ce = _final_val_ce(out / "runs" / name / f"seed-{seed}" / "metrics.jsonl")
                 per_seed.append(
-                    {"seed": seed, **test, "val_average": val["average"] if val else None, "val_ce": val_ce}
+                    {
+                        "seed": seed,
+                        **test,
+                        "other_images_average": control["average"] if control else None,
+                        "val_average": val["average"] if val else None,
+                        "val_ce": val_ce,
+                    }
                 )
         row: dict[str, Any] = {"name": name, "seeds": per_seed, "failed": failed, "std": {}}
         for c in COLUMNS:
             row[c], row["std"][c] = _mean_std([s[c] for s in per_seed if s[c] is not None])
         row["capabilities"] = {c: row[c] for c in CAPABILITIES}
+        row["items"] = per_seed[0]["items"] if per_seed else None
+        types = sorted({t for p in per_seed for t in p["types"]})
+        row["types"] = {
+            t: _mean_std([p["types"][t] for p in per_seed if p["types"].get(t) is not None])[0] for t in types
+        }
+        row["other_images_average"] = _mean_std(
+            [p["other_images_average"] for p in per_seed if p["other_images_average"] is not None]
+        )[0]
         row["val_average"] = _mean_std([s["val_average"] for s in per_seed if s["val_average"] is not None])[0]
         row["val_ce"], row["std"]["val_ce"] = _mean_std([s["val_ce"] for s in per_seed if s["val_ce"] is not None])
         variants.append(row)
-    return {"settings": settings, "variants": variants}
+    mechanism_file = out / "mechanism.json"
+    mechanism = json.loads(mechanism_file.read_text(encoding="utf-8")) if mechanism_file.is_file() else None
+    return {"settings": settings, "variants": variants, "mechanism": mechanism}
 
 
 def _final_val_ce(metrics: Path) -> float | None:
@@ -108,31 +134,24 @@ def _curves(out: Path, settings: dict[str, Any], png: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
     drew = False
-    teacher = out / "teacher" / "metrics.jsonl"
-    for ax, runs, title in (
-        (axes[0], [("teacher", teacher)], "teacher SFT"),
-        (
-            axes[1],
-            [(n, out / "runs" / n / f"seed-{settings['seeds'][0]}" / "metrics.jsonl") for n in settings["variants"]],
-            f"students (seed {settings['seeds'][0]}, all-data runs)",
-        ),
-    ):
-        for name, path in runs:
-            if not path.is_file():
-                continue
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            points = [(r["step"], r["ce"]) for r in rows if "ce" in r and "lr" in r]
-            if points:
-                ax.plot(*zip(*points, strict=True), label=name, linewidth=1)
-                drew = True
-        ax.set_title(title)
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("training CE (answer tokens)")
-        ax.set_yscale("log")
-        if ax.lines:
-            ax.legend(fontsize=7)
+    seed = settings["seeds"][0]
+    for name in settings["variants"]:
+        path = out / "runs" / name / f"seed-{seed}" / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        points = [(r["step"], r["ce"]) for r in rows if "ce" in r and "lr" in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=name, linewidth=1)
+            drew = True
+    ax.set_title(f"students (seed {seed}, all-data runs)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training CE (answer tokens)")
+    ax.set_yscale("log")
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     if drew:
         _save(fig, png)
@@ -199,9 +218,9 @@ def write_report(out: Path) -> Path:
         "",
         f"Report written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
         f"({platform.processor() or platform.machine()}, Python {platform.python_version()}). "
-        f"Teacher `{settings['teacher_preset']}` ({settings['teacher_epochs']} epochs), students "
-        f"`{settings['student_preset']}` ({settings['student_epochs']} epochs, lr {settings['student_lr']}), "
-        f"{settings['scenes']} scenes, seeds {settings['seeds']}, distillation losses calibrated to "
+        f"Teacher `{settings['teacher']}`, students from `{settings['student']}` ({settings['student_epochs']} "
+        f"epochs, lr {settings['student_lr']}), {settings['scenes']} scenes split {settings['split']} "
+        f"(seed {settings['data_seed']}), seeds {settings['seeds']}, distillation losses calibrated to "
         f"{settings['kd_share']} x CE at the start (`recipes/calibration.json`).",
         "",
         "## Scores (test; val Avg is what choices are made on)",
@@ -233,6 +252,8 @@ def write_report(out: Path) -> Path:
         lines += ["", "### Failed runs", ""]
         lines += [f"- `{name}` seed {f['seed']}: {f['error']}" for name, f in failed]
     lines += ["", "![per-capability scores](scores.png)", ""]
+    lines += _per_type(variants)
+    lines += _mechanism(variants, results["mechanism"])
     if has_curves:
         lines += ["## Training curves", "", "![training curves](curves.png)", ""]
     lines += ["## Teacher pre-study", ""]
@@ -255,6 +276,54 @@ def write_report(out: Path) -> Path:
     report = out / "report.md"
     _write(report, "\n".join(lines) + "\n")
     return report
+
+
+def _per_type(variants: list[dict[str, Any]]) -> list[str]:
+    rows = [v for v in variants if v.get("types")]
+    if not rows:
+        return []
+    types = sorted({t for v in rows for t in v["types"]})
+    items = rows[0].get("items")
+    out = [
+        f"## Per question type (test, {items} items)",
+        "",
+        "| type | " + " | ".join(v["name"] for v in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    for t in types:
+        cells = [v["types"].get(t) for v in rows]
+        out.append(f"| {t} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
+    return [*out, ""]
+
+
+def _mechanism(variants: list[dict[str, Any]], mechanism: dict[str, Any] | None) -> list[str]:
+    """Does each model read the images, and where does it look when it answers about an object?"""
+    out = [
+        "## Mechanism: reading the image, looking at the object",
+        "",
+        "Test Avg with each model's own images and with another scene's (the image-blind control: a "
+        "model whose score barely drops answers from the text). Attention: head-mean mass that the "
+        "positions committing the answer put on the visual token under the asked-about object, as a "
+        "multiple of an even spread over the visual tokens (1.0 = no preference), mean over LM layers "
+        "(per layer in `mechanism.json`).",
+        "",
+        "| model | test Avg | Avg, other images | drop | attention on the object (x even) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    attention = {
+        k.split("/seed-")[0]: v for k, v in (mechanism or {}).items() if k.endswith(("seed-0", "teacher", "base"))
+    }
+    names = [v["name"] for v in variants if v["name"] != "majority"]
+    for name in [*names, *(k for k in attention if k not in names)]:
+        row = next((v for v in variants if v["name"] == name), {})
+        own, other = row.get("average"), row.get("other_images_average")
+        drop = f"{own - other:+.1f}" if own is not None and other is not None else "–"
+        ratio = (attention.get(name) or {}).get("mean_ratio")
+        out.append(
+            f"| {name} | {'–' if own is None else f'{own:.1f}'} | {'–' if other is None else f'{other:.1f}'} | "
+            f"{drop} | {'–' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    return [*out, ""]
 
 
 def _write(path: Path, text: str) -> None:

@@ -29,6 +29,9 @@ from drivekd.study.profiles import Profile, Variant, load_variants
 from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, SFTConfig, TrainConfig
 
 SPLITS = ("val", "test")
+# The image-blind control: the test split with every sample shown another scene's cameras.
+CONTROL = "test-other-images"
+MECHANISM_SAMPLES = 256  # test items the attention-mass measurement reads per model
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -65,12 +68,33 @@ class Study:
         self.echo = echo
         self.variants = load_variants()
         self.data = out / "data"
-        self.teacher_dir = out / "teacher"
-        self.teacher = self.teacher_dir / "final"
+        from drivekd.models.loading import resolve_model
+
+        self.teacher = resolve_model(profile.teacher)  # a shipped model's folder, a checkpoint or a preset
+        self.student = resolve_model(profile.student)
 
     # ---- bookkeeping -----------------------------------------------------------------------
+    def check_disjoint(self) -> None:
+        """Refuse data on scenes a pretrained teacher or student was trained or scored on."""
+        from drivekd.study.bases import BASE_SEEDS
+
+        seed = self.profile.data_seed
+        for role, spec in (("teacher", self.teacher), ("student", self.student)):
+            card = Path(spec) / "card.json"
+            seeds = json.loads(card.read_text(encoding="utf-8")).get("seeds", []) if card.is_file() else []
+            if seed in seeds:
+                raise DriveKDError(
+                    f"profile {self.profile.name!r}: data seed {seed} is one the {role} {spec} was trained on "
+                    f"(its card lists seeds {seeds}); its test scores would be on seen scenes"
+                )
+        if seed in BASE_SEEDS:
+            raise DriveKDError(
+                f"profile {self.profile.name!r}: data seed {seed} is in {BASE_SEEDS}, reserved for the shipped bases"
+            )
+
     def claim(self) -> None:
         """Write study.json, or refuse a directory that holds another configuration's study."""
+        self.check_disjoint()
         settings = self.profile.settings()
         file = self.out / "study.json"
         if file.is_file():
@@ -113,14 +137,14 @@ class Study:
             )
         if not (self.data / "card.json").is_file():
             self.timed("data", self.generate_data)
-        if not _done(self.teacher_dir):
-            self.timed("teacher", self.train_teacher)
         if not (self.out / "prestudy" / "recipe.yaml").is_file():
             self.timed("prestudy", self.prestudy)
         for split in SPLITS:
-            for name, fn in (("teacher", self.evaluate_teacher), ("majority", self.majority)):
-                if not self.pred_file(name, None, split).is_file():
-                    self.timed(f"eval {name} {split}", fn, split)
+            if not self.pred_file("majority", None, split).is_file():
+                self.timed(f"eval majority {split}", self.majority, split)
+        for split in (*SPLITS, CONTROL):
+            if not self.pred_file("teacher", None, split).is_file():
+                self.timed(f"eval teacher {split}", self.evaluate_teacher, split)
         if not (self.out / "recipes" / "calibration.json").is_file():
             self.timed("calibrate", self.calibrate)
         for recipe, capability in self.recipe_keys():  # before any student, so seeds can run in parallel
@@ -128,6 +152,8 @@ class Study:
         for seed in seeds if seeds is not None else self.profile.seeds:  # seed-major: partial studies have whole rows
             for name in self.profile.variants:
                 self.student_variant(self.variants[name], seed)
+        if seeds is None and not (self.out / "mechanism.json").is_file():
+            self.timed("mechanism", self.mechanism)
         if seeds is None and not (self.out / "bench" / "infer.json").is_file():
             self.timed("bench infer", self.bench)
         from drivekd.study.report import write_report
@@ -147,7 +173,8 @@ class Study:
         from drivekd.data.drivesim.generate import GenerateConfig, generate
 
         p = self.profile
-        generate(self.data, GenerateConfig(scenes=p.scenes, seed=p.data_seed), workers=self.workers, overwrite=True)
+        config = GenerateConfig(scenes=p.scenes, seed=p.data_seed, split_fractions=p.split)
+        generate(self.data, config, workers=self.workers, overwrite=True)
 
     # ---- configs -----------------------------------------------------------------------------
     def train_config(
@@ -168,20 +195,10 @@ class Study:
             group_by_length=self.profile.group_by_length,
         )
 
-    def teacher_config(self) -> SFTConfig:
-        p = self.profile
-        return SFTConfig(
-            model=ModelConfig(name=p.teacher_preset),
-            data=DataConfig(path=str(self.data), max_length=512, shuffle_choices=p.teacher_shuffle_choices),
-            train=self.train_config(
-                self.teacher_dir, epochs=p.teacher_epochs, lr=1e-3, seed=0, eval_every=p.teacher_eval_every
-            ),
-        )
-
     def student_config(self, run: StudentRun) -> SFTConfig | DistillConfig:
         p = self.profile
         common = {
-            "model": ModelConfig(name=p.student_preset, seed=run.seed),
+            "model": ModelConfig(name=self.student, seed=run.seed),
             "data": DataConfig(path=str(self.data), max_length=512, capability=run.capability),
             "train": self.train_config(
                 self.run_dir(run), epochs=p.student_epochs, lr=p.student_lr, seed=run.seed, eval_every=None
@@ -200,13 +217,7 @@ class Study:
             cache=str(self.cache_dir(v.recipe, run.capability)),
         )
 
-    # ---- teacher, pre-study, calibration -------------------------------------------------------
-    def train_teacher(self) -> None:
-        from drivekd.train.sft import run_sft
-
-        clean_partial(self.teacher_dir)
-        run_sft(self.teacher_config(), resume=_has_checkpoints(self.teacher_dir))
-
+    # ---- pre-study, calibration ------------------------------------------------------------------
     def prestudy(self) -> None:
         from drivekd.data.general import generate_general
         from drivekd.eval.prestudy import run_prestudy
@@ -259,7 +270,7 @@ class Study:
 
         p = self.profile
         calibration: dict[str, Any] = {"kd_share": p.kd_share, "recipes": {}}
-        student = load_model(ModelConfig(name=p.student_preset, seed=0))  # forward passes only: loaded once
+        student = load_model(ModelConfig(name=self.student, seed=0))  # forward passes only: loaded once
         for recipe, cap in self.recipe_keys():
             signals = self.source_recipe(recipe, cap)
             raw_file = self.out / "recipes" / f"{self._key(recipe, cap)}.source.yaml"
@@ -269,7 +280,7 @@ class Study:
             data = DataConfig(path=str(self.data), max_length=512, capability=cap)
             train, _, _ = load_training_data(data, student)
             config = DistillConfig(
-                model=ModelConfig(name=p.student_preset),
+                model=ModelConfig(name=self.student),
                 data=data,
                 train=TrainConfig(output_dir=str(self.out / "recipes")),
                 teacher=str(self.teacher),
@@ -330,15 +341,16 @@ class Study:
     def student_variant(self, variant: Variant, seed: int) -> None:
         runs = [StudentRun(variant, seed, cap) for cap in (CAPABILITIES if variant.per_capability else (None,))]
         failed_file = self.out / "runs" / variant.name / f"seed-{seed}" / "failed.json"
-        if all(self.pred_file(variant.name, seed, s).is_file() for s in SPLITS):
+        if all(self.pred_file(variant.name, seed, s).is_file() for s in (*SPLITS, CONTROL)):
             return
         failed_file.unlink(missing_ok=True)
         try:
             for run in runs:
                 if not _done(self.run_dir(run)):
                     self.timed(f"train {run.key}", self.train_student, run)
-            for split in SPLITS:
-                self.timed(f"eval {variant.name}/seed-{seed} {split}", self.evaluate_students, runs, split)
+            for split in (*SPLITS, CONTROL):
+                if not self.pred_file(variant.name, seed, split).is_file():
+                    self.timed(f"eval {variant.name}/seed-{seed} {split}", self.evaluate_students, runs, split)
         except Exception as e:  # a failed run is reported and the study goes on
             _write_json(
                 failed_file,
@@ -359,11 +371,18 @@ class Study:
         else:
             run_sft(config, resume=resume)
 
-    def evaluate_students(self, runs: list[StudentRun], split: str) -> None:
+    def split_samples(self, split: str) -> list[Any]:
         from drivekd.data.formats import load_split
+        from drivekd.data.sample import with_other_images
+
+        if split == CONTROL:
+            return with_other_images(load_split(self.data, "test"))
+        return load_split(self.data, split)
+
+    def evaluate_students(self, runs: list[StudentRun], split: str) -> None:
         from drivekd.eval.predict import write_records
 
-        samples = load_split(self.data, split)
+        samples = self.split_samples(split)
         parts = []
         for run in runs:
             mine = [s for s in samples if run.capability in (None, s.capability)]
@@ -379,10 +398,9 @@ class Study:
         return generate_records(backend, samples, max_new_tokens=self.profile.eval_max_new_tokens)[0]
 
     def evaluate_teacher(self, split: str) -> None:
-        from drivekd.data.formats import load_split
         from drivekd.eval.predict import write_records
 
-        records = self._predict(self.teacher, load_split(self.data, split))
+        records = self._predict(self.teacher, self.split_samples(split))
         write_records(records, self.pred_file("teacher", None, split))
 
     def majority(self, split: str) -> None:
@@ -392,6 +410,24 @@ class Study:
 
         records = majority_records(load_split(self.data, "train"), load_split(self.data, split))
         write_records(records, self.pred_file("majority", None, split))
+
+    def mechanism(self) -> None:
+        """Attention mass on the asked-about object's visual token: teacher, each all-data student."""
+        from drivekd.data.formats import load_split
+        from drivekd.eval.attention import tagged_attention
+        from drivekd.models.loading import load_backend
+
+        samples = load_split(self.data, "test")[:MECHANISM_SAMPLES]
+        models = {"teacher": str(self.teacher), "student base": str(self.student)}
+        for name in self.profile.variants:
+            if not self.variants[name].per_capability:
+                for seed in self.profile.seeds:
+                    run = self.out / "runs" / name / f"seed-{seed}"
+                    if _done(run):
+                        models[f"{name}/seed-{seed}"] = str(run / "final")
+        _write_json(
+            self.out / "mechanism.json", {k: tagged_attention(load_backend(v), samples) for k, v in models.items()}
+        )
 
     # ---- deployment --------------------------------------------------------------------------
     def deployed_student(self) -> Path | None:
