@@ -152,12 +152,14 @@ def test_agp_run_logs_anchor_coefficients_and_ce_falls(tmp_path, data_dir, teach
     assert all(r["coef/ce"] >= 3 - 1e-6 for r in rows)  # stage 1 keeps the anchor once per capability
 
 
-def test_layout_mismatch_is_refused(tmp_path, data_dir):
-    other = tmp_path / "qwen"
-    load_backend("tiny-qwen25vl-teacher").save(other)
-    cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, other))
-    with pytest.raises(DriveKDError, match=r"tokenise sample .* differently"):
-        run_distill(cfg)
+def test_layout_mismatch_is_refused(data_dir):
+    """The probe behind the config-level family check: names both families and the visual tokens."""
+    from drivekd.distill.engine import check_same_layout
+
+    student, teacher = load_backend("tiny-internvl-student"), load_backend("tiny-qwen25vl-teacher")
+    probe = load_split(data_dir, "train")[:2]
+    with pytest.raises(DriveKDError, match=r"\(qwen25vl\) and the student \(internvl\) tokenise sample .* visual"):
+        check_same_layout(student, teacher, probe, "qwen")
 
 
 def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):

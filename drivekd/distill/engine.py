@@ -358,20 +358,26 @@ class Distiller:
                         p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
             return {}
         params = self.trainable()
-        flat = []
+        # One (k, P) buffer, each task's gradient written into its row piece by piece: one
+        # gradient-sized copy per task, no concatenated or stacked second copy.
+        total = sum(p.numel() for p in params)
+        stacked = torch.empty((len(names), total), dtype=params[0].dtype, device=params[0].device)
         for i, name in enumerate(names):
             grads = torch.autograd.grad(losses[name], params, retain_graph=i < len(names) - 1, allow_unused=True)
-            flat.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                        for g, p in zip(grads, params, strict=True)
-                    ]
-                )
-            )
-        stacked = torch.stack(flat)
+            offset = 0
+            for g, p in zip(grads, params, strict=True):
+                piece = stacked[i, offset : offset + p.numel()]
+                if g is None:
+                    piece.zero_()
+                else:
+                    piece.copy_(g.reshape(-1))
+                offset += p.numel()
+            del grads
         if self.config.project_per == "step":
-            self._pending = (names, stacked if self._pending is None else self._pending[1] + stacked)
+            if self._pending is None:
+                self._pending = (names, stacked)
+            else:
+                self._pending[1].add_(stacked)
             return {}
         return self._combine(names, stacked, accelerator)
 
