@@ -309,3 +309,31 @@ def test_val_image_gain_is_zero_when_images_carry_nothing(tmp_path, data_dir):
     blind = [m for m in _metrics(tmp_path / "blind" / "run") if "val_image_gain" in m][-1]
     assert blind["val_image_gain"] == pytest.approx(0.0, abs=1e-6)
     assert blind["val_ce"] == pytest.approx(real["val_ce"], rel=0.2)  # same model and answers
+
+
+def test_a_fresh_start_replaces_the_log_of_a_failed_attempt(tmp_path, data_dir, monkeypatch):
+    from drivekd.train import sft
+
+    cfg = load_config(SFTConfig, _config(tmp_path, data_dir, max_steps=2))
+
+    def broken(model, batch):
+        raise RuntimeError("first step fails")
+
+    monkeypatch.setattr(sft, "cross_entropy", broken)
+    with pytest.raises(RuntimeError):
+        run_sft(cfg)
+    monkeypatch.undo()
+    run_sft(cfg)  # no checkpoint was written: a fresh start, not a resume
+    steps = [m["step"] for m in _metrics(tmp_path / "run")]
+    assert steps.count(0) == 1 and steps == sorted(steps)
+
+
+def test_a_data_file_without_validation_split_warns(tmp_path, data_dir, capsys):
+    from drivekd.models.loading import load_backend
+    from drivekd.train.config import DataConfig
+
+    backend = load_backend("tiny-internvl-student")
+    _, val, _ = load_training_data(DataConfig(path=str(data_dir / "train.jsonl"), limit=4), backend)
+    assert val == [] and "no validation split" in capsys.readouterr().err
+    load_training_data(DataConfig(path=str(data_dir), limit=4), backend)
+    assert "no validation split" not in capsys.readouterr().err
