@@ -381,8 +381,14 @@ def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir
     # the resumed run's log has each step once, and the same figures as the uninterrupted one
     ma, mb = _metrics(full.parent), _metrics(resumed.parent)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    weights = [k for k in ma[-2] if k.startswith(("weight/", "coef/"))]
-    assert all(ma[-2][k] == mb[-2][k] for k in weights)
+    trained = [m for m in ma if any(k.startswith(("weight/", "coef/")) for k in m)]
+    assert trained, "the runs log their loss weights / coefficients"
+    for a_line, b_line in zip(
+        trained, [m for m in mb if any(k.startswith(("weight/", "coef/")) for k in m)], strict=True
+    ):
+        assert {k: v for k, v in a_line.items() if k != "samples_per_s"} == {
+            k: v for k, v in b_line.items() if k != "samples_per_s"
+        }
 
 
 def test_distill_validation_reports_plain_ce_whatever_the_weights(tmp_path, data_dir, teacher_dir):
@@ -424,3 +430,55 @@ def test_cache_fingerprint_follows_teacher_content_not_its_path(tmp_path, teache
     other = tmp_path / "other"
     load_backend("tiny-internvl-teacher", LoadOptions(seed=8)).save(other)
     assert checkpoint_digest(str(other)) not in same
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("perception: {kind: attn_tv, layer: '3'}\n", "layer must be an integer"),
+        ("reasoning: {kind: attn_group, layers: [0, 1, 2]}\n", "layers must be \\[first, last\\]"),
+        ("reasoning: {kind: attn_group, layers: [3, 1]}\n", "empty range"),
+        ("kd: logit_kl\n", "expected its fields"),
+        ("perception: {kind: attn_tv, distance: l1}\n", "unknown distance"),
+    ],
+)
+def test_malformed_recipes_are_one_line_errors(tmp_path, data_dir, teacher_dir, recipe, message):
+    from drivekd.distill.engine import check_recipe
+
+    f = tmp_path / "r.yaml"
+    f.write_text(recipe)
+    with pytest.raises(DriveKDError, match=message):
+        check_recipe(load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=str(f))))
+
+
+def test_config_level_mistakes_are_found_before_loading(tmp_path, data_dir, teacher_dir):
+    from drivekd.distill.engine import check_recipe
+
+    bad_mixing = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, mixing=[[1.0]]))
+    with pytest.raises(DriveKDError, match="mixing matrix must be 3x3"):
+        check_recipe(bad_mixing)
+    with pytest.raises(DriveKDError, match="no checkpoint to resume from"):
+        run_distill(load_config(DistillConfig, _cfg(tmp_path / "n", data_dir, teacher_dir)), resume=True)
+    assert not (tmp_path / "n" / "run").exists()
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, data_dir, teacher_dir):
+    cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe="ce", train={"max_steps": 1}))
+    run_distill(cfg)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(DriveKDError, match="holds a finished run"):
+        run_distill(cfg)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_cache_fingerprint_needs_weight_files(tmp_path):
+    from drivekd.distill.cache import checkpoint_digest
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text("{}")
+    with pytest.raises(DriveKDError, match="no weight files"):
+        checkpoint_digest(str(tmp_path / "t"))
+    (tmp_path / "t" / "pytorch_model.bin").write_bytes(b"one")
+    first = checkpoint_digest(str(tmp_path / "t"))
+    (tmp_path / "t" / "pytorch_model.bin").write_bytes(b"two")
+    assert checkpoint_digest(str(tmp_path / "t")) != first

@@ -232,3 +232,33 @@ def test_convert_refuses_a_file_that_is_not_an_image(tmp_path):
     r = run_cli("data", "convert", str(src), str(tmp_path / "o" / "d.jsonl"), "--copy-images")
     assert r.returncode == 2 and "k1" in r.stderr and "f1.png is unreadable" in r.stderr
     assert not (tmp_path / "o" / "images").exists() or not any((tmp_path / "o" / "images").iterdir())
+
+
+def test_inline_options_end_at_their_line_and_ignore_letters_inside_sentences():
+    from drivekd.data.choices import permute_choices
+    from drivekd.data.sample import Sample
+
+    q = "Which lane?\nA. Left lane.\nB. Right lane.\nAnswer with the letter and the option text."
+    assert parse_inline_options(q) == {"A": "Left lane.", "B": "Right lane."}
+    assert parse_inline_options("The car is at exit A. Then at exit B. Where does it go?") is None
+    assert parse_inline_options("Compare object A) the car and B) the bus.") is None
+    s = Sample(
+        "x", "perception", "q", [], q, "Final: {B. Right lane.}", "s", {"A": "Left lane.", "B": "Right lane."}, "B"
+    )
+    moved = permute_choices(s, [1, 0])
+    assert moved.question == "Which lane?\nA. Right lane.\nB. Left lane.\nAnswer with the letter and the option text."
+    assert moved.answer == "Final: {A. Right lane.}" and moved.correct_choice == "A"
+    assert answer_letter("Answer: B") == "B" and answer_letter("The answer is C.") == "C"
+    assert answer_letter("the answer is a car") is None
+
+
+def test_validate_counts_options_without_a_correct_letter(tmp_path):
+    from drivekd.data.validate import validate_samples
+
+    png(tmp_path / "a.png")
+    f = tmp_path / "db.json"
+    f.write_text(json.dumps([_drivebench_mc(0, "What is it doing? A. Going ahead. B. Stopped.", "It moves.")]))
+    report = validate_samples(load_samples(f))
+    assert report.mc_without_letter == ["fr:0"]
+    with pytest.raises(DataError, match="has options but its answer names none of their letters"):
+        report.raise_if_bad(str(f), strict=True)

@@ -82,6 +82,31 @@ def test_parse_choice_reads_options_stated_in_a_sentence(prediction, letter):
 
 
 @pytest.mark.parametrize(
+    ("prediction", "choices", "letter"),
+    [
+        ("I choose (B) since the car is not going ahead.", CHOICES, "B"),  # the letter, not a negated text
+        ("The vehicle is not braking.", CHOICES, None),
+        ("It won't turn left.", CHOICES, None),
+        (
+            "The object is a pedestrian standing near a car.",
+            {"A": "Car.", "B": "Pedestrian."},
+            None,
+        ),  # "a" is no letter
+        ("There is a bus behind a car.", {"A": "Car", "B": "Truck", "C": "Bus"}, None),
+        ("A truck is ahead.", {"A": "Car", "B": "Truck", "C": "Bus"}, "B"),  # sentence-initial article
+    ],
+)
+def test_parse_choice_articles_negations_and_brackets(prediction, choices, letter):
+    assert parse_choice(prediction, choices) == letter
+
+
+def test_a_reference_letter_is_read_strictly():
+    # a model answer may state an option in a sentence; a gold reference must mark it
+    assert parse_choice("The vehicle is stopped at the light.", CHOICES | {"D": "Stopped."}) == "D"
+    assert parse_choice("The vehicle is stopped at the light.", CHOICES | {"D": "Stopped."}, loose=False) is None
+
+
+@pytest.mark.parametrize(
     "prediction",
     [
         "It could turn left or turn right.",  # two different options stated: no commitment

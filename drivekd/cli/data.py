@@ -92,7 +92,10 @@ def generate(
 @click.option("--no-image-check", is_flag=True, help="Skip checking that images exist and decode.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
-    "--strict", is_flag=True, help="Also fail on items marked multiple choice whose options could not be found."
+    "--strict",
+    is_flag=True,
+    help="Also fail on items marked multiple choice whose options could not be found, or with options but "
+    "no correct letter.",
 )
 def validate(
     path: Path, fmt: str | None, image_roots: tuple[str, ...], no_image_check: bool, as_json: bool, strict: bool
@@ -117,6 +120,13 @@ def validate(
                 "--strict makes this an error",
                 err=True,
             )
+        if report.mc_without_letter:
+            click.echo(
+                f"warning: {len(report.mc_without_letter)} item(s) have options but no correct letter in their "
+                f"answer (first: {report.mc_without_letter[0]}); `drivekd score` refuses them; --strict makes "
+                "this an error",
+                err=True,
+            )
     report.raise_if_bad(str(path), strict=strict)
 
 
@@ -134,7 +144,7 @@ def _copy_images(src: Path, samples: list, target: Path) -> None:
             source = str(Path(im.path).resolve())
             if source in names:
                 continue
-            problem = image_problem(Path(im.path))
+            problem = image_problem(Path(im.path), decode=True)
             if problem is not None:
                 raise DataError(f"{src}: sample {s.id}: image {im.path} is {problem}")
             digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:20]
@@ -229,10 +239,15 @@ def split(
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists; pass --overwrite to replace it")
     samples = load_samples(src, fmt, image_roots)
+    inside = next(
+        (im.path for s in samples for im in s.images if Path(im.path).resolve().is_relative_to(out.resolve())), None
+    )
+    if inside is not None:
+        raise DataError(f"{out}: holds image {inside} of the data being split; choose an OUT outside the images")
     groups = list(dict.fromkeys(s.scene_id if by == "scene" else s.id for s in samples))
     random.Random(seed).shuffle(groups)
     n_val, n_test = round(len(groups) * val_fraction), round(len(groups) * test_fraction)
-    if len(groups) - n_val - n_test < 1 or (val_fraction > 0 and n_val == 0):
+    if len(groups) - n_val - n_test < 1 or (val_fraction > 0 and n_val == 0) or (test_fraction > 0 and n_test == 0):
         raise DataError(f"{src}: {len(groups)} {by}(s) cannot be split {val_fraction}/{test_fraction}")
     split_of = {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(groups)}
     from drivekd.atomic import atomic_dir

@@ -25,6 +25,8 @@ class ValidationReport:
     # Marked multiple choice by the source (DriveBench tag 0) but no `A. ... B. ...` options found:
     # scored as open-ended text unless fixed. Ids, in input order.
     mc_without_options: list[str] = field(default_factory=list)
+    # Options found but no correct letter in the answer: the scorer refuses such items.
+    mc_without_letter: list[str] = field(default_factory=list)
     multiple_choice: int = 0
 
     @property
@@ -40,6 +42,7 @@ class ValidationReport:
             "images_referenced": self.images_referenced,
             "multiple_choice": self.multiple_choice,
             "mc_without_options": self.mc_without_options,
+            "mc_without_letter": self.mc_without_letter,
             "missing_images": self.missing_images,
             "unreadable_images": self.unreadable_images,
         }
@@ -47,6 +50,12 @@ class ValidationReport:
     def raise_if_bad(self, source: str, *, strict: bool = False) -> None:
         if self.samples == 0:
             raise DataError(f"{source}: no samples")
+        if strict and self.mc_without_letter:
+            n = len(self.mc_without_letter)
+            raise DataError(
+                f"{source}: sample {self.mc_without_letter[0]}: has options but its answer names none of their "
+                "letters" + (f" (and {n - 1} more)" if n > 1 else "")
+            )
         if strict and self.mc_without_options:
             n = len(self.mc_without_options)
             raise DataError(
@@ -76,6 +85,7 @@ def validate_samples(samples: Sequence[Sample], *, check_images: bool = True) ->
         images_referenced=len(first_user),
         multiple_choice=sum(1 for s in samples if s.choices),
         mc_without_options=[s.id for s in samples if not s.choices and marked_multiple_choice(s)],
+        mc_without_letter=[s.id for s in samples if s.choices and s.correct_choice is None],
     )
     if check_images:
         for path, sample_id in first_user.items():
@@ -88,12 +98,17 @@ def validate_samples(samples: Sequence[Sample], *, check_images: bool = True) ->
     return report
 
 
-def image_problem(path: Path) -> str | None:
+def image_problem(path: Path, *, decode: bool = False) -> str | None:
+    """None for a good image, else "missing" / "unreadable (...)". `verify` checks the file's
+    structure; `decode` reads every pixel too (catches a truncated file; slower)."""
     if not path.is_file():
         return "missing"
     try:
         with Image.open(path) as im:
-            im.verify()
+            if decode:
+                im.load()
+            else:
+                im.verify()
     except Exception as e:  # PIL raises many types for corrupt files
         return f"unreadable ({type(e).__name__})"
     return None

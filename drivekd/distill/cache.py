@@ -41,8 +41,11 @@ def checkpoint_digest(spec: str) -> str:
     path = Path(resolve_model(spec))
     if not path.is_dir():
         return f"hub:{spec}"
+    weights = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
+    if not weights:
+        raise DriveKDError(f"{spec}: no weight files (*.safetensors, *.bin) to identify this teacher by")
     h = hashlib.sha256()
-    for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+    for file in [path / "config.json", *weights]:
         if file.is_file():
             h.update(file.name.encode())
             with open(file, "rb") as f:

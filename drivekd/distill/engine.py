@@ -39,18 +39,33 @@ def load_recipe(spec: str) -> dict[str, Signal]:
         raise DriveKDError(f"recipe {spec!r}: no such file or shipped recipe ({shipped})")
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     signals = {}
+    if not isinstance(raw, dict):
+        raise DriveKDError(f"{path}: a recipe maps signal names to their fields")
     for name, fields in raw.items():
+        where = f"{path}: signal {name!r}"
         if name == ANCHOR:
             raise DriveKDError(f"{path}: signal name {ANCHOR!r} is reserved for cross-entropy")
+        if not isinstance(fields, dict):
+            raise DriveKDError(f"{where}: expected its fields (kind, layer, ...), got {fields!r}")
+        fields = dict(fields)
+        layers = fields.get("layers")
+        if layers is not None:
+            if not (isinstance(layers, list | tuple) and len(layers) == 2 and all(_is_int(i) for i in layers)):
+                raise DriveKDError(f"{where}: layers must be [first, last] (two integers), got {layers!r}")
+            fields["layers"] = tuple(layers)
+        if fields.get("layer") is not None and not _is_int(fields["layer"]):
+            raise DriveKDError(f"{where}: layer must be an integer, got {fields['layer']!r}")
+        for key in ("weight", "temperature"):
+            if key in fields and (not isinstance(fields[key], int | float) or isinstance(fields[key], bool)):
+                raise DriveKDError(f"{where}: {key} must be a number, got {fields[key]!r}")
         try:
-            fields = dict(fields)
-            if "layers" in fields:
-                fields["layers"] = tuple(fields["layers"])
             signal = Signal(**fields)
         except TypeError as e:
-            raise DriveKDError(f"{path}: signal {name!r}: {e}") from e
+            raise DriveKDError(f"{where}: {e}") from e
         if signal.kind not in ("attn_tv", "attn_full", "attn_group", "hidden", "logit_kl"):
-            raise DriveKDError(f"{path}: signal {name!r}: unknown kind {signal.kind!r}")
+            raise DriveKDError(f"{where}: unknown kind {signal.kind!r}")
+        if signal.distance not in ("mse", "cosine"):
+            raise DriveKDError(f"{where}: unknown distance {signal.distance!r} (mse or cosine)")
         signals[name] = signal
     return signals
 
@@ -82,15 +97,28 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
         for who, shape, spec in (("student", student, config.model.name), ("teacher", teacher, teacher_spec)):
             if shape is None:
                 continue
+            resolved = []
             for index in indices:
                 try:
-                    resolve_layer(index, shape.num_layers)
+                    resolved.append(resolve_layer(index, shape.num_layers))
                 except ValueError:
                     raise DriveKDError(
                         f"recipe {config.recipe}: signal {name!r}: layer {index} is outside the {who} {spec} "
                         f"({shape.num_layers} LM layers: use 0..{shape.num_layers - 1}, or negative from the end)"
                     ) from None
+            if len(resolved) == 2 and resolved[0] > resolved[1]:
+                raise DriveKDError(
+                    f"recipe {config.recipe}: signal {name!r}: layers {list(indices)} are an empty range in the "
+                    f"{who} {spec} ({shape.num_layers} LM layers)"
+                )
+    if config.reweight and config.strategy == "sum":
+        raise DriveKDError("reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum")
+    mixing_matrix(config.mixing, list(signals))  # a matrix of the wrong shape or with negative entries
     return signals
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def mixing_matrix(spec: str | list[list[float]], names: Sequence[str]) -> torch.Tensor:
@@ -222,6 +250,7 @@ class Distiller:
         """What a resumed run needs to continue bit-identically: amortised coefficients, task
         gradients pending for a step-wise projection, the reweighter."""
         return {
+            "names": [ANCHOR, *self.names],
             "coefficients": self.coefficients,
             "pending": None if self._pending is None else {"names": self._pending[0], "grads": self._pending[1]},
             "last_values": dict(self._last_values),
@@ -229,6 +258,11 @@ class Distiller:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        if state["names"] != [ANCHOR, *self.names]:
+            raise DriveKDError(
+                f"the checkpoint was written with losses {state['names']}, this config has {[ANCHOR, *self.names]}; "
+                "resume with the run's own recipe"
+            )
         self.coefficients = state["coefficients"]  # type: ignore[assignment]
         pending = state["pending"]
         self._pending = None if pending is None else (list(pending["names"]), pending["grads"])  # type: ignore[index]

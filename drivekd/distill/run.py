@@ -10,12 +10,13 @@ from drivekd.data.choices import shuffle_choices
 from drivekd.distill.engine import Distiller, check_recipe
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
-from drivekd.train.sft import load_model, load_training_data
+from drivekd.train.sft import check_resumable, load_model, load_training_data
 from drivekd.train.trainer import Trainer
 
 
 def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
     check_recipe(config)  # before any model, data or folder is touched
+    check_resumable(config.train.output_dir, resume)
     torch.manual_seed(config.train.seed)
     if config.data.shuffle_choices and config.cache:
         raise DriveKDError(

@@ -14,7 +14,6 @@ _FINAL = re.compile(r"final(?:\s+answer)?\s*[:：]", re.IGNORECASE)
 # A letter is a letter only when something marks it as one: `C.`, `C)`, `(C)`, `{C}`, `C:` or
 # the end of the text. A bare capital followed by a space is the article in "A car is ahead".
 _MARKED_LETTER = re.compile(r"^[\s{\[\"'*]*(?P<open>\()?(?P<letter>[A-Za-z])(?P<mark>\s*[.):}\]]|\s*$)")
-_PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
 _ANSWER_IS = re.compile(
     r"\b(?i:answer|option|choice)(?:\s+(?i:is|would\s+be|should\s+be))?(?:\s*[:：])?\s*"
     r"(?P<open>[{\[(\"'*]*)(?P<letter>[A-Za-z])(?![A-Za-z])(?P<next>\s+[a-z])?"
@@ -69,15 +68,17 @@ def _option_text(text: str, choices: dict[str, str]) -> str | None:
     return hits.pop() if len(hits) == 1 else None
 
 
-def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
+def parse_choice(prediction: str, choices: dict[str, str], *, loose: bool = True) -> str | None:
     """The letter of `choices` that `prediction` commits to, or None.
 
     Tried in order, the first hit inside `choices` wins: the text after the last `Final:` (a marked
     letter such as `{C. ...}`, `C. ...`, `(c)`, `C`, or one option's text); a marked letter at the
     start (`B. There is a car ahead.`, `(d)`, `C`); `Answer: A` / `the answer is (B)` / `option C`;
-    the whole prediction equal to one option's text; a letter followed by its own option text, or
-    one option's text, anywhere in a sentence (two different options stated: None); a single
-    parenthesised letter anywhere. A sentence-initial article ("A car is ahead") is never option A.
+    the whole prediction equal to one option's text. With `loose` (model answers, not references),
+    then what a sentence states: a parenthesised letter, a letter followed by its own option text
+    (`I pick B. Turn left`), else one option's text not negated (`... so it will turn left`); two
+    different options stated is None. A sentence-initial article ("A car is ahead") or a lower-case
+    "a" is never option A.
     """
     if not isinstance(prediction, str) or not isinstance(choices, dict) or not choices:
         return None
@@ -100,35 +101,49 @@ def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
         if hit:
             return hit
     hit = _option_text(text, choices)
-    if hit:
+    if hit or not loose:
         return hit
-    stated = _stated_options(text, choices)
-    if stated is not None:
-        return stated or None
-    letters = {_letter_in(m.group(1), choices) for m in _PAREN_LETTER.finditer(text)} - {None}
-    return letters.pop() if len(letters) == 1 else None
+    return _stated_option(text, choices)
+
+
+_NEGATIONS = {"not", "no", "never", "neither", "nor", "t", "without"}  # "t": the tail of "isn't", "won't"
+# A letter standing for an option inside a sentence: upper-case, not glued to a word, optionally
+# bracketed or followed by `.`, `)` or `:`.
+_LETTER_IN_SENTENCE = re.compile(r"(?<![A-Za-z0-9])(?P<open>\()?(?P<letter>[A-H])(?P<mark>[.):])?(?![A-Za-z0-9])")
+
+
+def _negated(said: str, start: int) -> bool:
+    """Is the phrase at `start` of the normalised text negated by one of the 3 words before it?"""
+    return bool(_NEGATIONS & set(said[max(0, start - 60) : start].split()[-3:]))  # a window: stays linear
 
 
 def _spans(pattern: str, said: str) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in re.finditer(rf"(?<![a-z0-9]){pattern}(?![a-z0-9])", said)]
 
 
-def _stated_options(text: str, choices: dict[str, str]) -> str | None:
-    """Options a sentence states: a letter followed by its own option text (`I pick B, turn left`),
-    else an option's text anywhere (`... so the car will turn left.`), case and punctuation ignored.
-
-    Returns the one letter stated, "" when two different options are stated (unparseable: a model
-    naming both did not commit), None when none is. A text inside a longer stated option's text
-    ("left" in "turn left") does not count as stated on its own.
-    """
-    said = _normalise(text)
+def _stated_option(text: str, choices: dict[str, str]) -> str | None:
+    """The one option a sentence states (see `parse_choice`); None when none or several are."""
     texts = {k: _normalise(str(v)) for k, v in choices.items()}
     texts = {k: v for k, v in texts.items() if v}
-    with_letter = {k for k, v in texts.items() if _spans(re.escape(f"{k.lower()} {v}"), said)}
-    if with_letter:
-        return with_letter.pop() if len(with_letter) == 1 else ""
-    found = {k: _spans(re.escape(v), said) for k, v in texts.items()}
+    stated: set[str] = set()
+    for m in _LETTER_IN_SENTENCE.finditer(text):
+        letter = _letter_in(m["letter"], choices)
+        if letter is None:
+            continue
+        if m["open"] and m["mark"] == ")":
+            stated.add(letter)  # "(B)" anywhere
+            continue
+        before = text[max(0, m.start() - 80) : m.start()].rstrip()  # bounded windows: linear in the text
+        article = m["letter"] == "A" and not m["mark"] and (not before or before[-1] in ".!?:")
+        after = text[m.end() : m.end() + 3 * len(texts.get(letter, "")) + 40]
+        if not article and letter in texts and _normalise(after).startswith(texts[letter]):
+            stated.add(letter)  # "B. Turn left" / "B turn left" inside a sentence
+    if stated:
+        return stated.pop() if len(stated) == 1 else None
+    said = _normalise(text)
+    found = {k: [(a, b) for a, b in _spans(re.escape(v), said) if not _negated(said, a)] for k, v in texts.items()}
     found = {k: spans for k, spans in found.items() if spans}
+    # a text inside a longer stated option's text ("left" in "turn left") is not stated on its own
     inside = {
         k
         for k, spans in found.items()
@@ -138,9 +153,7 @@ def _stated_options(text: str, choices: dict[str, str]) -> str | None:
         )
     }
     stated = set(found) - inside
-    if not stated:
-        return None
-    return stated.pop() if len(stated) == 1 else ""
+    return stated.pop() if len(stated) == 1 else None
 
 
 def letter_matches_text(prediction: str, choices: dict[str, str]) -> bool | None:

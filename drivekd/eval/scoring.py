@@ -161,7 +161,8 @@ def _prediction(item: Any, where: str) -> Prediction:
         )
     if choices is not None and correct is None:
         # The reference states the letter (`Final: {B. Turn left.}`): read it with the models' parser.
-        correct = parse_choice(item["reference"], choices) if isinstance(item["reference"], str) else None
+        # strict: a reference's letter is marked (`Final: {B. ...}`, `B.`, `Answer: B`) or it is an option's text
+        correct = parse_choice(item["reference"], choices, loose=False) if isinstance(item["reference"], str) else None
         if correct is None:
             raise DataError(
                 f"{where}: has 'choices' but no 'correct_choice', and its reference names no option "

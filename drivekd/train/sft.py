@@ -183,7 +183,18 @@ def with_tag_attention(
     return objective_with_grounding
 
 
+def check_resumable(output_dir: str, resume: bool) -> None:
+    """Before any work: `--resume` needs a checkpoint, a fresh start must not overwrite a finished run."""
+    run_dir = Path(output_dir)
+    has_checkpoint = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+    if resume and not has_checkpoint:
+        raise DriveKDError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
+    if not resume and (run_dir / "final" / "model.safetensors").is_file():
+        raise DriveKDError(f"{run_dir}: holds a finished run (final/); choose another train.output_dir, or delete it")
+
+
 def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
+    check_resumable(config.train.output_dir, resume)
     torch.manual_seed(config.train.seed)
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)

@@ -112,6 +112,7 @@ class Trainer:
         # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped.
         self.model, self.optimizer, self.scheduler = acc.prepare(backend.model, optimizer, scheduler)
         self.position = Position()
+        self.log_window: dict = {"sums": {}, "n": 0}
 
     # ---- data order ------------------------------------------------------------------------
     @property
@@ -165,10 +166,14 @@ class Trainer:
                     save_model(self.extra, str(tmp / "extra.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+                rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+                if torch.cuda.is_available():
+                    rng["cuda"] = torch.cuda.get_rng_state_all()
+                torch.save(rng, tmp / "rng.pt")
                 if self.stateful is not None:
                     torch.save(self.stateful.state_dict(), tmp / "objective_state.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps(vars(self.position)))
+                state = {**vars(self.position), "log_window": self.log_window}
+                (tmp / "trainer_state.json").write_text(json.dumps(state))
             for old in self.checkpoints()[: -self.config.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -198,8 +203,12 @@ class Trainer:
             self.stateful.load_state_dict(torch.load(file, weights_only=True))
         rng = torch.load(latest / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         random.setstate(_as_python_state(rng["python"]))
-        self.position = Position(**json.loads((latest / "trainer_state.json").read_text()))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        self.log_window = state.pop("log_window", {"sums": {}, "n": 0})
+        self.position = Position(**state)
         self._trim_metrics(self.position.step)
         return True
 
@@ -208,6 +217,10 @@ class Trainer:
         if self.checkpoints() and not resume:
             raise DriveKDError(
                 f"{self.run_dir}: holds checkpoints of an earlier run; pass --resume, or choose another train.output_dir"
+            )
+        if not resume and (self.run_dir / "final" / "model.safetensors").is_file():
+            raise DriveKDError(
+                f"{self.run_dir}: holds a finished run (final/); choose another train.output_dir, or delete it"
             )
         if resume and not self.resume():
             raise DriveKDError(f"{self.run_dir}: --resume given but there is no checkpoint to resume from")
@@ -315,8 +328,9 @@ class Trainer:
             disable=not acc.is_main_process,
             dynamic_ncols=True,
         )
-        window: dict[str, float] = {}
-        window_n, window_samples, window_start = 0, 0, time.perf_counter()
+        # loss sums since the last log line: restored on resume, so that line averages the same steps
+        window: dict[str, float] = dict(self.log_window["sums"])
+        window_n, window_samples, window_start = int(self.log_window["n"]), 0, time.perf_counter()
         last: dict[str, float] = {}
         while pos.step < self.total_steps:
             order = self._epoch_order(pos.epoch)
@@ -371,6 +385,7 @@ class Trainer:
                 if cfg.eval_every and pos.step % cfg.eval_every == 0:
                     self._log({"step": pos.step, **self.validate()})
                 if cfg.save_every and pos.step % cfg.save_every == 0:
+                    self.log_window = {"sums": dict(window), "n": window_n}
                     self.save_checkpoint()
             if pos.batch_in_epoch >= self.batches_per_epoch():
                 pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
