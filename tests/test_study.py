@@ -139,3 +139,16 @@ def test_report_only_trains_nothing(study, monkeypatch):
     monkeypatch.setattr(runner.Study, "train_student", lambda *a: (_ for _ in ()).throw(AssertionError("trained")))
     assert runner.Study(study, TINY, echo=lambda _: None).report() == study / "report.md"
     assert "| ce |" in (study / "report.md").read_text()
+
+
+def test_a_data_seed_the_teacher_was_trained_on_is_refused(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "card.json").write_text(json.dumps({"seeds": [5, 101]}))
+    profile = Profile(**{**TINY.__dict__, "teacher": str(teacher)})
+    with pytest.raises(DriveKDError, match=r"data seed 5 is one the teacher .* was trained on"):
+        runner.Study(tmp_path / "s", profile).claim()
+    reserved = Profile(**{**TINY.__dict__, "data_seed": 150})
+    with pytest.raises(DriveKDError, match="reserved for the shipped bases"):
+        runner.Study(tmp_path / "s2", reserved).claim()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists()

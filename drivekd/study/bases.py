@@ -149,7 +149,8 @@ class BaseBuilder:
     # ---- steps -------------------------------------------------------------------------------
     def run(self) -> Path:
         self.claim()
-        for name, spec in self.build.datasets.items():
+        # generated datasets first: a drill reads the dataset it drills
+        for name, spec in sorted(self.build.datasets.items(), key=lambda item: item[1].drill is not None):
             if not _dataset_done(self.dataset_dir(name)):
                 self.timed(f"data {name}", lambda spec=spec: self.make_dataset(spec))
         stages = list(self.build.stages)

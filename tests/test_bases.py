@@ -1,0 +1,95 @@
+"""`drivekd reproduce --profile <base>`: a base build at tiny size, its card, its resumption."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drivekd.errors import DriveKDError
+from drivekd.study.bases import BaseBuilder, install, load_builds, sha256_of
+
+TINY_BUILD = {
+    "tiny-base": {
+        "preset": "tiny-internvl-student",
+        "about": "A test build.",
+        "datasets": {
+            "qa": {"task": "qa", "scenes": 3, "seed": 150},
+            "objects": {"task": "objects", "scenes": 3, "seed": 151},
+            "lookup": {"drill": "qa"},
+            "heldout": {"task": "qa", "scenes": 4, "seed": 152, "split": [0.5, 0.0, 0.5]},
+        },
+        "stages": {
+            "drill": {
+                "model": {"name": "tiny-internvl-student"},
+                "data": {"path": "@lookup", "max_length": 512},
+                "train": {"max_steps": 2, "save_every": 1},
+            },
+            "joint": {
+                "model": {"name": "@drill"},
+                "data": {"path": "@qa", "max_length": 512, "mix": [{"path": "@objects", "samples": 4}]},
+                "train": {"max_steps": 2, "tag_attention_weight": 1.0},
+            },
+        },
+        "evaluate": "heldout",
+        "check": "heldout",
+        "export_dtype": "float16",
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    spec = root / "bases.yaml"
+    spec.write_text(yaml.safe_dump(TINY_BUILD, sort_keys=False))
+    build = load_builds(spec)["tiny-base"]
+    out = root / "build"
+    export = BaseBuilder(build, out, workers=1, echo=lambda _: None).run()
+    return build, out, export
+
+
+def test_build_exports_weights_with_a_card(built):
+    _, out, export = built
+    card = json.loads((export / "card.json").read_text())
+    assert card["weights_sha256"] == sha256_of(export / "model.safetensors")
+    assert card["seeds"] == [150, 151, 152] and card["steps"] == 4
+    assert card["rebuild"] == "drivekd reproduce --profile tiny-base --out DIR"
+    assert card["heldout"]["items"] == card["check"]["items"] > 0
+    for key in ("model", "other_images", "majority"):
+        assert 0.0 <= card["scores"][key]["Avg"] <= 100.0 and card["scores"][key]["types"]
+    # the second stage started from the first one's final weights and used the dataset folders
+    joint = yaml.safe_load((out / "stages" / "joint" / "config.yaml").read_text())
+    assert joint["model"]["name"] == str(out / "stages" / "drill" / "final")
+    assert joint["data"]["mix"][0]["path"] == str(out / "data" / "objects")
+
+
+def test_a_finished_build_is_not_redone_and_another_spec_is_refused(built, monkeypatch):
+    build, out, export = built
+    monkeypatch.setattr(BaseBuilder, "run_stage", lambda *a: pytest.fail("a finished stage ran again"))
+    monkeypatch.setattr(BaseBuilder, "make_dataset", lambda *a: pytest.fail("a finished dataset ran again"))
+    assert BaseBuilder(build, out, echo=lambda _: None).run() == export
+    changed = type(build)(**{**build.__dict__, "raw": {**build.raw, "about": "changed"}})
+    with pytest.raises(DriveKDError, match="holds a build with other settings"):
+        BaseBuilder(changed, out, echo=lambda _: None).run()
+
+
+def test_install_checks_the_hash(built, tmp_path):
+    _, _, export = built
+    target = install(export, tmp_path / "pretrained")
+    assert (target / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
+    (tmp_path / "bad").mkdir()
+    for f in export.iterdir():
+        (tmp_path / "bad" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(DriveKDError, match="does not match its card's hash"):
+        install(tmp_path / "bad", tmp_path / "pretrained")
+
+
+def test_shipped_build_specs_are_valid():
+    builds = load_builds()
+    assert set(builds) == {"drivesim-internvl-teacher", "drivesim-internvl-student-base"}
+    for build in builds.values():
+        assert {d.seed for d in build.datasets.values() if d.drill is None} <= set(range(100, 300))
+        for name in build.stages:
+            BaseBuilder(build, Path("/nonexistent")).stage_config(name)  # validates as an SFT config
