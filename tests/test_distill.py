@@ -306,6 +306,7 @@ def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path
         backward=distiller.backward,
         extra_modules=distiller.projections,
         before_step=distiller.before_step,
+        stateful=distiller,
     )
     distiller.step_of = lambda: trainer.position.step
     with pytest.raises(KeyboardInterrupt):

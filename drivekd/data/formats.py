@@ -88,12 +88,17 @@ def _load_file(file: Path, fmt: str | None, image_roots: Sequence[str]) -> list[
         items = _read_drivelm(file, resolve)
     samples = []
     seen: dict[str, str] = {}
-    for where, sample in items:
-        sample.check(where)
-        if sample.id in seen:
-            raise DataError(f"{where}: duplicate sample id {sample.id!r} (also {seen[sample.id]})")
-        seen[sample.id] = where
-        samples.append(sample)
+    try:
+        for where, sample in items:
+            sample.check(where)
+            if sample.id in seen:
+                raise DataError(f"{where}: duplicate sample id {sample.id!r} (also {seen[sample.id]})")
+            seen[sample.id] = where
+            samples.append(sample)
+    except DataError as e:
+        if str(file) in str(e):
+            raise
+        raise DataError(f"{file}: {e}") from e  # e.g. the image resolver's, which knows no file
     return samples
 
 

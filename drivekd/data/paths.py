@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from drivekd.errors import DataError
+
 _ELIDED = ("...", "…")
 
 
@@ -32,6 +34,8 @@ class ImageResolver:
 
     def __call__(self, raw: str) -> str:
         raw = str(raw)
+        if "\x00" in raw:  # no file system accepts it; os functions raise ValueError
+            raise DataError(f"image path {raw!r} contains a NUL character")
         for prefix, target in self.prefixes:
             if raw == prefix or raw.startswith(prefix + "/"):
                 return str((target / raw[len(prefix) :].lstrip("/")).resolve())

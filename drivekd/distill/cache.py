@@ -66,7 +66,7 @@ def fingerprint(
     # trailing "/", a relative path, a moved study folder, a shipped model's name) are the same teacher.
     teachers = {name: checkpoint_digest(ckpt) for name, ckpt in sorted(teacher_of.items())}
     return {
-        "teacher": digest(teachers),
+        "teacher": digest(sorted(set(teachers.values()))),  # which weights, whatever the signals' names
         # weight and distance change the loss, not the stored targets: a cache serves every weighting
         "recipe": digest(
             {n: {k: v for k, v in vars(s).items() if k not in ("weight", "distance")} for n, s in signals.items()}
