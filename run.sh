@@ -33,7 +33,7 @@ case "${1:-}" in
     test)
         setup
         shift
-        "$VENV/bin/ruff" check drivekd tests scripts
+        "$VENV/bin/ruff" check drivekd tests
         "$VENV/bin/python" -m pytest -q -n 2 "$@"
         ;;
     *)

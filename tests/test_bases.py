@@ -9,6 +9,8 @@ import yaml
 from drivekd.errors import DriveKDError
 from drivekd.study.bases import BaseBuilder, install, load_builds, sha256_of
 
+pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
+
 TINY_BUILD = {
     "tiny-base": {
         "preset": "tiny-internvl-student",

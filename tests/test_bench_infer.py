@@ -4,17 +4,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from drivekd.bench.infer import (
-    _worker_main,
-    bench_infer,
-    greedy_timed,
-    is_int8,
-    quantize_int8,
-    ratios,
-    render_table,
-    weights_mb,
-    worker,
-)
+from drivekd.bench.infer.driver import bench_infer, ratios, render_table
+from drivekd.bench.infer.int8 import is_int8, quantize_int8, weights_mb
+from drivekd.bench.infer.timing import greedy_timed
+from drivekd.bench.infer.worker import worker, worker_main
 from drivekd.cli import main
 from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split
@@ -157,6 +150,7 @@ def test_worker_scores_when_asked(data):
     assert header.endswith("| Perc. | Reas. | Plan. | Avg |") and row.count("|") == header.count("|")
 
 
+@pytest.mark.integration
 def test_cli_missing_model_is_one_line_exit_2(tmp_path):
     r = run_cli("bench", "infer", "--models", str(tmp_path / "no-such-ckpt"), "--new-tokens", "2")
     assert r.returncode == 2
@@ -179,6 +173,6 @@ def test_bad_inputs_name_the_item(data, tmp_path):
 
 def test_failing_worker_reports_one_line(tmp_path, capsys):
     spec = {"model": STUDENT, "data_dir": str(tmp_path), "split": "test", "batch": 1, "new_tokens": 2}
-    assert _worker_main(["--worker", json.dumps({**spec, "repeats": 1, "device": "cpu"})]) == 2
+    assert worker_main(["--worker", json.dumps({**spec, "repeats": 1, "device": "cpu"})]) == 2
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0 and "test.jsonl" in json.loads(out)["error"]

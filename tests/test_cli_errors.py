@@ -1,6 +1,10 @@
 import json
 
+import pytest
+
 from .conftest import run_cli
+
+pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
 
 
 def _one_line_error(result, *needles):

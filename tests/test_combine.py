@@ -121,3 +121,80 @@ def test_gradient_stats():
     assert s["conflict_rate"] == pytest.approx(1 / 3)
     assert s["cos/ce~a"] == pytest.approx(-0.5)
     assert s["cos/a~b"] == pytest.approx(1.0)
+
+
+class _Single:
+    """The few Accelerator members the aggregator uses, for one process."""
+
+    num_processes = 1
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+def _losses(model, x):
+    out = model(x)
+    return {"ce": out[:, 0].pow(2).mean(), "perception": (out[:, 1] - 1).pow(2).mean(), "planning": -out.sum() * 0.1}
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_aggregator_writes_the_explicit_combination_into_the_gradients(strategy):
+    from drivekd.distill.aggregate import GradientAggregator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(6, 5)
+    params = list(model.parameters())
+    # reference: each loss's gradient by its own backward, flattened, combined by the explicit formulas
+    grads = {}
+    for name in _losses(model, x):
+        model.zero_grad()
+        _losses(model, x)[name].backward()
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    model.zero_grad(set_to_none=True)
+    seed, step = 3, 7
+    aggregator = GradientAggregator(lambda: params, strategy, anchor="ce", seed=seed)
+    stats = aggregator.backward(_losses(model, x), _Single(), step)
+    got = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    order_generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the aggregator's draw
+    want = combine_gradients(grads, strategy, generator=order_generator)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    if strategy != "sum":  # sum is one plain backward: nothing to log
+        assert set(stats) >= {"coef/ce", "coef/perception", "coef/planning", "conflict_rate"}
+        assert aggregator.coefficients is not None
+
+
+def test_aggregator_amortises_and_sums_a_step_before_projecting():
+    from drivekd.distill.aggregate import GradientAggregator
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 3)
+    params = list(model.parameters())
+    xs = [torch.randn(4, 5) for _ in range(3)]
+    amortised = GradientAggregator(lambda: params, "agp", anchor="ce", amortize_every=2)
+    amortised.backward(_losses(model, xs[0]), _Single(), 0)
+    first = amortised.coefficients.clone()
+    model.zero_grad(set_to_none=True)
+    assert amortised.backward(_losses(model, xs[1]), _Single(), 1) == {}  # reuses step 0's coefficients
+    reused = torch.cat([p.grad.reshape(-1) for p in params])
+    model.zero_grad(set_to_none=True)
+    losses = _losses(model, xs[1])
+    sum(float(w) * losses[n] for w, n in zip(first, losses, strict=True)).backward()
+    assert torch.allclose(reused, torch.cat([p.grad.reshape(-1) for p in params]), atol=1e-6)
+    # project_per step: two micro-batches' task gradients summed, combined once in before_step
+    model.zero_grad(set_to_none=True)
+    per_step = GradientAggregator(lambda: params, "agp", anchor="ce", project_per="step")
+    for x in xs[:2]:
+        assert per_step.backward(_losses(model, x), _Single(), 0) == {}
+    assert all(p.grad is None for p in params)
+    per_step.before_step(_Single(), 0)
+    got = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    summed = {}
+    for x in xs[:2]:
+        for name in ("ce", "perception", "planning"):
+            loss = _losses(model, x)[name]
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]).double()
+            summed[name] = summed.get(name, 0) + g
+    want = combine_gradients(summed, "agp", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(got, want, atol=1e-6)

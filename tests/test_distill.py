@@ -7,10 +7,10 @@ import yaml
 
 from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split
-from drivekd.distill.capture import capture
 from drivekd.distill.engine import load_recipe, mixing_matrix
 from drivekd.distill.run import run_distill
 from drivekd.errors import DriveKDError
+from drivekd.models.capture import capture
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DistillConfig, load_config
 
@@ -90,7 +90,7 @@ def _cfg(tmp_path, data_dir, teacher_dir, **over):
         "model": {"name": "tiny-internvl-student"},
         "teacher": str(teacher_dir),
         "recipe": "drive-kd",
-        "strategy": "agp",
+        "combine": {"strategy": "agp"},
         "data": {"path": str(data_dir), "limit": 8},
         "train": {
             "output_dir": str(tmp_path / "run"),
@@ -109,6 +109,10 @@ def _cfg(tmp_path, data_dir, teacher_dir, **over):
     return f
 
 
+def _with_cache(config, folder):
+    return config.model_copy(update={"teacher": config.teacher.model_copy(update={"cache": str(folder)})})
+
+
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -121,6 +125,7 @@ def _weighted_recipe(tmp_path, weight):
     return str(tmp_path / "recipe.yaml")
 
 
+@pytest.mark.integration
 def test_short_distillation_run_losses_fall(tmp_path, data_dir, teacher_dir):
     # The same 4 samples every step, so the curves are not batch noise; attention MSEs are ~1e-6 at
     # weight 1, so they are weighed up, and CE is switched off to watch the signals alone.
@@ -144,6 +149,7 @@ def test_short_distillation_run_losses_fall(tmp_path, data_dir, teacher_dir):
     assert all(0 <= r["conflict_rate"] <= 1 and "cos/perception~planning" in r for r in rows)
 
 
+@pytest.mark.integration
 def test_agp_run_logs_anchor_coefficients_and_ce_falls(tmp_path, data_dir, teacher_dir):
     cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, data={"limit": 4}, train={"max_steps": 8}))
     run_distill(cfg)
@@ -154,7 +160,7 @@ def test_agp_run_logs_anchor_coefficients_and_ce_falls(tmp_path, data_dir, teach
 
 def test_layout_mismatch_is_refused(data_dir):
     """The probe behind the config-level family check: names both families and the visual tokens."""
-    from drivekd.distill.engine import check_same_layout
+    from drivekd.distill.teachers import check_same_layout
 
     student, teacher = load_backend("tiny-internvl-student"), load_backend("tiny-qwen25vl-teacher")
     probe = load_split(data_dir, "train")[:2]
@@ -162,6 +168,7 @@ def test_layout_mismatch_is_refused(data_dir):
         check_same_layout(student, teacher, probe, "qwen")
 
 
+@pytest.mark.integration
 def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
     cfg = _cfg(tmp_path, data_dir, teacher_dir, train={"max_steps": 2, "micro_batch_size": 2})
     r = run_torchrun("distill", "--config", str(cfg), port=29544)
@@ -169,19 +176,22 @@ def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
     assert {"step": 2, "ranks_identical": True} in _metrics(tmp_path / "run")
 
 
+@pytest.mark.integration
 def test_amortised_agp_recomputes_every_n_steps(tmp_path, data_dir, teacher_dir):
     cfg = load_config(
         DistillConfig,
-        _cfg(tmp_path, data_dir, teacher_dir, amortize_every=2, data={"limit": 4}, train={"max_steps": 4}),
+        _cfg(tmp_path, data_dir, teacher_dir, combine={"amortize_every": 2}, data={"limit": 4}, train={"max_steps": 4}),
     )
     run_distill(cfg)
     rows = [m for m in _metrics(tmp_path / "run") if "ce" in m]
     assert [("coef/ce" in r) for r in rows] == [True, False, True, False]
 
 
+@pytest.mark.integration
 def test_cached_targets_give_the_live_losses_and_bad_caches_are_refused(tmp_path, data_dir, teacher_dir):
     from drivekd.distill.engine import Distiller
     from drivekd.distill.run import run_cache_teacher
+    from drivekd.distill.teachers import CachedTeachers
     from drivekd.train.sft import load_model, load_training_data
 
     cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe="ce-hidden", data={"limit": 6}))
@@ -193,8 +203,8 @@ def test_cached_targets_give_the_live_losses_and_bad_caches_are_refused(tmp_path
         student = load_model(c.model)
         train, val, _ = load_training_data(c.data, student)
         live = Distiller(c, student, train + val)
-        cached = Distiller(c.model_copy(update={"cache": str(cache_dir)}), student, train + val)
-        assert not cached.teachers  # no teacher loaded
+        cached = Distiller(_with_cache(c, cache_dir), student, train + val)
+        assert isinstance(cached.teachers, CachedTeachers)  # no teacher model is loaded
         if live.projections:
             cached.projections.load_state_dict(live.projections.state_dict())
         batch = student.build_batch(train[:4])
@@ -206,16 +216,17 @@ def test_cached_targets_give_the_live_losses_and_bad_caches_are_refused(tmp_path
     other = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe="drive-kd", data={"limit": 5}))
     with pytest.raises(DriveKDError, match="different data"):
         Distiller(
-            other.model_copy(update={"cache": str(tmp_path / "cache-drive-kd")}),
+            _with_cache(other, tmp_path / "cache-drive-kd"),
             student,
             load_training_data(other.data, student)[0],
         )
     with pytest.raises(DriveKDError, match="different recipe"):
         Distiller(
-            c.model_copy(update={"cache": str(tmp_path / "cache-drive-kd"), "recipe": "planning"}), student, train + val
+            _with_cache(c, tmp_path / "cache-drive-kd").model_copy(update={"recipe": "planning"}), student, train + val
         )
 
 
+@pytest.mark.integration
 def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_path, data_dir, teacher_dir):
     from safetensors.torch import load_file
 
@@ -223,7 +234,14 @@ def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_pat
     for mode in ("micro_batch", "step"):
         cfg = load_config(
             DistillConfig,
-            _cfg(tmp_path / mode, data_dir, teacher_dir, project_per=mode, data={"limit": 4}, train={"max_steps": 3}),
+            _cfg(
+                tmp_path / mode,
+                data_dir,
+                teacher_dir,
+                combine={"project_per": mode},
+                data={"limit": 4},
+                train={"max_steps": 3},
+            ),
         )
         finals[mode] = load_file(run_distill(cfg) / "model.safetensors")
     assert all(torch.allclose(finals["step"][k], finals["micro_batch"][k], atol=1e-6) for k in finals["step"])
@@ -233,7 +251,7 @@ def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_pat
             tmp_path / "accum",
             data_dir,
             teacher_dir,
-            project_per="step",
+            combine={"project_per": "step"},
             data={"limit": 8},
             train={"max_steps": 2, "grad_accum": 2},
         ),
@@ -243,11 +261,17 @@ def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_pat
     assert len(rows) == 2 and all("coef/ce" in r and r["coef/ce"] >= 3 - 1e-6 for r in rows)
 
 
+@pytest.mark.integration
 def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
     cfg = load_config(
         DistillConfig,
         _cfg(
-            tmp_path, data_dir, teacher_dir, reweight=True, reweight_lr=0.05, data={"limit": 4}, train={"max_steps": 3}
+            tmp_path,
+            data_dir,
+            teacher_dir,
+            reweight={"enabled": True, "lr": 0.05},
+            data={"limit": 4},
+            train={"max_steps": 3},
         ),
     )
     run_distill(cfg)
@@ -256,12 +280,13 @@ def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
     for r in rows:
         total = r["weight/ce"] + r["weight/perception"] + r["weight/reasoning"] + r["weight/planning"]
         assert total == pytest.approx(4.0, rel=1e-4) and r["weight/ce"] >= 0.6 - 1e-9
-    with pytest.raises(DriveKDError, match="reweight needs"):
-        run_distill(
-            load_config(DistillConfig, _cfg(tmp_path / "s", data_dir, teacher_dir, reweight=True, strategy="sum"))
+    with pytest.raises(DriveKDError, match="reweight needs"):  # a config-level rule: before any work
+        load_config(
+            DistillConfig, _cfg(tmp_path / "s", data_dir, teacher_dir, reweight=True, combine={"strategy": "sum"})
         )
 
 
+@pytest.mark.integration
 def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path, data_dir, teacher_dir):
     from safetensors.torch import load_file
 
@@ -308,7 +333,6 @@ def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path
         before_step=distiller.before_step,
         stateful=distiller,
     )
-    distiller.step_of = lambda: trainer.position.step
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert (trainer.checkpoints()[-1] / "extra.safetensors").is_file()
@@ -328,9 +352,9 @@ def test_truncated_teacher_gives_full_teacher_targets(tmp_path, data_dir, teache
         student = load_model(cfg.model)
         train, _, _ = load_training_data(cfg.data, student)
         d = Distiller(cfg, student, train)
-        teacher = d.teachers[str(teacher_dir)]
+        teacher = d.teachers.models[str(teacher_dir)]
         batch = student.build_batch(train[:3])
-        got = d.teacher_targets(batch)[str(teacher_dir)]
+        got = d.teachers.internals(batch)[str(teacher_dir)]
         with torch.no_grad(), capture(teacher, range(teacher.num_layers)) as maps:
             full = teacher.model(**batch.inputs, output_hidden_states=True)
         for layer, m in got.maps.items():
@@ -341,12 +365,13 @@ def test_truncated_teacher_gives_full_teacher_targets(tmp_path, data_dir, teache
                 assert torch.allclose(got.hidden[k], full.hidden_states[k], atol=1e-5), k
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "options",
     [
         {"reweight": True},
-        {"amortize_every": 3},
-        {"project_per": "step", "train": {"grad_accum": 2}},
+        {"combine": {"amortize_every": 3}},
+        {"combine": {"project_per": "step"}, "train": {"grad_accum": 2}},
     ],
     ids=["reweight", "amortize", "project-per-step"],
 )
@@ -392,6 +417,7 @@ def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir
         }
 
 
+@pytest.mark.integration
 def test_distill_validation_reports_plain_ce_whatever_the_weights(tmp_path, data_dir, teacher_dir):
     runs = {}
     for w in (1.0, 3.0):
@@ -400,6 +426,7 @@ def test_distill_validation_reports_plain_ce_whatever_the_weights(tmp_path, data
     assert runs[1.0]["val_ce"] == pytest.approx(runs[3.0]["val_ce"], rel=1e-4)
 
 
+@pytest.mark.integration
 def test_recipe_errors_are_found_before_any_work(tmp_path, data_dir, teacher_dir):
     from .conftest import run_cli
 
@@ -452,6 +479,7 @@ def test_malformed_recipes_are_one_line_errors(tmp_path, data_dir, teacher_dir, 
         check_recipe(load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=str(f))))
 
 
+@pytest.mark.integration
 def test_config_level_mistakes_are_found_before_loading(tmp_path, data_dir, teacher_dir):
     from drivekd.distill.engine import check_recipe
 
@@ -463,6 +491,7 @@ def test_config_level_mistakes_are_found_before_loading(tmp_path, data_dir, teac
     assert not (tmp_path / "n" / "run").exists()
 
 
+@pytest.mark.integration
 def test_a_finished_run_is_not_overwritten(tmp_path, data_dir, teacher_dir):
     cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe="ce", train={"max_steps": 1}))
     run_distill(cfg)
@@ -483,3 +512,27 @@ def test_cache_fingerprint_needs_weight_files(tmp_path):
     first = checkpoint_digest(str(tmp_path / "t"))
     (tmp_path / "t" / "pytorch_model.bin").write_bytes(b"two")
     assert checkpoint_digest(str(tmp_path / "t")) != first
+
+
+@pytest.mark.integration
+def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, data_dir, teacher_dir):
+    from drivekd.distill.calibrate import initial_losses, run_calibrate
+    from drivekd.distill.engine import load_recipe
+    from drivekd.train.sft import load_model, load_training_data
+
+    cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, data={"limit": 8}))
+    recipe, result = run_calibrate(cfg, tmp_path / "calibrated.yaml", share=0.2, batches=2)
+    signals = load_recipe(str(recipe))
+    assert list(signals) == ["perception", "reasoning", "planning"]
+    for name, sig in signals.items():
+        assert sig.weight * result["initial_losses"][name] == pytest.approx(
+            0.2 * result["initial_losses"]["ce"], rel=1e-5
+        )
+    # measured again with the calibrated recipe, at its weights: every signal starts at 0.2 x CE
+    student = load_model(cfg.model)
+    train, _, _ = load_training_data(cfg.data, student)
+    again = initial_losses(cfg.model_copy(update={"recipe": str(recipe)}), student, train, batches=2, batch_size=4)
+    for name, sig in signals.items():
+        assert sig.weight * again[name] == pytest.approx(0.2 * again["ce"], rel=1e-4)
+    with pytest.raises(DriveKDError, match="share must be positive"):
+        run_calibrate(cfg, tmp_path / "x.yaml", share=0)

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from drivekd.data.choices import permute_choices
 from drivekd.data.drill import option_lookup
 from drivekd.data.formats import load_split, write_jsonl
@@ -56,6 +58,7 @@ def test_lookup_items_quote_the_right_option_and_answer_its_letter():
     assert moved.question.endswith("options: A. Green. B. A car ahead. C. Black. D. White.")
 
 
+@pytest.mark.integration
 def test_drill_command_writes_each_split_and_refuses_bad_input(tmp_path: Path):
     src = tmp_path / "qa"
     src.mkdir()

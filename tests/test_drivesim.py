@@ -36,6 +36,7 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_same_seed_same_bytes_whatever_the_workers(dataset, tmp_path):
     again = tmp_path / "again"
     r = run_cli("data", "generate", "--out", str(again), "--scenes", str(SCENES), "--seed", "3", "--workers", "2")
@@ -80,6 +81,7 @@ def test_dataset_is_valid_and_card_matches(dataset):
     assert mc and all(0 < t["chance_accuracy"] < 1 for t in mc)
 
 
+@pytest.mark.integration
 def test_validate_cli_on_generated_folder(dataset):
     r = run_cli("data", "validate", str(dataset), "--json")
     assert r.returncode == 0, r.stderr
@@ -177,6 +179,7 @@ def test_a_fixed_position_keeps_the_drawn_options():
         assert sorted(placed.values()) == sorted(free.values())
 
 
+@pytest.mark.integration
 def test_contact_sheet_and_card_commands(dataset, tmp_path):
     out = tmp_path / "sheet.png"
     r = run_cli("data", "sheet", str(dataset), "--out", str(out), "--scenes", "2")
@@ -189,6 +192,7 @@ def test_contact_sheet_and_card_commands(dataset, tmp_path):
     assert r.returncode == 0 and "| train |" in r.stdout and "majority" in r.stdout
 
 
+@pytest.mark.integration
 def test_generate_refuses_existing_output(dataset):
     r = run_cli("data", "generate", "--out", str(dataset), "--scenes", "1")
     assert r.returncode == 2 and "already exists" in r.stderr

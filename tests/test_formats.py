@@ -175,6 +175,7 @@ def test_native_without_choices_reads_inline_options(tmp_path):
     assert s.choices == {"A": "Car.", "B": "Truck."} and s.correct_choice == "B"
 
 
+@pytest.mark.integration
 def test_validate_counts_multiple_choice_items_without_options(tmp_path):
     from drivekd.data.validate import validate_samples
 
@@ -197,6 +198,7 @@ def test_validate_counts_multiple_choice_items_without_options(tmp_path):
     assert r.returncode == 0 and "1 item(s) marked multiple choice have no options" in r.stderr
 
 
+@pytest.mark.integration
 def test_empty_data_file_fails_validation(tmp_path):
     f = tmp_path / "empty.jsonl"
     f.write_text("")
@@ -204,6 +206,7 @@ def test_empty_data_file_fails_validation(tmp_path):
     assert r.returncode == 2 and "empty.jsonl: no samples" in r.stderr
 
 
+@pytest.mark.integration
 def test_convert_copies_each_distinct_source_image_once(tmp_path):
     """Two key frames of one scene keep their own images (named by content, not scene + camera)."""
     png(tmp_path / "f1.png", colour=(200, 0, 0))
@@ -224,6 +227,7 @@ def test_convert_copies_each_distinct_source_image_once(tmp_path):
     assert Image.open(copies[1]).getpixel((0, 0)) == (0, 200, 0)
 
 
+@pytest.mark.integration
 def test_convert_refuses_a_file_that_is_not_an_image(tmp_path):
     (tmp_path / "f1.png").write_text("not an image")
     src = tmp_path / "lm.json"

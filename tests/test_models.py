@@ -53,10 +53,10 @@ def test_batch_labels_cover_answers_only(name, samples):
 
 
 @pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
-def test_decision_mask_is_the_final_span_and_weights_the_loss(name, samples):
+def test_decision_mask_is_the_final_span_and_ce_is_the_answer_token_mean(name, samples):
     import re
 
-    from drivekd.train.sft import answer_metrics, cross_entropy, weighted_cross_entropy
+    from drivekd.train.sft import answer_metrics, cross_entropy
 
     backend = load_backend(name)
     batch = backend.build_batch(samples)
@@ -64,8 +64,7 @@ def test_decision_mask_is_the_final_span_and_weights_the_loss(name, samples):
         marked = backend.tokenizer.decode(batch.inputs["input_ids"][i][batch.decision_mask[i]])
         assert marked == re.search(r"Final: \{[^}]*\}", s.answer).group(0)
         assert (batch.labels[i][batch.decision_mask[i]] != IGNORE_INDEX).all()  # answer tokens only
-    # slow reference: per-token NLL summed with explicit weights
-    w = 3.0
+    # slow reference: the mean NLL over answer tokens, one token at a time
     logits = backend.model(**batch.inputs).logits.double()
     num = den = 0.0
     for i in range(len(samples)):
@@ -73,11 +72,9 @@ def test_decision_mask_is_the_final_span_and_weights_the_loss(name, samples):
             label = int(batch.labels[i, t])
             if label == IGNORE_INDEX:
                 continue
-            weight = w if batch.decision_mask[i, t] else 1.0
-            num += weight * -torch.log_softmax(logits[i, t - 1], -1)[label].item()
-            den += weight
-    assert weighted_cross_entropy(w)(backend.model, batch)["ce"].item() == pytest.approx(num / den, rel=1e-4)
-    assert weighted_cross_entropy(1.0) is cross_entropy
+            num += -torch.log_softmax(logits[i, t - 1], -1)[label].item()
+            den += 1
+    assert cross_entropy(backend.model, batch)["ce"].item() == pytest.approx(num / den, rel=1e-4)
     # decision_acc: teacher-forced exact match of the whole span, against a per-sample loop; sample 0's
     # span labels are set to the model's own argmax so that one sample is a hit
     argmax = logits.argmax(-1)

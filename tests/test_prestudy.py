@@ -10,24 +10,20 @@ from drivekd.data.formats import load_split, write_jsonl
 from drivekd.data.general import QUESTION_TYPES, generate_general
 from drivekd.distill.engine import load_recipe
 from drivekd.errors import DataError, DriveKDError
-from drivekd.eval.prestudy import (
+from drivekd.eval.prestudy.collection import analyse, collect, logit_lens
+from drivekd.eval.prestudy.metrics import (
     BINS,
     adjacent_cosine,
-    analyse,
     answer_targets,
-    collect,
-    logit_lens,
     margin_bins,
     masked_mean,
     mean_pairwise_cosine,
-    portable_index,
-    recommend,
-    run_prestudy,
-    select_samples,
     token_margins,
     tv_profile,
     vision_text_cosine,
 )
+from drivekd.eval.prestudy.rules import portable_index, recommend
+from drivekd.eval.prestudy.run import run_prestudy, select_samples
 from drivekd.models.loading import load_backend
 
 from .conftest import run_cli
@@ -230,6 +226,7 @@ def test_logit_lens_and_collect_are_batch_invariant(preset, driving_dir):
     assert one["margin"]["driving"]["mean"] == pytest.approx(three["margin"]["driving"]["mean"], abs=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", STUDENTS)
 def test_run_prestudy_writes_json_figure_and_recipe(preset, driving_dir, general_dir, tmp_path):
     with_general = preset.startswith("tiny-internvl")
@@ -272,6 +269,7 @@ def test_run_prestudy_writes_json_figure_and_recipe(preset, driving_dir, general
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+@pytest.mark.integration
 def test_run_prestudy_input_errors(driving_dir, tmp_path):
     with pytest.raises(DriveKDError, match="max-samples"):
         run_prestudy("tiny-internvl-student", driving_dir, tmp_path / "o", max_samples=1)
@@ -354,6 +352,7 @@ def test_general_answers_follow_from_the_drawn_shapes(tmp_path):
 
 
 # ---- CLI -------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_cli_general_and_error_paths(tmp_path, driving_dir):
     ok = run_cli("data", "general", "--out", str(tmp_path / "g"), "--samples", "3", "--seed", "1")
     assert ok.returncode == 0, ok.stderr

@@ -7,9 +7,11 @@ import pytest
 
 from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split
-from drivekd.distill.engine import check_same_layout
+from drivekd.distill.teachers import check_same_layout
 from drivekd.models.loading import PRETRAINED, load_backend, pretrained_card, pretrained_path
 from drivekd.study.bases import BASE_SEEDS, check_score, load_builds, sha256_of
+
+pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
 
 
 @pytest.mark.parametrize("name", PRETRAINED)

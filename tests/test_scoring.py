@@ -10,8 +10,9 @@ from drivekd.cli import main
 from drivekd.data.formats import load_samples
 from drivekd.errors import DataError
 from drivekd.eval import metrics
+from drivekd.eval.facts import fact_score
 from drivekd.eval.parsing import letter_matches_text, parse_choice, parse_field, parse_final_set
-from drivekd.eval.scoring import fact_score, render_markdown, score_file
+from drivekd.eval.scoring import render_markdown, score_file
 
 from .conftest import FIXTURES
 

@@ -1,6 +1,6 @@
 import torch
 
-from drivekd.distill.signals import Positions, Signal, attention_loss, group_windows, map_distance
+from drivekd.distill.signals import Positions, attention_loss, group_windows, make_signal, map_distance
 
 
 def test_group_windows_paper_example():
@@ -14,9 +14,9 @@ def test_group_windows_paper_example():
 
 
 def test_signal_layers_resolve_negative_indices():
-    assert Signal("attn_tv", layer=-2).student_layers(24) == [22]
-    assert Signal("attn_group", layers=(0, -2)).student_layers(4) == [0, 1, 2]
-    assert Signal("attn_group", layers=(0, -2)).teacher_layers(4, 8) == list(range(7))
+    assert make_signal("attn_tv", layer=-2).student_layers(24) == [22]
+    assert make_signal("attn_group", layers=(0, -2)).student_layers(4) == [0, 1, 2]
+    assert make_signal("attn_group", layers=(0, -2)).teacher_layers(4, 8) == list(range(7))
 
 
 def _slow_tv(student, teacher, valid, visual):
@@ -54,7 +54,7 @@ def test_group_loss_uses_window_means():
     pos = Positions(
         torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
     )
-    sig = Signal("attn_group", layers=(0, -2))
+    sig = make_signal("attn_group", layers=(0, -2))
     windows = group_windows(sig.student_layers(4), sig.teacher_layers(4, 8))
     got = attention_loss(
         sig, smaps, [s for s, _ in windows], [torch.stack([tmaps[t] for t in w]).mean(0) for _, w in windows], pos

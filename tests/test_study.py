@@ -13,6 +13,8 @@ from drivekd.study.profiles import PROFILES, Profile, load_variants
 from drivekd.study.report import beyond_spread
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
+
 TINY = Profile(
     name="tiny",
     scenes=4,

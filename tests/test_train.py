@@ -47,6 +47,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_sft_loss_falls_and_checkpoint_is_hf(tmp_path, data_dir):
     cfg = load_config(SFTConfig, _config(tmp_path, data_dir, max_steps=24, val_max_samples=8))
     final = run_sft(cfg)
@@ -58,6 +59,7 @@ def test_sft_loss_falls_and_checkpoint_is_hf(tmp_path, data_dir):
     assert any("val_ce" in m for m in _metrics(tmp_path / "run"))
 
 
+@pytest.mark.integration
 def test_resume_matches_uninterrupted_run(tmp_path, data_dir):
     # Re-lettered options and length-grouped batches are functions of (seed, epoch): a resume repeats them.
     options = ["data.shuffle_choices=true", "train.group_by_length=true"]
@@ -122,6 +124,7 @@ def test_mix_adds_a_seeded_subset_of_another_dataset_to_training_only(tmp_path, 
         mixed(f"[{{path: {objects}, samples: {n_objects + 1}}}]")
 
 
+@pytest.mark.integration
 def test_group_by_length_pads_less_and_keeps_every_sample_once(tmp_path, data_dir):
     def padded_tokens(trainer, order):
         lengths, gb = trainer._token_lengths(), trainer.global_batch
@@ -144,21 +147,7 @@ def test_group_by_length_pads_less_and_keeps_every_sample_once(tmp_path, data_di
     assert grouped._epoch_order(0) != grouped._epoch_order(1)
 
 
-def test_lr_scale_gives_parts_their_own_learning_rate(tmp_path, data_dir):
-    cfg = load_config(SFTConfig, _config(tmp_path, data_dir, lr=1e-3), ["train.lr_scale={vision: 5, projector: 2}"])
-    backend = load_model(cfg.model)
-    train, val, _ = load_training_data(cfg.data, backend)
-    trainer = Trainer(cfg.train, backend, train, val, cross_entropy)
-    scale = {"vision": 5.0, "projector": 2.0, "llm": 1.0}
-    for _ in range(3):  # the schedule moves every group alike: the ratios hold
-        lr_of = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
-        base = next(lr_of[id(p)] for n, p in backend.model.named_parameters() if backend.part_of(n) == "llm")
-        for name, p in backend.model.named_parameters():
-            assert lr_of[id(p)] == pytest.approx(base * scale[backend.part_of(name)])
-        trainer.scheduler.step()
-    assert sorted(g["initial_lr"] for g in trainer.optimizer.param_groups) == pytest.approx([1e-3, 2e-3, 5e-3])
-
-
+@pytest.mark.integration
 def test_shuffled_choices_reach_the_batch_and_change_per_epoch(tmp_path, data_dir):
     cfg = load_config(SFTConfig, _config(tmp_path, data_dir), ["data.shuffle_choices=true"])
     backend = load_model(cfg.model)
@@ -189,6 +178,7 @@ def test_capability_filter_and_overlong_policy(tmp_path, data_dir):
     assert all(backend.token_lengths(s) <= 190 for s in kept)
 
 
+@pytest.mark.integration
 def test_config_errors_are_one_line(tmp_path, data_dir):
     cfg = _config(tmp_path, data_dir)
     for override, needle in [
@@ -203,6 +193,7 @@ def test_config_errors_are_one_line(tmp_path, data_dir):
     assert r.returncode == 2 and "no such model directory" in r.stderr
 
 
+@pytest.mark.integration
 def test_missing_images_fail_before_training(tmp_path, data_dir):
     broken = tmp_path / "broken"
     import shutil
@@ -215,6 +206,7 @@ def test_missing_images_fail_before_training(tmp_path, data_dir):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.integration
 def test_torchrun_two_processes_end_identical(tmp_path, data_dir):
     cfg = _config(tmp_path, data_dir, max_steps=3, micro_batch_size=2)
     r = run_torchrun("sft", "--config", str(cfg), port=29533)
@@ -231,6 +223,7 @@ def test_shipped_configs_validate():
         assert cfg.train.output_dir and cfg.model.name
 
 
+@pytest.mark.integration
 def test_eval_then_score(tmp_path, data_dir):
     from drivekd.models.loading import load_backend
 
@@ -289,6 +282,7 @@ def test_other_images_swaps_whole_scenes(data_dir):
     assert with_other_images(lone) == lone  # a single scene has no other images to show
 
 
+@pytest.mark.integration
 def test_val_image_gain_is_zero_when_images_carry_nothing(tmp_path, data_dir):
     import shutil
 
@@ -311,6 +305,7 @@ def test_val_image_gain_is_zero_when_images_carry_nothing(tmp_path, data_dir):
     assert blind["val_ce"] == pytest.approx(real["val_ce"], rel=0.2)  # same model and answers
 
 
+@pytest.mark.integration
 def test_a_fresh_start_replaces_the_log_of_a_failed_attempt(tmp_path, data_dir, monkeypatch):
     from drivekd.train import sft
 

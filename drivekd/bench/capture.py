@@ -59,7 +59,7 @@ def _peak_rss_bytes() -> int:
 
 
 def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, float]:
-    from drivekd.distill.capture import capture
+    from drivekd.models.capture import capture
     from drivekd.models.loading import load_backend
 
     torch.manual_seed(0)

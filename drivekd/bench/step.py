@@ -25,7 +25,7 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
     from drivekd.distill.engine import Distiller
     from drivekd.distill.run import run_cache_teacher
     from drivekd.models.loading import LoadOptions, load_backend
-    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+    from drivekd.train.config import CombineConfig, DataConfig, DistillConfig, ModelConfig, TrainConfig
     from drivekd.train.sft import cross_entropy
 
     torch.set_flush_denormal(True)
@@ -66,22 +66,24 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
             optimizer.zero_grad(set_to_none=True)
 
         def distill_step(distiller: Distiller) -> Any:
+            steps = [0]  # the optimiser step the aggregator is told (amortisation counts it)
+
             def step() -> None:
-                distiller.backward(distiller.objective(student.model, batch), accelerator)
+                distiller.backward(distiller.objective(student.model, batch), accelerator, steps[0])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                distiller.counter += 1
+                steps[0] += 1
 
             return step
 
         def make(strategy: str, *, cached: bool = True, amortize: int | None = None) -> Distiller:
             cfg = config.model_copy(
-                update={"strategy": strategy, "cache": str(cache) if cached else None, "amortize_every": amortize}
+                update={
+                    "teacher": config.teacher.model_copy(update={"cache": str(cache) if cached else None}),
+                    "combine": CombineConfig(strategy=strategy, amortize_every=amortize),
+                }
             )
-            d = Distiller(cfg, student, train)
-            d.counter = 0
-            d.step_of = lambda: d.counter
-            return d
+            return Distiller(cfg, student, train)
 
         sft_s = timed(sft)
         figures = {s: timed(distill_step(make(s))) for s in STRATEGIES}

@@ -14,7 +14,7 @@ from drivekd.cli.models import models
 from drivekd.cli.prestudy import prestudy
 from drivekd.cli.reproduce import reproduce
 from drivekd.cli.score import score
-from drivekd.cli.train import cache_teacher, distill, sft
+from drivekd.cli.train import cache_teacher, calibrate, config, distill, sft
 from drivekd.errors import DriveKDError
 
 
@@ -48,6 +48,7 @@ main.add_command(data)
 main.add_command(sft)
 main.add_command(distill)
 main.add_command(cache_teacher)
+main.add_command(calibrate)
 main.add_command(bench)
 main.add_command(evaluate)
 main.add_command(baseline)
@@ -55,3 +56,4 @@ main.add_command(models)
 main.add_command(score)
 main.add_command(prestudy)
 main.add_command(reproduce)
+main.add_command(config)

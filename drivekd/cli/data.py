@@ -63,6 +63,9 @@ def generate(
     out: Path, scenes: int, seed: int, workers: int, image_size: str, per_capability: int, task: str, overwrite: bool
 ) -> None:
     """Generate DriveSim-QA from highway-env traffic (train/val/test split by scene)."""
+    from drivekd.extras import SIMULATOR, require
+
+    require(SIMULATOR, "DriveSim-QA generation")
     from drivekd.data.drivesim.generate import GenerateConfig, card_markdown
     from drivekd.data.drivesim.generate import generate as run
 

@@ -9,7 +9,7 @@ import click
 
 @click.group()
 def models() -> None:
-    """Inspect presets; rebuild the shipped tokenizer."""
+    """Presets, shipped bases, real-size architectures; rebuild the shipped tokenizer."""
 
 
 @models.command(name="list")
@@ -77,6 +77,45 @@ def install_base(export_dir: Path) -> None:
     from drivekd.study.bases import install
 
     click.echo(f"installed {install(export_dir, PRETRAINED_DIR)}")
+
+
+@models.command(name="init")
+@click.option("--like", "name", required=True, help="A published architecture (see `drivekd models shapes`).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The checkpoint folder to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True)
+def init_model(name: str, out: Path, seed: int, dtype: str) -> None:
+    """Write a random-weight checkpoint with a published architecture (real shapes, image size and tokens
+    per image; the shipped tokenizer, its vocabulary padded to the real size). It loads wherever a model
+    is accepted: dry-run a configuration at real size before downloading the weights."""
+    from drivekd.errors import DriveKDError
+    from drivekd.models.loading import LoadOptions, init_like
+
+    if out.exists():
+        raise DriveKDError(f"{out}: already exists")
+    init_like(name, out, LoadOptions(dtype=dtype, seed=seed))
+    click.echo(f"wrote {out}")
+
+
+@models.command(name="shapes")
+def list_shapes() -> None:
+    """The published architectures `models init --like` builds, with their parameter counts."""
+    from drivekd.models.loading import build_like, count_parameters, real_shapes
+
+    click.echo("| name | family | as published | parameters built | published | LM layers | tokens / image |")
+    click.echo("|---|---|---|---:|---:|---:|---|")
+    for name, shape in real_shapes().items():
+        backend = build_like(name, meta=True)
+        vision = shape["vision"]
+        tokens = (
+            f"{(vision['image'] // vision['patch']) ** 2 // 4} per {vision['image']}-px tile"
+            if "image" in vision
+            else f"(H/{vision['patch'] * vision['merge']}) x (W/{vision['patch'] * vision['merge']})"
+        )
+        click.echo(
+            f"| {name} | {shape['family']} | {shape['hub']}{'' if shape['confirmed'] else ' (partly inferred)'} | "
+            f"{count_parameters(backend):,} | {shape['parameters']:,} | {backend.num_layers} | {tokens} |"
+        )
 
 
 @models.command(name="build-tokenizer")

@@ -1,4 +1,4 @@
-"""`drivekd prestudy`: the layer-wise pre-study (method doc §6) and the recipe it recommends."""
+"""`drivekd prestudy`: the layer-wise pre-study (docs/method.md §6) and the recipe it recommends."""
 
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from drivekd.train.config import DistillConfig, SFTConfig, reference
 
-@click.command(context_settings={"ignore_unknown_options": True})
+
+@click.command(context_settings={"ignore_unknown_options": True}, epilog=reference(SFTConfig))
 @click.option(
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Experiment YAML (see configs/)."
 )
@@ -15,7 +17,7 @@ import click
 @click.argument("overrides", nargs=-1)
 def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     """Fine-tune a VLM on answers (cross-entropy). OVERRIDES are KEY=VALUE, e.g. train.lr=1e-4."""
-    from drivekd.train.config import SFTConfig, load_config
+    from drivekd.train.config import load_config
     from drivekd.train.sft import run_sft
 
     config = load_config(SFTConfig, config_path, overrides)
@@ -23,7 +25,7 @@ def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     click.echo(f"saved {final}")
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+@click.command(context_settings={"ignore_unknown_options": True}, epilog=reference(DistillConfig))
 @click.option(
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Distillation YAML (see configs/)."
 )
@@ -32,24 +34,61 @@ def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
 def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     """Distil teachers into a student: CE plus the recipe's signals, combined by the gradient strategy."""
     from drivekd.distill.run import run_distill
-    from drivekd.train.config import DistillConfig, load_config
+    from drivekd.train.config import load_config
 
     config = load_config(DistillConfig, config_path, overrides)
     final = run_distill(config, resume=resume)
     click.echo(f"saved {final}")
 
 
-@click.command(name="cache-teacher", context_settings={"ignore_unknown_options": True})
+@click.command(name="cache-teacher", context_settings={"ignore_unknown_options": True}, epilog=reference(DistillConfig))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="The distillation YAML.")
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=None, help="Cache folder (default: the config's `cache`)."
+    "--out", type=click.Path(path_type=Path), default=None, help="Cache folder (default: the config's `teacher.cache`)."
 )
 @click.argument("overrides", nargs=-1)
 def cache_teacher(config_path: Path, out: Path | None, overrides: tuple[str, ...]) -> None:
     """Run the teachers once and store the recipe's targets (fp16 safetensors); `distill` with
-    `cache=DIR` then loads no teacher."""
+    `teacher.cache=DIR` then loads no teacher."""
     from drivekd.distill.run import run_cache_teacher
-    from drivekd.train.config import DistillConfig, load_config
+    from drivekd.train.config import load_config
 
     config = load_config(DistillConfig, config_path, overrides)
-    click.echo(f"wrote {run_cache_teacher(config, out)}")
+    click.echo(f"wrote {run_cache_teacher(config, out, echo=click.echo)}")
+
+
+@click.group()
+def config() -> None:
+    """Configuration reference."""
+
+
+@config.command()
+@click.argument("kind", type=click.Choice(["sft", "distill"]))
+def show(kind: str) -> None:
+    """Every field of an `sft` or `distill` config: default, type and what it does."""
+    click.echo(reference(SFTConfig if kind == "sft" else DistillConfig).removeprefix("\b\n"))
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="The distillation YAML.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the calibrated recipe YAML goes.")
+@click.option(
+    "--share", type=float, default=0.1, show_default=True, help="Each signal's initial loss as a share of CE."
+)
+@click.option(
+    "--batches", type=int, default=4, show_default=True, help="Training batches the losses are averaged over."
+)
+@click.argument("overrides", nargs=-1)
+def calibrate(config_path: Path, out: Path, share: float, batches: int, overrides: tuple[str, ...]) -> None:
+    """Measure each signal's initial loss with the live teacher and the untrained student, and write
+    the config's recipe with weights that make every signal start at SHARE x the cross-entropy
+    (use it as `recipe: OUT`)."""
+    from drivekd.distill.calibrate import run_calibrate
+    from drivekd.train.config import load_config
+
+    config = load_config(DistillConfig, config_path, overrides)
+    path, result = run_calibrate(config, out, share=share, batches=batches)
+    for name, loss in result["initial_losses"].items():
+        weight = result["weights"].get(name)
+        click.echo(f"{name:>16}  initial loss {loss:.4g}" + (f"  weight {weight:.6g}" if weight is not None else ""))
+    click.echo(f"wrote {path}")

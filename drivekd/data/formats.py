@@ -1,6 +1,6 @@
 """Readers for every supported data format, and the native JSONL writer.
 
-Formats (method doc §2):
+Formats (docs/method.md §2):
 - `native`: JSONL, one `Sample` per line, image paths relative to the file (DriveSim-QA writes it).
 - `reference`: the reference code's JSON list of `{"messages", "images", "question_type"}`.
 - `drivebench`: DriveBench's JSON list of `{"scene_token", "frame_token", "question_type",

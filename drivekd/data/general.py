@@ -1,7 +1,7 @@
 """A small non-driving control set: coloured shapes drawn with PIL, asked about in the driving style.
 
 The pre-study (`drivekd prestudy --general DIR`) compares the generalised margin along the answer on
-driving data and on this set (method doc §6 (d)). To keep the token layout comparable, every sample
+driving data and on this set (docs/method.md §6 (d)). To keep the token layout comparable, every sample
 has two images of DriveSim-QA's size (224x128 PNG) in the question (`IMAGE_A: <image>\\nIMAGE_B:
 <image>\\n...`) and a short answer with a `Final: {...}` line. Question types (capability
 `perception`, cycled so the three are balanced):

@@ -16,7 +16,7 @@ IMAGE_PLACEHOLDER = "<image>"
 # DriveLM object tags: `<c1,CAM_FRONT,0.4911,0.5273>` (fractions of the image) or pixel coordinates.
 OBJECT_TAG = re.compile(r"<c\d+,(CAM_[A-Z_]+),([0-9.]+),([0-9.]+)>")
 
-# DriveBench's prediction and behavior questions both test reasoning (method doc §2).
+# DriveBench's prediction and behavior questions both test reasoning (docs/method.md §2).
 _CAPABILITY_ALIASES: dict[str, str] = {
     "perception": "perception",
     "perceptual": "perception",
@@ -146,3 +146,25 @@ def object_tags(text: str) -> list[tuple[str, float, float]]:
         except ValueError:  # e.g. "1.2.3": not a coordinate
             continue
     return list(seen)
+
+
+# DriveBench-style replies commit to an answer in `Final: {...}`: the part of an answer that scores.
+DECISION = re.compile(r"Final\s*:\s*\{[^}]*\}")
+
+
+def decision_span(answer: str) -> tuple[int, int] | None:
+    """Character span of the committed answer (`Final: {...}`) in an answer, if it has one."""
+    m = DECISION.search(answer)
+    return None if m is None else (m.start(), m.end())
+
+
+def focus_object(sample: Sample, *, with_answer: bool = True) -> tuple[str, float, float] | None:
+    """The `(camera, x, y)` of the object a sample is about: the question's one object tag, else (when
+    the answer is known) the answer's, e.g. the vehicle a "nearest ahead" answer names or the chosen
+    one of several tagged options. None when neither names exactly one, or its camera is not shown."""
+    tags = object_tags(sample.question)
+    if len(tags) != 1 and with_answer:
+        tags = object_tags(sample.answer)
+    if len(tags) != 1 or tags[0][0] not in [ref.camera for ref in sample.images]:
+        return None
+    return tags[0]

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample
-from drivekd.distill.signals import Signal, group_windows
+from drivekd.distill.signals import Signal
 from drivekd.errors import DriveKDError
-from drivekd.models.backend import Batch, VLMBackend
+from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
 FORMAT = "drivekd-teacher-cache/1"
@@ -69,7 +69,7 @@ def fingerprint(
         "teacher": digest(sorted(set(teachers.values()))),  # which weights, whatever the signals' names
         # weight and distance change the loss, not the stored targets: a cache serves every weighting
         "recipe": digest(
-            {n: {k: v for k, v in vars(s).items() if k not in ("weight", "distance")} for n, s in signals.items()}
+            {n: {k: v for k, v in s.fields().items() if k not in ("weight", "distance")} for n, s in signals.items()}
             | {"_teachers": teachers}
         ),
         "tokenizer": digest(student.tokenizer.get_vocab()),
@@ -77,53 +77,23 @@ def fingerprint(
     }
 
 
-def targets_for_storage(
-    signal: Signal,
-    name: str,
-    student_layers: int,
-    teacher_layers: int,
-    maps: dict[int, torch.Tensor],
-    hidden: tuple[torch.Tensor, ...] | None,
-    logits: torch.Tensor | None,
-    batch: Batch,
-) -> list[dict[str, torch.Tensor]]:
-    """Per sample of the batch: the tensors this signal's loss reads, trimmed to the sample's length."""
-    lengths = batch.inputs["attention_mask"].sum(1).tolist()
-    out: list[dict[str, torch.Tensor]] = [{} for _ in lengths]
-    s_layers = signal.student_layers(student_layers)
-    t_layers = signal.teacher_layers(student_layers, teacher_layers)
-    for b, n in enumerate(lengths):
-        if signal.kind in ("attn_tv", "attn_full"):
-            m = maps[t_layers[0]][b, :n, :n]
-            if signal.kind == "attn_tv":  # only the text->vision block: the loss reads nothing else
-                vis = batch.visual_mask[b, :n]
-                m = m[~vis][:, vis]
-            out[b][f"{name}/0"] = m
-        elif signal.kind == "attn_group":
-            for k, (_, window) in enumerate(group_windows(s_layers, t_layers)):
-                out[b][f"{name}/{k}"] = torch.stack([maps[t][b, :n, :n] for t in window]).mean(0)
-        elif signal.kind == "hidden":
-            for k, (_, window) in enumerate(group_windows(s_layers, t_layers)):
-                out[b][f"{name}/{k}"] = torch.stack([hidden[t + 1][b, :n] for t in window]).mean(0)
-        else:
-            out[b][f"{name}/0"] = logits[b, :n]
-    return out
-
-
-def write_cache(distiller: Any, samples: Sequence[Sample], out: Path, batch_size: int = 8) -> dict[str, Any]:
-    """Run the distiller's teachers over `samples` and write the cache folder atomically."""
+def write_cache(
+    teachers: Any,
+    signals: dict[str, Signal],
+    teacher_of: dict[str, str],
+    samples: Sequence[Sample],
+    out: Path,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder atomically."""
+    student = teachers.student
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "fingerprint": fingerprint(
-            distiller.signals, {n: str(t) for n, t in distiller.teacher_of.items()}, distiller.student, samples
-        ),
-        "teacher_layers": {n: distiller.teachers[str(t)].num_layers for n, t in distiller.teacher_of.items()},
-        "teacher_widths": {
-            n: distiller.teachers[str(t)].model.config.text_config.hidden_size for n, t in distiller.teacher_of.items()
-        },
+        "fingerprint": fingerprint(signals, teacher_of, student, samples),
+        "teacher_layers": {n: teachers.layers(n) for n in signals},
+        "teacher_widths": {n: teachers.width(n) for n in signals},
         "index": {},
     }
-    student = distiller.student
     with atomic_dir(out, overwrite=True) as tmp:
         shard: dict[str, torch.Tensor] = {}
         shard_no = 0
@@ -137,16 +107,14 @@ def write_cache(distiller: Any, samples: Sequence[Sample], out: Path, batch_size
         for i in tqdm(range(0, len(samples), batch_size), desc="cache", unit="batch", file=sys.stderr):
             chunk = samples[i : i + batch_size]
             batch = student.build_batch(chunk).to(student.device)
-            targets = distiller.teacher_targets(batch)
-            for name, sig in distiller.signals.items():
-                t = targets[str(distiller.teacher_of[name])]
-                layers = manifest["teacher_layers"][name]
-                per_sample = targets_for_storage(
-                    sig, name, student.num_layers, layers, t.maps, t.hidden, t.logits, batch
-                )
-                for sample, tensors in zip(chunk, per_sample, strict=True):
-                    for key, value in tensors.items():
-                        shard[f"{sample.id}/{key}"] = value.to(torch.float16).contiguous().cpu()
+            targets = teachers.targets(batch)
+            lengths = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
+            for name, sig in signals.items():
+                for k, target in enumerate(targets[name]):
+                    for b, sample in enumerate(chunk):
+                        visual = batch.visual_mask[b, : lengths[b]]
+                        value = sig.stored(target[b], lengths[b], visual)
+                        shard[f"{sample.id}/{name}/{k}"] = value.to(torch.float16).contiguous().cpu()
             for sample in chunk:
                 manifest["index"][sample.id] = f"shard-{shard_no:05d}.safetensors"
             if len({k.split("/")[0] for k in shard}) >= SHARD_SAMPLES:
@@ -154,16 +122,6 @@ def write_cache(distiller: Any, samples: Sequence[Sample], out: Path, batch_size
         flush()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
-
-
-def expand_block(block: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """Inverse of the text->vision trimming: an (n, n) map with the block in place, zeros elsewhere."""
-    n = visual.shape[0]
-    full = torch.zeros(n, n, dtype=block.dtype)
-    rows = (~visual).nonzero().squeeze(1)
-    cols = visual.nonzero().squeeze(1)
-    full[rows[:, None], cols[None, :]] = block
-    return full
 
 
 def estimate_bytes(
@@ -175,20 +133,12 @@ def estimate_bytes(
     widths: dict[str, int],
     vocab: int,
 ) -> int:
+    """The cache's size in fp16 bytes, from token counts alone (before any teacher runs)."""
     total = 0
     for name, sig in signals.items():
-        k = len(
-            group_windows(sig.student_layers(student_layers), sig.teacher_layers(student_layers, teacher_layers[name]))
-        )
+        matched = len(sig.pairs(student_layers, teacher_layers[name]))
         for n, v in zip(lengths, visual, strict=True):
-            per = {
-                "attn_tv": (n - v) * v,
-                "attn_full": n * n,
-                "attn_group": k * n * n,
-                "hidden": k * n * widths[name],
-                "logit_kl": n * vocab,
-            }
-            total += 2 * per[sig.kind]
+            total += 2 * matched * sig.stored_elements(n, v, widths[name], vocab)
     return total
 
 

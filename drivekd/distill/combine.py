@@ -1,4 +1,4 @@
-"""Combining task gradients: plain sum, PCGrad and Asymmetric Gradient Projection (method doc §5).
+"""Combining task gradients: plain sum, PCGrad and Asymmetric Gradient Projection (docs/method.md §5).
 
 Every strategy returns a linear combination of the task gradients, so it only needs their Gram
 matrix: vectors are kept as coefficient rows over the task gradients, a dot product is `a @ G @ b`,

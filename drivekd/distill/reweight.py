@@ -1,4 +1,4 @@
-"""Online loss reweighting (method doc §4, the reference code's GradNorm-like rule).
+"""Online loss reweighting (docs/method.md §4, the reference code's GradNorm-like rule).
 
 Weights `w_i = softplus(a_i)`. After each optimiser step, with `n_i` the gradient norm of loss i
 (unweighted) averaged over the step's micro-batches, `G_i = w_i n_i` is pulled toward

@@ -1,53 +1,234 @@
 """Distillation signals: what a teacher's internals tell the student, and how far apart they are.
 
-A signal is data (kind, layers, distance, weight), read from a recipe YAML. Every loss here is
-per sample, shape `(B,)`, so multi-teacher mixing can weight samples by their capability. Maps are
-head-averaged attention probabilities `(B, T, T)` of student and teacher over the same token
-sequence (same tokenizer and visual layout); padding is excluded from every mean.
+A signal is a small object read from a recipe YAML (kind, layers, distance, weight). Its class says
+what it needs from the forward passes (attention maps, hidden states, logits), what the teacher
+targets are and what a cache stores of them, and its loss. Every loss is per sample, shape `(B,)`,
+so multi-teacher mixing can weight samples by their capability. Maps are head-averaged attention
+probabilities `(B, T, T)` of student and teacher over the same token sequence (same tokenizer and
+visual layout); padding is excluded from every mean.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from drivekd.distill.capture import resolve_layer
+from drivekd.models.capture import resolve_layer
 
-Kind = Literal["attn_tv", "attn_full", "attn_group", "hidden", "logit_kl"]
+
+@dataclass
+class Internals:
+    """What one forward pass exposes: attention maps of the captured layers, hidden states, logits."""
+
+    maps: dict[int, torch.Tensor]
+    hidden: tuple[torch.Tensor, ...] | None = None
+    logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Signal:
-    kind: Kind
-    layer: int | None = None  # attn_tv, attn_full, hidden: one layer index (negative counts from the end)
-    layers: tuple[int, int] | None = None  # attn_group / hidden: inclusive range, group-matched to the teacher's
+    layer: int | None = None  # one layer index (negative counts from the end)
+    layers: tuple[int, int] | None = None  # inclusive range, group-matched to the teacher's layers
     distance: Literal["mse", "cosine"] = "mse"
     temperature: float = 1.0  # logit_kl
     weight: float = 1.0
 
+    kind: ClassVar[str] = ""
+    needs_attention: ClassVar[bool] = False
+    needs_hidden: ClassVar[bool] = False
+    needs_logits: ClassVar[bool] = False
+    square: ClassVar[bool] = False  # targets are (T, T) maps
+    reads_layers: ClassVar[bool] = True  # False: the output only (its layer fields are ignored)
+
+    # ---- layers --------------------------------------------------------------------------------
     def student_layers(self, num_layers: int) -> list[int]:
         if self.layers is not None:
-            lo, hi = (resolve_layer(i, num_layers) for i in self.layers or (0, -2))
+            lo, hi = (resolve_layer(i, num_layers) for i in self.layers)
             return list(range(lo, hi + 1))
-        if self.kind == "logit_kl":
-            return []
         return [resolve_layer(self.layer if self.layer is not None else 0, num_layers)]
 
     def teacher_layers(self, student_layers: int, teacher_layers: int) -> list[int]:
         if self.layers is not None:
-            lo, hi = (resolve_layer(i, teacher_layers) for i in self.layers or (0, -2))
+            lo, hi = (resolve_layer(i, teacher_layers) for i in self.layers)
             return list(range(lo, hi + 1))
         return self.student_layers(teacher_layers)
 
-    @property
-    def needs_attention(self) -> bool:
-        return self.kind.startswith("attn")
+    def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
+        """Each matched student layer with the teacher layers whose mean it is taught."""
+        return group_windows(self.student_layers(student_layers), self.teacher_layers(student_layers, teacher_layers))
+
+    def fields(self) -> dict[str, Any]:
+        return {"kind": self.kind, **vars(self)}
+
+    # ---- teacher targets ------------------------------------------------------------------------
+    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+        """Per matched student layer, the batch's teacher tensor (a window mean for grouped layers)."""
+        raise NotImplementedError
+
+    def stored(self, target: torch.Tensor, length: int, visual: torch.Tensor) -> torch.Tensor:
+        """What a cache keeps of one sample's target: trimmed to its `length` tokens."""
+        return target[:length, :length] if self.square else target[:length]
+
+    def restored(self, stored: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Inverse of `stored`, up to the padding (`visual`: the sample's visual mask, trimmed)."""
+        return stored
+
+    def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
+        """Number of values a cache keeps per sample and matched layer."""
+        raise NotImplementedError
+
+    # ---- loss ----------------------------------------------------------------------------------
+    def loss(
+        self,
+        student: Internals,
+        targets: list[torch.Tensor],
+        positions: Positions,
+        student_layers: list[int],
+        projection: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Attention(Signal):
+    needs_attention = True
+    square = True
+    block: ClassVar[str] = "full"
+
+    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+        return [
+            torch.stack([teacher.maps[t] for t in window]).mean(0)
+            for _, window in self.pairs(student_layers, teacher_layers)
+        ]
+
+    def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
+        return length * length
+
+    def loss(
+        self,
+        student: Internals,
+        targets: list[torch.Tensor],
+        positions: Positions,
+        student_layers: list[int],
+        projection: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        return attention_loss(self, student.maps, student_layers, targets, positions)
+
+
+@dataclass(frozen=True)
+class AttnTV(_Attention):
+    """The text→vision block of one layer's map: where text positions look in the images."""
+
+    kind = "attn_tv"
+    block = "tv"
+
+    def stored(self, target: torch.Tensor, length: int, visual: torch.Tensor) -> torch.Tensor:
+        # only the text->vision block: the loss reads nothing else
+        m = target[:length, :length]
+        return m[~visual][:, visual]
+
+    def restored(self, stored: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        return expand_block(stored, visual)
+
+    def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
+        return (length - visual) * visual
+
+
+@dataclass(frozen=True)
+class AttnFull(_Attention):
+    """One layer's whole map."""
+
+    kind = "attn_full"
+
+
+@dataclass(frozen=True)
+class AttnGroup(_Attention):
+    """A range of layers' maps, each student layer taught the mean of a sliding window of teacher layers."""
+
+    kind = "attn_group"
+
+
+@dataclass(frozen=True)
+class Hidden(Signal):
+    """Hidden states (through a learned projection when the widths differ)."""
+
+    kind = "hidden"
+    needs_hidden = True
+
+    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+        assert teacher.hidden is not None
+        # hidden_states[k + 1] is layer k's output
+        return [
+            torch.stack([teacher.hidden[t + 1] for t in window]).mean(0)
+            for _, window in self.pairs(student_layers, teacher_layers)
+        ]
+
+    def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
+        return length * width
+
+    def loss(
+        self,
+        student: Internals,
+        targets: list[torch.Tensor],
+        positions: Positions,
+        student_layers: list[int],
+        projection: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        assert student.hidden is not None
+        return torch.stack(
+            [
+                hidden_loss(student.hidden[s + 1], t, positions, projection, self.distance)
+                for s, t in zip(student_layers, targets, strict=True)
+            ]
+        ).mean(0)
+
+
+@dataclass(frozen=True)
+class LogitKL(Signal):
+    """The output distribution on the answer positions (classic KD)."""
+
+    kind = "logit_kl"
+    needs_logits = True
+    reads_layers = False
+
+    def student_layers(self, num_layers: int) -> list[int]:
+        return []
+
+    def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
+        return [(-1, [-1])]  # one target: the logits
+
+    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+        assert teacher.logits is not None
+        return [teacher.logits]
+
+    def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
+        return length * vocab
+
+    def loss(
+        self,
+        student: Internals,
+        targets: list[torch.Tensor],
+        positions: Positions,
+        student_layers: list[int],
+        projection: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        assert student.logits is not None
+        return logit_kl(student.logits, targets[0], positions, self.temperature)
+
+
+KINDS: dict[str, type[Signal]] = {cls.kind: cls for cls in (AttnTV, AttnFull, AttnGroup, Hidden, LogitKL)}
+
+
+def make_signal(kind: str, **fields: Any) -> Signal:
+    """A signal of `kind` (attn_tv, attn_full, attn_group, hidden, logit_kl) with its fields."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r} ({', '.join(KINDS)})")
+    return KINDS[kind](**fields)
 
 
 def group_windows(student: list[int], teacher: list[int]) -> list[tuple[int, list[int]]]:
-    """The sliding-window rule (method doc §3): student layer i <- mean of teacher t_i .. t_{i+g-1}.
+    """The sliding-window rule (docs/method.md §3): student layer i <- mean of teacher t_i .. t_{i+g-1}.
 
     g = max(1, m - k + 1) for k student and m teacher layers; the window start is clipped to m - g.
     24-layer student, 28-layer teacher, range 0..-2: k = 23, m = 27, g = 5.
@@ -97,7 +278,7 @@ def attention_loss(
 ) -> torch.Tensor:
     """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
     (a group window's mean for `attn_group`) matched to `student_layers[k]`."""
-    mask = positions.pair_mask("tv" if signal.kind == "attn_tv" else "full")
+    mask = positions.pair_mask(getattr(signal, "block", "full"))
     losses = [
         map_distance(student_maps[s], t, mask, signal.distance) for s, t in zip(student_layers, targets, strict=True)
     ]
@@ -129,3 +310,13 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, positions: Positions,
     kl = (log_t.exp() * (log_t - log_s)).sum(-1) * tau * tau
     m = positions.answer.to(kl.dtype)
     return (kl * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def expand_block(block: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Inverse of the text->vision trimming: an (n, n) map with the block in place, zeros elsewhere."""
+    n = visual.shape[0]
+    full = torch.zeros(n, n, dtype=block.dtype)
+    rows = (~visual).nonzero().squeeze(1)
+    cols = visual.nonzero().squeeze(1)
+    full[rows[:, None], cols[None, :]] = block
+    return full

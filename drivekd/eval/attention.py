@@ -22,7 +22,7 @@ from drivekd.models.backend import IGNORE_INDEX, VLMBackend
 def tagged_attention(backend: VLMBackend, samples: Sequence[Sample], *, batch_size: int = 8) -> dict[str, Any]:
     """{"items", "mass": [per layer], "chance": [per layer], "ratio": [per layer], "mean_ratio"}; items
     without a located object are skipped (None figures when none is left)."""
-    from drivekd.distill.capture import capture
+    from drivekd.models.capture import capture
 
     layers = list(range(backend.num_layers))
     mass = torch.zeros(len(layers), dtype=torch.float64)

@@ -3,7 +3,7 @@
 Standard library only (urllib). Every request has a socket timeout and a deadline for the whole
 reply, at most `retries` attempts with exponential backoff, and a failure after the last attempt
 becomes a null score carrying the error: an unreachable judge never hangs or crashes a scoring run
-(DriveBench's own retry loop spins forever, method doc §7).
+(DriveBench's own retry loop spins forever, docs/method.md §7).
 
 Replies are appended to a JSONL cache keyed by sha256(model, prompt) as soon as they arrive, so an
 interrupted run resumes where it stopped and nothing is asked twice. Only replies are cached, and

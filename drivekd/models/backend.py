@@ -8,7 +8,6 @@ Family files (`internvl.py`, `qwen25vl.py`) supply only the image-specific parts
 from __future__ import annotations
 
 import abc
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample, object_tags
+from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample, decision_span, focus_object
 from drivekd.errors import DataError
 
 IGNORE_INDEX = -100
-
-
-_DECISION = re.compile(r"Final\s*:\s*\{[^}]*\}")  # the committed answer of DriveBench-style replies
 
 
 @dataclass
@@ -95,6 +91,38 @@ class VLMBackend(abc.ABC):
     @property
     def num_layers(self) -> int:
         return int(self.model.config.text_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.text_config.vocab_size)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (`layers`, `norm`): no vision tower, no LM head."""
+        inner = self.model.model if hasattr(self.model, "model") else self.model
+        return inner.language_model if hasattr(inner, "language_model") else inner
+
+    def forward(
+        self, batch: Batch, *, logits: bool = True, hidden_states: bool = False, layers: int | None = None
+    ) -> Any:
+        """One forward pass over `batch`. `logits=False` skips the LM head (`last_hidden_state` instead);
+        `layers=N` runs only the first N LM layers (a teacher whose signals stop early), which only
+        makes sense without logits."""
+        if layers is not None and logits:
+            raise ValueError("a truncated forward has no logits")
+        lm = self.language_model
+        full = lm.layers
+        if layers is not None and layers < len(full):
+            lm.layers = full[:layers]
+        try:
+            model = self.model if logits else self.model.model
+            return model(**batch.inputs, output_hidden_states=hidden_states)
+        finally:
+            lm.layers = full
 
     @property
     def device(self) -> torch.device:
@@ -176,17 +204,13 @@ class VLMBackend(abc.ABC):
         grids: list[tuple[int, int, int]],
         with_answer: bool,
     ) -> int | None:
-        """Prompt position of the visual token under the object a sample is about: the question's one
-        object tag, else (training batches) the answer's, e.g. the vehicle a "nearest ahead" answer
-        names or the chosen one of several tagged options. None when neither names exactly one."""
-        tags = object_tags(sample.question)
-        if len(tags) != 1 and with_answer:
-            tags = object_tags(sample.answer)
-        cameras = [ref.camera for ref in sample.images]
-        if len(tags) != 1 or tags[0][0] not in cameras:
+        """Prompt position of the visual token under the object the sample is about (which object is
+        the data's convention, `focus_object`; where its token sits is this backend's)."""
+        focus = focus_object(sample, with_answer=with_answer)
+        if focus is None:
             return None
-        camera, x, y = tags[0]
-        j = cameras.index(camera)
+        camera, x, y = focus
+        j = [ref.camera for ref in sample.images].index(camera)
         if x > 1 or y > 1:  # pixel coordinates, as in DriveLM
             x, y = x / images[j].width, y / images[j].height
         offset, grid_rows, grid_cols = grids[j]
@@ -198,12 +222,13 @@ class VLMBackend(abc.ABC):
         return block_starts[j] + offset + row * grid_cols + col
 
     def _answer_tokens(self, answer: str) -> tuple[list[int], list[bool]]:
-        """Token ids of an answer (plus end of turn) and which of them lie inside `Final: {...}`."""
+        """Token ids of an answer (plus end of turn) and which of them lie in its committed answer
+        (`decision_span`, the data's convention)."""
         enc = self.tokenizer(answer + self.im_end, add_special_tokens=False, return_offsets_mapping=True)
-        m = _DECISION.search(answer)
-        if m is None:
+        span = decision_span(answer)
+        if span is None:
             return enc.input_ids, [False] * len(enc.input_ids)
-        return enc.input_ids, [start < m.end() and end > m.start() for start, end in enc.offset_mapping]
+        return enc.input_ids, [start < span[1] and end > span[0] for start, end in enc.offset_mapping]
 
     def visual_token_count(self, width: int, height: int) -> int:
         """Visual tokens of one image of this size (reads no pixels)."""
@@ -227,7 +252,8 @@ class VLMBackend(abc.ABC):
             self._length_cache[key] = self._token_lengths(sample)
         return self._length_cache[key]
 
-    def _token_lengths(self, sample: Sample) -> int:
+    def visual_tokens(self, sample: Sample) -> list[int]:
+        """Visual tokens of each of the sample's images; images are only opened for their size."""
         counts = []
         for ref in sample.images:
             with Image.open(ref.path) as im:
@@ -235,7 +261,10 @@ class VLMBackend(abc.ABC):
             if size not in self._count_cache:
                 self._count_cache[size] = self.visual_token_count(*size)
             counts.append(self._count_cache[size])
-        prompt = self.prompt_text(sample, counts)
+        return counts
+
+    def _token_lengths(self, sample: Sample) -> int:
+        prompt = self.prompt_text(sample, self.visual_tokens(sample))
         return len(self.tokenizer(prompt + sample.answer + self.im_end, add_special_tokens=False).input_ids)
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,3 +202,50 @@ def _freeze(backend: VLMBackend, options: LoadOptions) -> None:
 
 def count_parameters(backend: VLMBackend) -> int:
     return sum(p.numel() for p in backend.model.parameters())
+
+
+# ---- real architectures, random weights ------------------------------------------------------
+SHAPES_FILE = Path(__file__).with_name("shapes.yaml")
+
+
+def real_shapes() -> dict[str, dict[str, Any]]:
+    """The published architectures `drivekd models init --like` builds (drivekd/models/shapes.yaml)."""
+    import yaml
+
+    return yaml.safe_load(SHAPES_FILE.read_text(encoding="utf-8"))
+
+
+def build_like(name: str, options: LoadOptions | None = None, *, meta: bool = False) -> VLMBackend:
+    """A randomly initialised model with a published architecture and the shipped tokenizer (its
+    vocabulary padded to the real size). `meta=True` allocates nothing: shapes and counts only."""
+    from drivekd.models import internvl, qwen25vl
+    from drivekd.models.tokenizer import SPECIAL_TOKENS, load_shipped_tokenizer
+
+    options = options or LoadOptions()
+    shapes = real_shapes()
+    if name not in shapes:
+        raise DriveKDError(f"{name}: not a known architecture ({', '.join(shapes)})")
+    if options.dtype not in DTYPES:
+        raise DriveKDError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    shape = shapes[name]
+    tokenizer = load_shipped_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    family = internvl if shape["family"] == "internvl" else qwen25vl
+    config = family.real_config(shape, ids)
+    config._attn_implementation = options.attn_implementation
+    cls = BACKENDS[shape["family"]]
+    with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else contextlib.nullcontext():
+        torch.manual_seed(options.seed)
+        model = cls.model_class._from_config(config, dtype=DTYPES[options.dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return cls(model, tokenizer, family.real_image_processor(shape))
+
+
+def init_like(name: str, out: Path, options: LoadOptions | None = None) -> Path:
+    """Write a random-weight checkpoint of a published architecture to `out` (loads with `--model out`)."""
+    from drivekd.atomic import atomic_dir
+
+    backend = build_like(name, options)
+    with atomic_dir(out) as tmp:
+        backend.save(tmp)
+    return out

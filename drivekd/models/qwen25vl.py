@@ -88,3 +88,62 @@ def tiny_image_processor(pixels: int, patch: int) -> Any:
     return Qwen2VLImageProcessorPil(
         patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
     )
+
+
+def real_config(shape: dict[str, Any], token_ids: dict[str, int]) -> Qwen2_5_VLConfig:
+    """A published Qwen2.5-VL architecture (drivekd/models/shapes.yaml), with our token ids."""
+    text, vision = shape["text"], shape["vision"]
+    return Qwen2_5_VLConfig(
+        vision_config={
+            "depth": vision["layers"],
+            "hidden_size": vision["hidden"],
+            "intermediate_size": vision["intermediate"],
+            "num_heads": vision["heads"],
+            "patch_size": vision["patch"],
+            "spatial_merge_size": vision["merge"],
+            "temporal_patch_size": vision["temporal_patch"],
+            "window_size": vision["window"],
+            "fullatt_block_indexes": vision["full_attention_blocks"],
+            "out_hidden_size": text["hidden"],
+            "hidden_act": "silu",
+        },
+        text_config={
+            "vocab_size": text["vocab"],
+            "hidden_size": text["hidden"],
+            "intermediate_size": text["intermediate"],
+            "num_hidden_layers": text["layers"],
+            "num_attention_heads": text["heads"],
+            "num_key_value_heads": text["kv_heads"],
+            "max_position_embeddings": text["max_positions"],
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": text["tied"],
+            "bos_token_id": token_ids["<|im_start|>"],
+            "eos_token_id": token_ids["<|im_end|>"],
+            "pad_token_id": token_ids["<|endoftext|>"],
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": text["rope_theta"],
+                "mrope_section": text["mrope_section"],
+            },
+        },
+        image_token_id=token_ids["<|image_pad|>"],
+        video_token_id=text["vocab"] - 1,  # a spare id: no videos here
+        vision_start_token_id=token_ids["<|vision_start|>"],
+        vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=text["tied"],
+    )
+
+
+def real_image_processor(shape: dict[str, Any]) -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vision = shape["vision"]
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision["patch"],
+        merge_size=vision["merge"],
+        temporal_patch_size=vision["temporal_patch"],
+        min_pixels=vision["min_pixels"],
+        max_pixels=vision["max_pixels"],
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )

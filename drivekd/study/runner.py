@@ -19,14 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 import yaml
 
 from drivekd.atomic import atomic_file
 from drivekd.data.sample import CAPABILITIES
 from drivekd.errors import DriveKDError
+from drivekd.extras import PLOTTING, SIMULATOR, require
 from drivekd.study.profiles import Profile, Variant, load_variants
-from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, SFTConfig, TrainConfig
+from drivekd.train.config import (
+    CombineConfig,
+    DataConfig,
+    DistillConfig,
+    ModelConfig,
+    SFTConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 
 SPLITS = ("val", "test")
 # The image-blind control: the test split with every sample shown another scene's cameras.
@@ -129,6 +137,7 @@ class Study:
     def run(self, seeds: Sequence[int] | None = None) -> Path:
         """Every step not yet done. `seeds` restricts the student runs to those seeds (so seeds can
         run side by side in separate processes); the deployment table waits for a run without it."""
+        require(SIMULATOR + PLOTTING, "drivekd reproduce (DriveSim-QA data and the report's plots)")
         self.claim()
         unknown = sorted(set(seeds or ()) - set(self.profile.seeds))
         if unknown:
@@ -209,12 +218,10 @@ class Study:
             return SFTConfig(**common)
         return DistillConfig(
             **common,
-            teacher=str(self.teacher),
+            teacher=TeacherConfig(name=str(self.teacher), cache=str(self.cache_dir(v.recipe, run.capability))),
             recipe=str(self.recipe_file(v.recipe, run.capability, v.kd_share)),
             mixing="reference",
-            strategy=v.strategy,
-            amortize_every=v.amortize_every,
-            cache=str(self.cache_dir(v.recipe, run.capability)),
+            combine=CombineConfig(strategy=v.strategy, amortize_every=v.amortize_every),
         )
 
     # ---- pre-study, calibration ------------------------------------------------------------------
@@ -265,7 +272,7 @@ class Study:
         Measured with the live teacher on the first batches of the recipe's own training data, so
         the weights are a property of (teacher, student preset, recipe, data), not guessed.
         """
-        from drivekd.distill.engine import Distiller
+        from drivekd.distill.calibrate import initial_losses
         from drivekd.train.sft import load_model, load_training_data
 
         p = self.profile
@@ -276,24 +283,16 @@ class Study:
             raw_file = self.out / "recipes" / f"{self._key(recipe, cap)}.source.yaml"
             with atomic_file(raw_file) as tmp:
                 tmp.write_text(yaml.safe_dump({n: {**f, "weight": 1.0} for n, f in signals.items()}), encoding="utf-8")
-            torch.manual_seed(0)  # hidden signals' projection heads start alike for every recipe
             data = DataConfig(path=str(self.data), max_length=512, capability=cap)
             train, _, _ = load_training_data(data, student)
             config = DistillConfig(
                 model=ModelConfig(name=self.student),
                 data=data,
                 train=TrainConfig(output_dir=str(self.out / "recipes")),
-                teacher=str(self.teacher),
+                teacher=TeacherConfig(name=str(self.teacher)),
                 recipe=str(raw_file),
-                strategy="sum",
             )
-            distiller = Distiller(config, student, train)
-            totals: dict[str, float] = {}
-            chunks = [train[i : i + 8] for i in range(0, min(len(train), 32), 8)]
-            with torch.no_grad():
-                for chunk in chunks:
-                    for k, v in distiller.objective(student.model, student.build_batch(chunk)).items():
-                        totals[k] = totals.get(k, 0.0) + float(v) / len(chunks)
+            totals = initial_losses(config, student, train)
             weights = {n: p.kd_share * totals["ce"] / max(totals[n], 1e-12) for n in signals}
             calibration["recipes"][self._key(recipe, cap)] = {"initial_losses": totals, "weights": weights}
         _write_json(self.out / "recipes" / "calibration.json", calibration)

@@ -6,11 +6,14 @@ resolved config is written into the run directory.
 
 from __future__ import annotations
 
+import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivekd.errors import DriveKDError
 
@@ -20,74 +23,96 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str  # a preset (tiny-internvl-teacher, ...), a checkpoint directory or a hub id
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: str = "sdpa"
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    freeze_llm: bool = False
-    lora: dict[str, Any] | None = None
-    seed: int = 0  # initialisation seed of presets
+    """The model trained and how it is loaded."""
+
+    name: str = Field(
+        description="a preset (tiny-internvl-student, ...), a shipped model (drivesim-internvl-teacher, ...), "
+        "a checkpoint folder or a hub id"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype once loaded")
+    attn_implementation: str = Field("sdpa", description="attention kernel of the layers nothing captures")
+    freeze_vision: bool = Field(False, description="keep the vision tower's weights fixed")
+    freeze_projector: bool = Field(False, description="keep the vision-to-language projector fixed")
+    freeze_llm: bool = Field(False, description="keep the language model fixed")
+    lora: dict[str, Any] | None = Field(
+        None, description="peft LoraConfig fields (e.g. {r: 16, target_modules: [q_proj, v_proj]}); None: full"
+    )
+    seed: int = Field(0, description="initialisation seed of presets")
 
 
 class MixIn(_Strict):
-    """Extra training data mixed into `data.path`'s train split (e.g. grounding items kept in QA SFT)."""
+    """Extra training data mixed into `data.path`'s train split."""
 
-    path: str  # a native dataset folder (its train split) or a data file of any format
-    format: str | None = None
-    samples: int | None = None  # a seeded random subset of this many; None: all of them
-    seed: int = 0
+    path: str = Field(description="a native dataset folder (its train split) or a data file of any format")
+    format: str | None = Field(None, description="the data format; None: detected")
+    samples: int | None = Field(None, description="a seeded random subset of this many; None: all of them")
+    seed: int = Field(0, description="seed of that subset")
 
 
 class DataConfig(_Strict):
-    path: str
-    format: str | None = None
-    image_roots: list[str] = []
-    train_split: str = "train"
-    val_split: str | None = "val"
-    capability: Literal["perception", "reasoning", "planning"] | None = None  # single-capability protocol
-    max_length: int = 512
-    on_overlong: Literal["error", "skip"] = "error"  # an answer is never silently cut
-    limit: int | None = None  # first N training samples (smoke tests)
-    # Re-letter multiple-choice options per epoch (training only), so letters must be read from the
-    # options rather than memorised per question.
-    shuffle_choices: bool = False
-    # Training only: validation stays `path`'s val split, so curves remain comparable with and without.
-    mix: list[MixIn] = []
+    """The training and validation data."""
+
+    path: str = Field(description="a dataset folder (train/val/test.jsonl) or a data file of any format")
+    format: str | None = Field(None, description="native, reference, drivebench or drivelm; None: detected")
+    image_roots: list[str] = Field([], description="where images are found: DIR or PREFIX=DIR, in order")
+    train_split: str = Field("train", description="the split trained on")
+    val_split: str | None = Field("val", description="the split validated on; None: no validation")
+    capability: Literal["perception", "reasoning", "planning"] | None = Field(
+        None, description="train on one capability's samples only (the single-capability protocol)"
+    )
+    max_length: int = Field(512, description="longest sample in tokens (prompt, images and answer)")
+    on_overlong: Literal["error", "skip"] = Field(
+        "error", description="a longer sample is an error, or skipped and counted; an answer is never cut"
+    )
+    limit: int | None = Field(None, description="first N training samples only (smoke tests)")
+    shuffle_choices: bool = Field(
+        False,
+        description="re-letter multiple-choice options every epoch, so letters are read from the options "
+        "rather than memorised per question (training only; not with a teacher cache)",
+    )
+    mix: list[MixIn] = Field([], description="other training data added to path's train split; validation stays path's")
 
 
 class TrainConfig(_Strict):
-    output_dir: str
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    group_by_length: bool = False  # batches of similar length (less padding), in shuffled order
-    decision_weight: float = 1.0  # SFT: loss weight of answer tokens inside `Final: {...}` vs the rest
-    # SFT: weight of the tag-attention loss (answer positions attend to the tagged object's visual
-    # token; `sft.with_tag_attention`) and the LM layer it supervises (None: the middle one).
-    tag_attention_weight: float = 0.0
-    tag_attention_layer: int | None = None
-    lr: float = 3e-4
-    lr_scale: dict[Literal["vision", "projector", "llm"], float] = {}  # e.g. {vision: 5}: per-part lr multipliers
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int | None = None
-    val_max_samples: int = 256
-    # Also score validation with every sample shown another scene's images: `val_image_gain` (CE with
-    # other images minus CE with its own) near 0 means the model does not read the images.
-    val_other_images: bool = False
-    save_every: int | None = None
-    keep_last: int = 2
+    """The training loop: steps, batches, optimiser, validation, checkpoints."""
+
+    output_dir: str = Field(description="run folder: checkpoints/, final/, metrics.jsonl, config.yaml")
+    epochs: float = Field(1.0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, description="optimiser steps; None: from epochs")
+    micro_batch_size: int = Field(8, description="samples per forward pass and process")
+    grad_accum: int = Field(1, description="micro-batches per optimiser step")
+    group_by_length: bool = Field(False, description="batches of similar length (less padding), in shuffled order")
+    tag_attention_weight: float = Field(
+        0.0,
+        description="SFT only: weight of a loss pulling one head's attention from the answer onto the "
+        "visual token under the object the sample is about (teaches a model from scratch where to look)",
+    )
+    tag_attention_layer: int | None = Field(
+        None, description="the LM layer tag attention supervises (negative from the end); None: the middle one"
+    )
+    lr: float = Field(3e-4, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(10, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = Field(0.0, description="the cosine decay's floor, as a fraction of lr")
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping; None: off")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast on GPUs")
+    seed: int = Field(0, description="data order, dropout and AGP's projection order")
+    log_every: int = Field(10, description="optimiser steps per metrics.jsonl line")
+    eval_every: int | None = Field(None, description="optimiser steps between validations; None: at the end only")
+    val_max_samples: int = Field(256, description="validation samples used")
+    val_other_images: bool = Field(
+        False,
+        description="also validate with every sample shown another scene's images: val_image_gain near 0 "
+        "means the answers do not depend on the images",
+    )
+    save_every: int | None = Field(None, description="optimiser steps between checkpoints; None: at the end only")
+    keep_last: int = Field(2, description="checkpoints kept")
 
 
 class SFTConfig(_Strict):
+    """One supervised fine-tuning run."""
+
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -122,36 +147,161 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # A field given on the command line is reported against the command line, not the file.
         given = [o for o in overrides if o.split("=", 1)[0] == loc or loc.startswith(o.split("=", 1)[0] + ".")]
         source = f"override {given[-1]!r}" if given else str(path)
-        raise DriveKDError(f"{source}: {loc}: {err['msg']}{more}") from e
+        raise DriveKDError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from e
 
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-class DistillConfig(_Strict):
-    """Student, teachers, recipe, mixing and gradient strategy of one distillation run."""
+class TeacherConfig(_Strict):
+    name: str | None = Field(None, description="checkpoint of every signal (a shipped name, a folder or a hub id)")
+    per_signal: dict[str, str] = Field(
+        {}, description="a signal's own teacher, by signal name (multi-teacher: {planning: PATH, ...})"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="teachers' dtype once loaded")
+    cache: str | None = Field(
+        None, description="a `drivekd cache-teacher` folder: targets read from it, no teacher loaded"
+    )
 
-    model: ModelConfig  # the student
+    def of(self, signal: str) -> str | None:
+        return self.per_signal.get(signal, self.name)
+
+
+class CombineConfig(_Strict):
+    strategy: Literal["sum", "pcgrad", "agp", "agp-stage1", "agp-stage2", "agp-normalized"] = Field(
+        "agp",
+        description="how the losses' gradients become one: sum, PCGrad, or Asymmetric Gradient Projection "
+        "(both stages, one of them, or with normalised gradients)",
+    )
+    amortize_every: int | None = Field(
+        None, description="recompute the combination's coefficients every N optimiser steps (None: every step)"
+    )
+    project_per: Literal["micro_batch", "step"] = Field(
+        "micro_batch", description="combine each micro-batch's gradients, or their sums once per optimiser step"
+    )
+
+
+class ReweightConfig(_Strict):
+    enabled: bool = Field(False, description="online loss reweighting from gradient norms (docs/method.md §4)")
+    lr: float = Field(3e-4, description="learning rate of the loss weights")
+    alpha: float = Field(0.0, description="restoring-force exponent of the reweighting")
+    ce_floor: float = Field(0.6, description="the cross-entropy weight's lower bound")
+
+
+# Fields that moved into a section: a config using the old place gets told where they went.
+_MOVED = {
+    "teachers": "teacher.per_signal",
+    "teacher_dtype": "teacher.dtype",
+    "cache": "teacher.cache",
+    "strategy": "combine.strategy",
+    "amortize_every": "combine.amortize_every",
+    "project_per": "combine.project_per",
+    "reweight_lr": "reweight.lr",
+    "reweight_alpha": "reweight.alpha",
+    "ce_floor": "reweight.ce_floor",
+}
+
+
+class DistillConfig(_Strict):
+    """Student, teachers, recipe, mixing and gradient combination of one distillation run."""
+
+    model: ModelConfig = Field(description="the student")
     data: DataConfig
     train: TrainConfig
-    teacher: str | None = None  # default checkpoint of every signal
-    teachers: dict[str, str] = {}  # per-signal checkpoint overrides (multi-teacher)
-    recipe: str = "drive-kd"  # a shipped recipe name (drivekd/distill/recipes) or a YAML path
-    mixing: Literal["identity", "reference"] | list[list[float]] = "reference"
-    ce_weight: float = 1.0
-    strategy: Literal["sum", "pcgrad", "agp", "agp-stage1", "agp-stage2", "agp-normalized"] = "agp"
-    amortize_every: int | None = None  # recompute AGP coefficients every N optimiser steps
-    reweight: bool = False  # online loss reweighting (method doc §4); needs a projection strategy
-    reweight_lr: float = 3e-4
-    reweight_alpha: float = 0.0
-    ce_floor: float = 0.6
-    project_per: Literal["micro_batch", "step"] = (
-        "micro_batch"  # combine each micro-batch's gradients, or their sums per step
+    teacher: TeacherConfig = Field(
+        TeacherConfig(), description="where the targets come from (a string is teacher.name)"
     )
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    cache: str | None = None  # teacher target cache folder (drivekd cache-teacher)
+    recipe: str = Field("drive-kd", description="a shipped recipe (drivekd/distill/recipes) or a YAML path")
+    mixing: Literal["identity", "reference"] | list[list[float]] = Field(
+        "reference",
+        description="each signal's weight per sample capability: reference (0.8 own, 0.1 others), identity, "
+        "or a 3 x signals matrix (rows perception, reasoning, planning)",
+    )
+    ce_weight: float = Field(1.0, description="weight of the cross-entropy anchor")
+    combine: CombineConfig = Field(CombineConfig(), description="gradient combination")
+    reweight: ReweightConfig = Field(ReweightConfig(), description="online loss reweighting (true: enabled)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        for old, new in _MOVED.items():
+            if old in raw:
+                raise ValueError(f"`{old}` is now `{new}`")
+        raw = dict(raw)
+        if isinstance(raw.get("teacher"), str):
+            raw["teacher"] = {"name": raw["teacher"]}
+        if isinstance(raw.get("reweight"), bool):
+            raw["reweight"] = {"enabled": raw["reweight"]}
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        if self.reweight.enabled and self.combine.strategy == "sum":
+            raise ValueError("reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum")
+        if self.combine.amortize_every is not None and self.combine.amortize_every < 1:
+            raise ValueError("combine.amortize_every must be at least 1")
+        if self.data.shuffle_choices and self.teacher.cache:
+            raise ValueError(
+                f"data.shuffle_choices with teacher.cache {self.teacher.cache}: cached teacher maps belong to the "
+                "original option order (drop the cache to distil from the live teacher, or turn shuffling off)"
+            )
+        return self
+
+
+CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "distill": DistillConfig}
+
+
+def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted field, type, default, description) of every field, sections expanded in place."""
+    rows = []
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.append((key, "section", "", info.description or (annotation.__doc__ or "").strip().rstrip(".")))
+            rows.extend(describe(annotation, f"{key}."))
+            continue
+        type_name = _type_name(annotation)
+        if info.is_required():
+            default = "required"
+        elif isinstance(info.default, BaseModel):
+            default = ""
+        else:
+            default = json.dumps(info.default)
+        rows.append((key, type_name, default, info.description or ""))
+        inner = typing.get_args(annotation)
+        if typing.get_origin(annotation) is list and inner and isinstance(inner[0], type):
+            if issubclass(inner[0], BaseModel):
+                rows.extend(describe(inner[0], f"{key}[]."))
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def reference(cls: type[BaseModel]) -> str:
+    """The fields as text for `--help` and `drivekd config show` (click keeps `\\b` blocks as they are)."""
+    lines = ["\b", "Config fields (override any as KEY=VALUE, e.g. train.lr=1e-4):"]
+    for key, type_name, default, description in describe(cls):
+        if type_name == "section":
+            lines.append(f"  {key}: {description}")
+            continue
+        head = f"  {key} = {default}" if default else f"  {key}"
+        lines.append(f"{head}  [{type_name}]  {description}")
+    return "\n".join(lines)

@@ -123,27 +123,6 @@ def token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     return nll, labels
 
 
-def weighted_cross_entropy(decision_weight: float) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
-    """Answer-token CE where tokens of the committed answer (`Final: {...}`) weigh `decision_weight`.
-
-    In DriveBench-style replies the evidence lines hold most of the hard tokens (distances, object
-    coordinates): in a 700-step tiny teacher they carried 46 % of the loss and the answer letter 7 %,
-    so the gradient is mostly about digits. This option weights the decision span back up (on
-    DriveSim-QA at 700 steps it did not change the scores; docs/teacher-study.md).
-    """
-    if decision_weight == 1.0:
-        return cross_entropy
-
-    def objective(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        nll, labels = token_nll(model, batch)
-        weights = (labels != IGNORE_INDEX).float()
-        if batch.decision_mask is not None:
-            weights = weights * (1.0 + (decision_weight - 1.0) * batch.decision_mask[:, 1:].float())
-        return {"ce": (nll * weights).sum() / weights.sum().clamp_min(1.0)}
-
-    return objective
-
-
 def with_tag_attention(
     objective: Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]],
     backend: VLMBackend,
@@ -162,7 +141,7 @@ def with_tag_attention(
     0.5 at step 350 — one layer made to stare at one token cannot do its other work. For the same
     reason one head is supervised, not the head mean: the layer's other heads stay free.
     """
-    from drivekd.distill.capture import capture, resolve_layer
+    from drivekd.models.capture import capture, resolve_layer
 
     layer = resolve_layer(layer, backend.num_layers)
 
@@ -199,7 +178,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)
     augment = shuffle_choices if config.data.shuffle_choices else None
-    objective = weighted_cross_entropy(config.train.decision_weight)
+    objective = cross_entropy
     if config.train.tag_attention_weight > 0:
         layer = config.train.tag_attention_layer
         layer = backend.num_layers // 2 if layer is None else layer

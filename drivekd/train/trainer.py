@@ -39,10 +39,10 @@ from drivekd.train.config import TrainConfig
 
 # An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
 Objective = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
-Backward = Callable[[dict[str, torch.Tensor], Accelerator], dict[str, float]]
+Backward = Callable[[dict[str, torch.Tensor], Accelerator, int], dict[str, float]]  # losses, accelerator, step
 
 
-def sum_backward(losses: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
+def sum_backward(losses: dict[str, torch.Tensor], accelerator: Accelerator, step: int) -> dict[str, float]:
     accelerator.backward(sum(losses.values()))
     return {}
 
@@ -67,7 +67,7 @@ class Trainer:
         max_length: int | None = None,
         accelerator: Accelerator | None = None,
         extra_modules: torch.nn.Module | None = None,
-        before_step: Callable[[Accelerator], dict[str, float]] | None = None,
+        before_step: Callable[[Accelerator, int], dict[str, float]] | None = None,
         augment: Callable[[Sample, tuple[int, int, int]], Sample] | None = None,
         val_objective: Objective | None = None,
         stateful: Any = None,
@@ -94,17 +94,12 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         acc = self.accelerator
-        by_scale: dict[float, list[torch.nn.Parameter]] = {}
-        for name, p in backend.model.named_parameters():
-            if p.requires_grad:
-                by_scale.setdefault(config.lr_scale.get(backend.part_of(name), 1.0), []).append(p)
+        params = [p for p in backend.model.parameters() if p.requires_grad]
         if extra_modules is not None:
-            by_scale.setdefault(1.0, []).extend(p for p in extra_modules.parameters() if p.requires_grad)
-        if not any(by_scale.values()):
+            params += [p for p in extra_modules.parameters() if p.requires_grad]
+        if not params:
             raise DriveKDError("no trainable parameters: everything is frozen")
-        # The scheduler scales every group's initial lr alike, so per-part multipliers hold all along.
-        groups = [{"params": ps, "lr": config.lr * scale} for scale, ps in sorted(by_scale.items()) if ps]
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
         self.total_steps = self._total_steps()
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, min(config.warmup_steps, self.total_steps), self.total_steps, min_lr_rate=config.min_lr_ratio
@@ -347,14 +342,14 @@ class Trainer:
                     with ctx, acc.autocast():
                         losses = self.objective(self.model, batch)
                         scaled = {k: v / cfg.grad_accum for k, v in losses.items()}
-                        extra = self.backward(scaled, acc)
+                        extra = self.backward(scaled, acc, pos.step)
                     for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, **extra}.items():
                         window[k] = window.get(k, 0.0) + v
                     window_n += 1
                     window_samples += len(batch) * acc.num_processes
                 pos.batch_in_epoch = min(pos.batch_in_epoch + cfg.grad_accum, self.batches_per_epoch())
                 if self.before_step is not None:
-                    for k, v in self.before_step(acc).items():
+                    for k, v in self.before_step(acc, pos.step).items():
                         window[k] = window.get(k, 0.0) + v * cfg.grad_accum  # weighted like per-micro-batch figures
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(
@@ -371,7 +366,7 @@ class Trainer:
                     record = {
                         "step": pos.step,
                         "epoch": pos.epoch,
-                        "lr": self.scheduler.get_last_lr()[0] * cfg.lr / self.optimizer.param_groups[0]["initial_lr"],
+                        "lr": self.scheduler.get_last_lr()[0],
                         "samples_per_s": window_samples / max(elapsed, 1e-9),
                         **last,
                     }

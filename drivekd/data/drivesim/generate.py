@@ -23,6 +23,7 @@ import numpy as np
 from drivekd.atomic import atomic_dir
 from drivekd.data.formats import SPLITS
 from drivekd.data.sample import CAPABILITIES, IMAGE_PLACEHOLDER, ImageRef, Sample
+from drivekd.extras import SIMULATOR, require
 
 # 2: distractors drawn by answer frequency; 3: warm-up lane check fixed; 4: answer letters balanced per split
 GENERATOR_VERSION = "drivesim-qa/4"
@@ -198,6 +199,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Write train/val/test JSONL, images/ and card.json into `out` (atomically); return the card."""
+    require(SIMULATOR, "DriveSim-QA generation")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         images_dir = tmp / "images"
         images_dir.mkdir()

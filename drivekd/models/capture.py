@@ -106,8 +106,7 @@ def _additive(
 
 def language_layers(backend: VLMBackend) -> list[torch.nn.Module]:
     """The attention modules of the language model, in depth order."""
-    lm = backend.model.model.language_model if hasattr(backend.model, "model") else backend.model.language_model
-    return [layer.self_attn for layer in lm.layers]
+    return [layer.self_attn for layer in backend.language_model.layers]
 
 
 def resolve_layer(index: int, num_layers: int) -> int:

@@ -1,0 +1,140 @@
+"""From several losses to one gradient: task gradients → Gram matrix → coefficients → `p.grad`.
+
+`combine.py` holds the weightings, pure functions of the task gradients' Gram matrix (like torchjd's
+Gramian weightings); this aggregator applies one to a model. It owns what surrounds the weighting:
+each task's gradient written into one preallocated `(k, P)` buffer, the Gram matrix, writing the
+combination back into the parameters' gradients, the reduction across processes, amortisation
+(coefficients recomputed every N optimiser steps) and projecting per micro-batch or once per step.
+It is given the optimiser step; it knows nothing of signals, teachers or capabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+
+from drivekd.distill.combine import combination_coefficients, gradient_stats
+
+# Called with the loss names and the fp64 Gram matrix whenever coefficients are computed (the
+# reweighter reads each loss's gradient norm from its diagonal).
+GramObserver = Callable[[list[str], torch.Tensor], None]
+
+
+class GradientAggregator:
+    def __init__(
+        self,
+        params: Callable[[], list[torch.nn.Parameter]],
+        strategy: str,
+        *,
+        anchor: str,
+        seed: int = 0,
+        amortize_every: int | None = None,
+        project_per: str = "micro_batch",
+        observe_gram: GramObserver | None = None,
+    ) -> None:
+        self.params = params
+        self.strategy = strategy
+        self.anchor = anchor
+        self.seed = seed
+        self.amortize_every = amortize_every
+        self.project_per = project_per
+        self.observe_gram = observe_gram
+        self.coefficients: torch.Tensor | None = None  # the last computed, reused while amortised
+        self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
+
+    @property
+    def reduces_through_ddp(self) -> bool:
+        """`sum` is one ordinary backward, so DDP's own gradient reduction applies; every other strategy
+        takes per-loss gradients with autograd.grad on the plain model and reduces the combination here."""
+        return self.strategy == "sum"
+
+    # ---- per micro-batch ------------------------------------------------------------------------
+    def backward(self, losses: dict[str, torch.Tensor], accelerator: Accelerator, step: int) -> dict[str, float]:
+        if self.reduces_through_ddp or len(losses) == 1:
+            accelerator.backward(sum(losses.values()))
+            return {}
+        names = list(losses)
+        every = self.amortize_every
+        if every and self.coefficients is not None and step % every != 0:
+            accelerator.backward(sum(float(w) * losses[n] for w, n in zip(self.coefficients, names, strict=True)))
+            if accelerator.num_processes > 1:
+                for p in self.params():
+                    if p.grad is not None:
+                        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+            return {}
+        stacked = self._task_gradients(losses)
+        if self.project_per == "step":
+            if self._pending is None:
+                self._pending = (names, stacked)
+            else:
+                self._pending[1].add_(stacked)
+            return {}
+        return self._combine(names, stacked, accelerator, step)
+
+    def _task_gradients(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One `(k, P)` buffer, each task's gradient written into its row piece by piece: one
+        gradient-sized copy per task, no concatenated or stacked second copy."""
+        params = self.params()
+        total = sum(p.numel() for p in params)
+        stacked = torch.empty((len(losses), total), dtype=params[0].dtype, device=params[0].device)
+        for i, loss in enumerate(losses.values()):
+            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+            offset = 0
+            for g, p in zip(grads, params, strict=True):
+                piece = stacked[i, offset : offset + p.numel()]
+                if g is None:
+                    piece.zero_()
+                else:
+                    piece.copy_(g.reshape(-1))
+                offset += p.numel()
+            del grads
+        return stacked
+
+    # ---- once per optimiser step ----------------------------------------------------------------
+    def before_step(self, accelerator: Accelerator, step: int) -> dict[str, float]:
+        """`project_per: step`: combine the task gradients summed over the step's micro-batches (and
+        averaged across processes, so every rank projects the same global gradients)."""
+        if self._pending is None:
+            return {}
+        names, stacked = self._pending
+        self._pending = None
+        if accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="mean")
+        return self._combine(names, stacked, accelerator, step, reduced=True)
+
+    def _combine(
+        self, names: list[str], stacked: torch.Tensor, accelerator: Accelerator, step: int, *, reduced: bool = False
+    ) -> dict[str, float]:
+        gram = (stacked.float() @ stacked.float().T).double()
+        if self.observe_gram is not None:
+            self.observe_gram(names, gram)
+        # AGP's shuffled order is drawn from (seed, step): reproducible across resumes and ranks
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        w = combination_coefficients(gram, names, self.strategy, anchor=self.anchor, generator=generator)
+        self.coefficients = w
+        combined = w.to(stacked.dtype) @ stacked
+        if accelerator.num_processes > 1 and not reduced:
+            combined = accelerator.reduce(combined, reduction="mean")
+        offset = 0
+        for p in self.params():
+            n = p.numel()
+            piece = combined[offset : offset + n].view_as(p)
+            p.grad = piece.clone() if p.grad is None else p.grad + piece
+            offset += n
+        stats = gradient_stats(gram, names)
+        stats.update({f"coef/{n}": float(x) for n, x in zip(names, w, strict=True)})
+        return stats
+
+    # ---- checkpointed state ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "coefficients": self.coefficients,
+            "pending": None if self._pending is None else {"names": self._pending[0], "grads": self._pending[1]},
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.coefficients = state["coefficients"]  # type: ignore[assignment]
+        pending = state["pending"]
+        self._pending = None if pending is None else (list(pending["names"]), pending["grads"])  # type: ignore[index]

@@ -1,0 +1,158 @@
+"""Where the teacher targets of a batch come from: teachers run live, or a cache of their targets.
+
+Both answer `targets(batch)` (per signal, one batch tensor per matched student layer, padded to the
+batch) and say each signal's teacher depth and width, so the distiller never asks which one it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from drivekd.data.sample import Sample
+from drivekd.distill.cache import TeacherCache, fingerprint
+from drivekd.distill.signals import Internals, Signal
+from drivekd.errors import DriveKDError
+from drivekd.models.backend import Batch, VLMBackend
+from drivekd.models.capture import capture
+from drivekd.models.loading import LoadOptions, load_backend
+
+
+class TeacherSource(Protocol):
+    def layers(self, name: str) -> int: ...
+
+    def width(self, name: str) -> int: ...
+
+    def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]: ...
+
+
+class LiveTeachers:
+    """Each distinct teacher checkpoint loaded once, frozen, run only as deep as its signals need."""
+
+    def __init__(
+        self,
+        signals: dict[str, Signal],
+        teacher_of: dict[str, str],
+        student: VLMBackend,
+        *,
+        dtype: str = "float32",
+        probe: Sequence[Sample] = (),
+    ) -> None:
+        self.signals = signals
+        self.teacher_of = teacher_of
+        self.student = student
+        self.models: dict[str, VLMBackend] = {}
+        for ckpt in dict.fromkeys(teacher_of.values()):
+            teacher = load_backend(ckpt, LoadOptions(dtype=dtype, device=str(student.device)))
+            teacher.model.eval().requires_grad_(False)
+            check_same_layout(student, teacher, probe[:4], ckpt)
+            self.models[ckpt] = teacher
+
+    def layers(self, name: str) -> int:
+        return self.models[self.teacher_of[name]].num_layers
+
+    def width(self, name: str) -> int:
+        return self.models[self.teacher_of[name]].hidden_size
+
+    @torch.no_grad()
+    def internals(self, batch: Batch) -> dict[str, Internals]:
+        """Per checkpoint, what its signals read from one forward pass."""
+        out = {}
+        n_student = self.student.num_layers
+        for ckpt, teacher in self.models.items():
+            mine = [(n, s) for n, s in self.signals.items() if self.teacher_of[n] == ckpt]
+            used = {n: [t for _, w in s.pairs(n_student, teacher.num_layers) for t in w] for n, s in mine}
+            maps_at = {t for n, s in mine if s.needs_attention for t in used[n]}
+            hidden = any(s.needs_hidden for _, s in mine)
+            logits = any(s.needs_logits for _, s in mine)
+            deepest = max([0, *(t for n, s in mine if not s.needs_logits for t in used[n])])
+            # hidden_states[k + 1] is layer k's raw output only while a later layer runs (the last is
+            # normed), so hidden signals keep one layer more
+            keep = None if logits else deepest + (2 if hidden else 1)
+            with capture(teacher, maps_at) as maps:
+                result = teacher.forward(batch, logits=logits, hidden_states=hidden, layers=keep)
+            out[ckpt] = Internals(
+                dict(maps), result.hidden_states if hidden else None, result.logits if logits else None
+            )
+        return out
+
+    def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        internals = self.internals(batch)
+        n_student = self.student.num_layers
+        return {
+            name: sig.targets(internals[self.teacher_of[name]], n_student, self.layers(name))
+            for name, sig in self.signals.items()
+        }
+
+
+class CachedTeachers:
+    """Targets read from a `drivekd cache-teacher` folder: no teacher is loaded at all."""
+
+    def __init__(
+        self,
+        folder: str,
+        signals: dict[str, Signal],
+        teacher_of: dict[str, str],
+        student: VLMBackend,
+        samples: Sequence[Sample],
+    ) -> None:
+        self.signals = signals
+        self.student = student
+        self.cache = TeacherCache(folder, fingerprint(signals, teacher_of, student, samples))
+
+    def layers(self, name: str) -> int:
+        return self.cache.teacher_layers(name)
+
+    def width(self, name: str) -> int:
+        return int(self.cache.manifest["teacher_widths"][name])
+
+    def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        lengths = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
+        width = batch.inputs["input_ids"].shape[1]
+        device = batch.inputs["input_ids"].device
+        n_student = self.student.num_layers
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, sig in self.signals.items():
+            matched = len(sig.pairs(n_student, self.layers(name)))
+            out[name] = []
+            for k in range(matched):
+                per_sample = [
+                    sig.restored(self.cache.tensors(sample_id, f"{name}/{k}"), batch.visual_mask[b, : lengths[b]].cpu())
+                    for b, sample_id in enumerate(batch.sample_ids)
+                ]
+                out[name].append(_pad(per_sample, width, square=sig.square).to(device))
+        return out
+
+
+def _pad(items: list[torch.Tensor], width: int, *, square: bool) -> torch.Tensor:
+    """Place per-sample tensors trimmed to their length into a right-padded batch tensor."""
+    first = items[0]
+    shape = (len(items), width, width) if square else (len(items), width, *first.shape[1:])
+    out = torch.zeros(shape, dtype=torch.float32)
+    for b, t in enumerate(items):
+        n = t.shape[0]
+        if square:
+            out[b, :n, :n] = t.float()
+        else:
+            out[b, :n] = t.float()
+    return out
+
+
+def check_same_layout(student: VLMBackend, teacher: VLMBackend, probe: Sequence[Sample], name: str) -> None:
+    """Attention maps compare position by position: token ids and visual positions must agree."""
+    if not probe:
+        return
+    bs, bt = student.build_batch(probe), teacher.build_batch(probe)
+    ids_s, ids_t = bs.inputs["input_ids"], bt.inputs["input_ids"]
+    if ids_s.shape != ids_t.shape or not torch.equal(ids_s, ids_t):
+        i = next(k for k in range(len(probe)) if ids_s.shape != ids_t.shape or not torch.equal(ids_s[k], ids_t[k]))
+        vis_t, vis_s = int(bt.visual_mask[i].sum()), int(bs.visual_mask[i].sum())
+        raise DriveKDError(
+            f"teacher {name} ({teacher.family}) and the student ({student.family}) tokenise sample {probe[i].id} "
+            f"differently ({ids_t.shape[1]} vs {ids_s.shape[1]} tokens, {vis_t} vs {vis_s} visual): they need "
+            "the same tokenizer and visual tokens per image"
+        )
+    if not torch.equal(bs.visual_mask, bt.visual_mask):
+        raise DriveKDError(f"teacher {name} and the student place visual tokens at different positions")
