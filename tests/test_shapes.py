@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from drivekd.data.formats import load_split
 from drivekd.models.loading import LoadOptions, build_like, count_parameters, init_like, load_backend, real_shapes
@@ -45,8 +46,10 @@ def test_init_like_writes_a_checkpoint_that_loads_and_runs(name, tmp_path, monke
     out = init_like(name, tmp_path / "ckpt", LoadOptions(dtype="bfloat16", seed=3))
     generate(tmp_path / "data", GenerateConfig(scenes=2, seed=11))
     samples = load_split(tmp_path / "data", "train")[:2]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # written as asked
     backend = load_backend(str(out))
-    assert backend.vocab_size == shape["text"]["vocab"] and backend.model.dtype == torch.bfloat16
+    assert backend.vocab_size == shape["text"]["vocab"]
     batch = backend.build_batch(samples)
     assert int(batch.visual_mask[0].sum()) == sum(backend.visual_tokens(samples[0]))
     with torch.no_grad():
