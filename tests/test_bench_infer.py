@@ -108,6 +108,7 @@ def measured(data, tmp_path_factory):
     return r.output, json.loads(out.read_text())
 
 
+@pytest.mark.integration  # measures two models in worker processes
 def test_json_schema_and_ratios(measured):
     stdout, result = measured
     assert result["settings"]["torch_threads"] == 1

@@ -450,7 +450,7 @@ class Study:
             new_tokens=32,
             repeats=self.profile.bench_repeats,
             int8=student is not None,
-            score=True,
+            score=self.profile.bench_score,
         )
         _write_json(self.out / "bench" / "infer.json", result)
 
