@@ -84,7 +84,7 @@ def capture(json_out: Path | None, tokens: int, repeats: int) -> None:
     "data_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Dataset folder [default: runs/demo/drivesim-qa if present, else 3 generated scenes].",
+    help="Dataset folder [default: runs/quick/data (the demo's) if present, else 3 generated scenes].",
 )
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Prompt = first N samples.")

@@ -18,7 +18,7 @@ import torch
 from drivekd.errors import DriveKDError
 
 INT8_SUFFIX = "-int8"
-DEMO_DATA = Path("runs/demo/drivesim-qa")
+DEMO_DATA = Path("runs/quick/data")  # the demo's task set (`./run.sh demo`)
 CAPABILITIES = ("perception", "reasoning", "planning")
 
 
