@@ -34,6 +34,9 @@ def test_sections_and_their_shorthands(tmp_path):
     assert (c.teacher.name, c.reweight.enabled, c.combine.strategy) == ("T", True, "agp")
     c = load_config(DistillConfig, _write(tmp_path, teacher={"name": "T", "per_signal": {"planning": "P"}}))
     assert (c.teacher.of("planning"), c.teacher.of("perception")) == ("P", "T")
+    # a section's field overridden on the command line, whichever form the file uses
+    c = load_config(DistillConfig, _write(tmp_path, teacher="T", reweight=True), ["teacher.cache=C", "reweight.lr=0.1"])
+    assert (c.teacher.name, c.teacher.cache, c.reweight.enabled, c.reweight.lr) == ("T", "C", True, 0.1)
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,10 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise DriveKDError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', e)}") from e
+    expand = getattr(cls, "expand_shorthands", None)
     for item in overrides:
+        if expand is not None:
+            raw = expand(raw)
         if "=" not in item:
             raise DriveKDError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
         key, value = item.split("=", 1)
@@ -227,20 +230,27 @@ class DistillConfig(_Strict):
     combine: CombineConfig = Field(CombineConfig(), description="gradient combination")
     reweight: ReweightConfig = Field(ReweightConfig(), description="online loss reweighting (true: enabled)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthands(cls, raw: Any) -> Any:
+    @staticmethod
+    def expand_shorthands(raw: Any) -> Any:
+        """`teacher: PATH` is `teacher: {name: PATH}`, `reweight: true` is `reweight: {enabled: true}`
+        (applied before command-line overrides too, so `teacher.cache=DIR` works on either form)."""
         if not isinstance(raw, dict):
             return raw
-        for old, new in _MOVED.items():
-            if old in raw:
-                raise ValueError(f"`{old}` is now `{new}`")
         raw = dict(raw)
         if isinstance(raw.get("teacher"), str):
             raw["teacher"] = {"name": raw["teacher"]}
         if isinstance(raw.get("reweight"), bool):
             raw["reweight"] = {"enabled": raw["reweight"]}
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for old, new in _MOVED.items():
+                if old in raw:
+                    raise ValueError(f"`{old}` is now `{new}`")
+        return cls.expand_shorthands(raw)
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
