@@ -10,6 +10,7 @@ visual layout); padding is excluded from every mean.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -67,6 +68,15 @@ class Signal:
         """Per matched student layer, the batch's teacher tensor (a window mean for grouped layers)."""
         raise NotImplementedError
 
+    def _window_means(
+        self, at_layer: Callable[[int], torch.Tensor], student_layers: int, teacher_layers: int
+    ) -> list[torch.Tensor]:
+        """Per matched student layer, the mean of the teacher tensors of its window of layers."""
+        return [
+            torch.stack([at_layer(t) for t in window]).mean(0)
+            for _, window in self.pairs(student_layers, teacher_layers)
+        ]
+
     def stored(self, target: torch.Tensor, length: int, visual: torch.Tensor) -> torch.Tensor:
         """What a cache keeps of one sample's target: trimmed to its `length` tokens."""
         return target[:length, :length] if self.square else target[:length]
@@ -97,10 +107,7 @@ class _Attention(Signal):
     block: ClassVar[str] = "full"
 
     def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
-        return [
-            torch.stack([teacher.maps[t] for t in window]).mean(0)
-            for _, window in self.pairs(student_layers, teacher_layers)
-        ]
+        return self._window_means(lambda t: teacher.maps[t], student_layers, teacher_layers)
 
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return length * length
@@ -157,12 +164,10 @@ class Hidden(Signal):
     needs_hidden = True
 
     def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
-        assert teacher.hidden is not None
+        hidden = teacher.hidden
+        assert hidden is not None
         # hidden_states[k + 1] is layer k's output
-        return [
-            torch.stack([teacher.hidden[t + 1] for t in window]).mean(0)
-            for _, window in self.pairs(student_layers, teacher_layers)
-        ]
+        return self._window_means(lambda t: hidden[t + 1], student_layers, teacher_layers)
 
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return length * width
