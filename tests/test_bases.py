@@ -95,3 +95,59 @@ def test_shipped_build_specs_are_valid():
         assert {d.seed for d in build.datasets.values() if d.drill is None} <= set(range(100, 300))
         for name in build.stages:
             BaseBuilder(build, Path("/nonexistent")).stage_config(name)  # validates as an SFT config
+
+
+def test_a_variant_is_laid_over_the_spec(tmp_path):
+    spec = {
+        "tiny-base": {
+            **TINY_BUILD["tiny-base"],
+            "variants": {
+                "fast": {
+                    "datasets": {"qa": {"scenes": 2}},
+                    "stages": {"joint": {"train": {"max_steps": 5}, "data": {"mix": []}}},
+                }
+            },
+        }
+    }
+    file = tmp_path / "bases.yaml"
+    file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    plain, fast = load_builds(file)["tiny-base"], load_builds(file, variant="fast")["tiny-base"]
+    assert plain.variant is None and "variants" not in plain.raw
+    assert (
+        fast.variant == "fast"
+        and fast.rebuild_command == "drivekd reproduce --profile tiny-base --variant fast --out DIR"
+    )
+    assert fast.datasets["qa"].scenes == 2 and fast.datasets["qa"].seed == 150  # merged, not replaced
+    joint = fast.stages["joint"]
+    assert joint["train"] == {"max_steps": 5, "tag_attention_weight": 1.0} and joint["data"]["mix"] == []
+    assert joint["data"]["path"] == "@qa"
+    assert fast.stages["drill"] == plain.stages["drill"]
+    with pytest.raises(DriveKDError, match="no build has a variant 'slow'"):
+        load_builds(file, variant="slow")
+
+
+def test_shipped_variants_validate():
+    for variant in ("gpu", "smoke"):
+        builds = load_builds(variant=variant)
+        assert set(builds) == {"drivesim-internvl-teacher", "drivesim-internvl-student-base"}
+        for build in builds.values():
+            for name in build.stages:
+                BaseBuilder(build, Path("/nonexistent")).stage_config(name)
+
+
+def test_a_dataset_is_reused_only_when_its_card_matches(built, tmp_path):
+    from drivekd.data.drivesim.generate import GenerateConfig
+    from drivekd.study.bases import find_dataset
+
+    _, out, _ = built
+    same = GenerateConfig(scenes=3, seed=150, task="qa")
+    assert find_dataset(out / "data", same) == out / "data" / "qa"
+    assert find_dataset(out / "data", GenerateConfig(scenes=4, seed=150, task="qa")) is None
+    assert find_dataset(out / "data", GenerateConfig(scenes=3, seed=150, task="captions")) is None
+    copy = tmp_path / "copy" / "qa"
+    copy.mkdir(parents=True)
+    card = json.loads((out / "data" / "qa" / "card.json").read_text())
+    for f in ("train.jsonl", "val.jsonl", "test.jsonl"):
+        (copy / f).write_text((out / "data" / "qa" / f).read_text())
+    (copy / "card.json").write_text(json.dumps({**card, "generator_version": "drivesim-qa/0"}))
+    assert find_dataset(tmp_path / "copy", same) is None  # another generator wrote other bytes

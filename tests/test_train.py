@@ -94,6 +94,23 @@ def test_resume_matches_uninterrupted_run(tmp_path, data_dir):
     assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated metrics after the resume
 
 
+@pytest.mark.integration
+def test_loader_workers_build_the_same_batches(tmp_path, data_dir):
+    # Forked workers build batches ahead of the step; the weights must not depend on it, across
+    # epochs, re-lettered options, length grouping and accumulation.
+    options = ["data.shuffle_choices=true", "train.group_by_length=true"]
+    finals = []
+    for workers in (0, 2):
+        run = tmp_path / f"w{workers}"
+        cfg = load_config(SFTConfig, _config(run, data_dir, max_steps=5, grad_accum=2, micro_batch_size=2), options)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loader_workers": workers})})
+        finals.append(load_file(run_sft(cfg) / "model.safetensors"))
+        assert [m["step"] for m in _metrics(run / "run") if "ce" in m] == [1, 2, 3, 4, 5]
+    a, b = finals
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_mix_adds_a_seeded_subset_of_another_dataset_to_training_only(tmp_path, data_dir):
     objects = tmp_path / "objects"
     generate(objects, GenerateConfig(scenes=5, seed=9, task="objects"))

@@ -79,6 +79,30 @@ def install_base(export_dir: Path) -> None:
     click.echo(f"installed {install(export_dir, PRETRAINED_DIR)}")
 
 
+@models.command(name="verify-base")
+@click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--data-from",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="A folder holding the card's held-out and check datasets (generated when absent).",
+)
+@click.option("--work", type=click.Path(path_type=Path), required=True, help="Folder for predictions and data.")
+@click.option("--tolerance", type=float, default=1.0, show_default=True, help="Avg points a score may differ by.")
+def verify_base(export_dir: Path, data_from: Path | None, work: Path, tolerance: float) -> None:
+    """Rescore a finished base build here (its hash, the held-out test, the check set) and compare with
+    its card: weights built on another machine (a GPU) are checked on this one before they ship."""
+    from drivekd.errors import DriveKDError
+    from drivekd.study.bases import verify
+
+    result = verify(export_dir, data_from, work, tolerance)
+    click.echo(f"{result['name']} (built on {result['built_on']}):")
+    for key in result["here"]:
+        click.echo(f"  {key}: card {result['card'][key]:.2f}, here {result['here'][key]:.2f}")
+    if not result["within_tolerance"]:
+        raise DriveKDError(f"{export_dir}: scores here differ from its card by more than {tolerance} Avg points")
+    click.echo("matches its card")
+
+
 @models.command(name="init")
 @click.option("--like", "name", required=True, help="A published architecture (see `drivekd models shapes`).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The checkpoint folder to write.")

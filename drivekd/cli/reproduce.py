@@ -32,7 +32,28 @@ BASES = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
 @click.option(
     "--report-only", is_flag=True, help="Rebuild OUT/report.md and results.json from what exists; train nothing."
 )
-def reproduce(profile_name: str, out: Path, workers: int, seeds: tuple[int, ...], report_only: bool) -> None:
+@click.option(
+    "--variant",
+    help="Bases only: one of the build's variants in drivekd/study/bases.yaml laid over its spec "
+    "(gpu: larger batches and more samples for one GPU; smoke: a few scenes and steps, to try a script).",
+)
+@click.option(
+    "--data-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Bases only: a folder of DriveSim-QA datasets generated earlier; a dataset the build needs is "
+    "copied from it when its card shows the same settings and generator version.",
+)
+@click.option("--data-only", is_flag=True, help="Bases only: generate the build's datasets and stop.")
+def reproduce(
+    profile_name: str,
+    out: Path,
+    workers: int,
+    seeds: tuple[int, ...],
+    report_only: bool,
+    variant: str | None,
+    data_from: Path | None,
+    data_only: bool,
+) -> None:
     """Generate DriveSim-QA, train the teacher, pre-study it, train and score every student variant,
     benchmark deployment and write OUT/report.md + OUT/results.json. Run it again to resume.
 
@@ -41,8 +62,14 @@ def reproduce(profile_name: str, out: Path, workers: int, seeds: tuple[int, ...]
     if profile_name in BASES:
         from drivekd.study.bases import BaseBuilder, load_builds
 
-        click.echo(f"wrote {BaseBuilder(load_builds()[profile_name], out, workers=workers).run()}")
+        builds = load_builds(variant=variant)
+        if profile_name not in builds:
+            raise click.BadParameter(f"{profile_name} has no variant {variant!r}", param_hint="--variant")
+        builder = BaseBuilder(builds[profile_name], out, workers=workers, data_from=data_from)
+        click.echo(f"wrote {builder.run(data_only=data_only)}")
         return
+    if variant or data_from or data_only:
+        raise click.UsageError("--variant, --data-from and --data-only are for a base's build")
     from drivekd.study.profiles import get_profile
     from drivekd.study.runner import Study
 

@@ -52,7 +52,13 @@ class BaseBuild:
     evaluate: str
     check: str
     export_dtype: str = "float16"
+    variant: str | None = None  # e.g. "gpu": the spec's `variants.gpu` laid over it
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def rebuild_command(self) -> str:
+        variant = f" --variant {self.variant}" if self.variant else ""
+        return f"drivekd reproduce --profile {self.name}{variant} --out DIR"
 
     @property
     def trained_seeds(self) -> list[int]:
@@ -60,33 +66,58 @@ class BaseBuild:
         return sorted({d.seed for d in self.datasets.values() if d.drill is None})
 
 
-def load_builds(path: Path = BASES_FILE) -> dict[str, BaseBuild]:
+def load_builds(path: Path = BASES_FILE, variant: str | None = None) -> dict[str, BaseBuild]:
+    """The builds of a bases file; with `variant`, each build's spec with that variant merged in
+    (a build without that variant is left out)."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     builds = {}
     for name, spec in raw.items():
-        datasets = {}
-        for dname, d in spec["datasets"].items():
-            d = dict(d)
-            if "split" in d:
-                d["split"] = tuple(d["split"])
-            datasets[dname] = DatasetSpec(name=dname, **d)
-        builds[name] = BaseBuild(
-            name=name,
-            preset=spec["preset"],
-            about=" ".join(spec["about"].split()),
-            datasets=datasets,
-            stages=spec["stages"],
-            evaluate=spec["evaluate"],
-            check=spec["check"],
-            export_dtype=spec.get("export_dtype", "float16"),
-            raw=spec,
-        )
-        for dname, d in datasets.items():
-            if d.drill is not None and d.drill not in datasets:
-                raise DriveKDError(f"{path}: {name}: dataset {dname!r} drills unknown dataset {d.drill!r}")
-            if d.drill is None and d.seed not in BASE_SEEDS:
-                raise DriveKDError(f"{path}: {name}: dataset {dname!r}: seed {d.seed} is outside {BASE_SEEDS}")
+        variants = spec.pop("variants", None) or {}
+        if variant is not None:
+            if variant not in variants:
+                continue
+            spec = {**_merged(spec, variants[variant]), "variant": variant}
+        builds[name] = _parse_build(name, spec, path)
+    if variant is not None and not builds:
+        raise DriveKDError(f"{path}: no build has a variant {variant!r}")
     return builds
+
+
+def _parse_build(name: str, spec: dict[str, Any], path: Path) -> BaseBuild:
+    datasets = {}
+    for dname, d in spec["datasets"].items():
+        d = dict(d)
+        if "split" in d:
+            d["split"] = tuple(d["split"])
+        datasets[dname] = DatasetSpec(name=dname, **d)
+    for dname, d in datasets.items():
+        if d.drill is not None and d.drill not in datasets:
+            raise DriveKDError(f"{path}: {name}: dataset {dname!r} drills unknown dataset {d.drill!r}")
+        if d.drill is None and d.seed not in BASE_SEEDS:
+            raise DriveKDError(f"{path}: {name}: dataset {dname!r}: seed {d.seed} is outside {BASE_SEEDS}")
+    return BaseBuild(
+        name=name,
+        preset=spec["preset"],
+        about=" ".join(spec["about"].split()),
+        datasets=datasets,
+        stages=spec["stages"],
+        evaluate=spec["evaluate"],
+        check=spec["check"],
+        export_dtype=spec.get("export_dtype", "float16"),
+        variant=spec.get("variant"),
+        raw=spec,
+    )
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def sha256_of(path: Path) -> str:
@@ -98,10 +129,19 @@ def sha256_of(path: Path) -> str:
 
 
 class BaseBuilder:
-    def __init__(self, build: BaseBuild, out: Path, *, workers: int = 2, echo: Callable[[str], None] = click.echo):
+    def __init__(
+        self,
+        build: BaseBuild,
+        out: Path,
+        *,
+        workers: int = 2,
+        data_from: Path | None = None,
+        echo: Callable[[str], None] = click.echo,
+    ):
         self.build = build
         self.out = out
         self.workers = workers
+        self.data_from = data_from  # a folder of DriveSim-QA datasets generated earlier (reused when equal)
         self.echo = echo
 
     # ---- bookkeeping -----------------------------------------------------------------------
@@ -147,12 +187,16 @@ class BaseBuilder:
         return self.out / "export" / self.build.name
 
     # ---- steps -------------------------------------------------------------------------------
-    def run(self) -> Path:
+    def run(self, *, data_only: bool = False) -> Path:
+        """Every step not done yet; `data_only`: the datasets only (e.g. before a GPU machine, which
+        has no simulator, trains on them). Returns the export folder (the data folder with `data_only`)."""
         self.claim()
         # generated datasets first: a drill reads the dataset it drills
         for name, spec in sorted(self.build.datasets.items(), key=lambda item: item[1].drill is not None):
             if not _dataset_done(self.dataset_dir(name)):
                 self.timed(f"data {name}", lambda spec=spec: self.make_dataset(spec))
+        if data_only:
+            return self.out / "data"
         stages = list(self.build.stages)
         for i, name in enumerate(stages, 1):
             if not (self.stage_dir(name) / "final" / "model.safetensors").is_file():
@@ -181,6 +225,12 @@ class BaseBuilder:
         from drivekd.data.drivesim.generate import GenerateConfig, generate
 
         config = GenerateConfig(scenes=spec.scenes, seed=spec.seed, task=spec.task, split_fractions=spec.split)
+        earlier = find_dataset(self.data_from, config) if self.data_from is not None else None
+        if earlier is not None:
+            self.echo(f"[build {self.build.name}] data {spec.name}: the same dataset is in {earlier}; copied")
+            with atomic_dir(target, overwrite=True) as tmp:
+                shutil.copytree(earlier, tmp, dirs_exist_ok=True)
+            return
         generate(target, config, workers=self.workers, overwrite=True)
 
     def stage_config(self, name: str) -> Any:
@@ -241,7 +291,10 @@ class BaseBuilder:
         }
         if not files["majority"].is_file():
             write_records(majority_records(load_split(data, "train"), test), files["majority"])
-        backend = load_backend(str(self.export_dir), LoadOptions(dtype="float32"))
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        backend = load_backend(str(self.export_dir), LoadOptions(dtype="float32", device=device))
         throughput = {}
         for key, samples in (("model", test), ("other_images", with_other_images(test))):
             if not files[key].is_file():
@@ -269,15 +322,17 @@ class BaseBuilder:
             "preset": self.build.preset,
             "dtype": self.build.export_dtype,
             "weights_sha256": sha256_of(self.export_dir / "model.safetensors"),
-            "rebuild": f"drivekd reproduce --profile {self.build.name} --out DIR",
+            "rebuild": self.build.rebuild_command,
+            "variant": self.build.variant,
             "generator": _generator_version(self.dataset_dir(self.build.evaluate)),
             "seeds": self.build.trained_seeds,
             "datasets": self.build.raw["datasets"],
             "stages": self.build.stages,
             "steps": sum(self.stage_config(s).train.max_steps or 0 for s in self.build.stages),
             "seconds": self.timings(),
-            "machine": f"{platform.machine()}, {_cpu_count()} CPU threads, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}",
+            "machine": f"{platform.machine()}, {_cpu_count()} CPU threads"
+            + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+            + f", torch {torch.__version__}, transformers {transformers.__version__}",
             "built": time.strftime("%Y-%m-%d"),
             "heldout": {
                 "dataset": self.build.evaluate,
@@ -290,6 +345,25 @@ class BaseBuilder:
             "check": {"dataset": self.build.raw["datasets"][self.build.check], **scores["check"]},
         }
         _write_json(self.export_dir / "card.json", card)
+
+
+def find_dataset(root: Path, config: Any) -> Path | None:
+    """A DriveSim-QA dataset under `root` generated with `config` by this generator version (so its
+    bytes are the ones `generate` would write now), or None."""
+    from dataclasses import asdict
+
+    from drivekd.data.drivesim.generate import GENERATOR_VERSION
+
+    wanted = json.loads(json.dumps(asdict(config)))  # tuples as lists, like the card
+    for card_file in sorted(root.rglob("card.json")):
+        try:
+            card = json.loads(card_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if card.get("generator_version") == GENERATOR_VERSION and card.get("config") == wanted:
+            if all((card_file.parent / f"{split}.jsonl").is_file() for split in ("train", "val", "test")):
+                return card_file.parent
+    return None
 
 
 def check_score(backend: Any, data: Path, out: Path) -> dict[str, Any]:
@@ -331,6 +405,49 @@ def _dataset_done(path: Path) -> bool:
 def _write_json(path: Path, value: Any) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify(export_dir: Path, data_from: Path | None, work: Path, tolerance: float) -> dict[str, Any]:
+    """Rescore a build's export on this machine (e.g. weights built on a GPU, checked on the CPU
+    before they ship): the held-out test with the model's own images and the check set, against the
+    card. Datasets come from `data_from` when it holds them, else they are generated into `work`."""
+    from drivekd.data.drivesim.generate import GenerateConfig, generate
+    from drivekd.data.formats import load_split
+    from drivekd.eval.predict import predict
+    from drivekd.eval.scoring import score_file
+    from drivekd.models.loading import LoadOptions, load_backend
+
+    card = json.loads((export_dir / "card.json").read_text(encoding="utf-8"))
+    if sha256_of(export_dir / "model.safetensors") != card["weights_sha256"]:
+        raise DriveKDError(f"{export_dir}: model.safetensors does not match its card's hash")
+
+    def dataset(spec: dict[str, Any]) -> Path:
+        spec = dict(spec)
+        split = tuple(spec.pop("split", (0.8, 0.1, 0.1)))
+        config = GenerateConfig(scenes=spec["scenes"], seed=spec["seed"], task=spec["task"], split_fractions=split)
+        found = find_dataset(data_from, config) if data_from is not None else None
+        if found is None:
+            found = work / "data" / f"{spec['task']}-{spec['seed']}-{spec['scenes']}"
+            if not _dataset_done(found):
+                generate(found, config, overwrite=True)
+        return found
+
+    backend = load_backend(str(export_dir), LoadOptions(dtype="float32"))
+    work.mkdir(parents=True, exist_ok=True)
+    heldout = load_split(dataset(card["datasets"][card["heldout"]["dataset"]]), "test")
+    predict(backend, heldout, work / "heldout.jsonl")
+    here = {"heldout": score_file(work / "heldout.jsonl")["average"]}
+    here["check"] = check_score(backend, dataset(card["check"]["dataset"]), work / "check.jsonl")["Avg"]  # its spec
+    on_card = {"heldout": card["scores"]["model"]["Avg"], "check": card["check"]["Avg"]}
+    result = {
+        "name": card["name"],
+        "built_on": card["machine"],
+        "card": on_card,
+        "here": here,
+        "within_tolerance": all(abs(here[k] - on_card[k]) <= tolerance for k in here),
+    }
+    _write_json(work / "verify.json", result)
+    return result
 
 
 def install(export_dir: Path, target_root: Path) -> Path:

@@ -82,6 +82,12 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(8, description="samples per forward pass and process")
     grad_accum: int = Field(1, description="micro-batches per optimiser step")
     group_by_length: bool = Field(False, description="batches of similar length (less padding), in shuffled order")
+    loader_workers: int = Field(
+        0,
+        ge=0,
+        description="processes building batches ahead of the training step (images, tokens); 0: in the loop. "
+        "The batches are the same either way; on a GPU, several keep it from waiting for the CPU",
+    )
     tag_attention_weight: float = Field(
         0.0,
         description="SFT only: weight of a loss pulling one head's attention from the answer onto the "

@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,29 @@ class Trainer:
         if self.augment is None:
             return [self.train_samples[i] for i in mine]
         return [self.augment(self.train_samples[i], (self.config.seed, epoch, i)) for i in mine]
+
+    def _batches(self, order: list[int], epoch: int, start: int) -> Iterator[Batch]:
+        """This epoch's batches from `start` on, in order. With `loader_workers`, forked processes build
+        them ahead of the training step (image decoding, processing and tokenising are CPU work a GPU
+        would otherwise wait for); the batches are the same either way."""
+
+        def build(index: int) -> Batch:
+            return self.backend.build_batch(self._local_batch(order, index, epoch), max_length=self.max_length)
+
+        indices = range(start, self.batches_per_epoch())
+        if self.config.loader_workers == 0:
+            return map(build, indices)
+        loader = torch.utils.data.DataLoader(
+            _Built(build, indices),
+            batch_size=None,
+            num_workers=self.config.loader_workers,
+            collate_fn=_as_is,
+            worker_init_fn=_one_thread,
+            prefetch_factor=4,
+            # fork: workers inherit the backend's processor and tokenizer instead of unpickling them
+            multiprocessing_context="fork",
+        )
+        return iter(loader)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -329,14 +352,13 @@ class Trainer:
         last: dict[str, float] = {}
         while pos.step < self.total_steps:
             order = self._epoch_order(pos.epoch)
+            batches = self._batches(order, pos.epoch, pos.batch_in_epoch)
             while pos.batch_in_epoch < self.batches_per_epoch() and pos.step < self.total_steps:
                 for micro in range(cfg.grad_accum):
                     index = pos.batch_in_epoch + micro
                     if index >= self.batches_per_epoch():
                         break
-                    batch = self.backend.build_batch(
-                        self._local_batch(order, index, pos.epoch), max_length=self.max_length
-                    ).to(acc.device)
+                    batch = next(batches).to(acc.device)
                     sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
                     ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
@@ -400,6 +422,27 @@ class Trainer:
                 self.backend.save(tmp)
         self.accelerator.wait_for_everyone()
         return target
+
+
+class _Built(torch.utils.data.Dataset):
+    """Batch number i of an epoch (from its start offset), built on demand."""
+
+    def __init__(self, build: Callable[[int], Batch], indices: range) -> None:
+        self.build, self.indices = build, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.build(self.indices[i])
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def _one_thread(worker: int) -> None:
+    torch.set_num_threads(1)  # several workers, each with a full thread pool, would oversubscribe the CPUs
 
 
 def _as_python_state(state: object) -> tuple:

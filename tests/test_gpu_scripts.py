@@ -1,0 +1,65 @@
+"""The prepared GPU build of the shipped bases (gpu/*.sh), dry-run here at the `smoke` variant's size:
+what is packed travels, the build runs without the simulator and sends back tar parts, and the
+parts join into exports that pass `drivekd models verify-base` on this machine."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from drivekd.study.bases import load_builds
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def _script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "gpu" / name), *args],
+        env={**os.environ, "PYTHON": sys.executable, "VARIANT": "smoke", "WHEELS": "none", **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_pack_build_unpack_at_smoke_size(tmp_path):
+    pack, work = tmp_path / "pack", tmp_path / "work"
+    packed = _script("pack-bases.sh", env={"PACK": str(pack), "WORK": str(work)})
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    with tarfile.open(pack / "bases-data.tar.xz") as tar:
+        folders = {m.name for m in tar.getmembers() if m.isdir() and "/" not in m.name}
+    # every generated dataset of both builds once; the shared held-out and check sets once
+    builds = load_builds(variant="smoke")
+    wanted = {f"{d.task}-{d.seed}-{d.scenes}" for b in builds.values() for d in b.datasets.values() if d.drill is None}
+    assert folders == wanted and len(wanted) == 8
+
+    out = tmp_path / "out"
+    # the GPU machine has no simulator: the build must not need it
+    blocked = tmp_path / "no-simulator"
+    for module in ("highway_env", "gymnasium"):
+        (blocked / module).mkdir(parents=True)
+        (blocked / module / "__init__.py").write_text("raise ImportError('not on the GPU machine')\n")
+    env = {"PACK": str(pack), "WORK": str(tmp_path / "gpu"), "OUT": str(out), "PYTHONPATH": str(blocked)}
+    built = _script("build-bases.sh", env=env)
+    assert built.returncode == 0, (out / "build.log").read_text()[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in out.iterdir())
+    assert names[:2] == ["build.log", "machine.txt"]
+    assert {n.split(".")[0] for n in names[2:]} == {"teacher", "student-base"}
+    assert "copied" in (out / "build.log").read_text()
+
+    back = tmp_path / "back"
+    unpacked = _script("unpack-bases.sh", str(out), str(back), env={"DATA_FROM": str(work)})
+    assert unpacked.returncode == 0, unpacked.stderr[-2000:]
+    assert unpacked.stdout.count("matches its card") == 2
+    for name in ("teacher", "student-base"):
+        card = json.loads((back / name / "export" / f"drivesim-internvl-{name}" / "card.json").read_text())
+        assert card["variant"] == "smoke"
+        assert card["rebuild"] == f"drivekd reproduce --profile drivesim-internvl-{name} --variant smoke --out DIR"
+        assert card["steps"] == 2 * len(builds[f"drivesim-internvl-{name}"].stages)
+        assert (back / name / "stages" / "drill" / "metrics.jsonl").is_file()
