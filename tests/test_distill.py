@@ -10,7 +10,7 @@ from drivekd.data.formats import load_split
 from drivekd.distill.engine import load_recipe, mixing_matrix
 from drivekd.distill.run import run_distill
 from drivekd.errors import DriveKDError
-from drivekd.models.capture import capture
+from drivekd.models.capture import capture, text_rows
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DistillConfig, load_config
 
@@ -56,13 +56,59 @@ def test_capture_equals_eager_attention_with_padding(name, data_dir):
     assert backend.model.config.text_config._attn_implementation == "sdpa"  # restored
 
 
+def test_text_rows_are_each_samples_text_positions_in_order():
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    visual = torch.tensor([[0, 1, 1, 0, 0, 1], [0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    index, valid = text_rows(attention, visual)
+    for b in range(3):
+        want = [t for t in range(6) if attention[b, t] and not visual[b, t]]
+        assert index[b, valid[b]].tolist() == want
+        assert int(valid[b].sum()) == len(want)
+    assert index.shape == (3, 3)
+
+
+@pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
+def test_text_row_capture_equals_the_eager_maps_rows_and_their_gradients(name, data_dir):
+    # text->vision signals capture only the text rows; values and gradients must be the whole map's rows
+    backend = load_backend(name)
+    backend.model.eval()
+    batch = backend.build_batch(load_split(data_dir, "train")[:3])
+    index, valid = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
+    assert index.shape[1] < batch.inputs["input_ids"].shape[1]  # fewer rows than positions
+    with torch.no_grad():
+        backend.set_attention("eager")
+        eager = backend.model(**batch.inputs, output_attentions=True).attentions
+        backend.set_attention("sdpa")
+    layers = [0, backend.num_layers - 1]
+    weights = torch.rand(index.shape[0], index.shape[1], batch.inputs["input_ids"].shape[1])
+    grads = {}
+    for mode in ("rows", "full"):
+        backend.model.zero_grad(set_to_none=True)
+        kwargs = {"row_layers": layers, "row_index": index} if mode == "rows" else {}
+        with capture(backend, [] if mode == "rows" else layers, **kwargs) as maps:
+            backend.model(**batch.inputs)
+        got = {
+            i: maps.rows[i] if mode == "rows" else maps[i].gather(1, index[:, :, None].expand(-1, -1, maps[i].shape[2]))
+            for i in layers
+        }
+        for i in layers:
+            want = eager[i].mean(1).gather(1, index[:, :, None].expand(-1, -1, eager[i].shape[2]))
+            assert got[i].shape == want.shape
+            assert (got[i] - want)[valid].abs().max() < 1e-5
+        sum((got[i] * weights).sum() for i in layers).backward()
+        grads[mode] = [p.grad.clone() for p in backend.model.model.language_model.layers[0].parameters()]
+        if mode == "rows":
+            assert not maps  # no whole map was kept
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads["rows"], grads["full"], strict=True))
+
+
 def test_capture_keeps_gradients_for_the_student(data_dir):
     backend = load_backend("tiny-internvl-student")
     backend.model.eval()
     batch = backend.build_batch(load_split(data_dir, "train")[:2])
     with capture(backend, [1]) as maps:
         backend.model(**batch.inputs)
-    with torch.no_grad():  # the grad path (all heads at once) equals the no-grad path (head by head)
+    with torch.no_grad():  # the grad path (checkpointed) equals the no-grad path
         with capture(backend, [1]) as ref:
             backend.model(**batch.inputs)
     valid = batch.inputs["attention_mask"].bool()

@@ -1,6 +1,7 @@
 import torch
 
-from drivekd.distill.signals import Positions, attention_loss, group_windows, make_signal, map_distance
+from drivekd.distill.signals import Internals, Positions, attention_loss, group_windows, make_signal, map_distance
+from drivekd.models.capture import text_rows
 
 
 def test_group_windows_paper_example():
@@ -64,3 +65,36 @@ def test_group_loss_uses_window_means():
         [((smaps[i] - torch.stack([tmaps[j] for j in range(i, i + 5)]).mean(0)) ** 2).mean() for i in range(3)]
     ).mean()
     assert torch.allclose(got, want.reshape(1))
+
+
+def test_tv_signal_on_text_rows_equals_the_block_mse_of_whole_maps():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.rand(2, 7, 7, generator=g, dtype=torch.float64), torch.rand(2, 7, 7, generator=g, dtype=torch.float64)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    visual = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    index, row_valid = text_rows(valid.long(), visual)
+    pos = Positions(valid, visual, torch.zeros_like(valid), row_valid)
+    sig = make_signal("attn_tv", layer=0)
+    teacher = Internals({0: t}, row_index=index)
+    targets = sig.targets(teacher, 1, 1)
+    assert targets[0].shape == (2, 5, 7)  # the most text rows of the batch (sample 0: 5) x positions
+    got = sig.loss(Internals({0: s}, row_index=index), targets, pos, [0])
+    assert torch.allclose(got, _slow_tv(s, t, valid, visual))
+    # the student's rows captured as rows give the same loss
+    rows_only = Internals({}, rows={0: Internals({0: s}, row_index=index).text_rows(0)}, row_index=index)
+    assert torch.allclose(sig.loss(rows_only, targets, pos, [0]), got)
+
+
+def test_tv_cache_keeps_the_block_and_restores_the_rows():
+    g = torch.Generator().manual_seed(3)
+    full = torch.rand(6, 6, generator=g)
+    visual = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    index, _ = text_rows(torch.ones(1, 6, dtype=torch.long), visual[None])
+    rows = full[index[0]]  # (3 text rows, 6)
+    padded = torch.cat([rows, torch.rand(2, 6, generator=g)])  # a batch's padding rows after them
+    sig = make_signal("attn_tv", layer=0)
+    stored = sig.stored(padded, 6, visual)
+    assert stored.shape == (3, 3) and stored.numel() == sig.stored_elements(6, 3, 0, 0)
+    assert torch.equal(stored, full[~visual][:, visual])
+    restored = sig.restored(stored, visual)
+    assert torch.equal(restored[:, visual], stored) and restored[:, ~visual].abs().sum() == 0

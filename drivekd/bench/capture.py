@@ -59,7 +59,7 @@ def _peak_rss_bytes() -> int:
 
 
 def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, float]:
-    from drivekd.models.capture import capture
+    from drivekd.models.capture import capture, text_rows
     from drivekd.models.loading import load_backend
 
     torch.manual_seed(0)
@@ -74,9 +74,13 @@ def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, 
                 backend.set_attention("eager")
                 out = backend.model(**batch.inputs, output_attentions=True)
                 maps = [a.mean(1) for a in out.attentions]
+            elif variant == "capture-perception-planning":  # text->vision signals: the text rows only
+                index, _ = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
+                with capture(backend, [], row_layers=[0, n - 2], row_index=index) as sink:
+                    backend.model(**batch.inputs)
+                maps = list(sink.rows.values())
             else:
-                layers = [0, n - 2] if variant == "capture-perception-planning" else list(range(n - 1))
-                with capture(backend, layers) as sink:
+                with capture(backend, list(range(n - 1))) as sink:
                     backend.model(**batch.inputs)
                 maps = list(sink.values())
             assert maps

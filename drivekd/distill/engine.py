@@ -17,11 +17,11 @@ from accelerate import Accelerator
 from drivekd.data.sample import CAPABILITIES, Sample
 from drivekd.distill.aggregate import GradientAggregator
 from drivekd.distill.reweight import LossReweighter
-from drivekd.distill.signals import KINDS, Internals, Positions, Signal, make_signal
+from drivekd.distill.signals import KINDS, Internals, Positions, Signal, make_signal, split_by_rows
 from drivekd.distill.teachers import CachedTeachers, LiveTeachers, TeacherSource
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
-from drivekd.models.capture import capture
+from drivekd.models.capture import capture, text_rows
 from drivekd.train.config import DistillConfig
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -187,9 +187,10 @@ class Distiller:
             observe_gram=self._observe_gram if self.reweighter is not None else None,
         )
 
-    def _student_attention_layers(self) -> set[int]:
+    def _student_attention_layers(self) -> tuple[set[int], set[int]]:
+        """Student layers whose whole maps, and whose text rows only, the signals read."""
         n = self.student.num_layers
-        return {layer for s in self.signals.values() if s.needs_attention for layer in s.student_layers(n)}
+        return split_by_rows([(s, s.student_layers(n)) for s in self.signals.values()])
 
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -225,7 +226,9 @@ class Distiller:
         # the combination itself; `sum` keeps the (possibly DDP-wrapped) model and DDP's reduction.
         model = model if self.aggregator.reduces_through_ddp else self.student.model
         needs_hidden = any(s.needs_hidden for s in self.signals.values())
-        with capture(self.student, self._student_attention_layers()) as smaps:
+        full, rows = self._student_attention_layers()
+        row_index, row_valid = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
+        with capture(self.student, full, row_layers=rows, row_index=row_index) as smaps:
             out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
         dynamic = self.reweighter.weights() if self.reweighter is not None else {}
         losses = {ANCHOR: out.loss if plain_ce else dynamic.get(ANCHOR, self.config.ce_weight) * out.loss}
@@ -234,10 +237,12 @@ class Distiller:
         labels = batch.labels
         answer = torch.zeros_like(labels, dtype=torch.bool)
         answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        pos = Positions(batch.inputs["attention_mask"].bool(), batch.visual_mask, answer)
+        pos = Positions(batch.inputs["attention_mask"].bool(), batch.visual_mask, answer, row_valid)
         caps = torch.tensor([CAPABILITIES.index(c) for c in batch.capabilities], device=labels.device)
         weights = self.mixing.to(labels.device)[caps]  # (B, signals)
-        student = Internals(dict(smaps), out.hidden_states if needs_hidden else None, out.logits)
+        student = Internals(
+            dict(smaps), out.hidden_states if needs_hidden else None, out.logits, dict(smaps.rows), row_index
+        )
         targets = self.teachers.targets(batch)
         n_student = self.student.num_layers
         for j, (name, sig) in enumerate(self.signals.items()):

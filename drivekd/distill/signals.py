@@ -11,7 +11,7 @@ visual layout); padding is excluded from every mean.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -21,11 +21,22 @@ from drivekd.models.capture import resolve_layer
 
 @dataclass
 class Internals:
-    """What one forward pass exposes: attention maps of the captured layers, hidden states, logits."""
+    """What one forward pass exposes: attention maps of the captured layers (whole, or their text rows
+    only), hidden states, logits."""
 
     maps: dict[int, torch.Tensor]
     hidden: tuple[torch.Tensor, ...] | None = None
     logits: torch.Tensor | None = None
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, R, T) at the positions row_index
+    row_index: torch.Tensor | None = None  # (B, R), from `models.capture.text_rows`
+
+    def text_rows(self, layer: int) -> torch.Tensor:
+        """The layer's map at the text rows `(B, R, T)`: captured so, or cut from the whole map."""
+        if layer in self.rows:
+            return self.rows[layer]
+        assert self.row_index is not None, "text rows need the batch's row_index"
+        full = self.maps[layer]
+        return full.gather(1, self.row_index[:, :, None].expand(-1, -1, full.shape[2]).to(full.device))
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class Signal:
 
     kind: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = False
+    text_rows_only: ClassVar[bool] = False  # reads only the text rows of its maps
     needs_hidden: ClassVar[bool] = False
     needs_logits: ClassVar[bool] = False
     square: ClassVar[bool] = False  # targets are (T, T) maps
@@ -125,21 +137,46 @@ class _Attention(Signal):
 
 @dataclass(frozen=True)
 class AttnTV(_Attention):
-    """The text→vision block of one layer's map: where text positions look in the images."""
+    """The text→vision block of one layer's map: where text positions look in the images. Maps are
+    captured for the text rows only, `(B, R, T)` (R: the batch's most text tokens)."""
 
     kind = "attn_tv"
     block = "tv"
+    square = False
+    text_rows_only = True
+
+    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+        return self._window_means(teacher.text_rows, student_layers, teacher_layers)
 
     def stored(self, target: torch.Tensor, length: int, visual: torch.Tensor) -> torch.Tensor:
-        # only the text->vision block: the loss reads nothing else
-        m = target[:length, :length]
-        return m[~visual][:, visual]
+        # only the text->vision block: the loss reads nothing else. `target` is the sample's text rows
+        # (its text positions in order, then padding rows)
+        texts = int((~visual).sum())
+        return target[:texts, :length][:, visual]
 
     def restored(self, stored: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        return expand_block(stored, visual)
+        """The sample's text rows `(texts, length)`: the block in the visual columns, zeros elsewhere."""
+        rows = torch.zeros(stored.shape[0], visual.shape[0], dtype=stored.dtype)
+        rows[:, visual] = stored
+        return rows
 
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return (length - visual) * visual
+
+    def loss(
+        self,
+        student: Internals,
+        targets: list[torch.Tensor],
+        positions: Positions,
+        student_layers: list[int],
+        projection: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        mask = positions.text_row_mask()
+        losses = [
+            map_distance(student.text_rows(s), t, mask, self.distance)
+            for s, t in zip(student_layers, targets, strict=True)
+        ]
+        return torch.stack(losses).mean(0)
 
 
 @dataclass(frozen=True)
@@ -225,6 +262,14 @@ class LogitKL(Signal):
 KINDS: dict[str, type[Signal]] = {cls.kind: cls for cls in (AttnTV, AttnFull, AttnGroup, Hidden, LogitKL)}
 
 
+def split_by_rows(needs: list[tuple[Signal, list[int]]]) -> tuple[set[int], set[int]]:
+    """The layers whose whole maps are needed, and those whose text rows are enough, from each signal
+    with the layers it reads (a layer some signal needs whole serves the text-row signals too)."""
+    full = {layer for sig, layers in needs if sig.needs_attention and not sig.text_rows_only for layer in layers}
+    rows = {layer for sig, layers in needs if sig.needs_attention and sig.text_rows_only for layer in layers}
+    return full, rows - full
+
+
 def make_signal(kind: str, **fields: Any) -> Signal:
     """A signal of `kind` (attn_tv, attn_full, attn_group, hidden, logit_kl) with its fields."""
     if kind not in KINDS:
@@ -254,6 +299,12 @@ class Positions:
     valid: torch.Tensor  # (B, T) bool: real tokens (not padding)
     visual: torch.Tensor  # (B, T) bool: visual-token positions
     answer: torch.Tensor  # (B, T) bool: positions whose next token is an answer token (for logits)
+    row_valid: torch.Tensor | None = None  # (B, R) bool: which text rows (`text_rows`) are real
+
+    def text_row_mask(self) -> torch.Tensor:
+        """(B, R, T): a real text row against a real visual key, the entries a text->vision loss reads."""
+        assert self.row_valid is not None, "text rows need the batch's row_valid"
+        return self.row_valid[:, :, None] & (self.valid & self.visual)[:, None, :]
 
     def pair_mask(self, block: str) -> torch.Tensor:
         rows = self.valid
@@ -315,13 +366,3 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, positions: Positions,
     kl = (log_t.exp() * (log_t - log_s)).sum(-1) * tau * tau
     m = positions.answer.to(kl.dtype)
     return (kl * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def expand_block(block: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """Inverse of the text->vision trimming: an (n, n) map with the block in place, zeros elsewhere."""
-    n = visual.shape[0]
-    full = torch.zeros(n, n, dtype=block.dtype)
-    rows = (~visual).nonzero().squeeze(1)
-    cols = visual.nonzero().squeeze(1)
-    full[rows[:, None], cols[None, :]] = block
-    return full

@@ -13,10 +13,10 @@ import torch
 
 from drivekd.data.sample import Sample
 from drivekd.distill.cache import TeacherCache, fingerprint
-from drivekd.distill.signals import Internals, Signal
+from drivekd.distill.signals import Internals, Signal, split_by_rows
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import Batch, VLMBackend
-from drivekd.models.capture import capture
+from drivekd.models.capture import capture, text_rows
 from drivekd.models.loading import LoadOptions, load_backend
 
 
@@ -61,20 +61,25 @@ class LiveTeachers:
         """Per checkpoint, what its signals read from one forward pass."""
         out = {}
         n_student = self.student.num_layers
+        row_index, _ = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
         for ckpt, teacher in self.models.items():
             mine = [(n, s) for n, s in self.signals.items() if self.teacher_of[n] == ckpt]
             used = {n: [t for _, w in s.pairs(n_student, teacher.num_layers) for t in w] for n, s in mine}
-            maps_at = {t for n, s in mine if s.needs_attention for t in used[n]}
+            full, rows = split_by_rows([(s, used[n]) for n, s in mine])
             hidden = any(s.needs_hidden for _, s in mine)
             logits = any(s.needs_logits for _, s in mine)
             deepest = max([0, *(t for n, s in mine if not s.needs_logits for t in used[n])])
             # hidden_states[k + 1] is layer k's raw output only while a later layer runs (the last is
             # normed), so hidden signals keep one layer more
             keep = None if logits else deepest + (2 if hidden else 1)
-            with capture(teacher, maps_at) as maps:
+            with capture(teacher, full, row_layers=rows, row_index=row_index) as maps:
                 result = teacher.forward(batch, logits=logits, hidden_states=hidden, layers=keep)
             out[ckpt] = Internals(
-                dict(maps), result.hidden_states if hidden else None, result.logits if logits else None
+                dict(maps),
+                result.hidden_states if hidden else None,
+                result.logits if logits else None,
+                dict(maps.rows),
+                row_index,
             )
         return out
 
@@ -111,6 +116,7 @@ class CachedTeachers:
     def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
         lengths = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
         width = batch.inputs["input_ids"].shape[1]
+        text_width = text_rows(batch.inputs["attention_mask"], batch.visual_mask)[0].shape[1]
         device = batch.inputs["input_ids"].device
         n_student = self.student.num_layers
         out: dict[str, list[torch.Tensor]] = {}
@@ -122,21 +128,21 @@ class CachedTeachers:
                     sig.restored(self.cache.tensors(sample_id, f"{name}/{k}"), batch.visual_mask[b, : lengths[b]].cpu())
                     for b, sample_id in enumerate(batch.sample_ids)
                 ]
-                out[name].append(_pad(per_sample, width, square=sig.square).to(device))
+                if sig.square:
+                    shape = (width, width)
+                elif sig.text_rows_only:
+                    shape = (text_width, width)
+                else:
+                    shape = (width, *per_sample[0].shape[1:])
+                out[name].append(_pad(per_sample, shape).to(device))
         return out
 
 
-def _pad(items: list[torch.Tensor], width: int, *, square: bool) -> torch.Tensor:
-    """Place per-sample tensors trimmed to their length into a right-padded batch tensor."""
-    first = items[0]
-    shape = (len(items), width, width) if square else (len(items), width, *first.shape[1:])
-    out = torch.zeros(shape, dtype=torch.float32)
+def _pad(items: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Place per-sample tensors, trimmed to their length, in the top-left corner of a zero batch tensor."""
+    out = torch.zeros((len(items), *shape), dtype=torch.float32)
     for b, t in enumerate(items):
-        n = t.shape[0]
-        if square:
-            out[b, :n, :n] = t.float()
-        else:
-            out[b, :n] = t.float()
+        out[(b, *(slice(0, n) for n in t.shape))] = t.float()
     return out
 
 

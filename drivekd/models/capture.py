@@ -1,17 +1,21 @@
 """Selective attention capture: head-averaged attention maps of chosen LM layers only.
 
 A custom attention function registered through `transformers.AttentionInterface` receives the
-module, so it knows which layer it serves. Layers a recipe needs are computed eagerly (softmax
-materialised, gradients flow for a student) and their head-mean map is kept; every other layer,
-and the vision tower, keeps SDPA. Padding keys get zero probability through the additive mask.
+module, so it knows which layer it serves. Every layer's output stays on SDPA; a layer a recipe needs
+also computes its head-mean map from q and k, one head at a time, and for a student under activation
+checkpointing (the graph keeps q and k, the backward pass recomputes the softmax). Text->vision
+signals ask for the text rows only: `(B, R, T)` instead of `(B, T, T)`. Padding keys get zero
+probability through the additive mask.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -19,7 +23,42 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from drivekd.models.backend import VLMBackend
 
 IMPLEMENTATION = "drivekd_capture"
-_ACTIVE: dict[int, tuple[dict[int, torch.Tensor], int, bool]] = {}  # id(module) -> (sink, layer, per head)
+
+
+class CapturedMaps(dict):
+    """Layer -> head-mean map `(B, T, T)` (or `(B, H, T, T)` per head); `rows` holds the layers captured
+    for their text rows only, `(B, R, T)`, at the positions `row_index` `(B, R)` (see `text_rows`)."""
+
+    def __init__(self, row_index: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.rows: dict[int, torch.Tensor] = {}
+        self.row_index = row_index
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    sink: CapturedMaps
+    layer: int
+    full: bool  # the whole (T, T) map
+    rows: bool  # the text rows only
+    per_head: bool
+
+
+_ACTIVE: dict[int, _Wanted] = {}  # id(attention module) -> what to capture there
+
+
+def text_rows(attention_mask: torch.Tensor, visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text (non-visual, non-padding) positions of each sample, in order: `(index, valid)`, both
+    `(B, R)` with R the batch's most text tokens; a short sample's index repeats its last text position
+    where `valid` is False. Text->vision signals read only these rows of a map."""
+    text = attention_mask.bool() & ~visual_mask.bool()
+    counts = text.sum(1)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    # a stable sort puts each sample's text positions first, in order
+    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=text.device)[None, :] < counts[:, None]
+    last = order.gather(1, (counts - 1).clamp_min(0)[:, None])
+    return torch.where(valid, order, last), valid
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -27,6 +66,27 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
         return x
     b, h, t, d = x.shape
     return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def _head_mean(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+    """Mean over heads of softmax(q k^T * scale + mask) in fp32, one head at a time: the peak is one
+    `(B, R, T)` map, not `(B, H, R, T)`."""
+    heads = query.shape[1]
+    total = None
+    for h in range(heads):
+        logits = torch.matmul(query[:, h], key[:, h // groups].transpose(1, 2)).float() * scale + mask[:, 0].float()
+        probs = torch.softmax(logits, dim=-1)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / heads
+
+
+def _map(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+    """The head-mean map; with gradients, recomputed in the backward pass (the graph keeps q and k,
+    not every head's probabilities), so a captured student layer costs one map, not H."""
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return checkpoint(_head_mean, query, key, mask, scale, groups, use_reentrant=False)
+    return _head_mean(query, key, mask, scale, groups)
 
 
 def capture_attention_forward(
@@ -39,50 +99,32 @@ def capture_attention_forward(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    entry = _ACTIVE.get(id(module))
-    if entry is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    sink, layer, per_head = entry
+    # the layer's output is always SDPA's; a captured layer computes its map beside it from q and k
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    wanted = _ACTIVE.get(id(module))
+    if wanted is None:
+        return out
     groups = getattr(module, "num_key_value_groups", 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    attention_mask = _additive(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
-    if not torch.is_grad_enabled() and not per_head:
-        return _per_head_no_grad(sink, layer, query, key, value, attention_mask, scale, groups)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scale + attention_mask
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    sink[layer] = probs if per_head else probs.mean(dim=1)
-    probs_dropped = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs_dropped, value).transpose(1, 2).contiguous()
-    return out, None
-
-
-def _per_head_no_grad(
-    sink: dict[int, torch.Tensor],
-    layer: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scale: float,
-    groups: int,
-) -> tuple[torch.Tensor, None]:
-    """Teachers need no graph: one head at a time keeps the peak at one `(B, T, T)` map, not `(B, H, T, T)`."""
-    heads = query.shape[1]
-    mask = attention_mask
-    mean = torch.zeros(query.shape[0], query.shape[2], key.shape[2], dtype=torch.float32, device=query.device)
-    out = torch.empty_like(query)
-    for h in range(heads):
-        kv = h // groups
-        logits = torch.matmul(query[:, h], key[:, kv].transpose(1, 2)) * scale
-        logits = logits + mask[:, 0]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        mean += probs
-        out[:, h] = torch.matmul(probs.to(value.dtype), value[:, kv])
-    sink[layer] = (mean / heads).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    mask = _additive(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
+    sink, layer = wanted.sink, wanted.layer
+    if wanted.per_head:  # every head's map, with the graph (tag attention supervises one head)
+        k = _repeat_kv(key, groups)
+        logits = torch.matmul(query, k.transpose(2, 3)).float() * scale + mask.float()
+        sink[layer] = torch.softmax(logits, dim=-1).to(query.dtype)
+        return out
+    if wanted.full:
+        sink[layer] = _map(query, key, mask, scale, groups).to(query.dtype)
+    if wanted.rows:
+        index = sink.row_index
+        assert index is not None
+        b, h, _, d = query.shape
+        rows = index.to(query.device)
+        q_rows = query.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+        m = mask.expand(b, -1, -1, -1)
+        m_rows = m.gather(2, rows[:, None, :, None].expand(b, m.shape[1], rows.shape[1], m.shape[3]))
+        sink.rows[layer] = _map(q_rows, key, m_rows, scale, groups).to(query.dtype)
+    return out
 
 
 AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
@@ -118,25 +160,34 @@ def resolve_layer(index: int, num_layers: int) -> int:
 
 @contextlib.contextmanager
 def capture(
-    backend: VLMBackend, layers: set[int] | list[int], *, per_head: bool = False
-) -> Iterator[dict[int, torch.Tensor]]:
+    backend: VLMBackend,
+    layers: Iterable[int],
+    *,
+    per_head: bool = False,
+    row_layers: Iterable[int] = (),
+    row_index: torch.Tensor | None = None,
+) -> Iterator[CapturedMaps]:
     """Within the block, forward passes store head-mean maps `(B, T, T)` of `layers` in the yielded dict
-    (`per_head`: every head's map, `(B, H, T, T)`).
+    (`per_head`: every head's map, `(B, H, T, T)`), and the maps of `row_layers` for the rows
+    `row_index` `(B, R)` only, `(B, R, T)`, in its `rows` (memory grows with R x T, not T x T).
 
-    The language model switches to the capture implementation for the duration (SDPA elsewhere),
-    and back to its previous implementation afterwards.
+    The language model switches to the capture implementation for the duration (SDPA elsewhere, and
+    for every layer's output), and back to its previous implementation afterwards.
     """
     modules = language_layers(backend)
-    wanted = {resolve_layer(i, len(modules)) for i in layers}
-    sink: dict[int, torch.Tensor] = {}
+    full = {resolve_layer(i, len(modules)) for i in layers}
+    rows = {resolve_layer(i, len(modules)) for i in row_layers}
+    if rows and row_index is None:
+        raise ValueError("row_layers need a row_index")
+    sink = CapturedMaps(row_index)
     text_config = backend.model.config.text_config
     previous = text_config._attn_implementation
-    for i in wanted:
-        _ACTIVE[id(modules[i])] = (sink, i, per_head)
+    for i in full | rows:
+        _ACTIVE[id(modules[i])] = _Wanted(sink, i, full=i in full, rows=i in rows, per_head=per_head)
     backend.model.set_attn_implementation({"text_config": IMPLEMENTATION})
     try:
         yield sink
     finally:
-        for i in wanted:
+        for i in full | rows:
             _ACTIVE.pop(id(modules[i]), None)
         backend.model.set_attn_implementation({"text_config": previous})
