@@ -198,3 +198,35 @@ def test_aggregator_amortises_and_sums_a_step_before_projecting():
             summed[name] = summed.get(name, 0) + g
     want = combine_gradients(summed, "agp", generator=torch.Generator().manual_seed(0))
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_gram_in_blocks_equals_the_whole_product(monkeypatch):
+    from drivekd.distill import aggregate
+
+    monkeypatch.setattr(aggregate, "GRAM_CHUNK", 7)  # several blocks and a short last one
+    a = torch.randn(4, 45, dtype=torch.float32)
+    assert torch.allclose(aggregate.gram_matrix(a), a @ a.T, atol=1e-5)
+    b = a.to(torch.bfloat16)
+    assert torch.allclose(aggregate.gram_matrix(b), b.float() @ b.float().T, atol=1e-4)
+
+
+def test_bfloat16_task_buffers_give_the_combination_of_rounded_gradients():
+    from drivekd.distill.aggregate import GradientAggregator
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(6, 5)
+    params = list(model.parameters())
+    grads = {}
+    for name in _losses(model, x):
+        model.zero_grad()
+        _losses(model, x)[name].backward()
+        # what a bf16 buffer holds: each task gradient rounded to bf16
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in params]).to(torch.bfloat16).double()
+    model.zero_grad(set_to_none=True)
+    aggregator = GradientAggregator(lambda: params, "agp", anchor="ce", seed=0, buffer_dtype=torch.bfloat16)
+    aggregator.backward(_losses(model, x), _Single(), 5)
+    got = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    want = combine_gradients(grads, "agp", generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -2,8 +2,8 @@
 
 `combine.py` holds the weightings, pure functions of the task gradients' Gram matrix (like torchjd's
 Gramian weightings); this aggregator applies one to a model. It owns what surrounds the weighting:
-each task's gradient written into one preallocated `(k, P)` buffer, the Gram matrix, writing the
-combination back into the parameters' gradients, the reduction across processes, amortisation
+each task's gradient written into one preallocated `(k, P)` buffer (optionally bf16), the Gram
+matrix in fp32 block by block, the combination written parameter by parameter into their gradients, the reduction across processes, amortisation
 (coefficients recomputed every N optimiser steps) and projecting per micro-batch or once per step.
 It is given the optimiser step; it knows nothing of signals, teachers or capabilities.
 """
@@ -22,6 +22,20 @@ from drivekd.distill.combine import combination_coefficients, gradient_stats
 GramObserver = Callable[[list[str], torch.Tensor], None]
 
 
+GRAM_CHUNK = 1 << 22  # columns per block: the fp32 copy of a bf16 buffer is k x 4M values at a time
+
+
+def gram_matrix(stacked: torch.Tensor) -> torch.Tensor:
+    """G = A A^T of the (k, P) task-gradient buffer in fp32, block by block over P (a bf16 buffer is
+    never copied whole to fp32)."""
+    k, total = stacked.shape
+    gram = torch.zeros(k, k, dtype=torch.float32, device=stacked.device)
+    for start in range(0, total, GRAM_CHUNK):
+        block = stacked[:, start : start + GRAM_CHUNK].float()
+        gram += block @ block.T
+    return gram
+
+
 class GradientAggregator:
     def __init__(
         self,
@@ -32,10 +46,12 @@ class GradientAggregator:
         seed: int = 0,
         amortize_every: int | None = None,
         project_per: str = "micro_batch",
+        buffer_dtype: torch.dtype | None = None,
         observe_gram: GramObserver | None = None,
     ) -> None:
         self.params = params
         self.strategy = strategy
+        self.buffer_dtype = buffer_dtype  # None: the parameters' dtype
         self.anchor = anchor
         self.seed = seed
         self.amortize_every = amortize_every
@@ -78,7 +94,8 @@ class GradientAggregator:
         gradient-sized copy per task, no concatenated or stacked second copy."""
         params = self.params()
         total = sum(p.numel() for p in params)
-        stacked = torch.empty((len(losses), total), dtype=params[0].dtype, device=params[0].device)
+        dtype = self.buffer_dtype or params[0].dtype
+        stacked = torch.empty((len(losses), total), dtype=dtype, device=params[0].device)
         for i, loss in enumerate(losses.values()):
             grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
             offset = 0
@@ -107,21 +124,23 @@ class GradientAggregator:
     def _combine(
         self, names: list[str], stacked: torch.Tensor, accelerator: Accelerator, step: int, *, reduced: bool = False
     ) -> dict[str, float]:
-        gram = (stacked.float() @ stacked.float().T).double()
+        gram = gram_matrix(stacked).double()
         if self.observe_gram is not None:
             self.observe_gram(names, gram)
         # AGP's shuffled order is drawn from (seed, step): reproducible across resumes and ranks
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         w = combination_coefficients(gram, names, self.strategy, anchor=self.anchor, generator=generator)
         self.coefficients = w
-        combined = w.to(stacked.dtype) @ stacked
-        if accelerator.num_processes > 1 and not reduced:
-            combined = accelerator.reduce(combined, reduction="mean")
+        # the combination parameter by parameter, in fp32 and into its gradient: no P-sized vector
+        # beside the buffer
+        w32 = w.to(device=stacked.device, dtype=torch.float32)
         offset = 0
         for p in self.params():
             n = p.numel()
-            piece = combined[offset : offset + n].view_as(p)
-            p.grad = piece.clone() if p.grad is None else p.grad + piece
+            piece = (w32 @ stacked[:, offset : offset + n].float()).view_as(p).to(p.dtype)
+            if accelerator.num_processes > 1 and not reduced:
+                piece = accelerator.reduce(piece, reduction="mean")
+            p.grad = piece if p.grad is None else p.grad.add_(piece)
             offset += n
         stats = gradient_stats(gram, names)
         stats.update({f"coef/{n}": float(x) for n, x in zip(names, w, strict=True)})

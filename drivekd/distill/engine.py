@@ -184,6 +184,7 @@ class Distiller:
             seed=config.train.seed,
             amortize_every=config.combine.amortize_every,
             project_per=config.combine.project_per,
+            buffer_dtype=getattr(torch, config.combine.buffer_dtype) if config.combine.buffer_dtype else None,
             observe_gram=self._observe_gram if self.reweighter is not None else None,
         )
 

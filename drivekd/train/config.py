@@ -194,6 +194,11 @@ class CombineConfig(_Strict):
     project_per: Literal["micro_batch", "step"] = Field(
         "micro_batch", description="combine each micro-batch's gradients, or their sums once per optimiser step"
     )
+    buffer_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="dtype of the (losses x trainable parameters) task-gradient buffer; None: the "
+        "parameters' dtype. bfloat16 halves it for fp32 weights (Gram matrix and combination stay fp32)",
+    )
 
 
 class ReweightConfig(_Strict):
