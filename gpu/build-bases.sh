@@ -9,25 +9,10 @@ cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
 VARIANT=${VARIANT:-gpu}
 PACK=${PACK:-.gpu}
-WHEELS=${WHEELS:-.whl}
 WORK=${WORK:-runs/gpu-bases}
 BUDGET_S=${BUDGET_S:-540}
-PYTHON=${PYTHON:-python3}
-export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15} PYTHONUNBUFFERED=1
 start=$SECONDS
-mkdir -p "$OUT"
-if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/drivekd-site "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH=/tmp/drivekd-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{
-    date -u +%Y-%m-%dT%H:%M:%SZ
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-    "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
-    nproc
-} >"$OUT/machine.txt" 2>&1
+. gpu/env.sh
 mkdir -p "$WORK/data"
 tar xJf "$PACK/bases-data.tar.xz" -C "$WORK/data" || exit 1
 status=0

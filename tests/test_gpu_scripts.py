@@ -63,3 +63,34 @@ def test_pack_build_unpack_at_smoke_size(tmp_path):
         assert card["rebuild"] == f"drivekd reproduce --profile drivesim-internvl-{name} --variant smoke --out DIR"
         assert card["steps"] == 2 * len(builds[f"drivesim-internvl-{name}"].stages)
         assert (back / name / "stages" / "drill" / "metrics.jsonl").is_file()
+
+
+def test_real_size_check_runs_here_at_tiny_size(tmp_path):
+    out = tmp_path / "out"
+    env = {
+        "OUT": str(out),
+        "WORK": str(tmp_path / "work"),
+        "PAIR": "tiny",
+        "SMALL": "tiny-internvl-student",
+        "LARGE": "tiny-internvl-teacher",
+        "DEVICE": "cpu",
+        "CAMERAS": "2",
+        "PHASES": "sft cache agp-cached agp-reuse-cached capture-eager capture-rows",
+        "REPEATS": "1",
+        "TESTS": "none",
+    }
+    run = _script("check-real-size.sh", env=env)
+    assert run.returncode == 0, run.stdout + (out / "scale.log").read_text()[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "infer.json",
+        "infer.log",
+        "machine.txt",
+        "scale.json",
+        "scale.log",
+    ]
+    scale = json.loads((out / "scale.json").read_text())["runs"]["tiny-2cam"]
+    assert {"sft", "cache", "agp-cached", "agp-reuse-cached", "capture-eager", "capture-rows"} <= set(scale)
+    assert all("error" not in scale[p] for p in scale if p != "ratios")
+    assert scale["capture-rows"]["map_shape"][1] < scale["capture-eager"]["map_shape"][1]  # text rows only
+    assert "agp amortised every 8 (cached) / sft" in scale["ratios"]
+    assert "target for the 1B shape" in (out / "infer.log").read_text()

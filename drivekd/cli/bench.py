@@ -95,6 +95,13 @@ def capture(json_out: Path | None, tokens: int, repeats: int) -> None:
 @click.option("--max-score-samples", type=click.IntRange(min=1), default=None, help="Score the first N samples only.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="The weights' dtype once loaded (bfloat16 on a GPU, as deployed).",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
@@ -115,6 +122,7 @@ def infer(
     score: bool,
     max_score_samples: int | None,
     device: str,
+    dtype: str,
     threads: int | None,
     json_out: Path | None,
 ) -> None:
@@ -135,12 +143,14 @@ def infer(
         score=score,
         max_score_samples=max_score_samples,
         device=device,
+        dtype=dtype,
         threads=threads,
     )
     s = r["settings"]
     click.echo(
         f"batch {s['batch']} x {s['prompt_tokens']} prompt tokens ({s['split']} of {s['data']}), {s['new_tokens']} new "
-        f"tokens (EOS suppressed), median of {s['repeats']} after 1 warm-up; device {s['device']}, torch {s['torch']}, "
+        f"tokens (EOS suppressed), median of {s['repeats']} after 1 warm-up; device {s['device']} ({s['dtype']}), "
+        f"torch {s['torch']}, "
         f"{s['torch_threads']} threads; peak memory: {s['peak_mem']}"
         + ("" if s["load_avg_1min"] is None else f"; load average {s['load_avg_1min']:.1f} before the run")
     )
@@ -152,3 +162,45 @@ def infer(
             "(Python, torch, data) is there before any model is loaded."
         )
     _emit(r, json_out)
+
+
+@bench.command()
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Checkpoints, data and figures (resumable)."
+)
+@click.option(
+    "--pair",
+    "pairs",
+    type=click.Choice(["internvl", "qwen", "internvl-8b", "tiny"]),
+    multiple=True,
+    default=("internvl",),
+    show_default=True,
+    help="internvl: InternVL3-1B student, -2B teacher; qwen: Qwen2.5-VL-3B, -7B; internvl-8b: "
+    "InternVL3-1B, -8B (the paper's pair); tiny: the presets.",
+)
+@click.option("--cameras", type=click.IntRange(min=1), multiple=True, default=(2, 6), show_default=True)
+@click.option("--phase", "phases", multiple=True, help="Only these phases (default: all, in order).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (bf16 autocast, bf16 teacher).")
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON."
+)
+def scale(
+    out: Path,
+    pairs: tuple[str, ...],
+    cameras: tuple[int, ...],
+    phases: tuple[str, ...],
+    device: str,
+    json_out: Path | None,
+) -> None:
+    """Real-size SFT and distillation steps: time and peak memory per phase (each in its own process),
+    teacher-cache bytes per sample, text-row vs eager capture. Heavy (minutes per phase on a CPU);
+    run it again to resume."""
+    from drivekd.bench.scale import PHASES, bench_scale, table
+    from drivekd.errors import DriveKDError
+
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise DriveKDError(f"unknown phase {unknown[0]!r} ({', '.join(PHASES)})")
+    results = bench_scale(out, pairs, cameras, phases or PHASES, device=device, echo=click.echo)
+    click.echo(table(results))
+    _emit(results, json_out)

@@ -111,6 +111,7 @@ def bench_infer(
     score: bool = False,
     max_score_samples: int | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Params, peak memory, decode tok/s and first-token latency per model, each in a fresh process.
@@ -118,7 +119,7 @@ def bench_infer(
     Returns `{"models": [{"name", "params", "peak_mem_mb", "tok_per_s", "first_token_s", ...}],
     "ratios": {name: {"mem_ratio", "speed_ratio", "latency_ratio", "params_ratio"}}, "settings": {...}}`;
     ratios divide by the first model. With `int8`, the last model is measured again as `<name>-int8`.
-    `threads` sets the workers' torch threads (default: torch's own choice, or OMP_NUM_THREADS).
+    `dtype` is the weights' dtype once loaded. `threads` sets the workers' torch threads (default: torch's own choice, or OMP_NUM_THREADS).
     """
     from drivekd.data.formats import load_split
     from drivekd.data.validate import validate_samples
@@ -131,6 +132,8 @@ def bench_infer(
         raise DriveKDError("bench infer: --new-tokens must be at least 2 (decode speed excludes the first token)")
     for spec in models:
         _check_model(spec)
+    if int8 and dtype != "float32":
+        raise DriveKDError(f"bench infer: --int8 quantises float32 weights, not {dtype}")
     if int8 and torch.device(device).type != "cpu":
         raise DriveKDError(f"bench infer: --int8 (dynamic quantisation) runs on CPU only, not {device}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -170,6 +173,7 @@ def bench_infer(
                 "new_tokens": new_tokens,
                 "repeats": repeats,
                 "device": device,
+                "dtype": dtype,
                 "int8": quantise,
                 "score": score,
                 "max_score_samples": max_score_samples,
@@ -189,6 +193,7 @@ def bench_infer(
             "warmup": 1,
             "prompt_tokens": rows[0]["prompt_tokens"],
             "device": device,
+            "dtype": dtype,
             "torch": torch.__version__,
             "torch_threads": rows[0]["torch_threads"],
             "peak_mem": rows[0]["peak_source"],

@@ -33,7 +33,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     samples = load_split(spec["data_dir"], spec["split"])
     prompt = samples[: spec["batch"]]
     rss_base = rss_mb()
-    backend = load_backend(spec["model"], LoadOptions(device=spec["device"]))
+    backend = load_backend(spec["model"], LoadOptions(device=spec["device"], dtype=spec.get("dtype", "float32")))
     backend.model.eval()
     params = count_parameters(backend)
     engine = None
