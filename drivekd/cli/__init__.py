@@ -11,6 +11,7 @@ from drivekd.cli.bench import bench
 from drivekd.cli.data import data
 from drivekd.cli.evaluate import baseline, evaluate
 from drivekd.cli.models import models
+from drivekd.cli.plan import plan
 from drivekd.cli.prestudy import prestudy
 from drivekd.cli.reproduce import reproduce
 from drivekd.cli.score import score
@@ -57,3 +58,4 @@ main.add_command(score)
 main.add_command(prestudy)
 main.add_command(reproduce)
 main.add_command(config)
+main.add_command(plan)

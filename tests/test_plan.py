@@ -1,0 +1,295 @@
+"""`drivekd plan`: counts from the real architectures, how each part scales, the CLI, fit and advice."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from drivekd.bench import plan as P
+from drivekd.cli import main
+from drivekd.data.formats import load_split
+from drivekd.models.loading import PRESETS, LoadOptions, count_parameters, load_backend, real_shapes
+from drivekd.train.config import CombineConfig, DistillConfig, SFTConfig
+from drivekd.train.sft import cross_entropy
+
+from .conftest import png
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A native dataset: two cameras per sample, questions and answers of different lengths (so a
+    batch is padded)."""
+    root = tmp_path_factory.mktemp("plan") / "data"
+    rows = []
+    for i in range(8):
+        images = [
+            {"camera": cam, "path": str(png(root / "images" / f"{i}-{cam}.png", (10 * i, 40, 90)).relative_to(root))}
+            for cam in ("CAM_FRONT", "CAM_BACK")
+        ]
+        rows.append(
+            {
+                "id": f"s{i}",
+                "capability": ["perception", "reasoning", "planning"][i % 3],
+                "question_type": "q",
+                "images": images,
+                "question": "CAM_FRONT: <image>\nCAM_BACK: <image>\n" + "How many cars are ahead? " * (1 + i),
+                "answer": "Final: {" + "two " * (1 + i % 3) + "}",
+                "scene_id": f"scene{i}",
+            }
+        )
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "val.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    return root
+
+
+def _sft(data_dir: Path, micro: int = 4, **model) -> SFTConfig:
+    return SFTConfig.model_validate(
+        {
+            "model": {"name": "tiny-internvl-student", **model},
+            "data": {"path": str(data_dir)},
+            "train": {"output_dir": "unused", "micro_batch_size": micro},
+        }
+    )
+
+
+def _distill(data_dir: Path, micro: int = 4, **fields) -> DistillConfig:
+    raw = {
+        "model": {"name": "tiny-internvl-student"},
+        "teacher": {"name": "tiny-internvl-teacher", "cache": "unused-cache"},
+        "data": {"path": str(data_dir)},
+        "train": {"output_dir": "unused", "micro_batch_size": micro},
+    }
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return DistillConfig.model_validate(raw)
+
+
+# ---- counts from the real architecture ----------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_counts_equal_the_real_models(name):
+    assert P.arch(name).parameters == count_parameters(load_backend(name))
+    frozen = load_backend(name, LoadOptions(freeze_vision=True, freeze_projector=True))
+    expected = sum(p.numel() for p in frozen.model.parameters() if p.requires_grad)
+    config = SFTConfig.model_validate(
+        {
+            "model": {"name": name, "freeze_vision": True, "freeze_projector": True},
+            "data": {"path": "d"},
+            "train": {"output_dir": "o"},
+        }
+    )
+    assert sum(P.arch(name).trainable(config.model).values()) == expected
+
+
+def test_lora_counts_equal_peft():
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    backend = load_backend("tiny-internvl-student", LoadOptions(lora=lora))
+    a = P.arch("tiny-internvl-student", json.dumps(lora, sort_keys=True))
+    assert a.parameters == count_parameters(backend)
+    assert sum(a.lora.values()) == sum(p.numel() for p in backend.model.parameters() if p.requires_grad)
+    assert a.lora["vision"] > 0  # [q_proj, v_proj] also adapts InternViT: the plan says so
+
+
+def test_published_architectures_plan_offline_by_name_or_hub_id():
+    shape = real_shapes()["internvl3-1b"]
+    assert P.arch("internvl3-1b").parameters == shape["parameters"]
+    assert P.arch(shape["hub"]).parameters == shape["parameters"]
+    assert P.arch("internvl3-1b").visual_tokens == 256
+
+
+def test_activation_formulas_match_what_autograd_saves(data_dir):
+    """The LM-layer and vision-tower formulas against the bytes autograd really saves (parameters
+    excluded), on a padded batch of the tiny InternVL student."""
+    backend = load_backend("tiny-internvl-student")
+    samples = load_split(data_dir, "train")[:4]
+    batch = backend.build_batch(samples)
+    assert bool((batch.inputs["attention_mask"] == 0).any())
+    params = {p.untyped_storage().data_ptr() for p in backend.model.parameters()}
+    seen: dict[int, int] = {}
+    group = {"now": "other"}
+    totals = {"vision": 0, "layers": 0, "other": 0}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key not in params:
+            seen[key] = t.untyped_storage().nbytes()
+            totals[group["now"]] += seen[key]
+        return t
+
+    def enter(name):
+        return "vision" if "vision_tower" in name else "layers" if ".layers." in name else "other"
+
+    for name, module in backend.model.named_modules():
+        module.register_forward_pre_hook(lambda m, a, name=name: group.__setitem__("now", enter(name)))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cross_entropy(backend.model, batch)
+    a = P.arch("tiny-internvl-student", "null", (8, 8))
+    step = P.Step(4, batch.inputs["input_ids"].shape[1], 2, 2 * a.visual_tokens, 4, True)
+    assert P.lm_layers(a, step) == pytest.approx(totals["layers"], rel=0.1)
+    assert P.vision_tower(a, step, True) == pytest.approx(totals["vision"], rel=0.1)
+
+
+# ---- how the parts scale --------------------------------------------------------------------------
+def test_parts_scale_with_batch_and_freezing(data_dir):
+    small = P.plan(_sft(data_dir, micro=2))
+    large = P.plan(_sft(data_dir, micro=4))
+    assert large.parts["weights"] == small.parts["weights"]
+    assert large.parts["activations: language model"] == 2 * small.parts["activations: language model"]
+    assert large.parts["optimiser state"] == 2 * large.parts["gradients"]
+    frozen = P.plan(_sft(data_dir, micro=4, freeze_vision=True))
+    vision = P.arch("tiny-internvl-student").params["vision"]
+    assert large.parts["gradients"] - frozen.parts["gradients"] == 4 * vision
+    assert "activations: vision tower" not in frozen.parts and "vision tower forward (frozen)" in frozen.parts
+    assert P.plan(_sft(data_dir, dtype="bfloat16")).parts["weights"] * 2 == large.parts["weights"]
+
+
+def test_agp_buffer_is_linear_in_losses_and_halved_by_bf16(data_dir):
+    one = P.plan(_distill(data_dir, recipe="perception"))  # CE + 1 signal
+    three = P.plan(_distill(data_dir, recipe="drive-kd"))  # CE + 3 signals
+    trainable = three.student["trainable"]
+    assert one.step["losses"] == 2 and three.step["losses"] == 4
+    assert one.parts["AGP buffer"] == 2 * trainable * 4
+    assert three.parts["AGP buffer"] == 4 * trainable * 4
+    if "buffer_dtype" not in CombineConfig.model_fields:
+        pytest.skip("this drivekd has no combine.buffer_dtype")
+    half = P.plan(_distill(data_dir, recipe="drive-kd", combine={"buffer_dtype": "bfloat16"}))
+    assert half.parts["AGP buffer"] * 2 == three.parts["AGP buffer"]
+
+
+def test_sum_strategy_has_no_agp_buffer(data_dir):
+    summed = P.plan(_distill(data_dir, combine={"strategy": "sum"}))
+    assert not any(k.startswith("AGP") for k in summed.parts)
+    assert "combination" not in summed.phases
+    ce_only = P.plan(_distill(data_dir, recipe="ce"))  # one loss: nothing to combine
+    assert not any(k.startswith("AGP") for k in ce_only.parts) and ce_only.teachers == []
+
+
+def test_fsdp_divides_weights_gradients_optimiser_and_buffers(data_dir):
+    p = P.plan(_distill(data_dir), P.Inputs(gpus=4))
+    shard = p.fsdp["parts"]
+    for part in ("weights", "gradients", "optimiser state", "AGP buffer"):
+        assert shard[part] == p.parts[part] // 4, part
+    assert shard["activations: language model"] == p.parts["activations: language model"]
+    assert "DDP gradient buckets" in p.parts and "DDP gradient buckets" not in shard
+    assert p.fsdp["peak"] < p.peak
+    assert P.plan(_distill(data_dir)).parts["activations: language model"] == p.parts["activations: language model"]
+
+
+def test_cached_teacher_has_no_teacher_weights_and_live_ones_count_once(data_dir):
+    cached = P.plan(_distill(data_dir))
+    assert "teacher weights" not in cached.parts and "teacher cache reads" in cached.parts
+    teacher = P.arch("tiny-internvl-teacher").parameters
+    live = P.plan(_distill(data_dir, teacher={"cache": None}))
+    assert live.parts["teacher weights"] == 4 * teacher  # three signals, one checkpoint
+    assert "live teacher forward" in live.parts and "teacher cache reads" not in live.parts
+    two = P.plan(_distill(data_dir, teacher={"cache": None, "per_signal": {"planning": "tiny-internvl-student"}}))
+    assert two.parts["teacher weights"] == 4 * (teacher + P.arch("tiny-internvl-student").parameters)
+    assert (
+        P.plan(_distill(data_dir, teacher={"cache": None, "dtype": "bfloat16"})).parts["teacher weights"] == 2 * teacher
+    )
+
+
+def test_text_rows_make_attn_tv_cheaper_than_full_maps(data_dir):
+    tv = P.plan(_distill(data_dir, recipe="perception"), P.Inputs(tokens=400, images=2))
+    rows = 400 - 2 * P.arch("tiny-internvl-student").visual_tokens
+    assert tv.parts["teacher cache reads"] == 4 * rows * 400 * 4  # B x R x T fp32
+
+
+# ---- fit and advice ---------------------------------------------------------------------------------
+def test_fit_and_advice_ranked_by_bytes_saved(data_dir):
+    config = _distill(data_dir, micro=4, teacher={"cache": None}, combine={"amortize_every": 4})
+    roomy = P.plan(config, P.Inputs(device_memory_gb=80))
+    assert roomy.fits and roomy.advice == []
+    tight = P.plan(config, P.Inputs(device_memory_gb=0.6 * roomy.peak / P.GiB, device="cpu"))
+    assert not tight.fits
+    saves = [a["saves"] for a in tight.advice if a["saves"] is not None]
+    assert saves == sorted(saves, reverse=True)
+    fields = {k for a in tight.advice for k in a["fields"]}
+    assert {"model.freeze_vision", "model.lora", "model.dtype", "teacher.cache", "train.micro_batch_size"} <= fields
+    assert "launch" in fields  # FSDP
+    if "buffer_dtype" in CombineConfig.model_fields:
+        assert "combine.buffer_dtype" in fields
+    for a in tight.advice:
+        if a["peak"] is not None:
+            assert a["saves"] == tight.peak - a["peak"] and a["fits"] == (a["peak"] <= tight.budget)
+    assert any("amortize_every does not lower the peak" in n for n in tight.notes)
+
+
+def test_gpu_budget_keeps_room_for_the_cuda_context():
+    assert P.device_budget(P.Inputs(device_memory_gb=80)) < 80 * P.GiB
+    assert P.device_budget(P.Inputs(device_memory_gb=24, device="cpu")) == 24 * P.GiB
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def _yaml(tmp_path: Path, config) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
+    return path
+
+
+def test_cli_prints_a_table_and_valid_json(tmp_path, data_dir):
+    path = _yaml(tmp_path, _distill(data_dir))
+    shown = CliRunner().invoke(main, ["plan", "--config", str(path), "--gpus", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert "| part | DDP, per device | FSDP x2, per device | counts in |" in shown.output
+    assert "| **peak** |" in shown.output and "AGP buffer" in shown.output
+    as_json = CliRunner().invoke(main, ["plan", "--config", str(path), "--json", "train.micro_batch_size=2"])
+    assert as_json.exit_code == 0, as_json.output
+    out = json.loads(as_json.output)
+    assert out["kind"] == "distill" and out["step"]["micro_batch"] == 2
+    assert out["peak"] == out["phases"]["resident"] + max(v for k, v in out["phases"].items() if k != "resident")
+    sft = CliRunner().invoke(main, ["plan", "--config", str(_yaml(tmp_path, _sft(data_dir))), "--json"])
+    assert json.loads(sft.output)["kind"] == "sft"
+
+
+def test_cli_advice_when_it_does_not_fit(tmp_path, data_dir):
+    path = _yaml(tmp_path, _sft(data_dir))
+    shown = CliRunner().invoke(main, ["plan", "--config", str(path), "--device-memory", "0.05", "--device", "cpu"])
+    assert shown.exit_code == 0, shown.output
+    assert "does NOT fit" in shown.output and "what to change" in shown.output and "model.freeze_vision" in shown.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "no/such/config.yaml"],
+        ["--config", "{config}", "recipe=no-such-recipe"],
+        ["--config", "{config}", "--tokens", "10"],  # two images do not fit in 10 tokens
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, data_dir, args):
+    config = _yaml(tmp_path, _distill(data_dir))
+    result = CliRunner().invoke(main, ["plan", *[a.format(config=config) for a in args]])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_config_kind_is_told_by_its_fields(tmp_path, data_dir):
+    path = _yaml(tmp_path, _sft(data_dir))
+    assert isinstance(P.load_any_config(path), SFTConfig)
+    assert isinstance(P.load_any_config(path, ("teacher=tiny-internvl-teacher",)), DistillConfig)
+
+
+# ---- calibration ------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_measured_step_is_within_a_quarter_of_the_plan(data_dir):
+    """One real SFT step of the tiny student in a fresh process: its peak RSS, and its live tensors,
+    within ±25% of the plan for that batch on this CPU."""
+    from drivekd.bench.plan_measure import measure_step
+
+    result = measure_step(_sft(data_dir, micro=8))
+    assert result["measured"]["tokens"] > 100 and result["measured"]["peak_reset"]
+    assert 0.75 <= result["ratio_rss"] <= 1.25, result
+    assert 0.75 <= result["ratio_tensors"] <= 1.25, result
+
+
+def test_advice_to_sum_also_turns_reweighting_off(data_dir):
+    config = _distill(data_dir, reweight=True)
+    tight = P.plan(config, P.Inputs(device_memory_gb=1e-4, device="cpu"))
+    summed = next(a for a in tight.advice if a["fields"].get("combine.strategy") == "sum")
+    assert summed["fields"]["reweight.enabled"] is False and summed["saves"] > 0
