@@ -230,3 +230,26 @@ def test_bfloat16_task_buffers_give_the_combination_of_rounded_gradients():
     assert all(p.grad.dtype == torch.float32 for p in params)
     want = combine_gradients(grads, "agp", generator=torch.Generator().manual_seed(5))
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_task_gradients_land_in_the_buffer_and_earlier_gradients_are_kept():
+    from drivekd.distill.aggregate import GradientAggregator
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(6, 5)
+    params = list(model.parameters())
+    want = []
+    for name in _losses(model, x):
+        model.zero_grad(set_to_none=True)
+        _losses(model, x)[name].backward()
+        want.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    earlier = [torch.full_like(p, 0.5) for p in params]  # an earlier micro-batch's accumulated gradient
+    for p, g in zip(params, earlier, strict=True):
+        p.grad = g
+    for dtype in (None, torch.bfloat16):  # in place (the parameters' dtype) and copied (bf16)
+        aggregator = GradientAggregator(lambda: params, "agp", anchor="ce", buffer_dtype=dtype)
+        stacked = aggregator._task_gradients(_losses(model, x))
+        tol = 1e-6 if dtype is None else 1e-2
+        assert all(torch.allclose(stacked[i].float(), want[i], atol=tol) for i in range(3))
+        assert all(p.grad is g and torch.all(g == 0.5) for p, g in zip(params, earlier, strict=True))

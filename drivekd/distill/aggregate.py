@@ -90,24 +90,46 @@ class GradientAggregator:
         return self._combine(names, stacked, accelerator, step)
 
     def _task_gradients(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One `(k, P)` buffer, each task's gradient written into its row piece by piece: one
-        gradient-sized copy per task, no concatenated or stacked second copy."""
+        """One `(k, P)` buffer, each task's gradient written into its row: one gradient-sized copy per
+        task and no other. When the buffer has the parameters' dtype, each backward accumulates
+        straight into the row (the parameters' `.grad` point into it meanwhile), so not even one
+        whole gradient exists beside it; a bf16 buffer for fp32 weights copies each gradient in."""
         params = self.params()
         total = sum(p.numel() for p in params)
         dtype = self.buffer_dtype or params[0].dtype
         stacked = torch.empty((len(losses), total), dtype=dtype, device=params[0].device)
-        for i, loss in enumerate(losses.values()):
-            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-            offset = 0
-            for g, p in zip(grads, params, strict=True):
-                piece = stacked[i, offset : offset + p.numel()]
-                if g is None:
-                    piece.zero_()
-                else:
-                    piece.copy_(g.reshape(-1))
-                offset += p.numel()
-            del grads
+        in_place = all(p.dtype == dtype for p in params)
+        earlier = [p.grad for p in params]  # accumulated over earlier micro-batches: kept aside
+        try:
+            for i, loss in enumerate(losses.values()):
+                retain = i < len(losses) - 1
+                if in_place:
+                    stacked[i].zero_()
+                    pieces = self._rows(stacked[i], params)
+                    for p, piece in zip(params, pieces, strict=True):
+                        p.grad = piece
+                    torch.autograd.backward(loss, retain_graph=retain, inputs=params)
+                    for p, piece in zip(params, pieces, strict=True):
+                        if p.grad is not piece:  # autograd replaced it instead of adding in place
+                            piece.copy_(p.grad)
+                    continue
+                grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+                for g, piece in zip(grads, self._rows(stacked[i], params), strict=True):
+                    piece.zero_() if g is None else piece.copy_(g)
+                del grads
+        finally:
+            for p, g in zip(params, earlier, strict=True):
+                p.grad = g
         return stacked
+
+    @staticmethod
+    def _rows(row: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """The pieces of one buffer row shaped like each parameter (views, no copy)."""
+        pieces, offset = [], 0
+        for p in params:
+            pieces.append(row[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return pieces
 
     # ---- once per optimiser step ----------------------------------------------------------------
     def before_step(self, accelerator: Accelerator, step: int) -> dict[str, float]:
