@@ -377,9 +377,10 @@ def agp_buffer(trainable: int, losses: int, buffer_bytes: int) -> int:
     return losses * trainable * buffer_bytes
 
 
-def agp_grad_result(trainable: int, grad_bytes: int) -> int:
-    # each autograd.grad call returns one whole gradient before it is copied into its row
-    return trainable * grad_bytes
+def agp_grad_result(trainable: int, largest: int, grad_bytes: int, in_place: bool) -> int:
+    # a buffer of the parameters' dtype takes each backward in place (one parameter's new gradient at a
+    # time); a bf16 buffer for fp32 weights gets autograd.grad's whole gradient copied into its row
+    return largest * grad_bytes if in_place else trainable * grad_bytes
 
 
 def agp_combination(losses: int, largest: int, buffer_bytes: int, gram_chunk: int) -> int:
@@ -618,7 +619,8 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         if config.combine.project_per == "step" and inputs.gpus > 1:
             combine_temp += agp_buffer(trainable, losses, buffer_bytes)  # reduced across processes into a new one
         add("AGP buffer", agp_buffer(trainable, losses, buffer_bytes) * (2 if pending else 1), BACKWARD, "combination")
-        add("AGP gradient of one loss", agp_grad_result(trainable, s_bytes), BACKWARD)
+        in_place = buffer_bytes == s_bytes
+        add("AGP gradient of one loss", agp_grad_result(trainable, largest, s_bytes, in_place), BACKWARD)
         add("AGP combination temporaries", combine_temp, "combination")
     ddp = ddp_buckets(trainable, s_bytes, inputs.gpus)
     add(
