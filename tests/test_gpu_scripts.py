@@ -75,7 +75,7 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
         "LARGE": "tiny-internvl-teacher",
         "DEVICE": "cpu",
         "CAMERAS": "2",
-        "PHASES": "sft cache agp-cached agp-reuse-cached capture-eager capture-rows",
+        "PHASES": "sft cache agp-cached agp-reuse-cached capture-none capture-eager capture-rows",
         "REPEATS": "1",
         "TESTS": "none",
     }
@@ -93,4 +93,5 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
     assert all("error" not in scale[p] for p in scale if p != "ratios")
     assert scale["capture-rows"]["map_shape"][1] < scale["capture-eager"]["map_shape"][1]  # text rows only
     assert "agp amortised every 8 (cached) / sft" in scale["ratios"]
+    assert "capture memory: text rows / eager (over the pass without maps)" in scale["ratios"]
     assert "target for the 1B shape" in (out / "infer.log").read_text()

@@ -43,7 +43,7 @@ STEP_PHASES = (
     "sum-live",
     "agp-live",
 )
-CAPTURE_PHASES = ("capture-eager", "capture-rows")
+CAPTURE_PHASES = ("capture-none", "capture-eager", "capture-rows")  # none: the same pass, no map kept
 PHASES = STEP_PHASES + CAPTURE_PHASES
 AMORTIZE_EVERY = 8
 RECIPE = "drive-kd"
@@ -64,6 +64,7 @@ def prepare(root: Path, pair: str, cameras: int) -> dict[str, Any]:
     from drivekd.data.sample import IMAGE_PLACEHOLDER, ImageRef, Sample
     from drivekd.models.loading import PRESETS, LoadOptions, init_like, real_shapes
 
+    root = root.resolve()  # the dataset names its images by absolute path
     student_name, teacher_name = PAIRS[pair]
     paths: dict[str, Path | str] = {}
     for role, name in (("student", student_name), ("teacher", teacher_name)):
@@ -180,7 +181,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         start = time.perf_counter()
         run_cache_teacher(config, cache_dir, echo=lambda _: None)
         figures["step_s"] = time.perf_counter() - start
-        figures["cache_bytes_per_sample"] = sum(f.stat().st_size for f in cache_dir.glob("shard-*.safetensors"))
+        figures["cache_bytes_per_sample"] = _cached_bytes(cache_dir, samples[-1].id)  # the timed sample's
     elif phase in STEP_PHASES:
         strategy, *rest = phase.split("-")
         live = rest[-1] == "live"
@@ -208,7 +209,10 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         n = student.num_layers
 
         def forward_backward(b: Any) -> list[int]:
-            if phase == "capture-eager":  # every layer's maps, as output_attentions gives them
+            if phase == "capture-none":  # the baseline: what the pass costs without any map
+                out = student.model(**b.inputs)
+                maps = [out.logits[:, :1, :1]]
+            elif phase == "capture-eager":  # every layer's maps, as output_attentions gives them
                 student.set_attention("eager")
                 out = student.model(**b.inputs, output_attentions=True)
                 maps = [out.attentions[0].mean(1), out.attentions[n - 2].mean(1)]
@@ -235,6 +239,27 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         figures["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     figures["device"] = torch.cuda.get_device_name(device) if cuda else "cpu"
     return figures
+
+
+def _cached_bytes(cache_dir: Path, sample_id: str) -> int:
+    """Bytes of one sample's targets in a teacher cache (the shards also hold the warm-up sample)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in cache_dir.glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                if key.split("/")[0] == sample_id:
+                    t = f.get_slice(key)
+                    total += _numel(t.get_shape()) * 2  # stored as fp16
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _sync(device: str) -> None:
@@ -314,11 +339,10 @@ def collect(out: Path) -> dict[str, Any]:
                     AMORTIZE_EVERY
                 )
                 ratios[f"agp amortised every {AMORTIZE_EVERY} (cached) / sft"] = amortised / sft
-        if "capture-eager" in ok and "capture-rows" in ok:
-            eager, rows = (
-                _peak(ok[p]) - ok[p].get("cuda_after_load_bytes", ok[p]["rss_after_load_bytes"]) for p in CAPTURE_PHASES
-            )
-            ratios["capture memory: text rows / eager (forward+backward growth)"] = rows / max(eager, 1)
+        if all(p in ok for p in CAPTURE_PHASES):
+            # what the maps add to the same forward and backward pass without them
+            _, eager, rows = (_peak(ok[p]) - _peak(ok["capture-none"]) for p in CAPTURE_PHASES)
+            ratios["capture memory: text rows / eager (over the pass without maps)"] = max(rows, 0) / max(eager, 1)
         run["ratios"] = ratios
     return results
 
