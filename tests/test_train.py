@@ -349,3 +349,25 @@ def test_a_data_file_without_validation_split_warns(tmp_path, data_dir, capsys):
     assert val == [] and "no validation split" in capsys.readouterr().err
     load_training_data(DataConfig(path=str(data_dir), limit=4), backend)
     assert "no validation split" not in capsys.readouterr().err
+
+
+def test_shipped_lora_configs_leave_a_frozen_vision_tower_frozen():
+    # InternViT's attention has q/k/v_proj too: a LoRA target list must not reach into it
+    import yaml
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        model = raw.get("model", {})
+        if not model.get("lora") or not model.get("freeze_vision"):
+            continue
+        backend = load_model_like(model)
+        trainable = [n for n, p in backend.model.named_parameters() if p.requires_grad]
+        assert trainable and not any("vision" in n for n in trainable), path.name
+
+
+def load_model_like(model: dict):
+    """The config's model options on the tiny preset of its family (same module names)."""
+    from drivekd.models.loading import LoadOptions, load_backend
+
+    preset = "tiny-qwen25vl-student" if "qwen" in model["name"].lower() else "tiny-internvl-student"
+    return load_backend(preset, LoadOptions(freeze_vision=True, lora=model["lora"]))
