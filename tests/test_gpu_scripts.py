@@ -81,13 +81,8 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
     }
     run = _script("check-real-size.sh", env=env)
     assert run.returncode == 0, run.stdout + (out / "scale.log").read_text()[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "infer.json",
-        "infer.log",
-        "machine.txt",
-        "scale.json",
-        "scale.log",
-    ]
+    names = ["infer.json", "infer.log", "machine.txt", "scale.json", "scale.log", "tests.log"]
+    assert sorted(p.name for p in out.iterdir()) == names  # at most 8 files come back
     scale = json.loads((out / "scale.json").read_text())["runs"]["tiny-2cam"]
     assert {"sft", "cache", "agp-cached", "agp-reuse-cached", "capture-eager", "capture-rows"} <= set(scale)
     assert all("error" not in scale[p] for p in scale if p != "ratios")
