@@ -56,7 +56,7 @@ def test_autocast_training_steps_lower_the_loss(device, precision, samples):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_peak_memory_figure_covers_the_weights(device):
-    from drivekd.bench.infer.memory import peak_mb, reset_peak
+    from drivekd.bench.memory import peak_mb, reset_peak
 
     dev = torch.device(device)
     reset_peak(dev)

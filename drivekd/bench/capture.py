@@ -7,7 +7,6 @@ growth of peak RSS during the forward pass over the RSS before it (model and bat
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from typing import Any
 
 import psutil
 import torch
+
+from drivekd.bench.memory import peak_rss_bytes
 
 VARIANTS = ("eager-all", "capture-perception-planning", "capture-reasoning")
 
@@ -43,19 +44,6 @@ def _long_batch(backend: Any, data_dir: Path, tokens: int) -> Any:
         )
         if backend.token_lengths(probe) >= tokens:
             return backend.build_batch([probe, probe])
-
-
-def _peak_rss_bytes() -> int:
-    """This process image's peak RSS. `ru_maxrss` can carry a larger parent's peak across exec, so
-    /proc's VmHWM is read where it exists."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, float]:
@@ -91,7 +79,7 @@ def worker(variant: str, data_dir: str, tokens: int, repeats: int) -> dict[str, 
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return {
         "time_s": statistics.median(times),
         "extra_peak_mb": max(peak - rss_before, 0) / 2**20,

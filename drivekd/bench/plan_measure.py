@@ -13,39 +13,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from drivekd.bench.memory import peak_rss_bytes, release_freed, reset_peak_rss, rss_bytes
 from drivekd.bench.plan import RESIDENT, Inputs, plan
 from drivekd.errors import DriveKDError
 
 
 # ---- calibration: one real step, measured ------------------------------------------------------------
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak_rss() -> bool:
-    """Set this process's peak RSS (VmHWM) back to its current RSS (Linux 4.0 and later)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed() -> None:
-    """Hand freed heap memory back to the OS, so the baseline RSS holds live memory only."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class LiveTensors:
     """A dispatch mode that counts the bytes of tensor storages created inside it and still alive, and
     their peak: on a CPU, what `torch.cuda.max_memory_allocated` reports on a GPU (no allocator slack)."""
@@ -102,7 +75,6 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
     state allocated as after a first step; then `steps` real training steps and the peak RSS they add."""
     from accelerate import Accelerator
 
-    from drivekd.bench.capture import _peak_rss_bytes
     from drivekd.train.config import DistillConfig, SFTConfig
     from drivekd.train.sft import cross_entropy, load_model, load_training_data
 
@@ -135,9 +107,9 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     student.model.train()
-    _release_freed()
-    baseline = _rss()
-    reset = _reset_peak_rss()
+    release_freed()
+    baseline = rss_bytes()
+    reset = reset_peak_rss()
 
     pass_peak = 0
 
@@ -152,7 +124,7 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
     with LiveTensors() as live:  # the same steps' tensors counted
         for i in range(steps):
             train_step(i)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
     model_bytes = sum(p.numel() * p.element_size() for p in student.model.parameters())
     return {

@@ -15,6 +15,7 @@ matrix products ~70x slower than fp32, so a live teacher is fp32 here too.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from drivekd.atomic import atomic_file
+from drivekd.bench.memory import peak_rss_bytes, rss_bytes
 
 # student, teacher; `tiny` runs the same phases on the tiny presets (what the tests run)
 PAIRS = {
@@ -104,20 +106,6 @@ def prepare(root: Path, pair: str, cameras: int) -> dict[str, Any]:
     return paths
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
 def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") -> dict[str, Any]:
     """One phase in this (fresh) process: its time and peak memory (CPU: this process's peak RSS;
     CUDA: the peak allocated, student fp32 under bf16 autocast, teacher bf16)."""
@@ -143,7 +131,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         "tokens": int(batch.inputs["input_ids"].shape[1]),
         "visual_tokens": int(batch.visual_mask.sum()),
         "trainable_parameters": sum(p.numel() for p in student.model.parameters() if p.requires_grad),
-        "rss_after_load_bytes": _rss(),
+        "rss_after_load_bytes": rss_bytes(),
     }
     if cuda:
         figures["cuda_after_load_bytes"] = torch.cuda.memory_allocated(device)
@@ -234,7 +222,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         figures["step_s"] = time.perf_counter() - start
     else:
         raise ValueError(f"unknown phase {phase!r} ({', '.join(PHASES)})")
-    figures["peak_rss_bytes"] = _peak_rss()
+    figures["peak_rss_bytes"] = peak_rss_bytes()
     if cuda:
         figures["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     figures["device"] = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -251,15 +239,8 @@ def _cached_bytes(cache_dir: Path, sample_id: str) -> int:
             for key in f.keys():
                 if key.split("/")[0] == sample_id:
                     t = f.get_slice(key)
-                    total += _numel(t.get_shape()) * 2  # stored as fp16
+                    total += math.prod(t.get_shape()) * 2  # stored as fp16
     return total
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _sync(device: str) -> None:

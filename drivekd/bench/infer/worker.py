@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from drivekd.bench.infer.int8 import is_int8, quantize_int8, weights_mb
-from drivekd.bench.infer.memory import peak_mb, reset_peak, rss_mb
 from drivekd.bench.infer.timing import greedy_timed
+from drivekd.bench.memory import peak_mb, reset_peak, rss_mb
 from drivekd.errors import DriveKDError
 
 
