@@ -124,6 +124,14 @@ class _Attention(Signal):
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return length * length
 
+    def student_map(self, student: Internals, layer: int) -> torch.Tensor:
+        """The student's map the loss compares with the target."""
+        return student.maps[layer]
+
+    def loss_mask(self, positions: Positions) -> torch.Tensor:
+        """The map entries the loss reads."""
+        return positions.pair_mask(self.block)
+
     def loss(
         self,
         student: Internals,
@@ -132,7 +140,14 @@ class _Attention(Signal):
         student_layers: list[int],
         projection: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        return attention_loss(self, student.maps, student_layers, targets, positions)
+        """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
+        (a group window's mean for `attn_group`) matched to `student_layers[k]`."""
+        mask = self.loss_mask(positions)
+        losses = [
+            map_distance(self.student_map(student, s), t, mask, self.distance)
+            for s, t in zip(student_layers, targets, strict=True)
+        ]
+        return torch.stack(losses).mean(0)
 
 
 @dataclass(frozen=True)
@@ -163,20 +178,11 @@ class AttnTV(_Attention):
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return (length - visual) * visual
 
-    def loss(
-        self,
-        student: Internals,
-        targets: list[torch.Tensor],
-        positions: Positions,
-        student_layers: list[int],
-        projection: torch.nn.Module | None = None,
-    ) -> torch.Tensor:
-        mask = positions.text_row_mask()
-        losses = [
-            map_distance(student.text_rows(s), t, mask, self.distance)
-            for s, t in zip(student_layers, targets, strict=True)
-        ]
-        return torch.stack(losses).mean(0)
+    def student_map(self, student: Internals, layer: int) -> torch.Tensor:
+        return student.text_rows(layer)
+
+    def loss_mask(self, positions: Positions) -> torch.Tensor:
+        return positions.text_row_mask()
 
 
 @dataclass(frozen=True)
@@ -332,13 +338,8 @@ def attention_loss(
     targets: list[torch.Tensor],
     positions: Positions,
 ) -> torch.Tensor:
-    """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
-    (a group window's mean for `attn_group`) matched to `student_layers[k]`."""
-    mask = positions.pair_mask(getattr(signal, "block", "full"))
-    losses = [
-        map_distance(student_maps[s], t, mask, signal.distance) for s, t in zip(student_layers, targets, strict=True)
-    ]
-    return torch.stack(losses).mean(0)
+    """An attention signal's loss on whole student maps (`signal.loss` with the maps alone)."""
+    return signal.loss(Internals(student_maps), targets, positions, student_layers)
 
 
 def hidden_loss(
