@@ -138,6 +138,18 @@ def _losses(model, x):
     return {"ce": out[:, 0].pow(2).mean(), "perception": (out[:, 1] - 1).pow(2).mean(), "planning": -out.sum() * 0.1}
 
 
+def _per_loss_gradients(model, x):
+    """Each loss's flattened gradient by its own backward (the reference); leaves no .grad behind."""
+    params = list(model.parameters())
+    grads = {}
+    for name in _losses(model, x):
+        model.zero_grad(set_to_none=True)
+        _losses(model, x)[name].backward()
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in params])
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 @pytest.mark.parametrize("strategy", STRATS)
 def test_aggregator_writes_the_explicit_combination_into_the_gradients(strategy):
     from drivekd.distill.aggregate import GradientAggregator
@@ -147,12 +159,7 @@ def test_aggregator_writes_the_explicit_combination_into_the_gradients(strategy)
     x = torch.randn(6, 5)
     params = list(model.parameters())
     # reference: each loss's gradient by its own backward, flattened, combined by the explicit formulas
-    grads = {}
-    for name in _losses(model, x):
-        model.zero_grad()
-        _losses(model, x)[name].backward()
-        grads[name] = torch.cat([p.grad.reshape(-1) for p in params]).double()
-    model.zero_grad(set_to_none=True)
+    grads = {name: g.double() for name, g in _per_loss_gradients(model, x).items()}
     seed, step = 3, 7
     aggregator = GradientAggregator(lambda: params, strategy, anchor="ce", seed=seed)
     stats = aggregator.backward(_losses(model, x), _Single(), step)
@@ -217,13 +224,8 @@ def test_bfloat16_task_buffers_give_the_combination_of_rounded_gradients():
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     x = torch.randn(6, 5)
     params = list(model.parameters())
-    grads = {}
-    for name in _losses(model, x):
-        model.zero_grad()
-        _losses(model, x)[name].backward()
-        # what a bf16 buffer holds: each task gradient rounded to bf16
-        grads[name] = torch.cat([p.grad.reshape(-1) for p in params]).to(torch.bfloat16).double()
-    model.zero_grad(set_to_none=True)
+    # what a bf16 buffer holds: each task gradient rounded to bf16
+    grads = {name: g.to(torch.bfloat16).double() for name, g in _per_loss_gradients(model, x).items()}
     aggregator = GradientAggregator(lambda: params, "agp", anchor="ce", seed=0, buffer_dtype=torch.bfloat16)
     aggregator.backward(_losses(model, x), _Single(), 5)
     got = torch.cat([p.grad.reshape(-1) for p in params]).double()
@@ -239,11 +241,7 @@ def test_task_gradients_land_in_the_buffer_and_earlier_gradients_are_kept():
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     x = torch.randn(6, 5)
     params = list(model.parameters())
-    want = []
-    for name in _losses(model, x):
-        model.zero_grad(set_to_none=True)
-        _losses(model, x)[name].backward()
-        want.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    want = list(_per_loss_gradients(model, x).values())
     earlier = [torch.full_like(p, 0.5) for p in params]  # an earlier micro-batch's accumulated gradient
     for p, g in zip(params, earlier, strict=True):
         p.grad = g
