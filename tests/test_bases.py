@@ -151,3 +151,13 @@ def test_a_dataset_is_reused_only_when_its_card_matches(built, tmp_path):
         (copy / f).write_text((out / "data" / "qa" / f).read_text())
     (copy / "card.json").write_text(json.dumps({**card, "generator_version": "drivesim-qa/0"}))
     assert find_dataset(tmp_path / "copy", same) is None  # another generator wrote other bytes
+
+
+def test_verify_base_refuses_a_folder_without_an_export(tmp_path):
+    from .conftest import run_cli
+
+    (tmp_path / "empty").mkdir()
+    r = run_cli("models", "verify-base", str(tmp_path / "empty"), "--work", str(tmp_path / "w"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "no card.json: not a finished base build's export" in r.stderr
+    assert not (tmp_path / "w").exists()  # found before any work starts

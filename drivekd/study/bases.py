@@ -417,6 +417,9 @@ def verify(export_dir: Path, data_from: Path | None, work: Path, tolerance: floa
     from drivekd.eval.scoring import score_file
     from drivekd.models.loading import LoadOptions, load_backend
 
+    for name in ("card.json", "model.safetensors"):
+        if not (export_dir / name).is_file():
+            raise DriveKDError(f"{export_dir}: no {name}: not a finished base build's export")
     card = json.loads((export_dir / "card.json").read_text(encoding="utf-8"))
     if sha256_of(export_dir / "model.safetensors") != card["weights_sha256"]:
         raise DriveKDError(f"{export_dir}: model.safetensors does not match its card's hash")
