@@ -120,7 +120,13 @@ def test_profiles_name_known_variants():
     for profile in PROFILES.values():
         assert set(profile.variants) <= set(variants)
     assert {"ce", "multi-agp"} <= set(PROFILES["quick"].variants)
-    assert len(PROFILES["full"].seeds) >= 3 and set(PROFILES["full"].variants) == set(variants)
+    assert len(PROFILES["ablations"].seeds) >= 3 and set(PROFILES["ablations"].variants) == set(variants)
+    full = PROFILES["full"]
+    assert len(full.seeds) >= 3 and {"ce", "ce-kl", "ce-hidden", "multi-agp"} <= set(full.variants)
+    # the full study repeats the quick one with more seeds and variants: every shared step is the same
+    shared = ("scenes", "split", "data_seed", "student_epochs", "student_lr", "teacher", "student", "kd_share",
+              "prestudy_samples", "eval_max_new_tokens", "group_by_length")
+    assert all(getattr(full, k) == getattr(PROFILES["quick"], k) for k in shared)
 
 
 def test_seed_spread_rule():

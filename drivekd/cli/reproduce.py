@@ -13,10 +13,10 @@ BASES = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
 @click.option(
     "--profile",
     "profile_name",
-    type=click.Choice(["quick", "full", *BASES]),
+    type=click.Choice(["quick", "full", "ablations", *BASES]),
     default="quick",
     show_default=True,
-    help="quick / full: the Drive-KD study. A base's name: rebuild that shipped pretrained model "
+    help="quick / full / ablations: the Drive-KD study. A base's name: rebuild that shipped pretrained model "
     "from nothing (hours on a CPU).",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study directory (created or resumed).")
