@@ -123,10 +123,6 @@ def test_profiles_name_known_variants():
     assert len(PROFILES["ablations"].seeds) >= 3 and set(PROFILES["ablations"].variants) == set(variants)
     full = PROFILES["full"]
     assert len(full.seeds) >= 3 and {"ce", "ce-kl", "ce-hidden", "multi-agp"} <= set(full.variants)
-    # the full study repeats the quick one with more seeds and variants: every shared step is the same
-    shared = ("scenes", "split", "data_seed", "student_epochs", "student_lr", "teacher", "student", "kd_share",
-              "prestudy_samples", "eval_max_new_tokens", "group_by_length")
-    assert all(getattr(full, k) == getattr(PROFILES["quick"], k) for k in shared)
 
 
 def test_seed_spread_rule():
@@ -160,3 +156,58 @@ def test_a_data_seed_the_teacher_was_trained_on_is_refused(tmp_path):
     with pytest.raises(DriveKDError, match="reserved for the shipped bases"):
         runner.Study(tmp_path / "s2", reserved).claim()
     assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists()
+
+
+def test_parallel_jobs_run_exactly_the_missing_steps(study, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(study, out, ignore=shutil.ignore_patterns("mechanism.json"))
+    for name in ("teacher", "majority"):
+        shutil.rmtree(out / "preds" / name)
+    s = runner.Study(out, TINY, jobs=2, echo=lambda _: None)
+    plan = s.plan(None)
+    assert [step.name for step in plan] == [
+        "eval teacher val",
+        "eval teacher test",
+        "eval teacher test-other-images",
+        "eval majority val",
+        "eval majority test",
+        "mechanism",
+    ]
+    assert all(step.needs == () for step in plan)  # what they read is done
+    s.execute(plan)
+    for split in ("val", "test"):
+        assert (out / "preds" / "majority" / f"{split}.jsonl").read_text() == (
+            study / "preds" / "majority" / f"{split}.jsonl"
+        ).read_text()
+    for split in ("val", "test", "test-other-images"):
+        ids = [json.loads(x)["id"] for x in (out / "preds" / "teacher" / f"{split}.jsonl").read_text().splitlines()]
+        want = [json.loads(x)["id"] for x in (study / "preds" / "teacher" / f"{split}.jsonl").read_text().splitlines()]
+        assert ids == want
+    assert set(json.loads((out / "mechanism.json").read_text())) == set(
+        json.loads((study / "mechanism.json").read_text())
+    )
+    timed = [json.loads(x)["step"] for x in (out / "timings.jsonl").read_text().splitlines()]
+    assert timed[-len(plan) :].count("mechanism") == 1 and set(timed[-len(plan) :]) == {step.name for step in plan}
+
+
+def test_a_student_failing_in_a_job_is_recorded_and_its_evaluations_skipped(study, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(study, out, ignore=shutil.ignore_patterns("runs", "preds"))
+    broken = runner.StudentRun(runner.Variant(name="broken", recipe="no-such-recipe"), 0, None)
+    steps = [
+        runner.Step("train broken/seed-0", "train_student", (broken,), row="broken/seed-0"),
+        runner.Step(
+            "eval broken/seed-0 val", "evaluate_students", ([broken], "val"), ("train broken/seed-0",), "broken/seed-0"
+        ),
+        runner.Step("eval majority val", "majority", ("val",)),
+    ]
+    runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(steps)
+    failed = json.loads((out / "runs" / "broken" / "seed-0" / "failed.json").read_text())
+    assert failed["error"].startswith("KeyError") and "no-such-recipe" in failed["error"]
+    assert not (out / "preds" / "broken").exists()
+    assert (out / "preds" / "majority" / "val.jsonl").is_file()
+    # a step that is not a student's stops the study
+    with pytest.raises(DriveKDError):
+        runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(
+            [runner.Step("eval teacher x", "evaluate_teacher", ("nope",))]
+        )

@@ -22,6 +22,14 @@ BASES = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study directory (created or resumed).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-generation processes.")
 @click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Study steps run at once (each in its own process with its share of the CPU threads); a step "
+    "starts as soon as the steps it reads are done.",
+)
+@click.option(
     "--seed",
     "seeds",
     type=int,
@@ -48,6 +56,7 @@ def reproduce(
     profile_name: str,
     out: Path,
     workers: int,
+    jobs: int,
     seeds: tuple[int, ...],
     report_only: bool,
     variant: str | None,
@@ -73,6 +82,6 @@ def reproduce(
     from drivekd.study.profiles import get_profile
     from drivekd.study.runner import Study
 
-    study = Study(out, get_profile(profile_name), workers=workers)
+    study = Study(out, get_profile(profile_name), workers=workers, jobs=jobs)
     report = study.report() if report_only else study.run(seeds or None)
     click.echo(f"wrote {report}")

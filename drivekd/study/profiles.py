@@ -69,6 +69,9 @@ class Profile:
     # students' own scores are in the study's tables either way
     bench_score: bool = True
     eval_max_new_tokens: int = 96
+    # samples per generate() call: larger batches spend less time per decoded token (measured on
+    # 2 CPU cores: 1.2x the teacher's and 1.4x the student's throughput at 64 vs 16)
+    eval_batch_size: int = 64
     # batches of similar length for every run (~1.3x faster steps on 2 cores)
     group_by_length: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,8 +95,8 @@ PROFILES: dict[str, Profile] = {
     # score by well under a point.
     "quick": Profile(
         name="quick",
-        scenes=400,
-        split=(0.55, 0.1, 0.35),
+        scenes=300,
+        split=(0.45, 0.08, 0.47),
         data_seed=0,
         student_epochs=2,
         student_lr=1e-3,
@@ -103,9 +106,9 @@ PROFILES: dict[str, Profile] = {
         bench_repeats=3,
         bench_score=False,  # rescoring teacher and students there took 3 of the demo's 28 minutes
     ),
-    # The main comparison, three seeds: the quick profile's data, teacher and budget, with the
-    # baselines the paper compares attention against (logit KL, hidden states) and the plain sum.
-    # About an hour on 2 CPU cores.
+    # The main comparison, three seeds, with the baselines the paper compares attention against
+    # (logit KL, hidden states) and the plain sum; a larger training set than quick's. About an
+    # hour on 2 CPU cores with two jobs.
     "full": Profile(
         name="full",
         scenes=400,

@@ -9,11 +9,15 @@ reported with its error, and retried by the next invocation. Every student run g
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
 import time
 import traceback
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,22 @@ def _has_checkpoints(run_dir: Path) -> bool:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One resumable piece of a study: a `Study` method and its arguments.
+
+    `needs` names the steps whose outputs it reads; `row` ("variant/seed-N") marks a student step,
+    whose failure is recorded for that row while the study goes on; an `inline` step runs in the
+    study's own process when nothing else runs (data generation starts its own processes)."""
+
+    name: str
+    method: str
+    args: tuple[Any, ...] = ()
+    needs: tuple[str, ...] = ()
+    row: str | None = None
+    inline: bool = False
+
+
+@dataclass(frozen=True)
 class StudentRun:
     """One trained student: a variant at a seed, on all data or on one capability's split."""
 
@@ -69,10 +89,11 @@ class StudentRun:
 
 
 class Study:
-    def __init__(self, out: Path, profile: Profile, *, workers: int = 2, echo: Any = click.echo) -> None:
+    def __init__(self, out: Path, profile: Profile, *, workers: int = 2, jobs: int = 1, echo: Any = click.echo) -> None:
         self.out = out
         self.profile = profile
         self.workers = workers
+        self.jobs = jobs
         self.echo = echo
         self.variants = load_variants()
         self.data = out / "data"
@@ -144,30 +165,134 @@ class Study:
             raise DriveKDError(
                 f"seed(s) {unknown} are not in profile {self.profile.name!r} (seeds {list(self.profile.seeds)})"
             )
-        if not (self.data / "card.json").is_file():
-            self.timed("data", self.generate_data)
-        if not (self.out / "prestudy" / "recipe.yaml").is_file():
-            self.timed("prestudy", self.prestudy)
-        for split in SPLITS:
-            if not self.pred_file("majority", None, split).is_file():
-                self.timed(f"eval majority {split}", self.majority, split)
-        for split in (*SPLITS, CONTROL):
-            if not self.pred_file("teacher", None, split).is_file():
-                self.timed(f"eval teacher {split}", self.evaluate_teacher, split)
-        if not (self.out / "recipes" / "calibration.json").is_file():
-            self.timed("calibrate", self.calibrate)
-        for recipe, capability in self.recipe_keys():  # before any student, so seeds can run in parallel
-            self.ensure_cache(recipe, capability)
-        for seed in seeds if seeds is not None else self.profile.seeds:  # seed-major: partial studies have whole rows
-            for name in self.profile.variants:
-                self.student_variant(self.variants[name], seed)
-        if seeds is None and not (self.out / "mechanism.json").is_file():
-            self.timed("mechanism", self.mechanism)
-        if seeds is None and not (self.out / "bench" / "infer.json").is_file():
-            self.timed("bench infer", self.bench)
+        self.execute(self.plan(seeds))
         from drivekd.study.report import write_report
 
         return self.timed("report", write_report, self.out)
+
+    def plan(self, seeds: Sequence[int] | None) -> list[Step]:
+        """The steps not yet done, long chains first (teacher targets, then the students that read
+        them, then evaluations), so that parallel jobs start the critical path early."""
+        candidates: list[tuple[bool, Step]] = []  # (done, step)
+
+        def add(done: bool, name: str, method: str, *args: Any, needs: Sequence[str] = (), **kw: Any) -> None:
+            candidates.append((done, Step(name, method, args, tuple(needs), **kw)))
+
+        add((self.data / "card.json").is_file(), "data", "generate_data", inline=True)
+        add((self.out / "prestudy" / "recipe.yaml").is_file(), "prestudy", "prestudy", needs=["data"])
+        add((self.out / "recipes" / "calibration.json").is_file(), "calibrate", "calibrate", needs=["prestudy"])
+        for recipe, cap in self.recipe_keys():
+            done = (self.cache_dir(recipe, cap) / "manifest.json").is_file()
+            add(done, self.cache_step(recipe, cap), "make_cache", recipe, cap, needs=["calibrate"])
+        evaluations: list[tuple[bool, Step]] = []
+        for seed in seeds if seeds is not None else self.profile.seeds:  # seed-major: partial studies have whole rows
+            for name in self.profile.variants:
+                variant, row = self.variants[name], f"{name}/seed-{seed}"
+                if all(self.pred_file(name, seed, s).is_file() for s in (*SPLITS, CONTROL)):
+                    continue
+                (self.out / "runs" / row / "failed.json").unlink(missing_ok=True)  # tried again now
+                caps = CAPABILITIES if variant.per_capability else (None,)
+                runs = [StudentRun(variant, seed, cap) for cap in caps]
+                for run in runs:
+                    needs = ["data", self.cache_step(variant.recipe, run.capability)] if variant.distills else ["data"]
+                    add(_done(self.run_dir(run)), f"train {run.key}", "train_student", run, needs=needs, row=row)
+                trained = [f"train {run.key}" for run in runs]
+                for split in (*SPLITS, CONTROL):
+                    step = Step(f"eval {row} {split}", "evaluate_students", (runs, split), tuple(trained), row=row)
+                    evaluations.append((self.pred_file(name, seed, split).is_file(), step))
+        for split in (*SPLITS, CONTROL):
+            done = self.pred_file("teacher", None, split).is_file()
+            add(done, f"eval teacher {split}", "evaluate_teacher", split, needs=["data"])
+        for split in SPLITS:
+            done = self.pred_file("majority", None, split).is_file()
+            add(done, f"eval majority {split}", "majority", split, needs=["data"])
+        candidates += evaluations
+        if seeds is None:
+            trained = [step.name for _, step in candidates if step.method == "train_student"]
+            add((self.out / "mechanism.json").is_file(), "mechanism", "mechanism", needs=["data", *trained])
+            add((self.out / "bench" / "infer.json").is_file(), "bench infer", "bench", needs=["data", *trained])
+        todo = {step.name for done, step in candidates if not done}
+        return [
+            dataclasses.replace(step, needs=tuple(n for n in step.needs if n in todo))
+            for done, step in candidates
+            if not done
+        ]
+
+    def execute(self, steps: Sequence[Step]) -> None:
+        """Run the steps, up to `jobs` at once in worker processes (each with its share of the CPU
+        threads), every step as soon as the steps it needs are done. A student step that fails is
+        recorded in its row's `failed.json` and skips that row's later steps (the mechanism and the
+        deployment table use the students that trained); any other failure stops the study once the
+        running steps have finished (their outputs are kept for the next run)."""
+        pending = list(steps)
+        finished: set[str] = set()
+        failed: set[str] = set()
+        running: dict[Future[float], Step] = {}
+        pool = None
+        if self.jobs > 1 and any(not s.inline for s in steps):
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            pool = ProcessPoolExecutor(
+                self.jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(threads,),
+            )
+        try:
+            while pending or running:
+                for step in [s for s in pending if s.row and any(n in failed for n in s.needs)]:
+                    pending.remove(step)  # a failed student's evaluations
+                    failed.add(step.name)
+                ready = [s for s in pending if all(n in finished or n in failed for n in s.needs)]
+                if not ready and not running:
+                    raise RuntimeError(f"study steps wait on each other: {[s.name for s in pending]}")
+                step = ready[0] if ready else None
+                if step is not None and (pool is None or step.inline) and not running:
+                    pending.remove(step)
+                    self.echo(f"[reproduce] {step.name} ...")
+                    start = time.perf_counter()
+                    try:
+                        getattr(self, step.method)(*step.args)
+                    except Exception as e:  # recorded for its row, or raised
+                        self._step_failed(step, e, failed)
+                    else:
+                        self._step_done(step, time.perf_counter() - start, finished)
+                    continue
+                for step in ready:
+                    if pool is None or step.inline or len(running) >= self.jobs:
+                        break
+                    pending.remove(step)
+                    self.echo(f"[reproduce] {step.name} ... (job {len(running) + 1} of {self.jobs})")
+                    running[pool.submit(_step_in_worker, self.out, self.profile, self.workers, step)] = step
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    step = running.pop(future)
+                    try:
+                        seconds = future.result()
+                    except Exception as e:
+                        self._step_failed(step, e, failed)
+                    else:
+                        self._step_done(step, seconds, finished)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _step_done(self, step: Step, seconds: float, finished: set[str]) -> None:
+        finished.add(step.name)
+        self.log_time(step.name, seconds)
+        self.echo(f"[reproduce] {step.name}: {seconds:.0f} s")
+
+    def _step_failed(self, step: Step, error: Exception, failed: set[str]) -> None:
+        if step.row is None:
+            raise error
+        failed.add(step.name)
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        _write_json(
+            self.out / "runs" / step.row / "failed.json",
+            {"error": message, "traceback": "".join(traceback.format_exception(error))},
+        )
+        self.echo(f"[reproduce] {step.row} FAILED: {message}")
 
     def report(self) -> Path:
         """Rebuild report.md / results.json from whatever the study holds, running nothing else."""
@@ -318,7 +443,10 @@ class Study:
     def cache_dir(self, recipe: str, capability: str | None) -> Path:
         return self.out / "caches" / self._key(recipe, capability)
 
-    def ensure_cache(self, recipe: str, capability: str | None) -> None:
+    def cache_step(self, recipe: str, capability: str | None) -> str:
+        return f"teacher cache {self._key(recipe, capability)}"
+
+    def make_cache(self, recipe: str, capability: str | None) -> None:
         """Teacher targets of a recipe over its data subset, computed once for every seed and weighting."""
         from drivekd.distill.run import run_cache_teacher
 
@@ -328,7 +456,7 @@ class Study:
         variant = Variant(name="cache", recipe=recipe, per_capability=capability is not None)
         config = self.student_config(StudentRun(variant, self.profile.seeds[0], capability))
         assert isinstance(config, DistillConfig)
-        self.timed(f"teacher cache {folder.name}", run_cache_teacher, config, folder)
+        run_cache_teacher(config, folder)
 
     # ---- students ------------------------------------------------------------------------------
     def run_dir(self, run: StudentRun) -> Path:
@@ -336,26 +464,6 @@ class Study:
 
     def pred_file(self, name: str, seed: int | None, split: str) -> Path:
         return self.out / "preds" / name / (f"seed-{seed}" if seed is not None else "") / f"{split}.jsonl"
-
-    def student_variant(self, variant: Variant, seed: int) -> None:
-        runs = [StudentRun(variant, seed, cap) for cap in (CAPABILITIES if variant.per_capability else (None,))]
-        failed_file = self.out / "runs" / variant.name / f"seed-{seed}" / "failed.json"
-        if all(self.pred_file(variant.name, seed, s).is_file() for s in (*SPLITS, CONTROL)):
-            return
-        failed_file.unlink(missing_ok=True)
-        try:
-            for run in runs:
-                if not _done(self.run_dir(run)):
-                    self.timed(f"train {run.key}", self.train_student, run)
-            for split in (*SPLITS, CONTROL):
-                if not self.pred_file(variant.name, seed, split).is_file():
-                    self.timed(f"eval {variant.name}/seed-{seed} {split}", self.evaluate_students, runs, split)
-        except Exception as e:  # a failed run is reported and the study goes on
-            _write_json(
-                failed_file,
-                {"error": f"{type(e).__name__}: {e}".splitlines()[0], "traceback": traceback.format_exc()},
-            )
-            self.echo(f"[reproduce] {variant.name}/seed-{seed} FAILED: {type(e).__name__}: {e}".splitlines()[0])
 
     def train_student(self, run: StudentRun) -> None:
         from drivekd.distill.run import run_distill
@@ -365,7 +473,7 @@ class Study:
         clean_partial(self.run_dir(run))
         resume = _has_checkpoints(self.run_dir(run))
         if isinstance(config, DistillConfig):
-            self.ensure_cache(run.variant.recipe, run.capability)
+            self.make_cache(run.variant.recipe, run.capability)
             run_distill(config, resume=resume)
         else:
             run_sft(config, resume=resume)
@@ -394,7 +502,8 @@ class Study:
         from drivekd.models.loading import load_backend
 
         backend = load_backend(str(model))
-        return generate_records(backend, samples, max_new_tokens=self.profile.eval_max_new_tokens)[0]
+        p = self.profile
+        return generate_records(backend, samples, batch_size=p.eval_batch_size, max_new_tokens=p.eval_max_new_tokens)[0]
 
     def evaluate_teacher(self, split: str) -> None:
         from drivekd.eval.predict import write_records
@@ -453,6 +562,23 @@ class Study:
             score=self.profile.bench_score,
         )
         _write_json(self.out / "bench" / "infer.json", result)
+
+
+def _worker_init(threads: int) -> None:
+    # the study's parallel jobs share the machine's cores; progress bars of several jobs would
+    # interleave, so a job reports through the study's start and end lines only
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["TQDM_DISABLE"] = "1"
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _step_in_worker(out: Path, profile: Profile, workers: int, step: Step) -> float:
+    study = Study(out, profile, workers=workers, echo=lambda _: None)
+    start = time.perf_counter()
+    getattr(study, step.method)(*step.args)
+    return time.perf_counter() - start
 
 
 def clean_partial(run_dir: Path) -> None:
