@@ -197,12 +197,19 @@ def _deployment(out: Path) -> str:
     return render_table(json.loads(file.read_text(encoding="utf-8"))) + "\n"
 
 
-def _timings(out: Path) -> tuple[float, list[str]]:
+def _timings(out: Path) -> list[str]:
     file = out / "timings.jsonl"
     if not file.is_file():
-        return 0.0, []
+        return []
     rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()]
-    return sum(r["seconds"] for r in rows), [f"{r['step']} {r['seconds']:.0f} s" for r in rows]
+    total = sum(r["seconds"] for r in rows)
+    lines = [f"Steps run by the invocations so far: {total / 60:.1f} min of step time in total."]
+    ends = [(r["end"] - r["seconds"], r["end"]) for r in rows if "end" in r]
+    if ends:  # parallel jobs overlap, so the wall time is shorter than the sum
+        wall = max(e for _, e in ends) - min(s for s, _ in ends)
+        lines[0] += f" Wall time from the first step's start to the last one's end: {wall / 60:.1f} min"
+        lines[0] += " (it includes any pause between invocations)."
+    return [*lines, "", *(f"- {r['step']} {r['seconds']:.0f} s" for r in rows)]
 
 
 def write_report(out: Path) -> Path:
@@ -270,9 +277,7 @@ def write_report(out: Path) -> Path:
             "",
         ]
     lines += ["## Deployment (teacher vs student vs int8 student)", "", _deployment(out)]
-    total, steps = _timings(out)
-    lines += ["## Time", "", f"Steps run by the invocations so far: {total / 60:.1f} min in total.", ""]
-    lines += [f"- {s}" for s in steps]
+    lines += ["## Time", "", *_timings(out)]
     report = out / "report.md"
     _write(report, "\n".join(lines) + "\n")
     return report

@@ -143,7 +143,7 @@ class Study:
 
     def log_time(self, step: str, seconds: float) -> None:
         with open(self.out / "timings.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
+            f.write(json.dumps({"step": step, "seconds": round(seconds, 1), "end": round(time.time(), 1)}) + "\n")
 
     def timed(self, step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         self.echo(f"[reproduce] {step} ...")
