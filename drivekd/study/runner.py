@@ -44,6 +44,7 @@ SPLITS = ("val", "test")
 # The image-blind control: the test split with every sample shown another scene's cameras.
 CONTROL = "test-other-images"
 MECHANISM_SAMPLES = 256  # test items the attention-mass measurement reads per model
+HEARTBEAT_S = 60.0  # how often a study running parallel jobs says what is running
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -228,6 +229,7 @@ class Study:
         finished: set[str] = set()
         failed: set[str] = set()
         running: dict[Future[float], Step] = {}
+        started: dict[str, float] = {}
         pool = None
         if self.jobs > 1 and any(not s.inline for s in steps):
             threads = max(1, (os.cpu_count() or 1) // self.jobs)
@@ -263,9 +265,14 @@ class Study:
                     pending.remove(step)
                     self.echo(f"[reproduce] {step.name} ... (job {len(running) + 1} of {self.jobs})")
                     running[pool.submit(_step_in_worker, self.out, self.profile, self.workers, step)] = step
+                    started[step.name] = time.perf_counter()
                 if not running:
                     continue
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                if not done:  # jobs show no progress bars: say what is running, and for how long
+                    now = time.perf_counter()
+                    busy = ", ".join(f"{s.name} ({now - started[s.name]:.0f} s)" for s in running.values())
+                    self.echo(f"[reproduce] running: {busy}")
                 for future in done:
                     step = running.pop(future)
                     try:
