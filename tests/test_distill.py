@@ -582,3 +582,19 @@ def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, 
         assert sig.weight * again[name] == pytest.approx(0.2 * again["ce"], rel=1e-4)
     with pytest.raises(DriveKDError, match="share must be positive"):
         run_calibrate(cfg, tmp_path / "x.yaml", share=0)
+
+
+def test_cache_data_identity_survives_a_moved_dataset_and_sees_a_renamed_image(tmp_path, data_dir):
+    import shutil
+
+    from drivekd.data.formats import load_split
+    from drivekd.distill.cache import data_identity
+
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(data_dir, moved)
+    here, there = load_split(data_dir, "train"), load_split(moved, "train")
+    assert here[0].images[0].path != there[0].images[0].path
+    assert data_identity(here) == data_identity(there)
+    first = there[0].images[0]
+    there[0].images[0] = type(first)(first.camera, first.path.replace(".png", "-b.png"))
+    assert data_identity(there) != data_identity(here)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -73,8 +74,16 @@ def fingerprint(
             | {"_teachers": teachers}
         ),
         "tokenizer": digest(student.tokenizer.get_vocab()),
-        "data": digest([(s.id, s.question, s.answer, [im.path for im in s.images]) for s in samples]),
+        "data": digest(data_identity(samples)),
     }
+
+
+def data_identity(samples: Sequence[Sample]) -> list[Any]:
+    """What a cache's data is: ids, questions, answers and image paths relative to the images' common
+    folder, so the same dataset in a moved or copied study folder keeps its caches."""
+    paths = [im.path for s in samples for im in s.images]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    return [(s.id, s.question, s.answer, [os.path.relpath(im.path, root) for im in s.images]) for s in samples]
 
 
 def write_cache(
