@@ -72,6 +72,7 @@ class Profile:
     # samples per generate() call: larger batches spend less time per decoded token (measured on
     # 2 CPU cores: 1.2x the teacher's and 1.4x the student's throughput at 64 vs 16)
     eval_batch_size: int = 64
+    mechanism_samples: int = 256  # test items the attention-mass measurement reads per model
     # batches of similar length for every run (~1.3x faster steps on 2 cores)
     group_by_length: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +104,7 @@ PROFILES: dict[str, Profile] = {
         seeds=(0,),
         variants=("ce", "multi-agp"),
         prestudy_samples=48,
+        mechanism_samples=128,
         bench_repeats=3,
         bench_score=False,  # rescoring teacher and students there took 3 of the demo's 28 minutes
     ),
@@ -119,6 +121,7 @@ PROFILES: dict[str, Profile] = {
         seeds=(0, 1, 2),
         variants=("ce", "ce-kl", "ce-hidden", "multi-sum", "multi-agp", "multi-agp-share0.02"),
         prestudy_samples=48,
+        eval_batch_size=16,  # as the quick study of 2026-11-30 whose seed-0 runs it extends
         bench_repeats=3,
         bench_score=False,
     ),

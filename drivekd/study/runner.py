@@ -43,7 +43,6 @@ from drivekd.train.config import (
 SPLITS = ("val", "test")
 # The image-blind control: the test split with every sample shown another scene's cameras.
 CONTROL = "test-other-images"
-MECHANISM_SAMPLES = 256  # test items the attention-mass measurement reads per model
 HEARTBEAT_S = 60.0  # how often a study running parallel jobs says what is running
 
 
@@ -172,8 +171,9 @@ class Study:
         return self.timed("report", write_report, self.out)
 
     def plan(self, seeds: Sequence[int] | None) -> list[Step]:
-        """The steps not yet done, long chains first (teacher targets, then the students that read
-        them, then evaluations), so that parallel jobs start the critical path early."""
+        """The steps not yet done, in the order a free job takes them when several are ready: teacher
+        targets first (the distilled students wait on them), then each student row (training, then
+        its evaluations, so a partial study has whole rows), then the teacher's evaluations."""
         candidates: list[tuple[bool, Step]] = []  # (done, step)
 
         def add(done: bool, name: str, method: str, *args: Any, needs: Sequence[str] = (), **kw: Any) -> None:
@@ -185,7 +185,6 @@ class Study:
         for recipe, cap in self.recipe_keys():
             done = (self.cache_dir(recipe, cap) / "manifest.json").is_file()
             add(done, self.cache_step(recipe, cap), "make_cache", recipe, cap, needs=["calibrate"])
-        evaluations: list[tuple[bool, Step]] = []
         for seed in seeds if seeds is not None else self.profile.seeds:  # seed-major: partial studies have whole rows
             for name in self.profile.variants:
                 variant, row = self.variants[name], f"{name}/seed-{seed}"
@@ -199,15 +198,14 @@ class Study:
                     add(_done(self.run_dir(run)), f"train {run.key}", "train_student", run, needs=needs, row=row)
                 trained = [f"train {run.key}" for run in runs]
                 for split in (*SPLITS, CONTROL):
-                    step = Step(f"eval {row} {split}", "evaluate_students", (runs, split), tuple(trained), row=row)
-                    evaluations.append((self.pred_file(name, seed, split).is_file(), step))
+                    done = self.pred_file(name, seed, split).is_file()
+                    add(done, f"eval {row} {split}", "evaluate_students", runs, split, needs=trained, row=row)
         for split in (*SPLITS, CONTROL):
             done = self.pred_file("teacher", None, split).is_file()
             add(done, f"eval teacher {split}", "evaluate_teacher", split, needs=["data"])
         for split in SPLITS:
             done = self.pred_file("majority", None, split).is_file()
             add(done, f"eval majority {split}", "majority", split, needs=["data"])
-        candidates += evaluations
         if seeds is None:
             trained = [step.name for _, step in candidates if step.method == "train_student"]
             add((self.out / "mechanism.json").is_file(), "mechanism", "mechanism", needs=["data", *trained])
@@ -532,7 +530,7 @@ class Study:
         from drivekd.eval.attention import tagged_attention
         from drivekd.models.loading import load_backend
 
-        samples = load_split(self.data, "test")[:MECHANISM_SAMPLES]
+        samples = load_split(self.data, "test")[: self.profile.mechanism_samples]
         models = {"teacher": str(self.teacher), "student base": str(self.student)}
         for name in self.profile.variants:
             if not self.variants[name].per_capability:
