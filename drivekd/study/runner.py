@@ -573,10 +573,14 @@ def _worker_init(threads: int) -> None:
     # the study's parallel jobs share the machine's cores; progress bars of several jobs would
     # interleave, so a job reports through the study's start and end lines only
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TQDM_DISABLE"] = "1"
+    import functools
+
     import torch
+    import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm reads TQDM_* variables when it is imported, which the worker already did
+    tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
 
 
 def _step_in_worker(out: Path, profile: Profile, workers: int, step: Step) -> float:
