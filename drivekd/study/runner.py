@@ -190,7 +190,6 @@ class Study:
                 variant, row = self.variants[name], f"{name}/seed-{seed}"
                 if all(self.pred_file(name, seed, s).is_file() for s in (*SPLITS, CONTROL)):
                     continue
-                (self.out / "runs" / row / "failed.json").unlink(missing_ok=True)  # tried again now
                 caps = CAPABILITIES if variant.per_capability else (None,)
                 runs = [StudentRun(variant, seed, cap) for cap in caps]
                 for run in runs:
@@ -223,6 +222,8 @@ class Study:
         recorded in its row's `failed.json` and skips that row's later steps (the mechanism and the
         deployment table use the students that trained); any other failure stops the study once the
         running steps have finished (their outputs are kept for the next run)."""
+        for row in {s.row for s in steps if s.row}:  # a failed student row is tried again now
+            (self.out / "runs" / row / "failed.json").unlink(missing_ok=True)
         pending = list(steps)
         finished: set[str] = set()
         failed: set[str] = set()
