@@ -264,7 +264,7 @@ class Study:
                     if pool is None or step.inline or len(running) >= self.jobs:
                         break
                     pending.remove(step)
-                    self.echo(f"[reproduce] {step.name} ... (job {len(running) + 1} of {self.jobs})")
+                    self.echo(f"[reproduce] {step.name} ... ({len(running) + 1} of {self.jobs} jobs busy)")
                     running[pool.submit(_step_in_worker, self.out, self.profile, self.workers, step)] = step
                     started[step.name] = time.perf_counter()
                 if not running:
