@@ -211,3 +211,19 @@ def test_a_student_failing_in_a_job_is_recorded_and_its_evaluations_skipped(stud
         runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(
             [runner.Step("eval teacher x", "evaluate_teacher", ("nope",))]
         )
+
+
+def test_study_jobs_draw_no_progress_bars_and_use_their_thread_share():
+    import subprocess
+    import sys
+
+    code = (
+        "from drivekd.study.runner import _worker_init\n"
+        "_worker_init(1)\n"
+        "import torch\n"
+        "from tqdm import tqdm\n"
+        "for _ in tqdm(range(3), desc='BAR', disable=False): pass\n"
+        "print(torch.get_num_threads())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "1" and "BAR" not in r.stderr

@@ -576,14 +576,18 @@ def _worker_init(threads: int) -> None:
     # the study's parallel jobs share the machine's cores; progress bars of several jobs would
     # interleave, so a job reports through the study's start and end lines only
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import functools
-
     import torch
     import tqdm
 
     torch.set_num_threads(threads)
-    # tqdm reads TQDM_* variables when it is imported, which the worker already did
-    tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)  # type: ignore[method-assign]
+    # tqdm reads TQDM_* variables at import, which the worker already did, and callers pass their
+    # own `disable` (the trainer's main-process check): force it
+    shown = tqdm.tqdm.__init__
+
+    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:
+        shown(self, *args, **{**kwargs, "disable": True})
+
+    tqdm.tqdm.__init__ = quiet  # type: ignore[method-assign]
 
 
 def _step_in_worker(out: Path, profile: Profile, workers: int, step: Step) -> float:
