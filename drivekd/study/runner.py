@@ -65,7 +65,8 @@ class Step:
 
     `needs` names the steps whose outputs it reads; `row` ("variant/seed-N") marks a student step,
     whose failure is recorded for that row while the study goes on; an `inline` step runs in the
-    study's own process when nothing else runs (data generation starts its own processes)."""
+    study's own process when nothing else runs (data generation starts its own processes; the
+    deployment benchmark times models and must not share the cores)."""
 
     name: str
     method: str
@@ -208,7 +209,9 @@ class Study:
         if seeds is None:
             trained = [step.name for _, step in candidates if step.method == "train_student"]
             add((self.out / "mechanism.json").is_file(), "mechanism", "mechanism", needs=["data", *trained])
-            add((self.out / "bench" / "infer.json").is_file(), "bench infer", "bench", needs=["data", *trained])
+            # timed figures: measured alone, with no other job sharing the cores
+            done = (self.out / "bench" / "infer.json").is_file()
+            add(done, "bench infer", "bench", needs=["data", *trained], inline=True)
         todo = {step.name for done, step in candidates if not done}
         return [
             dataclasses.replace(step, needs=tuple(n for n in step.needs if n in todo))
