@@ -584,7 +584,7 @@ def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, 
         run_calibrate(cfg, tmp_path / "x.yaml", share=0)
 
 
-def test_cache_data_identity_survives_a_moved_dataset_and_sees_a_renamed_image(tmp_path, data_dir):
+def test_cache_data_identity_survives_a_moved_dataset_and_sees_changed_images(tmp_path, data_dir):
     import shutil
 
     from drivekd.data.formats import load_split
@@ -596,5 +596,18 @@ def test_cache_data_identity_survives_a_moved_dataset_and_sees_a_renamed_image(t
     assert here[0].images[0].path != there[0].images[0].path
     assert data_identity(here) == data_identity(there)
     first = there[0].images[0]
+    other = next(f.read_bytes() for f in sorted(Path(first.path).parent.glob("*.png")) if str(f) != first.path)
+    assert other != Path(first.path).read_bytes()
+    Path(first.path).write_bytes(other)  # same name, other pixels: a re-rendered dataset
+    assert data_identity(load_split(moved, "train")) != data_identity(here)
     there[0].images[0] = type(first)(first.camera, first.path.replace(".png", "-b.png"))
+    shutil.copy(first.path, there[0].images[0].path)
     assert data_identity(there) != data_identity(here)
+
+
+def test_a_cache_of_another_format_is_refused_by_name(tmp_path):
+    from drivekd.distill.cache import FORMAT, TeacherCache
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "drivekd-teacher-cache/1", "fingerprint": {}}))
+    with pytest.raises(DriveKDError, match=f"format 'drivekd-teacher-cache/1', this drivekd reads '{FORMAT}'"):
+        TeacherCache(tmp_path, {})

@@ -30,7 +30,7 @@ from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
-FORMAT = "drivekd-teacher-cache/1"
+FORMAT = "drivekd-teacher-cache/2"  # /2: data identified by relative paths and image bytes
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -78,12 +78,25 @@ def fingerprint(
     }
 
 
+IMAGE_HEAD_BYTES = 64 * 1024  # of each image file, hashed with its size: cheap on a real dataset
+
+
 def data_identity(samples: Sequence[Sample]) -> list[Any]:
-    """What a cache's data is: ids, questions, answers and image paths relative to the images' common
-    folder, so the same dataset in a moved or copied study folder keeps its caches."""
+    """What a cache's data is: ids, questions, answers, and each image by its path relative to the
+    images' common folder, its size and a hash of its first 64 KiB. The same dataset moved or copied
+    keeps its caches; re-rendered or corrupted images under the same names do not."""
     paths = [im.path for s in samples for im in s.images]
     root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
-    return [(s.id, s.question, s.answer, [os.path.relpath(im.path, root) for im in s.images]) for s in samples]
+    seen: dict[str, str] = {}
+
+    def image(path: str) -> tuple[str, str]:
+        if path not in seen:
+            with open(path, "rb") as f:
+                head = f.read(IMAGE_HEAD_BYTES)
+            seen[path] = f"{os.path.getsize(path)}:{hashlib.sha256(head).hexdigest()[:16]}"
+        return os.path.relpath(path, root), seen[path]
+
+    return [(s.id, s.question, s.answer, [image(im.path) for im in s.images]) for s in samples]
 
 
 def write_cache(
@@ -162,6 +175,11 @@ class TeacherCache:
                 f"{self.folder}: not a teacher cache (no manifest.json); build it with `drivekd cache-teacher`"
             )
         self.manifest = json.loads(file.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise DriveKDError(
+                f"{self.folder}: a cache of format {self.manifest.get('format')!r}, this drivekd reads {FORMAT!r}; "
+                "rebuild it with `drivekd cache-teacher`"
+            )
         for part, value in expected.items():
             if self.manifest["fingerprint"].get(part) != value:
                 raise DriveKDError(

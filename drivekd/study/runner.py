@@ -9,15 +9,19 @@ reported with its error, and retried by the next invocation. Every student run g
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,13 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _done(run_dir: Path) -> bool:
     return (run_dir / "final" / "model.safetensors").is_file()
+
+
+def _current_cache(folder: Path) -> bool:
+    from drivekd.distill.cache import FORMAT
+
+    manifest = folder / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
@@ -184,7 +195,7 @@ class Study:
         add((self.out / "prestudy" / "recipe.yaml").is_file(), "prestudy", "prestudy", needs=["data"])
         add((self.out / "recipes" / "calibration.json").is_file(), "calibrate", "calibrate", needs=["prestudy"])
         for recipe, cap in self.recipe_keys():
-            done = (self.cache_dir(recipe, cap) / "manifest.json").is_file()
+            done = _current_cache(self.cache_dir(recipe, cap))
             add(done, self.cache_step(recipe, cap), "make_cache", recipe, cap, needs=["calibrate"])
         for seed in seeds if seeds is not None else self.profile.seeds:  # seed-major: partial studies have whole rows
             for name in self.profile.variants:
@@ -234,7 +245,8 @@ class Study:
         started: dict[str, float] = {}
         pool = None
         if self.jobs > 1 and any(not s.inline for s in steps):
-            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(1, cores // self.jobs)
             pool = ProcessPoolExecutor(
                 self.jobs,
                 mp_context=multiprocessing.get_context("spawn"),
@@ -281,6 +293,11 @@ class Study:
                     step = running.pop(future)
                     try:
                         seconds = future.result()
+                    except BrokenProcessPool as e:  # a job's process died: no step result to trust
+                        raise DriveKDError(
+                            f"a study job's process died (killed, or out of memory) while running {step.name}; "
+                            "run the command again to resume (or with --jobs 1)"
+                        ) from e
                     except Exception as e:
                         self._step_failed(step, e, failed)
                     else:
@@ -462,8 +479,10 @@ class Study:
         from drivekd.distill.run import run_cache_teacher
 
         folder = self.cache_dir(recipe, capability)
-        if (folder / "manifest.json").is_file():
+        if _current_cache(folder):
             return
+        if folder.exists():  # written by an earlier drivekd: its targets are made again
+            shutil.rmtree(folder)
         variant = Variant(name="cache", recipe=recipe, per_capability=capability is not None)
         config = self.student_config(StudentRun(variant, self.profile.seeds[0], capability))
         assert isinstance(config, DistillConfig)
@@ -576,6 +595,8 @@ class Study:
 
 
 def _worker_init(threads: int) -> None:
+    if sys.platform.startswith("linux"):  # a job ends with the study: no orphan writing into a rerun's folders
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     # the study's parallel jobs share the machine's cores; progress bars of several jobs would
     # interleave, so a job reports through the study's start and end lines only
     os.environ["OMP_NUM_THREADS"] = str(threads)
