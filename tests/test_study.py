@@ -190,6 +190,22 @@ def test_parallel_jobs_run_exactly_the_missing_steps(study, tmp_path):
     assert timed[-len(plan) :].count("mechanism") == 1 and set(timed[-len(plan) :]) == {step.name for step in plan}
 
 
+def test_a_step_waits_for_what_is_redone_behind_a_done_step(study, tmp_path):
+    # calibration.json deleted, the caches made from it kept: the distilled student reads the
+    # calibration, so it must wait for the calibration to be redone, not start beside it
+    out = tmp_path / "s"
+    shutil.copytree(study, out, ignore=shutil.ignore_patterns("mechanism.json", "infer.json"))
+    (out / "recipes" / "calibration.json").unlink()
+    shutil.rmtree(out / "runs" / "multi-agp")
+    shutil.rmtree(out / "preds" / "multi-agp")
+    plan = {step.name: step for step in runner.Study(out, TINY, echo=lambda _: None).plan(None)}
+    assert "calibrate" in plan and not any(name.startswith("teacher cache") for name in plan)
+    assert plan["calibrate"].needs == ()  # the pre-study it reads is done and nothing behind it is redone
+    assert plan["train multi-agp/seed-0"].needs == ("calibrate",)
+    assert plan["eval multi-agp/seed-0 test"].needs == ("train multi-agp/seed-0",)
+    assert set(plan["mechanism"].needs) == {"train multi-agp/seed-0"}
+
+
 def test_a_student_failing_in_a_job_is_recorded_and_its_evaluations_skipped(study, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(study, out, ignore=shutil.ignore_patterns("runs", "preds"))

@@ -224,11 +224,19 @@ class Study:
             done = (self.out / "bench" / "infer.json").is_file()
             add(done, "bench infer", "bench", needs=["data", *trained], inline=True)
         todo = {step.name for done, step in candidates if not done}
-        return [
-            dataclasses.replace(step, needs=tuple(n for n in step.needs if n in todo))
-            for done, step in candidates
-            if not done
-        ]
+        by_name = {step.name: step for _, step in candidates}
+
+        def waits_for(step: Step) -> list[str]:
+            # a need already done is looked through: what it read may be redone now (a deleted
+            # calibration.json is redone while the caches made from it stay), and the step waits for that
+            out: list[str] = []
+            for need in step.needs:
+                for name in [need] if need in todo else waits_for(by_name[need]) if need in by_name else []:
+                    if name not in out:
+                        out.append(name)
+            return out
+
+        return [dataclasses.replace(step, needs=tuple(waits_for(step))) for done, step in candidates if not done]
 
     def execute(self, steps: Sequence[Step]) -> None:
         """Run the steps, up to `jobs` at once in worker processes (each with its share of the CPU
