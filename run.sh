@@ -8,6 +8,10 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PYTHON=${PYTHON:-python3}
+# pip byte-compiles every file it installs (all of torch and transformers: ~90 s of CPU, most of the
+# install); installed with --no-compile, a module is compiled when first imported and kept in .venv,
+# which needs Python allowed to write byte-code (some machines set PYTHONDONTWRITEBYTECODE).
+unset PYTHONDONTWRITEBYTECODE
 
 setup() {
     local stamp
@@ -16,8 +20,8 @@ setup() {
         [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
         # torch is pinned to 2.13.0 in the lock file: on this machine that is the local CPU build,
         # so pip never reaches for a multi-GB CUDA wheel.
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements.lock
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile -r requirements.lock
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
