@@ -22,6 +22,9 @@ setup() {
         # so pip never reaches for a multi-GB CUDA wheel.
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile -r requirements.lock
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
+        # compile what drivekd imports once, here, rather than in each of the first processes at once
+        "$VENV/bin/python" -c 'import importlib, pkgutil, drivekd
+for m in pkgutil.walk_packages(drivekd.__path__, "drivekd."): importlib.import_module(m.name)'
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi

@@ -211,7 +211,7 @@ class Study:
                 for split in (*SPLITS, CONTROL):
                     done = self.pred_file(name, seed, split).is_file()
                     add(done, f"eval {row} {split}", "evaluate_students", runs, split, needs=trained, row=row)
-        for split in (*SPLITS, CONTROL):
+        for split in ("test", CONTROL):  # no choice is made on the teacher's val score
             done = self.pred_file("teacher", None, split).is_file()
             add(done, f"eval teacher {split}", "evaluate_teacher", split, needs=["data"])
         for split in SPLITS:
