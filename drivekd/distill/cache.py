@@ -164,6 +164,12 @@ def estimate_bytes(
     return total
 
 
+def cache_format(folder: str | Path) -> str | None:
+    """The format a cache folder's manifest declares; None where there is no manifest."""
+    file = Path(folder) / "manifest.json"
+    return json.loads(file.read_text(encoding="utf-8")).get("format") if file.is_file() else None
+
+
 class TeacherCache:
     """Reads cached targets back into the padded batch layout the losses expect."""
 
@@ -174,10 +180,10 @@ class TeacherCache:
             raise DriveKDError(
                 f"{self.folder}: not a teacher cache (no manifest.json); build it with `drivekd cache-teacher`"
             )
-        self.manifest = json.loads(file.read_text())
-        if self.manifest.get("format") != FORMAT:
+        self.manifest = json.loads(file.read_text(encoding="utf-8"))
+        if (found := self.manifest.get("format")) != FORMAT:
             raise DriveKDError(
-                f"{self.folder}: a cache of format {self.manifest.get('format')!r}, this drivekd reads {FORMAT!r}; "
+                f"{self.folder}: a cache of format {found!r}, this drivekd reads {FORMAT!r}; "
                 "rebuild it with `drivekd cache-teacher`"
             )
         for part, value in expected.items():

@@ -60,10 +60,9 @@ def _done(run_dir: Path) -> bool:
 
 
 def _current_cache(folder: Path) -> bool:
-    from drivekd.distill.cache import FORMAT
+    from drivekd.distill.cache import FORMAT, cache_format
 
-    manifest = folder / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+    return cache_format(folder) == FORMAT
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
