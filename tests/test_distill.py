@@ -122,7 +122,7 @@ def test_capture_keeps_gradients_for_the_student(data_dir):
 def test_recipes_and_mixing():
     recipe = load_recipe("drive-kd")
     assert [s.kind for s in recipe.values()] == ["attn_tv", "attn_group", "attn_tv"]
-    assert recipe["planning"].student_layers(4) == [2]
+    assert recipe["planning"].student_indices(4, 8) == [2]
     w = mixing_matrix("reference", list(recipe))
     assert torch.allclose(w, torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]))
     assert torch.allclose(mixing_matrix([[2, 1, 1], [0, 1, 0], [1, 1, 2]], list(recipe)).sum(1), torch.ones(3))

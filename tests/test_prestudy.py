@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split, write_jsonl
@@ -22,7 +23,7 @@ from drivekd.eval.prestudy.metrics import (
     tv_profile,
     vision_text_cosine,
 )
-from drivekd.eval.prestudy.rules import portable_index, recommend
+from drivekd.eval.prestudy.rules import portable_index, recipe_of, recommend
 from drivekd.eval.prestudy.run import run_prestudy, select_samples
 from drivekd.models.loading import load_backend
 
@@ -145,28 +146,42 @@ def _paper_curves(L=28, flat=True, attention_lower=True):
 
 
 def _recipe(rec):
-    return {c: {k: v for k, v in e.items() if k in ("kind", "layer", "layers")} for c, e in rec.items()}
+    return {c: {k: v for k, v in e.items() if k in ("kind", "teacher_layer", "teacher_layers")} for c, e in rec.items()}
 
 
 def test_rules_reproduce_the_paper_pattern():
     rec = recommend(_paper_curves(), 28)
     assert _recipe(rec) == {
-        "perception": {"kind": "attn_tv", "layer": 0},
-        "reasoning": {"kind": "attn_group", "layers": [0, -2]},
-        "planning": {"kind": "attn_tv", "layer": -2},
+        "perception": {"kind": "attn_tv", "teacher_layer": 0},
+        "reasoning": {"kind": "attn_group", "teacher_layers": [0, -2]},
+        "planning": {"kind": "attn_tv", "teacher_layer": -2},
     }
     assert rec["reasoning"]["resolved_layers"] == list(range(27))
     assert all(rec[c]["reason"] for c in rec)
 
 
+def test_a_recipe_from_a_deeper_teacher_keeps_the_students_last_layer_free(tmp_path):
+    # the shipped teacher (8 layers) with planning at its layer 3, the study's 4-layer student
+    curves = _paper_curves(L=8)
+    curves["adjacent_cosine"] = [0.5, 0.6, 0.99, 0.6, 0.6, 0.6, 0.7, None]
+    rec = recommend(curves, 8)
+    assert rec["planning"]["resolved_layers"] == [3]
+    file = tmp_path / "recipe.yaml"
+    file.write_text(yaml.safe_dump(recipe_of(rec)))
+    recipe = load_recipe(str(file))
+    assert recipe["perception"].pairs(4, 8) == [(0, [0])]
+    assert recipe["planning"].pairs(4, 8) == [(1, [3])]  # same depth, not the student's layer 3
+    assert recipe["reasoning"].pairs(4, 8) == [(0, [0, 1, 2]), (1, [1, 2, 3])]
+
+
 def test_rules_alternatives():
     # non-flat reasoning: the single most similar layer in the range, full map
     rec = recommend(_paper_curves(flat=False), 28)
-    assert _recipe(rec)["reasoning"] == {"kind": "attn_full", "layer": -2}
+    assert _recipe(rec)["reasoning"] == {"kind": "attn_full", "teacher_layer": -2}
     # hidden states less dispersed than attention: hidden signals at the same layers
     rec = recommend(_paper_curves(attention_lower=False), 28)
     assert {c: e["kind"] for c, e in rec.items()} == {c: "hidden" for c in rec}
-    assert _recipe(rec)["reasoning"] == {"kind": "hidden", "layers": [0, -2]}
+    assert _recipe(rec)["reasoning"] == {"kind": "hidden", "teacher_layers": [0, -2]}
     # the last transition is excluded even when it is the highest; the peak counts, not the tolerance band
     curves = _paper_curves(L=8)
     curves["adjacent_cosine"] = [0.5, 0.9, 0.7, 0.6, 0.6, 0.6, 0.99, None]
@@ -176,7 +191,7 @@ def test_rules_alternatives():
     assert recommend(curves, 8)["planning"]["resolved_layers"] == [3]
     # perception looks only at the first half
     curves["vision_text_cosine"] = [0.3, 0.1, 0.2, 0.4, 0.0, 0.0, 0.0, 0.0]
-    assert recommend(curves, 8)["perception"]["layer"] == 1
+    assert recommend(curves, 8)["perception"]["teacher_layer"] == 1
     with pytest.raises(DriveKDError, match="at least 3"):
         recommend(_paper_curves(L=2), 2)
     assert [portable_index(i, 8) for i in range(8)] == [0, 1, 2, 3, -4, -3, -2, -1]
@@ -263,8 +278,10 @@ def test_run_prestudy_writes_json_figure_and_recipe(preset, driving_dir, general
     recipe = load_recipe(str(out / "recipe.yaml"))
     assert set(recipe) == {"perception", "reasoning", "planning"}
     for name, signal in recipe.items():
-        resolved = signal.student_layers(L)  # raises if out of range
+        resolved = signal.teacher_indices(L, L)  # raises if out of range
         assert resolved == result["recommendation"][name]["resolved_layers"]
+        # on a shallower student no chosen layer lands on its last one
+        assert max(signal.student_indices(4, L)) < 3
     assert (out / "prestudy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 

@@ -1,6 +1,17 @@
+from fractions import Fraction
+
+import pytest
 import torch
 
-from drivekd.distill.signals import Internals, Positions, attention_loss, group_windows, make_signal, map_distance
+from drivekd.distill.signals import (
+    Internals,
+    Positions,
+    attention_loss,
+    group_windows,
+    make_signal,
+    map_distance,
+    same_depth,
+)
 from drivekd.models.capture import text_rows
 
 
@@ -15,9 +26,55 @@ def test_group_windows_paper_example():
 
 
 def test_signal_layers_resolve_negative_indices():
-    assert make_signal("attn_tv", layer=-2).student_layers(24) == [22]
-    assert make_signal("attn_group", layers=(0, -2)).student_layers(4) == [0, 1, 2]
-    assert make_signal("attn_group", layers=(0, -2)).teacher_layers(4, 8) == list(range(7))
+    assert make_signal("attn_tv", layer=-2).student_indices(24, 28) == [22]
+    assert make_signal("attn_tv", layer=-2).teacher_indices(24, 28) == [26]
+    assert make_signal("attn_group", layers=(0, -2)).student_indices(4, 8) == [0, 1, 2]
+    assert make_signal("attn_group", layers=(0, -2)).teacher_indices(4, 8) == list(range(7))
+
+
+def _slow_same_depth(layer, num_from, num_to):
+    """By enumeration: the student layer whose depth, as a fraction of the layers before the last, is
+    nearest the teacher layer's (ties to the deeper one); the last layers match each other."""
+    if layer == num_from - 1:
+        return num_to - 1
+    if num_from <= 2 or num_to <= 2:
+        return 0
+    want = Fraction(layer, num_from - 2)
+    return min(range(num_to - 1), key=lambda s: (abs(Fraction(s, num_to - 2) - want), -s))
+
+
+def test_same_depth_against_enumeration():
+    for num_from in range(1, 30):
+        for num_to in range(1, 30):
+            for layer in range(num_from):
+                got = same_depth(layer, num_from, num_to)
+                assert got == _slow_same_depth(layer, num_from, num_to), (layer, num_from, num_to)
+                assert 0 <= got < num_to
+                if layer < num_from - 1 and num_to > 1:
+                    assert got < num_to - 1  # never the student's last layer
+    # the tiny teacher (8 layers) to the tiny student (4): the pre-study's first-half layers stay off the last
+    assert [same_depth(t, 8, 4) for t in range(8)] == [0, 0, 1, 1, 1, 2, 2, 3]
+    # InternVL3-8B (28) to InternVL3-1B (24): the penultimate to the penultimate
+    assert same_depth(26, 28, 24) == 22
+
+
+def test_teacher_layers_match_the_student_by_depth():
+    planning = make_signal("attn_tv", teacher_layer=3)
+    assert planning.teacher_indices(4, 8) == [3]
+    assert planning.student_indices(4, 8) == [1]
+    assert planning.pairs(4, 8) == [(1, [3])]
+    group = make_signal("attn_group", teacher_layers=(0, 3))
+    # student 0..1 (k=2) <- teacher 0..3 (m=4): windows of g = 3
+    assert group.pairs(4, 8) == [(0, [0, 1, 2]), (1, [1, 2, 3])]
+    # named on both sides: each side as given
+    pinned = make_signal("attn_tv", layer=-1, teacher_layer=3)
+    assert pinned.pairs(4, 8) == [(3, [3])]
+    assert make_signal("attn_tv", teacher_layer=-2).pairs(24, 28) == [(22, [26])]
+    # unset teacher layers are left out of the fields (a cache's fingerprint reads them)
+    assert "teacher_layer" not in make_signal("attn_tv", layer=0).fields()
+    assert planning.fields()["teacher_layer"] == 3
+    with pytest.raises(ValueError, match="layer or layers"):
+        make_signal("attn_tv", layer=0, layers=(0, 1))
 
 
 def _slow_tv(student, teacher, valid, visual):
@@ -56,7 +113,7 @@ def test_group_loss_uses_window_means():
         torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
     )
     sig = make_signal("attn_group", layers=(0, -2))
-    windows = group_windows(sig.student_layers(4), sig.teacher_layers(4, 8))
+    windows = group_windows(sig.student_indices(4, 8), sig.teacher_indices(4, 8))
     got = attention_loss(
         sig, smaps, [s for s, _ in windows], [torch.stack([tmaps[t] for t in w]).mean(0) for _, w in windows], pos
     )

@@ -45,13 +45,15 @@ def load_recipe(spec: str) -> dict[str, Signal]:
         if not isinstance(fields, dict):
             raise DriveKDError(f"{where}: expected its fields (kind, layer, ...), got {fields!r}")
         fields = dict(fields)
-        layers = fields.get("layers")
-        if layers is not None:
-            if not (isinstance(layers, list | tuple) and len(layers) == 2 and all(_is_int(i) for i in layers)):
-                raise DriveKDError(f"{where}: layers must be [first, last] (two integers), got {layers!r}")
-            fields["layers"] = tuple(layers)
-        if fields.get("layer") is not None and not _is_int(fields["layer"]):
-            raise DriveKDError(f"{where}: layer must be an integer, got {fields['layer']!r}")
+        for key in ("layers", "teacher_layers"):
+            layers = fields.get(key)
+            if layers is not None:
+                if not (isinstance(layers, list | tuple) and len(layers) == 2 and all(_is_int(i) for i in layers)):
+                    raise DriveKDError(f"{where}: {key} must be [first, last] (two integers), got {layers!r}")
+                fields[key] = tuple(layers)
+        for key in ("layer", "teacher_layer"):
+            if fields.get(key) is not None and not _is_int(fields[key]):
+                raise DriveKDError(f"{where}: {key} must be an integer, got {fields[key]!r}")
         for key in ("weight", "temperature"):
             if key in fields and (not isinstance(fields[key], int | float) or isinstance(fields[key], bool)):
                 raise DriveKDError(f"{where}: {key} must be a number, got {fields[key]!r}")
@@ -60,7 +62,7 @@ def load_recipe(spec: str) -> dict[str, Signal]:
             raise DriveKDError(f"{where}: unknown kind {kind!r} ({', '.join(KINDS)})")
         try:
             signal = make_signal(kind, **fields)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise DriveKDError(f"{where}: {e}") from e
         if signal.distance not in ("mse", "cosine"):
             raise DriveKDError(f"{where}: unknown distance {signal.distance!r} (mse or cosine)")
@@ -91,8 +93,10 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
             )
         if not sig.reads_layers:
             continue
-        indices = list(sig.layers) if sig.layers is not None else [sig.layer if sig.layer is not None else 0]
-        for who, shape, spec in (("student", student, config.model.name), ("teacher", teacher, teacher_spec)):
+        for who, shape, spec, indices in (
+            ("student", student, config.model.name, _named_layers(sig, "student")),
+            ("teacher", teacher, teacher_spec, _named_layers(sig, "teacher")),
+        ):
             if shape is None:
                 continue
             resolved = []
@@ -111,6 +115,18 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
                 )
     mixing_matrix(config.mixing, list(signals))  # a matrix of the wrong shape or with negative entries
     return signals
+
+
+def _named_layers(sig: Signal, who: str) -> list[int]:
+    """The layer indices a recipe names for one side (none for a student matched by depth)."""
+    student, teacher = (sig.layer, sig.layers), (sig.teacher_layer, sig.teacher_layers)
+    if who == "teacher" and teacher != (None, None):
+        layer, layers = teacher
+    elif who == "student" and student == (None, None) and teacher != (None, None):
+        return []
+    else:
+        layer, layers = student
+    return list(layers) if layers is not None else [layer if layer is not None else 0]
 
 
 def _is_int(value: object) -> bool:
@@ -191,7 +207,9 @@ class Distiller:
     def _student_attention_layers(self) -> tuple[set[int], set[int]]:
         """Student layers whose whole maps, and whose text rows only, the signals read."""
         n = self.student.num_layers
-        return split_by_rows([(s, s.student_layers(n)) for s in self.signals.values()])
+        return split_by_rows(
+            [(s, s.student_indices(n, self.teachers.layers(name))) for name, s in self.signals.items()]
+        )
 
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:

@@ -10,6 +10,7 @@ visual layout); padding is excluded from every mean.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -41,8 +42,12 @@ class Internals:
 
 @dataclass(frozen=True)
 class Signal:
-    layer: int | None = None  # one layer index (negative counts from the end)
-    layers: tuple[int, int] | None = None  # inclusive range, group-matched to the teacher's layers
+    layer: int | None = (
+        None  # the student's layer (negative counts from the end); the teacher's too, unless teacher_layer(s)
+    )
+    layers: tuple[int, int] | None = None  # the student's inclusive range, group-matched to the teacher's layers
+    teacher_layer: int | None = None  # the teacher's layer; without layer(s) the student's is at the same depth
+    teacher_layers: tuple[int, int] | None = None  # the teacher's inclusive range, likewise
     distance: Literal["mse", "cosine"] = "mse"
     temperature: float = 1.0  # logit_kl
     weight: float = 1.0
@@ -55,25 +60,40 @@ class Signal:
     square: ClassVar[bool] = False  # targets are (T, T) maps
     reads_layers: ClassVar[bool] = True  # False: the output only (its layer fields are ignored)
 
-    # ---- layers --------------------------------------------------------------------------------
-    def student_layers(self, num_layers: int) -> list[int]:
-        if self.layers is not None:
-            lo, hi = (resolve_layer(i, num_layers) for i in self.layers)
-            return list(range(lo, hi + 1))
-        return [resolve_layer(self.layer if self.layer is not None else 0, num_layers)]
+    def __post_init__(self) -> None:
+        for one, both in (("layer", "layers"), ("teacher_layer", "teacher_layers")):
+            if getattr(self, one) is not None and getattr(self, both) is not None:
+                raise ValueError(f"give {one} or {both}, not both")
 
-    def teacher_layers(self, student_layers: int, teacher_layers: int) -> list[int]:
-        if self.layers is not None:
-            lo, hi = (resolve_layer(i, teacher_layers) for i in self.layers)
+    # ---- layers --------------------------------------------------------------------------------
+    def teacher_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
+        """The teacher layers the signal reads (ascending)."""
+        if self.teacher_layer is not None or self.teacher_layers is not None:
+            return _span(self.teacher_layer, self.teacher_layers, teacher_layers)
+        return _span(self.layer, self.layers, teacher_layers)
+
+    def student_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
+        """The student layers the signal constrains (ascending)."""
+        if (
+            self.layer is None
+            and self.layers is None
+            and (self.teacher_layer is not None or self.teacher_layers is not None)
+        ):
+            taught = self.teacher_indices(student_layers, teacher_layers)
+            lo, hi = (same_depth(t, teacher_layers, student_layers) for t in (taught[0], taught[-1]))
             return list(range(lo, hi + 1))
-        return self.student_layers(teacher_layers)
+        return _span(self.layer, self.layers, student_layers)
 
     def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
         """Each matched student layer with the teacher layers whose mean it is taught."""
-        return group_windows(self.student_layers(student_layers), self.teacher_layers(student_layers, teacher_layers))
+        return group_windows(
+            self.student_indices(student_layers, teacher_layers), self.teacher_indices(student_layers, teacher_layers)
+        )
 
     def fields(self) -> dict[str, Any]:
-        return {"kind": self.kind, **vars(self)}
+        # unset teacher layers are left out, so recipes written before they existed keep their caches
+        unset = {k for k in ("teacher_layer", "teacher_layers") if getattr(self, k) is None}
+        return {"kind": self.kind, **{k: v for k, v in vars(self).items() if k not in unset}}
 
     # ---- teacher targets ------------------------------------------------------------------------
     def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
@@ -240,7 +260,7 @@ class LogitKL(Signal):
     needs_logits = True
     reads_layers = False
 
-    def student_layers(self, num_layers: int) -> list[int]:
+    def student_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
         return []
 
     def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
@@ -281,6 +301,28 @@ def make_signal(kind: str, **fields: Any) -> Signal:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r} ({', '.join(KINDS)})")
     return KINDS[kind](**fields)
+
+
+def _span(layer: int | None, layers: tuple[int, int] | None, num_layers: int) -> list[int]:
+    """The layers one of (layer, layers) names in a `num_layers`-layer model; layer 0 when neither."""
+    if layers is not None:
+        lo, hi = (resolve_layer(i, num_layers) for i in layers)
+        return list(range(lo, hi + 1))
+    return [resolve_layer(layer if layer is not None else 0, num_layers)]
+
+
+def same_depth(layer: int, num_from: int, num_to: int) -> int:
+    """The layer of a `num_to`-layer model at the relative depth of `layer` (resolved) in a `num_from`-layer one.
+
+    The last layers match each other; the others spread evenly over the layers before the last, so a
+    layer below the teacher's last never lands on the student's last one, the layer that writes the
+    answer (docs/prestudy.md rule 5). 8-layer teacher to 4-layer student: 0->0, 3->1, 6->2, 7->3.
+    """
+    if layer == num_from - 1:
+        return num_to - 1
+    if num_from <= 2 or num_to <= 2:
+        return 0
+    return math.floor(layer * (num_to - 2) / (num_from - 2) + 0.5)
 
 
 def group_windows(student: list[int], teacher: list[int]) -> list[tuple[int, list[int]]]:

@@ -15,7 +15,7 @@ from drivekd.data.sample import CAPABILITIES
 from drivekd.errors import DriveKDError
 from drivekd.eval.prestudy.metrics import json_number
 
-VERSION = "prestudy/1"  # of prestudy.json and its rules; here because recipe.yaml's header names it
+VERSION = "prestudy/2"  # of prestudy.json and its rules; here because recipe.yaml's header names it
 FLAT_THRESHOLD = 0.10  # reasoning similarity is "flat" when (max - min) / |mean| over the range is below this
 PEAK_TOLERANCE = 0.01  # adjacent cosines within this of the peak count as the peak (plateaus near 1)
 
@@ -32,8 +32,10 @@ RULES: dict[str, str] = {
     "layers [lo, hi]; otherwise the single layer of highest reasoning similarity in the range, attn_full.",
     "signal": "for each capability, attention when dispersion_attention < dispersion_hidden at the chosen "
     "layer (mean over the range for reasoning), else hidden (same layer or range).",
-    "indices": "layers in the second half (l >= L/2) are written as negative indices (l - L) so the recipe "
-    "transfers between depths; the others as they are.",
+    "indices": "the recipe names the teacher's layers (teacher_layer / teacher_layers), those in the second "
+    "half (l >= L/2) as negative indices (l - L), the others as they are; the student's layers are those at "
+    "the same relative depth (last to last, the others spread over the layers before the last), so no "
+    "layer the rules choose lands on the student's answer-writing last layer.",
 }
 
 
@@ -124,9 +126,9 @@ def recommend(curves: dict[str, Any], num_layers: int) -> dict[str, dict[str, An
         kind = attn_kind if use_attention else "hidden"
         entry: dict[str, Any] = {"kind": kind}
         if cap == "reasoning" and flat:
-            entry["layers"] = [portable_index(layers[0], L), portable_index(layers[-1], L)]
+            entry["teacher_layers"] = [portable_index(layers[0], L), portable_index(layers[-1], L)]
         else:
-            entry["layer"] = portable_index(layers[0], L)
+            entry["teacher_layer"] = portable_index(layers[0], L)
         entry["resolved_layers"] = layers
         entry["reason"] = f"{reason}; {signal_reason} -> {kind}"
         entry["dispersion"] = {"attention": json_number(da), "hidden": json_number(dh)}
@@ -135,11 +137,11 @@ def recommend(curves: dict[str, Any], num_layers: int) -> dict[str, dict[str, An
 
 
 def recipe_of(recommendation: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The recipe YAML's content: {capability: {kind, layer | layers}}."""
+    """The recipe YAML's content: {capability: {kind, teacher_layer | teacher_layers}}."""
     recipe = {}
     for cap in CAPABILITIES:
         entry = recommendation[cap]
-        recipe[cap] = {k: entry[k] for k in ("kind", "layer", "layers") if k in entry}
+        recipe[cap] = {k: entry[k] for k in ("kind", "teacher_layer", "teacher_layers") if k in entry}
     return recipe
 
 

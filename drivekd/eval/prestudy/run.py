@@ -170,7 +170,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     ]
     for cap in CAPABILITIES:
         r = result["recommendation"][cap]
-        where = r["layers"] if "layers" in r else r["layer"]
+        where = r["teacher_layers"] if "teacher_layers" in r else r["teacher_layer"]
         resolved = r["resolved_layers"]
         shown = f"{where} (= {resolved[0]}" + (f"..{resolved[-1]})" if len(resolved) > 1 else ")")
         lines.append(f"| {cap} | {r['kind']} | {shown} | {r['reason']} |")
