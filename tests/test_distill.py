@@ -514,6 +514,10 @@ def test_cache_fingerprint_follows_teacher_content_not_its_path(tmp_path, teache
         ("reasoning: {kind: attn_group, layers: [3, 1]}\n", "empty range"),
         ("kd: logit_kl\n", "expected its fields"),
         ("perception: {kind: attn_tv, distance: l1}\n", "unknown distance"),
+        ("planning: {kind: attn_tv, teacher_layer: 8}\n", "layer 8 is outside the teacher .* \\(8 LM layers"),
+        ("planning: {kind: attn_tv, teacher_layer: 1.5}\n", "teacher_layer must be an integer"),
+        ("reasoning: {kind: attn_group, teacher_layers: [0]}\n", "teacher_layers must be \\[first, last\\]"),
+        ("planning: {kind: attn_tv, layer: 0, layers: [0, 1]}\n", "give layer or layers, not both"),
     ],
 )
 def test_malformed_recipes_are_one_line_errors(tmp_path, data_dir, teacher_dir, recipe, message):
@@ -523,6 +527,17 @@ def test_malformed_recipes_are_one_line_errors(tmp_path, data_dir, teacher_dir, 
     f.write_text(recipe)
     with pytest.raises(DriveKDError, match=message):
         check_recipe(load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=str(f))))
+
+
+def test_a_recipe_naming_only_teacher_layers_is_checked_against_the_teacher(tmp_path, data_dir, teacher_dir):
+    from drivekd.distill.engine import check_recipe
+
+    f = tmp_path / "r.yaml"
+    f.write_text("planning: {kind: attn_tv, teacher_layer: -2}\nreasoning: {kind: attn_group, teacher_layers: [0, 3]}\n")
+    signals = check_recipe(load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=str(f))))
+    # the 8-layer teacher's layers 6 and 0..3 on the 4-layer student, by depth
+    assert signals["planning"].pairs(4, 8) == [(2, [6])]
+    assert signals["reasoning"].pairs(4, 8) == [(0, [0, 1, 2]), (1, [1, 2, 3])]
 
 
 @pytest.mark.integration
