@@ -533,7 +533,9 @@ def test_a_recipe_naming_only_teacher_layers_is_checked_against_the_teacher(tmp_
     from drivekd.distill.engine import check_recipe
 
     f = tmp_path / "r.yaml"
-    f.write_text("planning: {kind: attn_tv, teacher_layer: -2}\nreasoning: {kind: attn_group, teacher_layers: [0, 3]}\n")
+    f.write_text(
+        "planning: {kind: attn_tv, teacher_layer: -2}\nreasoning: {kind: attn_group, teacher_layers: [0, 3]}\n"
+    )
     signals = check_recipe(load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, recipe=str(f))))
     # the 8-layer teacher's layers 6 and 0..3 on the 4-layer student, by depth
     assert signals["planning"].pairs(4, 8) == [(2, [6])]

@@ -42,12 +42,12 @@ class Internals:
 
 @dataclass(frozen=True)
 class Signal:
-    layer: int | None = (
-        None  # the student's layer (negative counts from the end); the teacher's too, unless teacher_layer(s)
-    )
-    layers: tuple[int, int] | None = None  # the student's inclusive range, group-matched to the teacher's layers
-    teacher_layer: int | None = None  # the teacher's layer; without layer(s) the student's is at the same depth
-    teacher_layers: tuple[int, int] | None = None  # the teacher's inclusive range, likewise
+    # the student's layer or inclusive range (negative counts from the end); the teacher's too unless
+    # teacher_layer(s) name its own, and then, without layer(s), the student's are at the same depth
+    layer: int | None = None
+    layers: tuple[int, int] | None = None  # group-matched to the teacher's layers with sliding windows
+    teacher_layer: int | None = None
+    teacher_layers: tuple[int, int] | None = None
     distance: Literal["mse", "cosine"] = "mse"
     temperature: float = 1.0  # logit_kl
     weight: float = 1.0
@@ -68,17 +68,13 @@ class Signal:
     # ---- layers --------------------------------------------------------------------------------
     def teacher_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
         """The teacher layers the signal reads (ascending)."""
-        if self.teacher_layer is not None or self.teacher_layers is not None:
+        if (self.teacher_layer, self.teacher_layers) != (None, None):
             return _span(self.teacher_layer, self.teacher_layers, teacher_layers)
         return _span(self.layer, self.layers, teacher_layers)
 
     def student_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
         """The student layers the signal constrains (ascending)."""
-        if (
-            self.layer is None
-            and self.layers is None
-            and (self.teacher_layer is not None or self.teacher_layers is not None)
-        ):
+        if (self.layer, self.layers) == (None, None) and (self.teacher_layer, self.teacher_layers) != (None, None):
             taught = self.teacher_indices(student_layers, teacher_layers)
             lo, hi = (same_depth(t, teacher_layers, student_layers) for t in (taught[0], taught[-1]))
             return list(range(lo, hi + 1))
