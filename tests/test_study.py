@@ -68,6 +68,14 @@ def test_study_writes_every_artefact(study):
     assert "| multi-agp |" in report and "Deployment" in report
     assert (study / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert (study / "prestudy" / "prestudy.json").is_file()
+    # the layers each pre-study signal ties, by depth: never the 4-layer student's last one
+    line = next(x for x in report.splitlines() if x.startswith("Student layer <- teacher layer(s)"))
+    from drivekd.distill.engine import load_recipe
+
+    for name, sig in load_recipe(str(study / "prestudy" / "recipe.yaml")).items():
+        pairs = sig.pairs(4, 8)
+        assert all(s < 3 for s, _ in pairs)
+        assert f"{name}: {pairs[0][0]} <- " in line
 
 
 def test_finished_runs_are_not_redone(study, monkeypatch):

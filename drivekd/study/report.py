@@ -212,6 +212,26 @@ def _timings(out: Path) -> list[str]:
     return [*lines, "", *(f"- {r['step']} {r['seconds']:.0f} s" for r in rows)]
 
 
+def _matched_layers(recipe: Path, settings: dict[str, Any]) -> list[str]:
+    """Which student layers each signal of the recipe constrains, with the teacher layers it is taught."""
+    from drivekd.distill.engine import load_recipe
+    from drivekd.models.loading import model_shape
+
+    student, teacher = model_shape(settings["student"]), model_shape(settings["teacher"])
+    if student is None or teacher is None:
+        return []
+    parts = []
+    for name, sig in load_recipe(str(recipe)).items():
+        pairs = sig.pairs(student.num_layers, teacher.num_layers)
+        taught = ", ".join(f"{s} <- {w[0]}" if len(w) == 1 else f"{s} <- mean of {w[0]}..{w[-1]}" for s, w in pairs)
+        parts.append(f"{name}: {taught}")
+    return [
+        f"Student layer <- teacher layer(s), on the {student.num_layers}-layer student and the "
+        f"{teacher.num_layers}-layer teacher: " + "; ".join(parts) + ".",
+        "",
+    ]
+
+
 def write_report(out: Path) -> Path:
     results = collect(out)
     settings, variants = results["settings"], results["variants"]
@@ -273,6 +293,7 @@ def write_report(out: Path) -> Path:
             recipe.read_text(encoding="utf-8").strip(),
             "```",
             "",
+            *_matched_layers(recipe, settings),
             "![pre-study panels](prestudy/prestudy.png)",
             "",
         ]
