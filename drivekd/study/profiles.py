@@ -110,7 +110,7 @@ PROFILES: dict[str, Profile] = {
     ),
     # The main comparison, three seeds, with the baselines the paper compares attention against
     # (logit KL, hidden states) and the plain sum; a larger training set than quick's. About an
-    # hour on 2 CPU cores with two jobs.
+    # hour and a half on 2 CPU cores with two jobs (docs/results.md).
     "full": Profile(
         name="full",
         scenes=400,

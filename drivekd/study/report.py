@@ -330,8 +330,8 @@ def _mechanism(variants: list[dict[str, Any]], mechanism: dict[str, Any] | None)
         "Test Avg with each model's own images and with another scene's (the image-blind control: a "
         "model whose score barely drops answers from the text). Attention: head-mean mass that the "
         "positions committing the answer put on the visual token under the asked-about object, as a "
-        "multiple of an even spread over the visual tokens (1.0 = no preference), mean over LM layers "
-        "(per layer in `mechanism.json`).",
+        "multiple of an even spread over the visual tokens (1.0 = no preference), mean over LM layers, "
+        "the students' first seed (per layer in `mechanism.json`); the scores are means over seeds.",
         "",
         "| model | test Avg | Avg, other images | drop | attention on the object (x even) |",
         "|---|---:|---:|---:|---:|",
