@@ -63,6 +63,7 @@ def test_teacher_layers_match_the_student_by_depth():
     assert planning.teacher_indices(4, 8) == [3]
     assert planning.student_indices(4, 8) == [1]
     assert planning.pairs(4, 8) == [(1, [3])]
+    assert planning.named_layers("student") is None and planning.named_layers("teacher") == (3,)
     group = make_signal("attn_group", teacher_layers=(0, 3))
     # student 0..1 (k=2) <- teacher 0..3 (m=4): windows of g = 3
     assert group.pairs(4, 8) == [(0, [0, 1, 2]), (1, [1, 2, 3])]

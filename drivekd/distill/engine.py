@@ -94,8 +94,8 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
         if not sig.reads_layers:
             continue
         for who, shape, spec, indices in (
-            ("student", student, config.model.name, _named_layers(sig, "student")),
-            ("teacher", teacher, teacher_spec, _named_layers(sig, "teacher")),
+            ("student", student, config.model.name, sig.named_layers("student") or ()),
+            ("teacher", teacher, teacher_spec, sig.named_layers("teacher") or ()),
         ):
             if shape is None:
                 continue
@@ -115,18 +115,6 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
                 )
     mixing_matrix(config.mixing, list(signals))  # a matrix of the wrong shape or with negative entries
     return signals
-
-
-def _named_layers(sig: Signal, who: str) -> list[int]:
-    """The layer indices a recipe names for one side (none for a student matched by depth)."""
-    student, teacher = (sig.layer, sig.layers), (sig.teacher_layer, sig.teacher_layers)
-    if who == "teacher" and teacher != (None, None):
-        layer, layers = teacher
-    elif who == "student" and student == (None, None) and teacher != (None, None):
-        return []
-    else:
-        layer, layers = student
-    return list(layers) if layers is not None else [layer if layer is not None else 0]
 
 
 def _is_int(value: object) -> bool:

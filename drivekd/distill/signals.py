@@ -66,19 +66,32 @@ class Signal:
                 raise ValueError(f"give {one} or {both}, not both")
 
     # ---- layers --------------------------------------------------------------------------------
+    def named_layers(self, side: Literal["student", "teacher"]) -> tuple[int, ...] | None:
+        """The indices the recipe names for one side, as written (first and last of a range); None
+        for a student matched to the teacher's layers by depth."""
+        student, teacher = (self.layer, self.layers), (self.teacher_layer, self.teacher_layers)
+        if side == "teacher" and teacher != (None, None):
+            layer, layers = teacher
+        elif side == "student" and student == (None, None) and teacher != (None, None):
+            return None
+        else:
+            layer, layers = student
+        return tuple(layers) if layers is not None else (layer if layer is not None else 0,)
+
     def teacher_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
         """The teacher layers the signal reads (ascending)."""
-        if (self.teacher_layer, self.teacher_layers) != (None, None):
-            return _span(self.teacher_layer, self.teacher_layers, teacher_layers)
-        return _span(self.layer, self.layers, teacher_layers)
+        named = self.named_layers("teacher")
+        assert named is not None
+        return _span(named, teacher_layers)
 
     def student_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
         """The student layers the signal constrains (ascending)."""
-        if (self.layer, self.layers) == (None, None) and (self.teacher_layer, self.teacher_layers) != (None, None):
+        named = self.named_layers("student")
+        if named is None:
             taught = self.teacher_indices(student_layers, teacher_layers)
             lo, hi = (same_depth(t, teacher_layers, student_layers) for t in (taught[0], taught[-1]))
             return list(range(lo, hi + 1))
-        return _span(self.layer, self.layers, student_layers)
+        return _span(named, student_layers)
 
     def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
         """Each matched student layer with the teacher layers whose mean it is taught."""
@@ -299,12 +312,10 @@ def make_signal(kind: str, **fields: Any) -> Signal:
     return KINDS[kind](**fields)
 
 
-def _span(layer: int | None, layers: tuple[int, int] | None, num_layers: int) -> list[int]:
-    """The layers one of (layer, layers) names in a `num_layers`-layer model; layer 0 when neither."""
-    if layers is not None:
-        lo, hi = (resolve_layer(i, num_layers) for i in layers)
-        return list(range(lo, hi + 1))
-    return [resolve_layer(layer if layer is not None else 0, num_layers)]
+def _span(named: tuple[int, ...], num_layers: int) -> list[int]:
+    """The layers from the first to the last of `named` in a `num_layers`-layer model."""
+    lo, hi = resolve_layer(named[0], num_layers), resolve_layer(named[-1], num_layers)
+    return list(range(lo, hi + 1))
 
 
 def same_depth(layer: int, num_from: int, num_to: int) -> int:
