@@ -278,7 +278,7 @@ def test_run_prestudy_writes_json_figure_and_recipe(preset, driving_dir, general
     recipe = load_recipe(str(out / "recipe.yaml"))
     assert set(recipe) == {"perception", "reasoning", "planning"}
     for name, signal in recipe.items():
-        resolved = signal.teacher_indices(L, L)  # raises if out of range
+        resolved = signal.teacher_indices(L)  # raises if out of range
         assert resolved == result["recommendation"][name]["resolved_layers"]
         # on a shallower student no chosen layer lands on its last one
         assert max(signal.student_indices(4, L)) < 3

@@ -27,9 +27,9 @@ def test_group_windows_paper_example():
 
 def test_signal_layers_resolve_negative_indices():
     assert make_signal("attn_tv", layer=-2).student_indices(24, 28) == [22]
-    assert make_signal("attn_tv", layer=-2).teacher_indices(24, 28) == [26]
+    assert make_signal("attn_tv", layer=-2).teacher_indices(28) == [26]
     assert make_signal("attn_group", layers=(0, -2)).student_indices(4, 8) == [0, 1, 2]
-    assert make_signal("attn_group", layers=(0, -2)).teacher_indices(4, 8) == list(range(7))
+    assert make_signal("attn_group", layers=(0, -2)).teacher_indices(8) == list(range(7))
 
 
 def _slow_same_depth(layer, num_from, num_to):
@@ -60,7 +60,7 @@ def test_same_depth_against_enumeration():
 
 def test_teacher_layers_match_the_student_by_depth():
     planning = make_signal("attn_tv", teacher_layer=3)
-    assert planning.teacher_indices(4, 8) == [3]
+    assert planning.teacher_indices(8) == [3]
     assert planning.student_indices(4, 8) == [1]
     assert planning.pairs(4, 8) == [(1, [3])]
     assert planning.named_layers("student") is None and planning.named_layers("teacher") == (3,)
@@ -114,7 +114,7 @@ def test_group_loss_uses_window_means():
         torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
     )
     sig = make_signal("attn_group", layers=(0, -2))
-    windows = group_windows(sig.student_indices(4, 8), sig.teacher_indices(4, 8))
+    windows = group_windows(sig.student_indices(4, 8), sig.teacher_indices(8))
     got = attention_loss(
         sig, smaps, [s for s, _ in windows], [torch.stack([tmaps[t] for t in w]).mean(0) for _, w in windows], pos
     )

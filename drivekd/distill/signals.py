@@ -78,7 +78,7 @@ class Signal:
             layer, layers = student
         return tuple(layers) if layers is not None else (layer if layer is not None else 0,)
 
-    def teacher_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
+    def teacher_indices(self, teacher_layers: int) -> list[int]:
         """The teacher layers the signal reads (ascending)."""
         named = self.named_layers("teacher")
         assert named is not None
@@ -88,16 +88,14 @@ class Signal:
         """The student layers the signal constrains (ascending)."""
         named = self.named_layers("student")
         if named is None:
-            taught = self.teacher_indices(student_layers, teacher_layers)
+            taught = self.teacher_indices(teacher_layers)
             lo, hi = (same_depth(t, teacher_layers, student_layers) for t in (taught[0], taught[-1]))
             return list(range(lo, hi + 1))
         return _span(named, student_layers)
 
     def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
         """Each matched student layer with the teacher layers whose mean it is taught."""
-        return group_windows(
-            self.student_indices(student_layers, teacher_layers), self.teacher_indices(student_layers, teacher_layers)
-        )
+        return group_windows(self.student_indices(student_layers, teacher_layers), self.teacher_indices(teacher_layers))
 
     def fields(self) -> dict[str, Any]:
         # unset teacher layers are left out, so recipes written before they existed keep their caches
