@@ -237,6 +237,23 @@ def test_a_student_failing_in_a_job_is_recorded_and_its_evaluations_skipped(stud
         )
 
 
+def test_a_failure_that_is_not_a_students_lets_running_steps_finish_and_starts_nothing(study, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(study, out, ignore=shutil.ignore_patterns("preds", "timings.jsonl"))
+    steps = [
+        runner.Step("eval teacher nope", "evaluate_teacher", ("nope",)),  # fails at once: no such split
+        runner.Step("eval teacher test", "evaluate_teacher", ("test",)),  # loads a model and decodes: slower
+        runner.Step("eval majority val", "majority", ("val",)),
+    ]
+    with pytest.raises(DriveKDError, match="nope"):
+        runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(steps)
+    # the step that was running finished, kept its output and is recorded as done; nothing else started
+    assert (out / "preds" / "teacher" / "test.jsonl").is_file()
+    timed = [json.loads(x)["step"] for x in (out / "timings.jsonl").read_text().splitlines()]
+    assert timed == ["eval teacher test"]
+    assert not (out / "preds" / "majority").exists()
+
+
 def test_study_jobs_draw_no_progress_bars_and_use_their_thread_share():
     import subprocess
     import sys

@@ -241,8 +241,8 @@ class Study:
         """Run the steps, up to `jobs` at once in worker processes (each with its share of the CPU
         threads), every step as soon as the steps it needs are done. A student step that fails is
         recorded in its row's `failed.json` and skips that row's later steps (the mechanism and the
-        deployment table use the students that trained); any other failure stops the study once the
-        running steps have finished (their outputs are kept for the next run)."""
+        deployment table use the students that trained); any other failure starts nothing more, lets
+        the running steps finish (recorded as done, so the next run skips them) and is then raised."""
         for row in {s.row for s in steps if s.row}:  # a failed student row is tried again now
             (self.out / "runs" / row / "failed.json").unlink(missing_ok=True)
         pending = list(steps)
@@ -250,6 +250,7 @@ class Study:
         failed: set[str] = set()
         running: dict[Future[float], Step] = {}
         started: dict[str, float] = {}
+        stopped_by: Exception | None = None  # a failure that is not a student's
         pool = None
         if self.jobs > 1 and any(not s.inline for s in steps):
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -262,6 +263,8 @@ class Study:
             )
         try:
             while pending or running:
+                if stopped_by is not None:
+                    pending.clear()
                 for step in [s for s in pending if s.row and any(n in failed for n in s.needs)]:
                     pending.remove(step)  # a failed student's evaluations
                     failed.add(step.name)
@@ -306,9 +309,14 @@ class Study:
                             "run the command again to resume (or with --jobs 1)"
                         ) from e
                     except Exception as e:
-                        self._step_failed(step, e, failed)
+                        try:
+                            self._step_failed(step, e, failed)
+                        except Exception as fatal:
+                            stopped_by = stopped_by or fatal
                     else:
                         self._step_done(step, seconds, finished)
+            if stopped_by is not None:
+                raise stopped_by
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
