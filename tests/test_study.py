@@ -133,6 +133,27 @@ def test_profiles_name_known_variants():
     assert len(full.seeds) >= 3 and {"ce", "ce-kl", "ce-hidden", "multi-agp"} <= set(full.variants)
 
 
+def test_a_variants_mixing_reaches_its_distillation_config_and_old_studies_keep_their_settings(study, tmp_path):
+    variants = load_variants()
+    assert "mixing" not in variants["multi-agp"].definition()  # studies begun before the field resume
+    assert variants["multi-agp-identity"].definition()["mixing"] == "identity"
+    profile = Profile(**{**TINY.__dict__, "variants": ("ce", "multi-agp", "multi-agp-identity", "multi-agp-uniform")})
+    s = runner.Study(study, profile, echo=lambda _: None)  # its calibrated pre-study recipe
+    mixing = {
+        name: s.student_config(runner.StudentRun(variants[name], 0, None)).mixing
+        for name in ("multi-agp", "multi-agp-identity", "multi-agp-uniform")
+    }
+    assert mixing == {
+        "multi-agp": "reference",
+        "multi-agp-identity": "identity",
+        "multi-agp-uniform": [[1.0, 1.0, 1.0]] * 3,
+    }
+    bad = tmp_path / "variants.yaml"
+    bad.write_text("x: {recipe: prestudy, mix: identity}\n")
+    with pytest.raises(DriveKDError, match=r"variant 'x': unknown field\(s\) \['mix'\]"):
+        load_variants(bad)
+
+
 def test_seed_spread_rule():
     a = {"seeds": [1, 2], "average": 50.0, "std": {"average": 1.0}}
     b = {"seeds": [1, 2], "average": 47.5, "std": {"average": 1.0}}

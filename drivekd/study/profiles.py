@@ -16,7 +16,7 @@ import yaml
 from drivekd.errors import DriveKDError
 
 VARIANTS_FILE = Path(__file__).with_name("variants.yaml")
-_VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share"}
+_VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share", "mixing"}
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,19 @@ class Variant:
     strategy: str = "sum"
     amortize_every: int | None = None
     kd_share: float | None = None
+    mixing: str | list[list[float]] = "reference"
 
     @property
     def distills(self) -> bool:
         return self.recipe != "none"
+
+    def definition(self) -> dict[str, Any]:
+        """The fields results depend on. `mixing` came later and is left out at its default, so
+        studies begun before it resume."""
+        out = dataclasses.asdict(self)
+        if out["mixing"] == "reference":
+            del out["mixing"]
+        return out
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
@@ -84,7 +93,7 @@ class Profile:
         out["split"] = list(self.split)
         out["variants"] = list(self.variants)
         variants = load_variants()
-        out["variant_definitions"] = {v: dataclasses.asdict(variants[v]) for v in self.variants}
+        out["variant_definitions"] = {v: variants[v].definition() for v in self.variants}
         return out
 
 

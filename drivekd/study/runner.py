@@ -388,7 +388,7 @@ class Study:
             **common,
             teacher=TeacherConfig(name=str(self.teacher), cache=str(self.cache_dir(v.recipe, run.capability))),
             recipe=str(self.recipe_file(v.recipe, run.capability, v.kd_share)),
-            mixing="reference",
+            mixing=v.mixing,
             combine=CombineConfig(strategy=v.strategy, amortize_every=v.amortize_every),
         )
 
