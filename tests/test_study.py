@@ -152,6 +152,9 @@ def test_a_variants_mixing_reaches_its_distillation_config_and_old_studies_keep_
     bad.write_text("x: {recipe: prestudy, mix: identity}\n")
     with pytest.raises(DriveKDError, match=r"variant 'x': unknown field\(s\) \['mix'\]"):
         load_variants(bad)
+    bad.write_text("x: {recipe: prestudy, mixing: identiy}\n")
+    with pytest.raises(DriveKDError, match=r"variant 'x': mixing must be identity, reference or a matrix"):
+        load_variants(bad)
 
 
 def test_seed_spread_rule():

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from drivekd.errors import DriveKDError
+from drivekd.train.config import DistillConfig
 
 VARIANTS_FILE = Path(__file__).with_name("variants.yaml")
 _VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share", "mixing"}
@@ -49,6 +51,14 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
         unknown = set(fields) - _VARIANT_KEYS
         if unknown:
             raise DriveKDError(f"{path}: variant {name!r}: unknown field(s) {sorted(unknown)}")
+        if "mixing" in fields:
+            try:  # the distillation config's own rule, checked before a study starts
+                TypeAdapter(DistillConfig.model_fields["mixing"].annotation).validate_python(fields["mixing"])
+            except ValidationError:
+                raise DriveKDError(
+                    f"{path}: variant {name!r}: mixing must be identity, reference or a matrix (a list of rows "
+                    f"of numbers), not {fields['mixing']!r}"
+                ) from None
         out[name] = Variant(name=name, **fields)
     return out
 
