@@ -19,6 +19,7 @@ from drivekd.train.config import DistillConfig
 
 VARIANTS_FILE = Path(__file__).with_name("variants.yaml")
 _VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share", "mixing"}
+_MIXING = TypeAdapter(DistillConfig.model_fields["mixing"].annotation)  # the distillation config's own rule
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
         if unknown:
             raise DriveKDError(f"{path}: variant {name!r}: unknown field(s) {sorted(unknown)}")
         if "mixing" in fields:
-            try:  # the distillation config's own rule, checked before a study starts
-                TypeAdapter(DistillConfig.model_fields["mixing"].annotation).validate_python(fields["mixing"])
+            try:  # checked before a study starts, not when its student begins training
+                _MIXING.validate_python(fields["mixing"])
             except ValidationError:
                 raise DriveKDError(
                     f"{path}: variant {name!r}: mixing must be identity, reference or a matrix (a list of rows "
