@@ -161,3 +161,13 @@ def test_verify_base_refuses_a_folder_without_an_export(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "no card.json: not a finished base build's export" in r.stderr
     assert not (tmp_path / "w").exists()  # found before any work starts
+
+
+def test_a_name_that_is_both_a_dataset_and_a_stage_is_refused(tmp_path):
+    # '@qa' would silently resolve to the dataset where a stage's model was meant
+    spec = json.loads(json.dumps(TINY_BUILD))
+    spec["tiny-base"]["stages"]["qa"] = {"model": {"name": "@joint"}, "data": {"path": "@qa"}}
+    path = tmp_path / "bases.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(DriveKDError, match="'qa' names both a dataset and a stage"):
+        load_builds(path)

@@ -190,6 +190,22 @@ def test_a_data_seed_the_teacher_was_trained_on_is_refused(tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists()
 
 
+def test_a_study_begun_with_other_teacher_weights_is_refused(tmp_path):
+    # the shipped teacher keeps its name when it is rebuilt; its card's hash tells the two apart
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    card = teacher / "card.json"
+    card.write_text(json.dumps({"seeds": [101], "weights_sha256": "a" * 64}))
+    profile = Profile(**{**TINY.__dict__, "teacher": str(teacher)})
+    runner.Study(tmp_path / "s", profile).claim()
+    settings = json.loads((tmp_path / "s" / "study.json").read_text())["settings"]
+    assert settings["teacher_weights_sha256"] == "a" * 64 and "student_weights_sha256" not in settings
+    runner.Study(tmp_path / "s", profile).claim()  # the same weights resume
+    card.write_text(json.dumps({"seeds": [101], "weights_sha256": "b" * 64}))
+    with pytest.raises(DriveKDError, match="differs in: teacher_weights_sha256"):
+        runner.Study(tmp_path / "s", profile).claim()
+
+
 def test_parallel_jobs_run_exactly_the_missing_steps(study, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(study, out, ignore=shutil.ignore_patterns("mechanism.json"))

@@ -99,6 +99,12 @@ class StudentRun:
         return f"{self.variant.name}/seed-{self.seed}" + (f"/{self.capability}" if self.capability else "")
 
 
+def _card(model: str) -> dict[str, Any]:
+    """A model folder's card (shipped bases have one), or {}."""
+    card = Path(model) / "card.json"
+    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {}
+
+
 class Study:
     def __init__(self, out: Path, profile: Profile, *, workers: int = 2, jobs: int = 1, echo: Any = click.echo) -> None:
         self.out = out
@@ -120,8 +126,7 @@ class Study:
 
         seed = self.profile.data_seed
         for role, spec in (("teacher", self.teacher), ("student", self.student)):
-            card = Path(spec) / "card.json"
-            seeds = json.loads(card.read_text(encoding="utf-8")).get("seeds", []) if card.is_file() else []
+            seeds = _card(spec).get("seeds", [])
             if seed in seeds:
                 raise DriveKDError(
                     f"profile {self.profile.name!r}: data seed {seed} is one the {role} {spec} was trained on "
@@ -136,6 +141,11 @@ class Study:
         """Write study.json, or refuse a directory that holds another configuration's study."""
         self.check_disjoint()
         settings = self.profile.settings()
+        # a model's name is not its weights: a reinstalled base must not resume a study begun with
+        # the one it replaced
+        for role, spec in (("teacher", self.teacher), ("student", self.student)):
+            if "weights_sha256" in _card(spec):
+                settings[f"{role}_weights_sha256"] = _card(spec)["weights_sha256"]
         file = self.out / "study.json"
         if file.is_file():
             existing = json.loads(file.read_text(encoding="utf-8")).get("settings")
