@@ -95,8 +95,11 @@ def _parse_build(name: str, spec: dict[str, Any], path: Path) -> BaseBuild:
             raise DriveKDError(f"{path}: {name}: dataset {dname!r} drills unknown dataset {d.drill!r}")
         if d.drill is None and d.seed not in BASE_SEEDS:
             raise DriveKDError(f"{path}: {name}: dataset {dname!r}: seed {d.seed} is outside {BASE_SEEDS}")
-    for both in sorted(set(datasets) & set(spec["stages"])):
-        raise DriveKDError(f"{path}: {name}: {both!r} names both a dataset and a stage, so '@{both}' is ambiguous")
+    both = sorted(set(datasets) & set(spec["stages"]))
+    if both:
+        raise DriveKDError(
+            f"{path}: {name}: {both[0]!r} names both a dataset and a stage, so '@{both[0]}' is ambiguous"
+        )
     return BaseBuild(
         name=name,
         preset=spec["preset"],

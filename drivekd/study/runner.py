@@ -144,8 +144,9 @@ class Study:
         # a model's name is not its weights: a reinstalled base must not resume a study begun with
         # the one it replaced
         for role, spec in (("teacher", self.teacher), ("student", self.student)):
-            if "weights_sha256" in _card(spec):
-                settings[f"{role}_weights_sha256"] = _card(spec)["weights_sha256"]
+            sha = _card(spec).get("weights_sha256")
+            if sha is not None:
+                settings[f"{role}_weights_sha256"] = sha
         file = self.out / "study.json"
         if file.is_file():
             existing = json.loads(file.read_text(encoding="utf-8")).get("settings")
