@@ -305,12 +305,15 @@ def test_reference_answers_score_full_marks(tmp_path):
     assert r["language"]["bleu4"] == pytest.approx(100.0) and r["language"]["rougeL"] == pytest.approx(100.0)
 
 
-def test_empty_and_missing_capabilities(tmp_path):
+def test_empty_file_is_refused_and_missing_capabilities_are_none(tmp_path):
     f = tmp_path / "empty.jsonl"
     f.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl: no predictions \(the file is empty\)"):
+        score_file(f)
+    f.write_text(_mc(1, "perception", "q", "A", "A") + "\n")
     r = score_file(f)
-    assert r["samples"] == 0 and r["average"] is None and r["unparseable"] == 0
-    assert r["capabilities"] == {"perception": None, "reasoning": None, "planning": None}
+    assert r["samples"] == 1 and r["average"] == 100.0 and r["average_over"] == ["perception"]
+    assert r["capabilities"] == {"perception": 100.0, "reasoning": None, "planning": None}
     assert r["language"] == {"bleu4": None, "rougeL": None, "cider": None}
 
 

@@ -52,9 +52,11 @@ def score(
     correct_choice, facts, question]) and show them side by side.
 
     Multiple choice is scored by the letter parsed from the prediction, open-ended answers with
-    `facts` by field checks, the rest by BLEU-4 / ROUGE-L / CIDEr.
+    `facts` by field checks, the rest by BLEU-4 / ROUGE-L / CIDEr. Avg is the mean of the capabilities
+    a file has; one over fewer than all three is marked `*` (`average_over` in --json). An empty or
+    malformed file is an error.
     """
-    from drivekd.eval.scoring import read_predictions, score_items, summarize
+    from drivekd.eval.scoring import average_over, read_predictions, score_items, summarize
 
     if (judge_url is None) != (judge_model is None):
         raise DriveKDError("--judge-url and --judge-model go together")
@@ -87,6 +89,7 @@ def score(
             with tqdm(total=len(preds), desc=f"judge {file.name}", unit="q", file=sys.stderr) as bar:
                 verdicts = judge_items(preds, judge, progress=bar.update)
             result["judge"] = judge_summary(preds, verdicts, judge.config.model)
+            result["judge"]["average_over"] = average_over(result["judge"]["capabilities"])
         results.append(result)
     if as_json:
         for result in results:

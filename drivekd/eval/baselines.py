@@ -12,31 +12,35 @@ from collections.abc import Sequence
 from typing import Any
 
 from drivekd.data.sample import Sample
+from drivekd.eval.scoring import normalize_question_type
 
 
 def majority_predictions(train: Sequence[Sample], samples: Sequence[Sample]) -> list[str]:
+    """One constant answer per question type (grouped as the scorer groups them), per sample."""
     texts: dict[str, Counter[str]] = {}
     letters: dict[str, Counter[str]] = {}
     answers: dict[str, Counter[str]] = {}
     for s in train:
+        qt = normalize_question_type(s.question_type)
         if s.choices and s.correct_choice:
-            texts.setdefault(s.question_type, Counter())[s.choices[s.correct_choice]] += 1
-            letters.setdefault(s.question_type, Counter())[s.correct_choice] += 1
+            texts.setdefault(qt, Counter())[s.choices[s.correct_choice]] += 1
+            letters.setdefault(qt, Counter())[s.correct_choice] += 1
         else:
-            answers.setdefault(s.question_type, Counter())[s.answer] += 1
+            answers.setdefault(qt, Counter())[s.answer] += 1
     out = []
     for s in samples:
+        qt = normalize_question_type(s.question_type)
         if s.choices:
             offered = {text: letter for letter, text in s.choices.items()}
-            ranked = [t for t, _ in texts.get(s.question_type, Counter()).most_common() if t in offered]
-            if ranked and texts[s.question_type][ranked[0]] > 1:
+            ranked = [t for t, _ in texts.get(qt, Counter()).most_common() if t in offered]
+            if ranked and texts[qt][ranked[0]] > 1:
                 letter = offered[ranked[0]]
             else:
-                common = letters.get(s.question_type, Counter({"A": 1})).most_common(1)[0][0]
+                common = letters.get(qt, Counter({"A": 1})).most_common(1)[0][0]
                 letter = common if common in s.choices else sorted(s.choices)[0]
             out.append(f"Final: {{{letter}. {s.choices[letter]}}}")
         else:
-            common = answers.get(s.question_type, Counter({"": 1})).most_common(1)[0][0]
+            common = answers.get(qt, Counter({"": 1})).most_common(1)[0][0]
             out.append(common)
     return out
 

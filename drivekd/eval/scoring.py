@@ -12,7 +12,10 @@ Every sample gets a score in 0..100:
   sample alone scores 0), and capping at 10 puts the three on the same 0..100 scale.
 
 A capability's score is the mean over its samples and `average` the mean of the capabilities present,
-as the paper's Avg. Corpus BLEU-4 (0-100), mean ROUGE-L (x 100) and CIDEr-D (0-10, as coco-caption
+as the paper's Avg; `average_over` names those capabilities. An Avg over fewer than all three is not
+comparable with one over all three: tables mark it `*` with a footnote (`render_markdown`). Question
+types are grouped under `normalize_question_type`'s key and capabilities under `normalize_capability`'s,
+so `Object Status`, `object-status` and `object_status` are one row. Corpus BLEU-4 (0-100), mean ROUGE-L (x 100) and CIDEr-D (0-10, as coco-caption
 reports it) over all open-ended samples are reported beside, under `language`.
 
 Multiple choice also gets a letter-bias check (`letters`): how many answers use the model's most
@@ -27,6 +30,7 @@ look its answer up among the options, and its letters are chance whatever it kno
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +44,32 @@ from drivekd.eval.facts import fact_score
 from drivekd.eval.parsing import letter_matches_text, parse_choice
 
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "capability", "question_type", "prediction", "reference")
+
+# DriveBench/DriveLM name their question types after capabilities, in several spellings; one key each.
+_QUESTION_TYPE_ALIASES: dict[str, str] = {
+    "behaviour": "behavior",
+    "behaviours": "behavior",
+    "behaviors": "behavior",
+    "perceptual": "perception",
+    "perceive": "perception",
+    "predict": "prediction",
+    "predictions": "prediction",
+    "plan": "planning",
+}
+_QT_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+def normalize_question_type(name: str) -> str:
+    """The one key a question type is grouped under in every table: lowercase, runs of spaces,
+    hyphens and underscores as one `_`, DriveBench's spellings as one name (`Behaviour` -> `behavior`).
+    Idempotent: a normalised name maps to itself."""
+    key = _QT_SEPARATORS.sub("_", str(name).strip().lower()).strip("_")
+    return _QUESTION_TYPE_ALIASES.get(key, key)
+
+
+def average_over(capabilities: dict[str, float | None]) -> list[str]:
+    """The capabilities an Avg is the mean of: those with a score, in `CAPABILITIES` order."""
+    return [c for c in CAPABILITIES if capabilities.get(c) is not None]
 
 
 @dataclass
@@ -96,7 +126,7 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     """Read a prediction JSONL file; DataError names the file, line and field of the first problem."""
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{file}: cannot read: {e}") from e
     out: list[Prediction] = []
@@ -114,6 +144,9 @@ def read_predictions(path: str | Path) -> list[Prediction]:
             raise DataError(f"{where}: duplicate id {pred.id!r} (also at {seen[pred.id]})")
         seen[pred.id] = where
         out.append(pred)
+    if not out:
+        # Scored, it would show "–" everywhere and exit 0: a failed or filtered-out run looking like a result.
+        raise DataError(f"{file}: no predictions (the file is empty); expected one JSON object per line")
     return out
 
 
@@ -134,6 +167,11 @@ def _prediction(item: Any, where: str) -> Prediction:
     ):
         if not isinstance(value, str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not isinstance(item["capability"], str):
+        raise DataError(f"{where}: field 'capability' must be a string, got {type(item['capability']).__name__}")
+    question_type = normalize_question_type(item["question_type"])
+    if not question_type:
+        raise DataError(f"{where}: field 'question_type' is empty")
     choices = item.get("choices")
     if choices is not None and not (
         isinstance(choices, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in choices.items())
@@ -160,8 +198,8 @@ def _prediction(item: Any, where: str) -> Prediction:
     question = item.get("question")
     return Prediction(
         id=str(item["id"]),
-        capability=normalize_capability(str(item["capability"]), where=f"{where}: field 'capability'"),
-        question_type=item["question_type"],
+        capability=normalize_capability(item["capability"], where=f"{where}: field 'capability'"),
+        question_type=question_type,
         prediction=prediction,
         reference=item["reference"],
         choices=choices,
@@ -232,7 +270,7 @@ def letter_bias(items: Sequence[ItemScore]) -> dict[str, Any] | None:
     groups: dict[str, list[ItemScore]] = {}
     for i in items:
         if i.method == "choice":
-            groups.setdefault(i.question_type, []).append(i)
+            groups.setdefault(normalize_question_type(i.question_type), []).append(i)
     if not groups:
         return None
     top = sum(max(Counter(i.parsed for i in g if i.parsed).values(), default=0) for g in groups.values())
@@ -248,11 +286,12 @@ def letter_bias(items: Sequence[ItemScore]) -> dict[str, Any] | None:
 
 def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
     """The per-file result: see `score_file`."""
-    caps = {c: _r(_mean([i.score for i in items if i.capability == c])) for c in CAPABILITIES}
-    present = [v for v in caps.values() if v is not None]
     groups: dict[tuple[str, str], list[ItemScore]] = {}
     for i in items:
-        groups.setdefault((i.capability, i.question_type), []).append(i)
+        cap = normalize_capability(i.capability, where=f"{file}: item {i.id!r}")
+        groups.setdefault((cap, normalize_question_type(i.question_type)), []).append(i)
+    caps = {c: _r(_mean([i.score for (cap, _), g in groups.items() if cap == c for i in g])) for c in CAPABILITIES}
+    over = average_over(caps)
     qt_caps: dict[str, set[str]] = {}
     for cap, qt in groups:
         qt_caps.setdefault(qt, set()).add(cap)
@@ -278,7 +317,8 @@ def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
         "file": file,
         "samples": len(items),
         "capabilities": caps,
-        "average": _r(_mean(present)),
+        "average": _r(_mean([caps[c] for c in over])),  # type: ignore[misc]
+        "average_over": over,
         "by_question_type": by_qt,
         "language": language,
         "unparseable": sum(1 for i in items if i.method == "choice" and i.parsed is None),
@@ -290,9 +330,10 @@ def score_file(path: str | Path) -> dict[str, Any]:
     """Score one prediction file.
 
     Returns `{"file", "samples", "capabilities": {"perception", "reasoning", "planning"}, "average",
-    "by_question_type": {qt: {"capability", "samples", "score"}}, "language": {"bleu4", "rougeL",
+    "average_over": [the capabilities Avg is the mean of], "by_question_type": {qt: {"capability", "samples", "score"}}, "language": {"bleu4", "rougeL",
     "cider"}, "unparseable", "letters"}` (`letters` also per MC question type: see `letter_bias`);
-    scores are 0..100 (CIDEr 0..10), None where there is nothing to score.
+    scores are 0..100 (CIDEr 0..10), None where there is nothing to score. Question types are the
+    keys of `normalize_question_type`. An empty file is a DataError, as any other unusable input.
     """
     preds = read_predictions(path)
     return summarize(str(path), score_items(preds))
@@ -319,7 +360,7 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
     rows: list[tuple[str, list[Any]]] = []
     for cap in CAPABILITIES:
         rows.append((f"**{cap.capitalize()}**", [r["capabilities"][cap] for r in results]))
-    rows.append(("**Avg**", [r["average"] for r in results]))
+    rows.append(("**Avg**", [_avg_cell(r) for r in results]))
     qts: dict[str, str] = {}
     for r in results:
         for qt, v in r["by_question_type"].items():
@@ -344,8 +385,43 @@ def render_markdown(results: Sequence[dict[str, Any]]) -> str:
     if any("judge" in r for r in results):
         for cap in CAPABILITIES:
             rows.append((f"Judge {cap}", [(r.get("judge") or {}).get("capabilities", {}).get(cap) for r in results]))
-        rows.append(("Judge avg", [(r.get("judge") or {}).get("average") for r in results]))
+        rows.append(("Judge avg", [_avg_cell(r.get("judge")) for r in results]))
         rows.append(("Judge failed", [(r.get("judge") or {}).get("failed") for r in results]))
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     lines += [f"| {label} | " + " | ".join(_cell(v) for v in values) + " |" for label, values in rows]
-    return "\n".join(lines)
+    named = list(zip(names, results, strict=True))
+    notes = [
+        note
+        for note in (
+            _partial_note("Avg", [(n, r) for n, r in named], ""),
+            _partial_note("Judge avg", [(n, r.get("judge")) for n, r in named], "judged "),
+        )
+        if note
+    ]
+    return "\n".join([*lines, "", *notes] if notes else lines)
+
+
+PARTIAL = "*"  # marks an Avg over fewer than the three capabilities
+
+
+def _partial(result: dict[str, Any] | None) -> list[str] | None:
+    """The capabilities a result's Avg lacks, or None when it has an Avg over all three (or none)."""
+    if not result or result.get("average") is None:
+        return None
+    missing = [c for c in CAPABILITIES if c not in average_over(result.get("capabilities") or {})]
+    return missing or None
+
+
+def _avg_cell(result: dict[str, Any] | None) -> str:
+    value = (result or {}).get("average")
+    return _cell(value) + (PARTIAL if _partial(result) else "")
+
+
+def _partial_note(label: str, columns: list[tuple[str, dict[str, Any] | None]], what: str) -> str | None:
+    lacking = [f"{name} has no {what}{', '.join(m)}" for name, r in columns if (m := _partial(r))]
+    if not lacking:
+        return None
+    return (
+        f"{label}{PARTIAL} is the mean of fewer than the {len(CAPABILITIES)} capabilities, not comparable "
+        f"with an Avg of all {len(CAPABILITIES)}: " + "; ".join(lacking) + "."
+    )

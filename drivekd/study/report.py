@@ -22,7 +22,7 @@ REFERENCES = ("teacher", "majority")  # rows that are not student variants
 
 
 def _score(path: Path) -> dict[str, Any] | None:
-    from drivekd.eval.scoring import score_file
+    from drivekd.eval.scoring import normalize_question_type, score_file
 
     if not path.is_file():
         return None
@@ -30,8 +30,20 @@ def _score(path: Path) -> dict[str, Any] | None:
     return {
         **{c: result["capabilities"].get(c) for c in CAPABILITIES},
         "average": result["average"],
+        "average_over": result["average_over"],
         "items": result["samples"],
-        "types": {t: v["score"] for t, v in result["by_question_type"].items()},
+        "types": {normalize_question_type(t): v["score"] for t, v in result["by_question_type"].items()},
+    }
+
+
+AVERAGES = ("average", "val_average", "other_images_average")
+
+
+def _lacks(*scores: dict[str, Any] | None) -> dict[str, list[str]]:
+    """Per Avg (`AVERAGES`: test, val, other images), the capabilities it lacks (an Avg over fewer than three)."""
+    return {
+        k: [] if s is None or s["average"] is None else [c for c in CAPABILITIES if c not in s["average_over"]]
+        for k, s in zip(AVERAGES, scores, strict=True)
     }
 
 
@@ -57,6 +69,7 @@ def collect(out: Path) -> dict[str, Any]:
                     "types": test["types"],
                     "other_images_average": control["average"] if control else None,
                     "val_average": val["average"] if val else None,
+                    "avg_lacks": _lacks(test, val, control),
                     "seeds": [],
                     "std": dict.fromkeys(COLUMNS, 0.0),
                     "failed": [],
@@ -81,6 +94,7 @@ def collect(out: Path) -> dict[str, Any]:
                         "other_images_average": control["average"] if control else None,
                         "val_average": val["average"] if val else None,
                         "val_ce": val_ce,
+                        "avg_lacks": _lacks(test, val, control),
                     }
                 )
         row: dict[str, Any] = {"name": name, "seeds": per_seed, "failed": failed, "std": {}}
@@ -97,6 +111,9 @@ def collect(out: Path) -> dict[str, Any]:
         )[0]
         row["val_average"] = _mean_std([s["val_average"] for s in per_seed if s["val_average"] is not None])[0]
         row["val_ce"], row["std"]["val_ce"] = _mean_std([s["val_ce"] for s in per_seed if s["val_ce"] is not None])
+        row["avg_lacks"] = {
+            k: [c for c in CAPABILITIES if any(c in s["avg_lacks"][k] for s in per_seed)] for k in AVERAGES
+        }
         variants.append(row)
     mechanism_file = out / "mechanism.json"
     mechanism = json.loads(mechanism_file.read_text(encoding="utf-8")) if mechanism_file.is_file() else None
@@ -124,8 +141,35 @@ def _fmt(row: dict[str, Any], column: str) -> str:
     if value is None:
         return "–"
     if len(row["seeds"]) > 1:
-        return f"{value:.1f} ± {row['std'][column]:.1f}"
-    return f"{value:.1f}"
+        return f"{value:.1f} ± {row['std'][column]:.1f}" + _mark(row, column)
+    return f"{value:.1f}" + _mark(row, column)
+
+
+PARTIAL = "*"  # as `drivekd score`: an Avg over fewer than the three capabilities
+
+
+def _mark(row: dict[str, Any], column: str) -> str:
+    return PARTIAL if (row.get("avg_lacks") or {}).get(column) else ""
+
+
+def _avg(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    return "–" if value is None else f"{value:.1f}" + _mark(row, column)
+
+
+def _partial_note(variants: list[dict[str, Any]]) -> list[str]:
+    names = {"average": "test", "val_average": "val", "other_images_average": "test with other images"}
+    lacking = [
+        f"{v['name']} ({names[k]}) has no {', '.join(v['avg_lacks'][k])}"
+        for v in variants
+        for k in AVERAGES
+        if (v.get("avg_lacks") or {}).get(k)
+    ]
+    if not lacking:
+        return []
+    n = len(CAPABILITIES)
+    note = f"Avg{PARTIAL} is the mean of fewer than the {n} capabilities, not comparable with an Avg of all {n}: "
+    return ["", note + "; ".join(lacking) + "."]
 
 
 def _curves(out: Path, settings: dict[str, Any], png: Path) -> bool:
@@ -266,7 +310,7 @@ def write_report(out: Path) -> Path:
             if v.get("val_ce") is not None and ce.get("val_ce") is not None:
                 beyond = beyond_spread(v, ce, "val_ce")
                 versus += f"; val CE {v['val_ce'] - ce['val_ce']:+.3f}" + (" (beyond seed spread)" if beyond else "")
-        val = f"{v['val_average']:.1f}" if v["val_average"] is not None else "–"
+        val = _avg(v, "val_average")
         val_ce = "–"
         if v.get("val_ce") is not None:
             val_ce = f"{v['val_ce']:.3f}" + (f" ± {v['std']['val_ce']:.3f}" if len(v["seeds"]) > 1 else "")
@@ -274,6 +318,7 @@ def write_report(out: Path) -> Path:
             f"| {v['name']} | {_fmt(v, 'perception')} | {_fmt(v, 'reasoning')} | {_fmt(v, 'planning')} | "
             f"{_fmt(v, 'average')} | {val} | {val_ce} | {len(v['seeds']) if v['name'] not in REFERENCES else '–'} | {versus} |"
         )
+    lines += _partial_note(variants)
     failed = [(v["name"], f) for v in variants for f in v["failed"]]
     if failed:
         lines += ["", "### Failed runs", ""]
@@ -346,7 +391,7 @@ def _mechanism(variants: list[dict[str, Any]], mechanism: dict[str, Any] | None)
         drop = f"{own - other:+.1f}" if own is not None and other is not None else "–"
         ratio = (attention.get(name) or {}).get("mean_ratio")
         out.append(
-            f"| {name} | {'–' if own is None else f'{own:.1f}'} | {'–' if other is None else f'{other:.1f}'} | "
+            f"| {name} | {_avg(row, 'average')} | {_avg(row, 'other_images_average')} | "
             f"{drop} | {'–' if ratio is None else f'{ratio:.2f}'} |"
         )
     return [*out, ""]
