@@ -1,5 +1,6 @@
-"""Scoring refuses what would give silent wrong numbers: partial Avgs are marked, empty or malformed
-prediction files are one-line errors, question-type spellings are one row."""
+"""Scoring and evaluation refuse what would give silent wrong numbers: partial Avgs are marked,
+empty or malformed prediction files and unknown splits are one-line errors, question-type spellings
+are one row."""
 
 import json
 from pathlib import Path
@@ -20,6 +21,8 @@ from drivekd.eval.scoring import (
     score_file,
     summarize,
 )
+
+from .conftest import png
 
 CHOICES = {"A": "Going ahead.", "B": "Turn left.", "C": "Turn right.", "D": "Braking."}
 
@@ -164,6 +167,97 @@ def test_a_byte_order_mark_is_not_a_json_error(tmp_path):
     f = tmp_path / "bom.jsonl"
     f.write_bytes(("\ufeff" + _mc(1, "perception", "status", "A", "A") + "\n").encode("utf-8"))
     assert score_file(f)["capabilities"]["perception"] == 100.0
+
+
+# ---------------------------------------------------------------- 3. --split honoured or refused
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """A native dataset folder (train and test, no val) and the same samples as one data file."""
+    root = tmp_path / "ds"
+    png(root / "a.png")
+    rows = [
+        {
+            "id": f"s{i}",
+            "capability": ["perception", "reasoning"][i % 2],
+            "question_type": "q",
+            "images": [{"camera": "CAM_FRONT", "path": "a.png"}],
+            "question": f"<image>Which way, {i}?",
+            "answer": ["keep", "stop"][i % 3 == 0],
+            "scene_id": f"sc{i}",
+        }
+        for i in range(6)
+    ]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    (root / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _eval(*args):
+    return CliRunner().invoke(main, ["eval", "--model", "/nonexistent/model", "--out", "unused.jsonl", *args])
+
+
+def test_eval_refuses_a_split_on_a_data_file(dataset):
+    file = dataset / "all.jsonl"
+    for split in ("test", "nonsense"):
+        _one_line_error(
+            _eval("--data", str(file), "--split", split),
+            str(file),
+            f"a data file has no splits, so --split {split} cannot be honoured",
+            f"drivekd data split {file} DIR",
+        )
+
+
+def test_eval_refuses_a_split_the_folder_lacks_and_lists_the_splits(dataset):
+    _one_line_error(
+        _eval("--data", str(dataset), "--split", "nonsense"),
+        str(dataset),
+        "no split 'nonsense' (nonsense.jsonl)",
+        "splits found: all, test, train",
+    )
+    _one_line_error(_eval("--data", str(dataset), "--split", "val"), "no split 'val'")
+
+
+def test_eval_reads_the_whole_file_without_split_and_says_so(dataset):
+    from drivekd.cli.evaluate import eval_samples
+
+    samples, what = eval_samples(dataset / "all.jsonl", None)
+    assert len(samples) == 6 and what == "the whole file: a data file has no splits"
+    samples, what = eval_samples(dataset, None)  # a folder: test by default
+    assert [s.id for s in samples] == ["s4", "s5"] and what == "split 'test'"
+    res = _eval("--data", str(dataset / "all.jsonl"))  # gets as far as loading the model
+    assert "note: predicting 6 samples from the whole file: a data file has no splits" in res.output
+    assert "/nonexistent/model" in res.output and res.exit_code == 2
+
+
+def test_eval_with_no_sample_left_names_the_filter(dataset):
+    _one_line_error(
+        _eval("--data", str(dataset), "--capability", "planning"),
+        f"{dataset} (split 'test', capability planning): no samples",
+    )
+
+
+def test_baseline_on_a_data_file_says_a_file_has_no_splits(dataset, tmp_path):
+    file = dataset / "all.jsonl"
+    res = CliRunner().invoke(main, ["baseline", "--data", str(file), "--out", str(tmp_path / "b.jsonl")])
+    line = _one_line_error(res, str(file), "a data file has no splits", f"drivekd data split {file} DIR")
+    assert "dataset folder" not in line.split("split it first")[0] and "no test.jsonl" not in line
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_baseline_splits_must_exist_and_differ(dataset, tmp_path):
+    out = str(tmp_path / "b.jsonl")
+    res = CliRunner().invoke(main, ["baseline", "--data", str(dataset), "--split", "val", "--out", out])
+    _one_line_error(res, "no split 'val'", "splits found: all, test, train")
+    res = CliRunner().invoke(main, ["baseline", "--data", str(dataset), "--train-split", "dev", "--out", out])
+    _one_line_error(res, "no split 'dev'")
+    res = CliRunner().invoke(main, ["baseline", "--data", str(dataset), "--split", "train", "--out", out])
+    _one_line_error(res, "--split and --train-split are both 'train'")
+    res = CliRunner().invoke(main, ["baseline", "--data", str(dataset), "--out", out])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["id"] for x in Path(out).read_text().splitlines()] == ["s4", "s5"]
 
 
 # ---------------------------------------------------------------- 4. one key per question type

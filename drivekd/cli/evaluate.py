@@ -2,15 +2,56 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
+
+from drivekd.errors import DataError
+
+DEFAULT_SPLIT = "test"
+_SPLIT_HELP = (
+    f"Split of a dataset folder (its SPLIT.jsonl) [default: {DEFAULT_SPLIT}]. A single data file has no "
+    "splits: it is used whole, and --split is refused."
+)
+
+
+def split_file(data_path: Path, split: str, option: str = "--split", file_hint: str = "") -> Path:
+    """`data_path/split.jsonl`, or a one-line error: for a folder, naming the split and the splits it has;
+    for a single data file, saying that a file has no splits (`file_hint`: what to do instead)."""
+    if not data_path.exists():
+        raise DataError(f"{data_path}: no such file or folder")
+    if not data_path.is_dir():
+        raise DataError(f"{data_path}: a data file has no splits, so {option} {split} cannot be honoured; {file_hint}")
+    file = data_path / f"{split}.jsonl"
+    if not file.is_file():
+        found = sorted(p.stem for p in data_path.glob("*.jsonl") if p.is_file())
+        has = "splits found: " + ", ".join(found) if found else "it holds no SPLIT.jsonl file"
+        raise DataError(f"{data_path}: no split {split!r} ({split}.jsonl) in this dataset folder; {has}")
+    return file
+
+
+def eval_samples(data_path: Path, split: str | None, image_roots: Sequence[str] = ()) -> tuple[list[Any], str]:
+    """The samples `drivekd eval` predicts, and what they are (for messages).
+
+    A dataset folder: its `split` (default `test`), which must exist. A single data file: the whole
+    file, and only when no --split was given: a file has no splits, and `--split test` on it would
+    silently predict every sample, the training ones included."""
+    from drivekd.data.formats import load_samples, load_split
+
+    if data_path.is_dir() or split is not None:
+        split = split or DEFAULT_SPLIT
+        hint = f"drop --split to use the whole file, or split it first: drivekd data split {data_path} DIR"
+        split_file(data_path, split, "--split", hint)
+        return load_split(data_path, split, image_roots), f"split {split!r}"
+    return load_samples(data_path, None, image_roots), "the whole file: a data file has no splits"
 
 
 @click.command(name="eval")
 @click.option("--model", "model_path", required=True, help="Checkpoint directory (e.g. RUN/final), preset or hub id.")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True, help="Dataset folder or file.")
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default=None, help=_SPLIT_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Prediction JSONL to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
@@ -28,7 +69,7 @@ import click
 def evaluate(
     model_path: str,
     data_path: Path,
-    split: str,
+    split: str | None,
     out: Path,
     batch_size: int,
     max_new_tokens: int,
@@ -40,19 +81,19 @@ def evaluate(
     other_images: bool,
 ) -> None:
     """Greedy-decode answers (KV cache, batched) and write one JSON line per sample."""
-    from drivekd.data.formats import load_samples, load_split
     from drivekd.data.sample import with_other_images
     from drivekd.data.validate import validate_samples
     from drivekd.eval.predict import predict
     from drivekd.models.loading import LoadOptions, load_backend
 
-    samples = (
-        load_split(data_path, split, image_roots) if data_path.is_dir() else load_samples(data_path, None, image_roots)
-    )
+    samples, what = eval_samples(data_path, split, image_roots)
     if capability:
         samples = [s for s in samples if s.capability == capability]
+        what += f", capability {capability}"
     samples = samples[:limit] if limit else samples
-    validate_samples(samples).raise_if_bad(str(data_path))
+    validate_samples(samples).raise_if_bad(f"{data_path} ({what})")
+    if not data_path.is_dir():
+        click.echo(f"note: predicting {len(samples)} samples from {what}", err=True)
     if other_images:
         samples = with_other_images(samples)
     backend = load_backend(model_path, LoadOptions(dtype=dtype, device=device))
@@ -64,8 +105,14 @@ def evaluate(
 
 
 @click.command()
-@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True, help="Dataset folder.")
-@click.option("--split", default="test", show_default=True)
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Dataset folder with the --train-split and --split files (a single data file has no splits).",
+)
+@click.option("--split", default=DEFAULT_SPLIT, show_default=True, help="The split to predict.")
 @click.option("--train-split", default="train", show_default=True, help="Where the majority answers are counted.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def baseline(data_path: Path, split: str, train_split: str, out: Path) -> None:
@@ -74,6 +121,21 @@ def baseline(data_path: Path, split: str, train_split: str, out: Path) -> None:
     from drivekd.eval.baselines import majority_records
     from drivekd.eval.predict import write_records
 
-    samples = load_split(data_path, split)
-    write_records(majority_records(load_split(data_path, train_split), samples), out)
+    if split == train_split:
+        raise DataError(
+            f"--split and --train-split are both {split!r}: the majority would be counted on the answers it "
+            "is scored against"
+        )
+    if data_path.is_file():
+        raise DataError(
+            f"{data_path}: a data file has no splits, and the baseline counts its answers on --train-split "
+            f"({train_split}) to predict --split ({split}); split it first: drivekd data split {data_path} DIR"
+        )
+    split_file(data_path, train_split, "--train-split")
+    split_file(data_path, split)
+    samples, train = load_split(data_path, split), load_split(data_path, train_split)
+    for name, part in ((split, samples), (train_split, train)):
+        if not part:
+            raise DataError(f"{data_path / (name + '.jsonl')}: no samples")
+    write_records(majority_records(train, samples), out)
     click.echo(f"wrote {len(samples)} majority-baseline predictions to {out}")
