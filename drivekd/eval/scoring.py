@@ -14,9 +14,10 @@ Every sample gets a score in 0..100:
 A capability's score is the mean over its samples and `average` the mean of the capabilities present,
 as the paper's Avg; `average_over` names those capabilities. An Avg over fewer than all three is not
 comparable with one over all three: tables mark it `*` with a footnote (`render_markdown`). Question
-types are grouped under `normalize_question_type`'s key and capabilities under `normalize_capability`'s,
-so `Object Status`, `object-status` and `object_status` are one row. Corpus BLEU-4 (0-100), mean ROUGE-L (x 100) and CIDEr-D (0-10, as coco-caption
-reports it) over all open-ended samples are reported beside, under `language`.
+types are grouped under `normalize_question_type`'s key and capabilities under
+`normalize_capability`'s, so `Object Status`, `object-status` and `object_status` are one row.
+Corpus BLEU-4 (0-100), mean ROUGE-L (x 100) and CIDEr-D (0-10, as coco-caption reports it) over all
+open-ended samples are reported beside, under `language`.
 
 Multiple choice also gets a letter-bias check (`letters`): how many answers use the model's most
 used letter, and what the best constant letter would score on the same items. A tiny model often
