@@ -37,6 +37,10 @@ def test_reference_fixture_reads_every_sample():
     ]
     assert six.question.count("<image>") == 6
     assert samples[4].choices is None  # open-ended planning question
+    # no scene field: the frame's path, folders kept (never the file stem), camera folder dropped
+    assert first.scene_id == "100k/train/9afb9daf-81ca742d.jpg"
+    assert six.scene_id == "nuscenes/samples/n015-2018-08-03-15-00-36+0800__CAM_FRONT_LEFT__1533279665104844.jpg"
+    assert len({s.scene_id for s in samples}) == len(samples)
 
 
 def test_image_root_prefix_mapping(tmp_path):

@@ -103,7 +103,8 @@ def generate(
 def validate(
     path: Path, fmt: str | None, image_roots: tuple[str, ...], no_image_check: bool, as_json: bool, strict: bool
 ) -> None:
-    """Check a dataset (file or native folder): counts, images referenced and missing. Exit 0 only if valid."""
+    """Check a dataset (file or native folder): counts, duplicates, and every image found and decoded.
+    Exit 0 only if valid."""
     samples = load_samples(path, fmt, image_roots)
     report = validate_samples(samples, check_images=not no_image_check)
     if as_json:
@@ -116,6 +117,15 @@ def validate(
         click.echo("capability: " + ", ".join(f"{k} {v}" for k, v in report.by_capability.items()))
         click.echo("question type: " + ", ".join(f"{k} {v}" for k, v in report.by_question_type.items()))
         click.echo(f"multiple choice: {report.multiple_choice}")
+        click.echo(
+            f"duplicate items: {report.duplicate_items}"
+            + (
+                f" (exact repeats of an earlier item, kept; first: {report.duplicates[0][0]} repeats "
+                f"{report.duplicates[0][1]}; --strict makes this an error)"
+                if report.duplicates
+                else ""
+            )
+        )
         if report.mc_without_options:
             click.echo(
                 f"warning: {len(report.mc_without_options)} item(s) marked multiple choice have no options in "
@@ -135,11 +145,10 @@ def validate(
 
 def _copy_images(src: Path, samples: list, target: Path) -> None:
     """One copy per distinct source file, named by its content hash: two frames of one scene never
-    share a copy their sources do not share. Every image is checked to decode before any is copied."""
+    share a copy their sources do not share. The caller has checked that every image decodes."""
     import hashlib
 
     from drivekd.data.sample import ImageRef
-    from drivekd.data.validate import image_problem
 
     names: dict[str, str] = {}  # resolved source path -> copy name
     for s in samples:
@@ -147,9 +156,6 @@ def _copy_images(src: Path, samples: list, target: Path) -> None:
             source = str(Path(im.path).resolve())
             if source in names:
                 continue
-            problem = image_problem(Path(im.path), decode=True)
-            if problem is not None:
-                raise DataError(f"{src}: sample {s.id}: image {im.path} is {problem}")
             digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:20]
             names[source] = f"{digest}{Path(source).suffix.lower()}"
     target.mkdir(parents=True, exist_ok=True)
@@ -169,9 +175,20 @@ def _copy_images(src: Path, samples: list, target: Path) -> None:
 @click.option(
     "--copy-images", is_flag=True, help="Copy images into DST's folder under images/ (default: reference them)."
 )
-def convert(src: Path, dst: Path, fmt: str | None, image_roots: tuple[str, ...], copy_images: bool) -> None:
-    """Convert SRC (any supported format) to native JSONL at DST."""
+@click.option(
+    "--no-image-check",
+    is_flag=True,
+    help="Write DST even if images are missing or do not decode (e.g. converting where the images are not); "
+    "not with --copy-images.",
+)
+def convert(
+    src: Path, dst: Path, fmt: str | None, image_roots: tuple[str, ...], copy_images: bool, no_image_check: bool
+) -> None:
+    """Convert SRC (any supported format) to native JSONL at DST. Every image must exist and decode."""
+    if copy_images and no_image_check:
+        raise click.BadParameter("images are decoded to be copied", param_hint="--no-image-check")
     samples = load_samples(src, fmt, image_roots)
+    validate_samples(samples, check_images=not no_image_check).raise_if_bad(str(src))
     if copy_images:
         _copy_images(src, samples, dst.resolve().parent / "images")
     write_jsonl(samples, dst)
@@ -290,7 +307,14 @@ def sheet(path: Path, out: Path, scenes: int, fmt: str | None, image_roots: tupl
 
     samples = load_samples(path, fmt, image_roots)
     validate_samples(samples).raise_if_bad(str(path))
-    save_contact_sheet(samples, out, scenes)
+    bad_tags = save_contact_sheet(samples, out, scenes)
+    if bad_tags:
+        (sample_id, tag), n = bad_tags[0], len(bad_tags)
+        click.echo(
+            f"warning: {n} object tag(s) not drawn: neither fractions of the image nor pixels inside it "
+            f"(first: {tag} in sample {sample_id})",
+            err=True,
+        )
     click.echo(f"wrote {out}")
 
 

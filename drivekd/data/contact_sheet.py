@@ -8,10 +8,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from drivekd.data.sample import OBJECT_TAG, Sample
+from drivekd.data.sample import OBJECT_TAG, Sample, tag_fraction
 
 
-def contact_sheet(samples: Sequence[Sample], scenes: int, caption_width: int = 300) -> Image.Image:
+def contact_sheet(
+    samples: Sequence[Sample], scenes: int, caption_width: int = 300, bad_tags: list[tuple[str, str]] | None = None
+) -> Image.Image:
+    """Rows of the first `scenes` scenes. Object tags are circled where they point: fractions of the
+    image, or DriveLM's pixel coordinates (converted with the camera's image size); a tag that is
+    neither (e.g. pixels beyond the image) is not drawn but appended to `bad_tags` as (sample id, tag)."""
     by_scene: dict[str, list[Sample]] = {}
     for s in samples:
         by_scene.setdefault(s.scene_id, []).append(s)
@@ -19,13 +24,23 @@ def contact_sheet(samples: Sequence[Sample], scenes: int, caption_width: int = 3
     for scene_samples in list(by_scene.values())[:scenes]:
         first = scene_samples[0]
         tiles = [Image.open(im.path).convert("RGB") for im in first.images]
-        draw_tags = {im.camera: ImageDraw.Draw(tile) for im, tile in zip(first.images, tiles, strict=True)}
+        tile_of = {im.camera: tile for im, tile in zip(first.images, tiles, strict=True)}
         for s in scene_samples:
-            for cam, x, y in OBJECT_TAG.findall(s.question + s.answer):
-                if cam in draw_tags:
-                    w, h = tiles[0].size
-                    u, v = float(x) * w, float(y) * h
-                    draw_tags[cam].ellipse([u - 3, v - 3, u + 3, v + 3], outline=(255, 0, 255))
+            for match in OBJECT_TAG.finditer(s.question + s.answer):
+                cam, x, y = match.groups()
+                if cam not in tile_of:
+                    continue
+                tile = tile_of[cam]
+                try:
+                    point = tag_fraction(float(x), float(y), *tile.size)
+                except ValueError:  # e.g. "1.2.3"
+                    point = None
+                if point is None:
+                    if bad_tags is not None:
+                        bad_tags.append((s.id, match.group(0)))
+                    continue
+                u, v = point[0] * tile.width, point[1] * tile.height
+                ImageDraw.Draw(tile).ellipse([u - 3, v - 3, u + 3, v + 3], outline=(255, 0, 255))
         caption = next((s for s in scene_samples if s.choices), first)
         text = caption.question.split("\n", len(first.images))[-1]
         final = caption.answer.splitlines()[0]
@@ -44,8 +59,11 @@ def contact_sheet(samples: Sequence[Sample], scenes: int, caption_width: int = 3
     return sheet
 
 
-def save_contact_sheet(samples: Sequence[Sample], out: Path, scenes: int) -> None:
+def save_contact_sheet(samples: Sequence[Sample], out: Path, scenes: int) -> list[tuple[str, str]]:
+    """Write the sheet; returns the (sample id, tag) of every object tag it could not place."""
     from drivekd.atomic import atomic_file
 
+    bad_tags: list[tuple[str, str]] = []
     with atomic_file(out) as tmp:
-        contact_sheet(samples, scenes).save(tmp, format="PNG")
+        contact_sheet(samples, scenes, bad_tags=bad_tags).save(tmp, format="PNG")
+    return bad_tags

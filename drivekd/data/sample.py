@@ -148,6 +148,17 @@ def object_tags(text: str) -> list[tuple[str, float, float]]:
     return list(seen)
 
 
+def tag_fraction(x: float, y: float, width: int, height: int) -> tuple[float, float] | None:
+    """An object tag's point as fractions of its image: tags are written as fractions (both in
+    [0, 1]) or, in DriveLM, as pixel coordinates (either above 1), which must lie inside the image.
+    None for a tag that is neither (e.g. pixels beyond the image: another image size)."""
+    if 0 <= x <= 1 and 0 <= y <= 1:
+        return x, y
+    if 0 <= x <= width and 0 <= y <= height:
+        return x / width, y / height
+    return None
+
+
 # DriveBench-style replies commit to an answer in `Final: {...}`: the part of an answer that scores.
 DECISION = re.compile(r"Final\s*:\s*\{[^}]*\}")
 
