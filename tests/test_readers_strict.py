@@ -14,7 +14,7 @@ from PIL import Image
 from drivekd.cli import main
 from drivekd.data.contact_sheet import contact_sheet
 from drivekd.data.formats import detect_format, load_samples
-from drivekd.data.sample import tag_fraction
+from drivekd.data.sample import image_blind_control, tag_fraction, unswappable, with_other_images
 from drivekd.data.validate import check_images_decode, duplicate_items, validate_samples
 from drivekd.errors import DataError
 
@@ -285,7 +285,27 @@ def test_a_truncated_jpeg_fails_validation_naming_image_and_sample(tmp_path, cap
     assert r.exit_code == 2 and "sample t0:1: image" in r.stderr and "b.jpg is unreadable" in r.stderr
 
 
-# -- 6. scene ids never merge scenes -------------------------------------------------------------------
+# -- 6. scene ids never merge scenes; the image-blind control says what it did -----------------------
+
+
+def _four_scenes(tmp_path: Path) -> Path:
+    items = []
+    for k in range(4):
+        paths = [f"scenes/scene-{k}/{cam}/0001.jpg" for cam in ("CAM_FRONT", "CAM_BACK")]
+        for p in paths:
+            png(tmp_path / p, colour=(60 * k, 0, 0))
+        items.append(_reference(question="<image><image>What colour is it?", answer=f"Shade {k}.", images=paths))
+    return _write(tmp_path / "ref.json", items)
+
+
+def test_reference_scene_ids_keep_scenes_whose_file_names_collide_apart(tmp_path):
+    samples = load_samples(_four_scenes(tmp_path))
+    assert [s.scene_id for s in samples] == [f"scenes/scene-{k}/0001.jpg" for k in range(4)]
+    swapped = with_other_images(samples)
+    assert unswappable(samples) == 0
+    for before, after in zip(samples, swapped, strict=True):
+        assert [im.camera for im in after.images] == [im.camera for im in before.images]
+        assert {Path(im.path).parts[-3] for im in after.images} != {Path(im.path).parts[-3] for im in before.images}
 
 
 def test_scene_id_is_the_frame_path_without_camera_folder(tmp_path):
@@ -310,6 +330,43 @@ def test_scene_id_is_the_frame_path_without_camera_folder(tmp_path):
         del item["scene_token"], item["frame_token"]
     h = _write(tmp_path / "db.json", bench)
     assert [s.scene_id for s in load_samples(h)] == ["s1/0001.jpg", "s2/0001.jpg"]
+
+
+def test_other_images_counts_samples_that_keep_their_own(tmp_path):
+    samples = load_samples(_four_scenes(tmp_path))
+    lone = load_samples(_write(tmp_path / "one.json", [_reference(images=["scenes/scene-0/CAM_FRONT/0001.jpg"])]))
+    lone[0].id = "lone"
+    swapped, kept_own = image_blind_control(samples + lone, source="x")
+    assert kept_own == 1 and unswappable(samples + lone) == 1
+    assert swapped[-1].images == lone[0].images and swapped[0].images != samples[0].images
+    with pytest.raises(DataError, match="x: no sample can be shown another scene's images"):
+        image_blind_control(samples[:1] + lone, source="x")
+    # the first N of a split may all be one scene: the rest of the split lends its images
+    (first,), kept_own = image_blind_control(samples[:1], source="x", pool=samples)
+    assert kept_own == 0 and first.images == samples[1].images and first.answer == samples[0].answer
+
+
+def test_eval_other_images_refuses_when_no_sample_can_be_swapped(tmp_path):
+    png(tmp_path / "a.png")
+    f = _write(tmp_path / "ref.json", [_reference(), _reference(question="<image>And now?")])  # one frame
+    r = _cli("eval", "--model", "no-such-model", "--data", str(f), "--out", str(tmp_path / "o.jsonl"), "--other-images")
+    assert r.exit_code == 2 and "no sample can be shown another scene's images" in r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.integration
+def test_eval_other_images_reports_how_many_kept_their_own(tmp_path):
+    from .conftest import run_cli
+
+    f = _four_scenes(tmp_path)
+    items = [*json.loads(f.read_text()), _reference(images=["scenes/scene-0/CAM_FRONT/0001.jpg"])]
+    _write(f, items)
+    out = tmp_path / "o.jsonl"
+    r = run_cli("eval", "--model", "tiny-internvl-student", "--data", str(f), "--out", str(out), "--other-images",
+                "--max-new-tokens", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "4 of 5 samples shown another scene's images (1 kept their own" in r.stdout
+    assert "warning: --other-images: 1 of 5 sample(s) keep their own images" in r.stderr
 
 
 # -- 7. format detection by the records' keys ------------------------------------------------------

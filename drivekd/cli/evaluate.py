@@ -81,12 +81,13 @@ def evaluate(
     other_images: bool,
 ) -> None:
     """Greedy-decode answers (KV cache, batched) and write one JSON line per sample."""
-    from drivekd.data.sample import with_other_images
+    from drivekd.data.sample import image_blind_control
     from drivekd.data.validate import validate_samples
     from drivekd.eval.predict import predict
     from drivekd.models.loading import LoadOptions, load_backend
 
     samples, what = eval_samples(data_path, split, image_roots)
+    pool = samples  # --other-images: any scene of the data may lend its images, not only the selected ones
     if capability:
         samples = [s for s in samples if s.capability == capability]
         what += f", capability {capability}"
@@ -94,13 +95,28 @@ def evaluate(
     validate_samples(samples).raise_if_bad(f"{data_path} ({what})")
     if not data_path.is_dir():
         click.echo(f"note: predicting {len(samples)} samples from {what}", err=True)
+    kept_own = 0
     if other_images:
-        samples = with_other_images(samples)
+        samples, kept_own = image_blind_control(samples, source=f"{data_path}: --other-images", pool=pool)
+        validate_samples(samples).raise_if_bad(f"{data_path}: --other-images")
+        if kept_own:
+            click.echo(
+                f"warning: --other-images: {kept_own} of {len(samples)} sample(s) keep their own images: no other "
+                "scene has their camera list",
+                err=True,
+            )
     backend = load_backend(model_path, LoadOptions(dtype=dtype, device=device))
     stats = predict(backend, samples, out, batch_size=batch_size, max_new_tokens=max_new_tokens)
     click.echo(
         f"wrote {stats['samples']} predictions to {out} in {stats['seconds']:.1f} s ({stats['samples_per_s']:.2f} samples/s)"
-        + (", every sample shown another scene's images" if other_images else "")
+        + (
+            ""
+            if not other_images
+            else ", every sample shown another scene's images"
+            if not kept_own
+            else f", {len(samples) - kept_own} of {len(samples)} samples shown another scene's images "
+            f"({kept_own} kept their own: no other scene has their cameras)"
+        )
     )
 
 

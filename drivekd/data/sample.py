@@ -104,29 +104,58 @@ def _relative(path: str, base: Path | None) -> str:
     return os.path.relpath(p, base.resolve())
 
 
-def with_other_images(samples: list[Sample]) -> list[Sample]:
+def with_other_images(samples: list[Sample], pool: list[Sample] | None = None) -> list[Sample]:
     """The image-blind control: every sample shown the cameras of another scene.
 
     A model whose answers and losses do not change under this swap does not read the images
     (DriveBench reports as much of real VLMs). Samples are grouped by their camera list; within a
     group, scenes are taken in order of first appearance and scene k gets the images of scene k+1
-    (cyclically), so no sample keeps its own scene. A group with a single scene cannot be swapped
-    and is returned unchanged. Deterministic: the same list gives the same swap on every rank.
+    (cyclically), so no sample keeps its own scene. `pool`: the samples whose scenes may lend their
+    images (default: `samples` themselves), e.g. the whole split when `samples` is its first N, which
+    may all come from one scene. A group with a single scene cannot be swapped and is returned
+    unchanged: `unswappable` counts such samples, which a caller must report (or refuse), since their
+    control score is their real score. Deterministic: the same list gives the same swap on every rank.
     """
-    keys = [(tuple(im.camera for im in s.images), s.scene_id) for s in samples]
     scenes_of: dict[tuple[str, ...], list[str]] = {}
     images_of: dict[tuple[tuple[str, ...], str], list[ImageRef]] = {}
-    for s, key in zip(samples, keys, strict=True):
+    for s in [*(pool or []), *samples]:
+        key = (tuple(im.camera for im in s.images), s.scene_id)
         if key not in images_of:
             images_of[key] = s.images
             scenes_of.setdefault(key[0], []).append(key[1])
     position = {(cameras, scene): i for cameras, scenes in scenes_of.items() for i, scene in enumerate(scenes)}
     out = []
-    for s, (cameras, scene) in zip(samples, keys, strict=True):
+    for s in samples:
+        cameras, scene = tuple(im.camera for im in s.images), s.scene_id
         scenes = scenes_of[cameras]
         donor = scenes[(position[(cameras, scene)] + 1) % len(scenes)]  # itself when the group has one scene
         out.append(s if donor == scene else dataclasses.replace(s, images=list(images_of[(cameras, donor)])))
     return out
+
+
+def unswappable(samples: list[Sample], pool: list[Sample] | None = None) -> int:
+    """How many samples `with_other_images(samples, pool)` leaves showing their own images: no other
+    scene with the same camera list, no images at all, or a donor scene whose images are the same files."""
+    swapped = with_other_images(samples, pool)
+    return sum(
+        1
+        for before, after in zip(samples, swapped, strict=True)
+        if not before.images or [im.path for im in after.images] == [im.path for im in before.images]
+    )
+
+
+def image_blind_control(
+    samples: list[Sample], *, source: str, pool: list[Sample] | None = None
+) -> tuple[list[Sample], int]:
+    """`with_other_images(samples, pool)` and how many samples still show their own images
+    (`unswappable`). A DataError when every sample would: the control would be the real score."""
+    kept_own = unswappable(samples, pool)
+    if samples and kept_own == len(samples):
+        raise DataError(
+            f"{source}: no sample can be shown another scene's images (every scene is alone among those with "
+            "its camera list, or has no images), so the image-blind control would equal the real score"
+        )
+    return with_other_images(samples, pool), kept_own
 
 
 def marked_multiple_choice(sample: Sample) -> bool:
