@@ -42,11 +42,12 @@ def test_sections_and_their_shorthands(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "overrides", "message"),
     [
-        ({"strategy": "sum"}, [], r"c.yaml: `strategy` is now `combine.strategy`"),
-        ({"cache": "x"}, [], r"`cache` is now `teacher.cache`"),
+        ({"strategy": "sum"}, [], r"c.yaml: unknown field `strategy`"),
+        ({"trian": {"output_dir": "o"}}, [], r"c.yaml: unknown field `trian` \(did you mean `train`\?\)"),
+        ({}, ["train.lrr=0.1"], r"override 'train.lrr=0.1': unknown field `train.lrr` \(did you mean `train.lr`\?\)"),
         ({}, ["combine.strategy=sum", "reweight=true"], r"reweight needs per-loss gradient norms"),
         ({"data": {"path": "d", "shuffle_choices": True}, "teacher": {"cache": "x"}}, [], "shuffle_choices with"),
-        ({"combine": {"amortize_every": 0}}, [], "amortize_every must be at least 1"),
+        ({"combine": {"amortize_every": 0}}, [], "combine.amortize_every: Input should be greater than or equal to 1"),
         ({"combine": {"strategy": "agp2"}}, [], r"combine.strategy: Input should be"),
     ],
 )

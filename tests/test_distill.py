@@ -123,10 +123,10 @@ def test_recipes_and_mixing():
     recipe = load_recipe("drive-kd")
     assert [s.kind for s in recipe.values()] == ["attn_tv", "attn_group", "attn_tv"]
     assert recipe["planning"].student_indices(4, 8) == [2]
-    w = mixing_matrix("reference", list(recipe))
+    w = mixing_matrix("reference", recipe)
     assert torch.allclose(w, torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]))
-    assert torch.allclose(mixing_matrix([[2, 1, 1], [0, 1, 0], [1, 1, 2]], list(recipe)).sum(1), torch.ones(3))
-    assert torch.equal(mixing_matrix("identity", ["kd"]), torch.ones(3, 1))
+    assert torch.allclose(mixing_matrix([[2, 1, 1], [0, 1, 0], [1, 1, 2]], recipe).sum(1), torch.ones(3))
+    assert torch.equal(mixing_matrix("identity", load_recipe("ce-kl")), torch.ones(3, 1))
     with pytest.raises(DriveKDError, match="no such file or shipped recipe"):
         load_recipe("nope")
 
@@ -250,6 +250,8 @@ def test_cached_targets_give_the_live_losses_and_bad_caches_are_refused(tmp_path
         train, val, _ = load_training_data(c.data, student)
         live = Distiller(c, student, train + val)
         cached = Distiller(_with_cache(c, cache_dir), student, train + val)
+        for d in (live, cached):
+            d.set_weights(dict.fromkeys(d.names, 1.0))
         assert isinstance(cached.teachers, CachedTeachers)  # no teacher model is loaded
         if live.projections:
             cached.projections.load_state_dict(live.projections.state_dict())
@@ -316,6 +318,7 @@ def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
             data_dir,
             teacher_dir,
             reweight={"enabled": True, "lr": 0.05},
+            recipe=_weighted_recipe(tmp_path, 1.0),  # the reweighter renormalises weights around 1
             data={"limit": 4},
             train={"max_steps": 3},
         ),
@@ -333,11 +336,9 @@ def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
 
 
 @pytest.mark.integration
-def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path, data_dir, teacher_dir):
+def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path, data_dir, teacher_dir, monkeypatch):
     from safetensors.torch import load_file
 
-    from drivekd.distill.engine import Distiller
-    from drivekd.train.sft import load_model, load_training_data
     from drivekd.train.trainer import Trainer
 
     def config(where):
@@ -355,33 +356,21 @@ def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path
 
     full = run_distill(config("a"))
     cfg = config("b")
-    torch.manual_seed(cfg.train.seed)
-    student = load_model(cfg.model)
-    train, val, _ = load_training_data(cfg.data, student)
-    distiller = Distiller(cfg, student, train + val)
-    assert distiller.projections  # teacher width 320, student 128: learned projections
-    calls = {"n": 0}
+    save = Trainer.save_checkpoint
 
-    def dies_after_step_2(model, batch):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return distiller.objective(model, batch)
+    def killed_after_saving(self):  # the run dies right after its step-2 checkpoint
+        save(self)
+        raise KeyboardInterrupt
 
-    trainer = Trainer(
-        cfg.train,
-        student,
-        train,
-        val,
-        dies_after_step_2,
-        backward=distiller.backward,
-        extra_modules=distiller.projections,
-        before_step=distiller.before_step,
-        stateful=distiller,
-    )
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_saving)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    assert (trainer.checkpoints()[-1] / "extra.safetensors").is_file()
+        run_distill(cfg)
+    monkeypatch.undo()
+    run = tmp_path / "b" / "run"
+    assert (run / "checkpoints" / "step-0000002" / "extra.safetensors").is_file()  # projection heads kept
+    calibrated = json.loads((run / "calibration.json").read_text())
+    assert set(calibrated["weights"]) == {"perception", "reasoning", "planning"}
+    (run / "calibration.json").write_text(json.dumps({**calibrated, "initial_losses": {}}))  # not measured again
     resumed = run_distill(cfg, resume=True)
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -430,6 +419,8 @@ def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir
     def config(where):
         train = {"max_steps": 5, "save_every": 2, "eval_every": 5, **options.get("train", {})}
         rest = {k: v for k, v in options.items() if k != "train"}
+        if "reweight" in rest:  # the reweighter renormalises weights around 1
+            rest["recipe"] = _weighted_recipe(tmp_path, 1.0)
         return load_config(DistillConfig, _cfg(tmp_path / where, data_dir, teacher_dir, train=train, **rest))
 
     full = run_distill(config("a"))
@@ -438,7 +429,7 @@ def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir
     stop_at = 3 * config("b").train.grad_accum  # dies inside step 3: the last checkpoint is step 2
 
     def dies(self, model, batch, **kw):
-        calls["n"] += 1
+        calls["n"] += not kw.get("unit_weights")  # training steps, not the calibration before them
         if calls["n"] > stop_at:
             raise KeyboardInterrupt
         return original(self, model, batch, **kw)
@@ -509,14 +500,14 @@ def test_cache_fingerprint_follows_teacher_content_not_its_path(tmp_path, teache
 @pytest.mark.parametrize(
     ("recipe", "message"),
     [
-        ("perception: {kind: attn_tv, layer: '3'}\n", "layer must be an integer"),
-        ("reasoning: {kind: attn_group, layers: [0, 1, 2]}\n", "layers must be \\[first, last\\]"),
+        ("perception: {kind: attn_tv, layer: '3'}\n", "signal 'perception': layer: Input should be a valid integer"),
+        ("reasoning: {kind: attn_group, layers: [0, 1, 2]}\n", "layers: Tuple should have at most 2 items"),
         ("reasoning: {kind: attn_group, layers: [3, 1]}\n", "empty range"),
         ("kd: logit_kl\n", "expected its fields"),
-        ("perception: {kind: attn_tv, distance: l1}\n", "unknown distance"),
+        ("perception: {kind: attn_tv, distance: l1}\n", "distance: Input should be 'mse' or 'cosine'"),
         ("planning: {kind: attn_tv, teacher_layer: 8}\n", "layer 8 is outside the teacher .* \\(8 LM layers"),
-        ("planning: {kind: attn_tv, teacher_layer: 1.5}\n", "teacher_layer must be an integer"),
-        ("reasoning: {kind: attn_group, teacher_layers: [0]}\n", "teacher_layers must be \\[first, last\\]"),
+        ("planning: {kind: attn_tv, teacher_layer: 1.5}\n", "teacher_layer: Input should be a valid integer"),
+        ("reasoning: {kind: attn_group, teacher_layers: [0]}\n", "teacher_layers.1: Field required"),
         ("planning: {kind: attn_tv, layer: 0, layers: [0, 1]}\n", "give layer or layers, not both"),
     ],
 )
@@ -597,7 +588,7 @@ def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, 
     again = initial_losses(cfg.model_copy(update={"recipe": str(recipe)}), student, train, batches=2, batch_size=4)
     for name, sig in signals.items():
         assert sig.weight * again[name] == pytest.approx(0.2 * again["ce"], rel=1e-4)
-    with pytest.raises(DriveKDError, match="share must be positive"):
+    with pytest.raises(DriveKDError, match="share must be a positive number"):
         run_calibrate(cfg, tmp_path / "x.yaml", share=0)
 
 

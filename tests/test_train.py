@@ -190,9 +190,12 @@ def test_capability_filter_and_overlong_policy(tmp_path, data_dir):
     skip = load_config(
         SFTConfig, _config(tmp_path, data_dir), ["data.max_length=190", "data.on_overlong=skip", "data.limit=null"]
     )
-    kept, _, stats = load_training_data(skip.data, backend)
-    assert stats["skipped_overlong"] > 0 and stats["train"] == len(kept) > 0
+    kept, val, stats = load_training_data(skip.data, backend)
+    assert stats["skipped_overlong_train"] > 0 and stats["train"] == len(kept) > 0
     assert all(backend.token_lengths(s) <= 190 for s in kept)
+    # validation samples are skipped by the same rule, and counted too (they were dropped silently)
+    assert stats["skipped_overlong_val"] > 0 and stats["val"] == len(val)
+    assert all(backend.token_lengths(s) <= 190 for s in val)
 
 
 @pytest.mark.integration

@@ -423,7 +423,7 @@ def fsdp_gather(a: Arch, dtype_bytes: int) -> int:
 # ---- a config, planned ----------------------------------------------------------------------------
 def load_any_config(path: Path, overrides: tuple[str, ...] = ()) -> BaseModel:
     """An SFT or a distillation config, told apart by its fields (a `teacher`, `recipe`, ... key)."""
-    from drivekd.train.config import _MOVED, DistillConfig, SFTConfig, load_config
+    from drivekd.train.config import DistillConfig, SFTConfig, load_config
 
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -431,7 +431,7 @@ def load_any_config(path: Path, overrides: tuple[str, ...] = ()) -> BaseModel:
         return load_config(SFTConfig, path, overrides)  # raises its one-line error
     keys = set(raw) if isinstance(raw, dict) else set()
     keys |= {o.split("=", 1)[0].split(".")[0] for o in overrides}
-    distill_only = (set(DistillConfig.model_fields) - set(SFTConfig.model_fields)) | set(_MOVED)
+    distill_only = set(DistillConfig.model_fields) - set(SFTConfig.model_fields)
     return load_config(DistillConfig if keys & distill_only else SFTConfig, path, overrides)
 
 

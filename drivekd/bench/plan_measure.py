@@ -90,6 +90,7 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
         from drivekd.distill.engine import Distiller
 
         distiller = Distiller(config, student, train + val)
+        distiller.set_weights(dict.fromkeys(distiller.names, 1.0))  # a step's memory does not depend on them
         params += [p for p in distiller.projections.parameters() if p.requires_grad]
         objective, backward = distiller.objective, distiller.backward
         with torch.no_grad():

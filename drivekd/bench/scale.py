@@ -187,6 +187,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
             }
         )
         distiller = Distiller(cfg, student, samples)
+        distiller.set_weights(dict.fromkeys(distiller.names, 1.0))  # a step's cost does not depend on them
         if "reuse" in rest:
             # the cheap step of amortised AGP reuses earlier coefficients; their values do not
             # change its cost, so it is timed at step 1 with coefficients set, without an exact step

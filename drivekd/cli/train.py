@@ -73,13 +73,16 @@ def show(kind: str) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="The distillation YAML.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the calibrated recipe YAML goes.")
 @click.option(
-    "--share", type=float, default=0.1, show_default=True, help="Each signal's initial loss as a share of CE."
+    "--share",
+    type=float,
+    default=None,
+    help="Every signal's initial loss as this share of CE (default: each signal's own `share`, else 0.1).",
 )
 @click.option(
     "--batches", type=int, default=4, show_default=True, help="Training batches the losses are averaged over."
 )
 @click.argument("overrides", nargs=-1)
-def calibrate(config_path: Path, out: Path, share: float, batches: int, overrides: tuple[str, ...]) -> None:
+def calibrate(config_path: Path, out: Path, share: float | None, batches: int, overrides: tuple[str, ...]) -> None:
     """Measure each signal's initial loss with the live teacher and the untrained student, and write
     the config's recipe with weights that make every signal start at SHARE x the cross-entropy
     (use it as `recipe: OUT`)."""

@@ -30,7 +30,8 @@ from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
-FORMAT = "drivekd-teacher-cache/2"  # /2: data identified by relative paths and image bytes
+# /3: the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
+FORMAT = "drivekd-teacher-cache/3"
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -56,9 +57,15 @@ def checkpoint_digest(spec: str) -> str:
 
 
 def fingerprint(
-    signals: dict[str, Signal], teacher_of: dict[str, str], student: VLMBackend, samples: Sequence[Sample]
+    signals: dict[str, Signal],
+    teacher_of: dict[str, str],
+    student: VLMBackend,
+    samples: Sequence[Sample],
+    teacher_layers: dict[str, int],
 ) -> dict[str, str]:
-    """What a cache depends on; each part hashed so a mismatch can be named."""
+    """What a cache depends on; each part hashed so a mismatch can be named. The recipe part is each
+    signal bound to the student's and its teacher's depths (`Signal.binding`): the stored targets are
+    window means per matched student layer, so a student of another depth needs other targets."""
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -68,10 +75,9 @@ def fingerprint(
     teachers = {name: checkpoint_digest(ckpt) for name, ckpt in sorted(teacher_of.items())}
     return {
         "teacher": digest(sorted(set(teachers.values()))),  # which weights, whatever the signals' names
-        # weight and distance change the loss, not the stored targets: a cache serves every weighting
+        # weights, shares, distances and mixing change the loss, not the stored targets: a cache serves them all
         "recipe": digest(
-            {n: {k: v for k, v in s.fields().items() if k not in ("weight", "distance")} for n, s in signals.items()}
-            | {"_teachers": teachers}
+            {n: s.binding(student.num_layers, teacher_layers[n]) for n, s in signals.items()} | {"_teachers": teachers}
         ),
         "tokenizer": digest(student.tokenizer.get_vocab()),
         "data": digest(data_identity(samples)),
@@ -111,7 +117,8 @@ def write_cache(
     student = teachers.student
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "fingerprint": fingerprint(signals, teacher_of, student, samples),
+        "fingerprint": fingerprint(signals, teacher_of, student, samples, {n: teachers.layers(n) for n in signals}),
+        "student_layers": student.num_layers,
         "teacher_layers": {n: teachers.layers(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "index": {},
@@ -173,7 +180,7 @@ def cache_format(folder: str | Path) -> str | None:
 class TeacherCache:
     """Reads cached targets back into the padded batch layout the losses expect."""
 
-    def __init__(self, folder: str | Path, expected: dict[str, str], memory_budget: int = 4 * 2**30) -> None:
+    def __init__(self, folder: str | Path, memory_budget: int = 4 * 2**30) -> None:
         self.folder = Path(folder)
         file = self.folder / "manifest.json"
         if not file.is_file():
@@ -186,15 +193,25 @@ class TeacherCache:
                 f"{self.folder}: a cache of format {found!r}, this drivekd reads {FORMAT!r}; "
                 "rebuild it with `drivekd cache-teacher`"
             )
-        for part, value in expected.items():
-            if self.manifest["fingerprint"].get(part) != value:
-                raise DriveKDError(
-                    f"{self.folder}: cache was made for a different {part} than this run's; rebuild it with `drivekd cache-teacher`"
-                )
         # A shuffled batch touches several shards: reloading a shard per sample cost more than the
         # student's step, so loaded shards stay in memory, least recently used evicted past the budget.
         self._shards: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.memory_budget = memory_budget
+
+    def check(self, expected: dict[str, str], student_layers: int) -> None:
+        """Refuse a cache made for another teacher, recipe binding, tokenizer or data than the run's."""
+        made_for = self.manifest.get("student_layers")
+        if made_for != student_layers:
+            raise DriveKDError(
+                f"{self.folder}: cache was made for a {made_for}-layer student, this run's has {student_layers} "
+                "layers (its targets are matched to the student's layers); rebuild it with `drivekd cache-teacher`"
+            )
+        for part, value in expected.items():
+            if self.manifest["fingerprint"].get(part) != value:
+                raise DriveKDError(
+                    f"{self.folder}: cache was made for a different {part} than this run's; rebuild it with "
+                    "`drivekd cache-teacher`"
+                )
 
     def teacher_layers(self, name: str) -> int:
         return int(self.manifest["teacher_layers"][name])

@@ -7,67 +7,92 @@ knows signals and teachers; it knows nothing of capabilities beyond the mixing m
 
 from __future__ import annotations
 
+import difflib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
+from pydantic import ValidationError
 
-from drivekd.data.sample import CAPABILITIES, Sample
+from drivekd.data.sample import CAPABILITIES, Sample, normalize_capability
 from drivekd.distill.aggregate import GradientAggregator
 from drivekd.distill.reweight import LossReweighter
-from drivekd.distill.signals import KINDS, Internals, Positions, Signal, make_signal, split_by_rows
+from drivekd.distill.signals import Internals, Positions, Signal, SignalSpec, make_signal, split_by_rows
 from drivekd.distill.teachers import CachedTeachers, LiveTeachers, TeacherSource
-from drivekd.errors import DriveKDError
+from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.capture import capture, text_rows
 from drivekd.train.config import DistillConfig
+from drivekd.yamlfile import read_yaml
 
 RECIPES = Path(__file__).parent / "recipes"
 ANCHOR = "ce"
 
 
+SHIPPED_CE_ONLY = "ce"  # the one recipe allowed to have no signals: the cross-entropy baseline, by name
+
+
 def load_recipe(spec: str) -> dict[str, Signal]:
-    """A shipped recipe name (`drive-kd`, `ce-kl`, ...) or a YAML path: {signal name: signal fields}."""
+    """A shipped recipe name (`drive-kd`, `ce-kl`, ...) or a YAML path: {signal name: signal}.
+
+    Each entry is checked against `SignalSpec` (unknown fields named with the closest valid one), and
+    each signal's capability is its name or an explicit `capability:`, never a guess: a misspelt
+    `planing` is refused rather than mixed into every sample."""
     path = Path(spec) if Path(spec).suffix in (".yaml", ".yml") else RECIPES / f"{spec}.yaml"
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise DriveKDError(f"recipe {spec!r}: no such file or shipped recipe ({shipped})")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    signals = {}
+    raw = read_yaml(path)
+    if raw is None or raw == {}:
+        if path == RECIPES / f"{SHIPPED_CE_ONLY}.yaml":
+            return {}
+        raise DriveKDError(
+            f"{path}: the recipe has no signals; for cross-entropy alone use `recipe: {SHIPPED_CE_ONLY}` "
+            "(or `drivekd sft`)"
+        )
     if not isinstance(raw, dict):
         raise DriveKDError(f"{path}: a recipe maps signal names to their fields")
+    signals = {}
     for name, fields in raw.items():
         where = f"{path}: signal {name!r}"
         if name == ANCHOR:
             raise DriveKDError(f"{path}: signal name {ANCHOR!r} is reserved for cross-entropy")
         if not isinstance(fields, dict):
             raise DriveKDError(f"{where}: expected its fields (kind, layer, ...), got {fields!r}")
-        fields = dict(fields)
-        for key in ("layers", "teacher_layers"):
-            layers = fields.get(key)
-            if layers is not None:
-                if not (isinstance(layers, list | tuple) and len(layers) == 2 and all(_is_int(i) for i in layers)):
-                    raise DriveKDError(f"{where}: {key} must be [first, last] (two integers), got {layers!r}")
-                fields[key] = tuple(layers)
-        for key in ("layer", "teacher_layer"):
-            if fields.get(key) is not None and not _is_int(fields[key]):
-                raise DriveKDError(f"{where}: {key} must be an integer, got {fields[key]!r}")
-        for key in ("weight", "temperature"):
-            if key in fields and (not isinstance(fields[key], int | float) or isinstance(fields[key], bool)):
-                raise DriveKDError(f"{where}: {key} must be a number, got {fields[key]!r}")
-        kind = fields.pop("kind", None)
-        if kind not in KINDS:
-            raise DriveKDError(f"{where}: unknown kind {kind!r} ({', '.join(KINDS)})")
+        for key in fields:
+            if key not in SignalSpec.model_fields:
+                close = difflib.get_close_matches(str(key), list(SignalSpec.model_fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (fields: {', '.join(SignalSpec.model_fields)})"
+                raise DriveKDError(f"{where}: unknown field {key!r}{hint}")
         try:
-            signal = make_signal(kind, **fields)
-        except (TypeError, ValueError) as e:
-            raise DriveKDError(f"{where}: {e}") from e
-        if signal.distance not in ("mse", "cosine"):
-            raise DriveKDError(f"{where}: unknown distance {signal.distance!r} (mse or cosine)")
-        signals[name] = signal
+            entry = SignalSpec.model_validate(fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise DriveKDError(f"{where}: {loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}") from e
+        named = _capability_named(str(name))
+        if entry.capability is None and named is None:
+            close = difflib.get_close_matches(str(name), CAPABILITIES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DriveKDError(
+                f"{where}: the name is not a capability ({', '.join(CAPABILITIES)}){hint}: name the signal after "
+                "the capability whose samples it is mixed for, or give it `capability:` (a capability, or all)"
+            )
+        if entry.capability is not None and named is not None and entry.capability != named:
+            raise DriveKDError(f"{where}: named after {named} but given `capability: {entry.capability}`")
+        values = entry.model_dump(exclude={"kind", "capability"})
+        signals[name] = make_signal(entry.kind, **values, capability=entry.capability or named)
     return signals
+
+
+def _capability_named(name: str) -> str | None:
+    """The capability a signal's name is (an alias such as `plan` included), or None."""
+    try:
+        return normalize_capability(name, where=name)
+    except DataError:
+        return None
 
 
 def check_recipe(config: DistillConfig) -> dict[str, Signal]:
@@ -79,6 +104,11 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
     from drivekd.models.loading import model_shape
 
     signals = load_recipe(config.recipe)
+    for key in config.teacher.per_signal:
+        if key not in signals:
+            close = difflib.get_close_matches(str(key), list(signals), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"its signals: {', '.join(signals) or 'none'}"
+            raise DriveKDError(f"teacher.per_signal.{key}: recipe {config.recipe!r} has no signal {key!r} ({hint})")
     student = model_shape(config.model.name)
     for name, sig in signals.items():
         teacher_spec = config.teacher.of(name)
@@ -113,36 +143,33 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
                     f"recipe {config.recipe}: signal {name!r}: layers {list(indices)} are an empty range in the "
                     f"{who} {spec} ({shape.num_layers} LM layers)"
                 )
-    mixing_matrix(config.mixing, list(signals))  # a matrix of the wrong shape or with negative entries
+    mixing_matrix(config.mixing, signals)  # a matrix of the wrong shape or with negative entries
     return signals
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def mixing_matrix(spec: str | list[list[float]], names: Sequence[str]) -> torch.Tensor:
+def mixing_matrix(spec: str | list[list[float]], signals: dict[str, Signal]) -> torch.Tensor:
     """Rows: sample capability (perception, reasoning, planning); columns: signals; rows sum to 1.
 
-    `identity` and `reference` (0.8 on the matching capability, 0.1 elsewhere) match columns to rows
-    by name; a signal not named after a capability (e.g. `kd`) weighs 1 in every row before norming.
+    `identity` and `reference` (0.8 on the signal's own capability, 0.1 elsewhere) read each signal's
+    capability; a signal for `all` capabilities (e.g. logit KD) weighs 1 in every row before norming.
     """
+    names = list(signals)
     if isinstance(spec, list):
         w = torch.tensor(spec, dtype=torch.float32)
-        if w.shape != (len(CAPABILITIES), len(names)):
+        if w.ndim != 2 or w.shape != (len(CAPABILITIES), len(names)):
             raise DriveKDError(
-                f"mixing matrix must be {len(CAPABILITIES)}x{len(names)} (capabilities x signals {list(names)})"
+                f"mixing matrix must be {len(CAPABILITIES)}x{len(names)} (capabilities x signals {names})"
             )
     else:
         w = torch.zeros(len(CAPABILITIES), len(names))
-        for j, name in enumerate(names):
+        for j, sig in enumerate(signals.values()):
             for i, cap in enumerate(CAPABILITIES):
-                if name not in CAPABILITIES:
+                if sig.capability == "all":
                     w[i, j] = 1.0
                 elif spec == "identity":
-                    w[i, j] = float(name == cap)
+                    w[i, j] = float(sig.capability == cap)
                 else:
-                    w[i, j] = 0.8 if name == cap else 0.1
+                    w[i, j] = 0.8 if sig.capability == cap else 0.1
     if (w < 0).any():
         raise DriveKDError("mixing matrix entries must be >= 0")
     sums = w.sum(1, keepdim=True)
@@ -166,7 +193,7 @@ class Distiller:
             self.teachers = LiveTeachers(
                 self.signals, self.teacher_of, student, dtype=config.teacher.dtype, probe=train
             )
-        self.mixing = mixing_matrix(config.mixing, self.names)
+        self.mixing = mixing_matrix(config.mixing, self.signals)
         self.projections = torch.nn.ModuleDict()
         for name, sig in self.signals.items():
             if sig.needs_hidden:
@@ -174,13 +201,11 @@ class Distiller:
                 s_width = student.hidden_size
                 if t_width != s_width:
                     self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
+        # each signal's loss weight: set by `set_weights` once measured (distill/calibrate.py)
+        self.weights: dict[str, float] = {}
         self.reweighter: LossReweighter | None = None
         self._last_values: dict[str, float] = {}
-        if config.reweight.enabled:
-            static = {ANCHOR: config.ce_weight, **{n: sig.weight for n, sig in self.signals.items()}}
-            self.reweighter = LossReweighter(
-                static, lr=config.reweight.lr, alpha=config.reweight.alpha, floor=config.reweight.ce_floor
-            )
+        self._weak = WeakSignalWatch(self.names)
         self.aggregator = GradientAggregator(
             self.trainable,
             config.combine.strategy,
@@ -189,8 +214,18 @@ class Distiller:
             amortize_every=config.combine.amortize_every,
             project_per=config.combine.project_per,
             buffer_dtype=getattr(torch, config.combine.buffer_dtype) if config.combine.buffer_dtype else None,
-            observe_gram=self._observe_gram if self.reweighter is not None else None,
+            observe_gram=self._observe_gram if config.reweight.enabled else None,
         )
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Each signal's loss weight (explicit in the recipe, or calibrated from its share)."""
+        if sorted(weights) != sorted(self.names):
+            raise DriveKDError(f"loss weights for {sorted(weights)}, the recipe's signals are {sorted(self.names)}")
+        self.weights = dict(weights)
+        if self.config.reweight.enabled:
+            reweight = self.config.reweight
+            static = {ANCHOR: self.config.ce_weight, **self.weights}
+            self.reweighter = LossReweighter(static, lr=reweight.lr, alpha=reweight.alpha, floor=reweight.ce_floor)
 
     def _student_attention_layers(self) -> tuple[set[int], set[int]]:
         """Student layers whose whole maps, and whose text rows only, the signals read."""
@@ -228,7 +263,14 @@ class Distiller:
         """Validation: plain (unweighted) CE, so runs with any weighting compare; signal losses as trained."""
         return self.objective(model, batch, plain_ce=True)
 
-    def objective(self, model: torch.nn.Module, batch: Batch, *, plain_ce: bool = False) -> dict[str, torch.Tensor]:
+    def objective(
+        self, model: torch.nn.Module, batch: Batch, *, plain_ce: bool = False, unit_weights: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Named losses of one batch: the CE anchor (weighted unless `plain_ce`) and each signal's
+        mixed loss times its weight (1 with `unit_weights`: what calibration measures)."""
+        if not unit_weights and len(self.weights) != len(self.names):
+            raise RuntimeError("the signals' loss weights are not set: calibrate first (distill/calibrate.py)")
+        plain_ce = plain_ce or unit_weights
         # A projection strategy's aggregator takes per-loss gradients of the plain model and reduces
         # the combination itself; `sum` keeps the (possibly DDP-wrapped) model and DDP's reduction.
         model = model if self.aggregator.reduces_through_ddp else self.student.model
@@ -256,7 +298,10 @@ class Distiller:
             layers = [s for s, _ in sig.pairs(n_student, self.teachers.layers(name))]
             projection = self.projections[name] if name in self.projections else None
             per_sample = sig.loss(student, targets[name], pos, layers, projection)
-            losses[name] = dynamic.get(name, sig.weight) * (weights[:, j] * per_sample).mean()
+            weight = 1.0 if unit_weights else dynamic.get(name, self.weights[name])
+            losses[name] = weight * (weights[:, j] * per_sample).mean()
+        if not plain_ce and torch.is_grad_enabled():  # training, not validation or calibration
+            self._weak.observe({k: float(v.detach()) for k, v in losses.items()})
         return losses
 
     # ---- gradients -------------------------------------------------------------------------------
@@ -286,3 +331,31 @@ class Distiller:
             )
             stats.update(self.reweighter.step(reduce))
         return stats
+
+
+class WeakSignalWatch:
+    """One warning per signal whose weighted loss stays below `ratio` x CE over the first `steps`
+    training batches: at that scale its gradient changes nothing and the run is fine-tuning only."""
+
+    def __init__(self, names: Sequence[str], *, ratio: float = 1e-3, steps: int = 10) -> None:
+        self.ratio, self.steps = ratio, steps
+        self.seen = 0
+        self.below = dict.fromkeys(names, 0)
+        self.warned: list[str] = []
+
+    def observe(self, losses: dict[str, float]) -> None:
+        if self.seen >= self.steps or not self.below:
+            return
+        self.seen += 1
+        ce = abs(losses[ANCHOR])
+        for name in self.below:
+            self.below[name] += abs(losses[name]) < self.ratio * ce
+        if self.seen == self.steps:
+            for name, count in self.below.items():
+                if count == self.steps:
+                    self.warned.append(name)
+                    print(
+                        f"warning: signal {name!r}: its weighted loss stayed below {self.ratio:g} x CE for the first "
+                        f"{self.steps} batches, so it distils next to nothing; raise its weight, or give it a `share`",
+                        file=sys.stderr,
+                    )

@@ -8,16 +8,21 @@ from pathlib import Path
 import torch
 
 from drivekd.data.choices import shuffle_choices
+from drivekd.distill.calibrate import calibrate_run
 from drivekd.distill.engine import Distiller, check_recipe
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
-from drivekd.train.sft import check_resumable, load_model, load_training_data
+from drivekd.train.run_folder import RunFolder, run_identity
+from drivekd.train.sft import load_model, load_training_data
 from drivekd.train.trainer import Trainer
 
 
 def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
-    check_recipe(config)  # before any model, data or folder is touched
-    check_resumable(config.train.output_dir, resume)
+    signals = check_recipe(config)  # before any model, data or folder is touched
+    folder = RunFolder(config.train.output_dir)
+    identity = run_identity(config, recipe={n: s.recipe_entry() for n, s in signals.items()})
+    if not folder.check(identity, resume=resume):
+        return folder.path / "final"  # finished, and nothing to add
     torch.manual_seed(config.train.seed)
     student = load_model(config.model)
     train, val, stats = load_training_data(config.data, student)
@@ -36,7 +41,22 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         val_objective=distiller.validation_objective,
         stateful=distiller,
     )
-    return trainer.run(dump_config(config), stats, resume=resume)
+    main = trainer.accelerator.is_main_process
+    # measured on the student as the trainer placed it (its device), before any step or resume
+    calibration = calibrate_run(
+        distiller,
+        train,
+        folder.path,
+        resume=resume,
+        batches=config.calibration_batches,
+        batch_size=config.train.micro_batch_size,
+        write=main,
+    )
+    if main:
+        folder.record(identity)
+    header = {f"loss_weight/{n}": w for n, w in calibration["weights"].items()}
+    header |= {f"share/{n}": v for n, v in calibration["shares"].items()}
+    return trainer.run(dump_config(config), stats, resume=resume, header=header)
 
 
 def run_cache_teacher(config: DistillConfig, out: Path | None = None, *, echo: Callable[[str], None] = print) -> Path:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drivekd.domains import LayerIndex, PositiveFloat
 from drivekd.models.capture import resolve_layer
 
 
@@ -50,7 +52,11 @@ class Signal:
     teacher_layers: tuple[int, int] | None = None
     distance: Literal["mse", "cosine"] = "mse"
     temperature: float = 1.0  # logit_kl
-    weight: float = 1.0
+    # the loss's scale: an absolute `weight`, or a `share` of the CE at the start that each run turns
+    # into a weight by measuring both losses before step 1 (distill/calibrate.py); neither: DEFAULT_SHARE
+    weight: float | None = None
+    share: float | None = None
+    capability: str = "all"  # the samples it is mixed for: a capability's, or all of them alike
 
     kind: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = False
@@ -97,10 +103,29 @@ class Signal:
         """Each matched student layer with the teacher layers whose mean it is taught."""
         return group_windows(self.student_indices(student_layers, teacher_layers), self.teacher_indices(teacher_layers))
 
-    def fields(self) -> dict[str, Any]:
-        # unset teacher layers are left out, so recipes written before they existed keep their caches
-        unset = {k for k in ("teacher_layer", "teacher_layers") if getattr(self, k) is None}
-        return {"kind": self.kind, **{k: v for k, v in vars(self).items() if k not in unset}}
+    def binding(self, student_layers: int, teacher_layers: int) -> dict[str, Any]:
+        """What this signal reads once bound to a student and a teacher of these depths: the layer
+        pairs and windows, and what of each teacher layer is captured. Derived, not listed by hand, so
+        anything that decides the teacher's targets (a cache's identity) cannot leave a part out."""
+        return {
+            "kind": self.kind,
+            "pairs": [[s, list(w)] for s, w in self.pairs(student_layers, teacher_layers)],
+            "reads": "logits"
+            if self.needs_logits
+            else "hidden"
+            if self.needs_hidden
+            else "text_rows"
+            if self.text_rows_only
+            else "maps",
+        }
+
+    def recipe_entry(self) -> dict[str, Any]:
+        """The signal as a recipe YAML entry (unset fields left out)."""
+        entry: dict[str, Any] = {"kind": self.kind}
+        for key, value in vars(self).items():
+            if value is not None and value != getattr(type(self), key, None):
+                entry[key] = list(value) if isinstance(value, tuple) else value
+        return entry
 
     # ---- teacher targets ------------------------------------------------------------------------
     def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
@@ -301,6 +326,51 @@ def split_by_rows(needs: list[tuple[Signal, list[int]]]) -> tuple[set[int], set[
     full = {layer for sig, layers in needs if sig.needs_attention and not sig.text_rows_only for layer in layers}
     rows = {layer for sig, layers in needs if sig.needs_attention and sig.text_rows_only for layer in layers}
     return full, rows - full
+
+
+class SignalSpec(BaseModel):
+    """One recipe entry as written: every field typed and with its domain, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["attn_tv", "attn_full", "attn_group", "hidden", "logit_kl"] = Field(
+        description="what is distilled: text->vision block, whole map, grouped maps, hidden states, logits"
+    )
+    capability: Literal["perception", "reasoning", "planning", "all"] | None = Field(
+        None,
+        description="the samples the signal is mixed for (aliases accepted); None: the signal's name, which "
+        "must then be a capability",
+    )
+    layer: LayerIndex | None = Field(None, description="the student's layer (negative from the end)")
+    layers: tuple[LayerIndex, LayerIndex] | None = Field(None, description="the student's [first, last] layers")
+    teacher_layer: LayerIndex | None = Field(None, description="the teacher's layer; the student's by depth")
+    teacher_layers: tuple[LayerIndex, LayerIndex] | None = Field(None, description="the teacher's [first, last]")
+    distance: Literal["mse", "cosine"] = Field("mse", description="distance between student and target")
+    temperature: PositiveFloat = Field(1.0, description="logit_kl's softmax temperature")
+    weight: PositiveFloat | None = Field(None, description="the loss's absolute weight (wins over share)")
+    share: PositiveFloat | None = Field(
+        None, description="the loss's share of the CE at the start, measured in every run; None: 0.1"
+    )
+
+    @field_validator("capability", mode="before")
+    @classmethod
+    def _alias(cls, value: Any) -> Any:
+        from drivekd.data.sample import normalize_capability
+        from drivekd.errors import DataError
+
+        if not isinstance(value, str) or value == "all":
+            return value
+        try:
+            return normalize_capability(value, where="")
+        except DataError:
+            return value
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> SignalSpec:
+        for one, both in (("layer", "layers"), ("teacher_layer", "teacher_layers"), ("weight", "share")):
+            if getattr(self, one) is not None and getattr(self, both) is not None:
+                raise ValueError(f"give {one} or {both}, not both")
+        return self
 
 
 def make_signal(kind: str, **fields: Any) -> Signal:

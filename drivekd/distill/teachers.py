@@ -105,7 +105,14 @@ class CachedTeachers:
     ) -> None:
         self.signals = signals
         self.student = student
-        self.cache = TeacherCache(folder, fingerprint(signals, teacher_of, student, samples))
+        self.cache = TeacherCache(folder)
+        for name in signals:
+            if name not in self.cache.manifest["teacher_layers"]:
+                raise DriveKDError(
+                    f"{folder}: the cache holds no signal {name!r}; rebuild it with `drivekd cache-teacher`"
+                )
+        depths = {n: self.cache.teacher_layers(n) for n in signals}
+        self.cache.check(fingerprint(signals, teacher_of, student, samples, depths), student.num_layers)
 
     def layers(self, name: str) -> int:
         return self.cache.teacher_layers(name)

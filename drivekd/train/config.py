@@ -6,16 +6,43 @@ resolved config is written into the run directory.
 
 from __future__ import annotations
 
+import difflib
 import json
 import types
 import typing
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
+from drivekd.domains import (
+    Fraction,
+    LayerIndex,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
+    PositiveInt,
+)
 from drivekd.errors import DriveKDError
+from drivekd.yamlfile import read_yaml
+
+Capability = Literal["perception", "reasoning", "planning"]
+
+
+def _capability(value: Any) -> Any:
+    """A capability alias (plan, prediction, ...) as its capability; anything else as it is, for the
+    field's own check to refuse."""
+    from drivekd.data.sample import normalize_capability
+    from drivekd.errors import DataError
+
+    try:
+        return normalize_capability(value, where="") if isinstance(value, str) else value
+    except DataError:
+        return value
 
 
 class _Strict(BaseModel):
@@ -30,41 +57,49 @@ class ModelConfig(_Strict):
         "a checkpoint folder or a hub id"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype once loaded")
-    attn_implementation: str = Field("sdpa", description="attention kernel of the layers nothing captures")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="attention kernel of the layers nothing captures"
+    )
     freeze_vision: bool = Field(False, description="keep the vision tower's weights fixed")
     freeze_projector: bool = Field(False, description="keep the vision-to-language projector fixed")
     freeze_llm: bool = Field(False, description="keep the language model fixed")
     lora: dict[str, Any] | None = Field(
         None, description="peft LoraConfig fields (e.g. {r: 16, target_modules: [q_proj, v_proj]}); None: full"
     )
-    seed: int = Field(0, description="initialisation seed of presets")
+    seed: NonNegativeInt = Field(0, description="initialisation seed of presets")
 
 
 class MixIn(_Strict):
     """Extra training data mixed into `data.path`'s train split."""
 
     path: str = Field(description="a native dataset folder (its train split) or a data file of any format")
-    format: str | None = Field(None, description="the data format; None: detected")
-    samples: int | None = Field(None, description="a seeded random subset of this many; None: all of them")
-    seed: int = Field(0, description="seed of that subset")
+    format: Literal["native", "reference", "drivebench", "drivelm"] | None = Field(
+        None, description="the data format; None: detected"
+    )
+    samples: PositiveInt | None = Field(None, description="a seeded random subset of this many; None: all of them")
+    seed: NonNegativeInt = Field(0, description="seed of that subset")
 
 
 class DataConfig(_Strict):
     """The training and validation data."""
 
     path: str = Field(description="a dataset folder (train/val/test.jsonl) or a data file of any format")
-    format: str | None = Field(None, description="native, reference, drivebench or drivelm; None: detected")
+    format: Literal["native", "reference", "drivebench", "drivelm"] | None = Field(
+        None, description="native, reference, drivebench or drivelm; None: detected"
+    )
     image_roots: list[str] = Field([], description="where images are found: DIR or PREFIX=DIR, in order")
     train_split: str = Field("train", description="the split trained on")
     val_split: str | None = Field("val", description="the split validated on; None: no validation")
-    capability: Literal["perception", "reasoning", "planning"] | None = Field(
-        None, description="train on one capability's samples only (the single-capability protocol)"
+    capability: Capability | None = Field(
+        None,
+        description="train on one capability's samples only (the single-capability protocol); aliases "
+        "such as plan or prediction are accepted",
     )
-    max_length: int = Field(512, description="longest sample in tokens (prompt, images and answer)")
+    max_length: PositiveInt = Field(512, description="longest sample in tokens (prompt, images and answer)")
     on_overlong: Literal["error", "skip"] = Field(
         "error", description="a longer sample is an error, or skipped and counted; an answer is never cut"
     )
-    limit: int | None = Field(None, description="first N training samples only (smoke tests)")
+    limit: PositiveInt | None = Field(None, description="first N training samples only (smoke tests)")
     shuffle_choices: bool = Field(
         False,
         description="re-letter multiple-choice options every epoch, so letters are read from the options "
@@ -72,48 +107,52 @@ class DataConfig(_Strict):
     )
     mix: list[MixIn] = Field([], description="other training data added to path's train split; validation stays path's")
 
+    @field_validator("capability", mode="before")
+    @classmethod
+    def _capability_alias(cls, value: Any) -> Any:
+        return _capability(value)
+
 
 class TrainConfig(_Strict):
     """The training loop: steps, batches, optimiser, validation, checkpoints."""
 
     output_dir: str = Field(description="run folder: checkpoints/, final/, metrics.jsonl, config.yaml")
-    epochs: float = Field(1.0, description="passes over the training data (ignored when max_steps is set)")
-    max_steps: int | None = Field(None, description="optimiser steps; None: from epochs")
-    micro_batch_size: int = Field(8, description="samples per forward pass and process")
-    grad_accum: int = Field(1, description="micro-batches per optimiser step")
+    epochs: PositiveFloat = Field(1.0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: PositiveInt | None = Field(None, description="optimiser steps; None: from epochs")
+    micro_batch_size: PositiveInt = Field(8, description="samples per forward pass and process")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimiser step")
     group_by_length: bool = Field(False, description="batches of similar length (less padding), in shuffled order")
-    loader_workers: int = Field(
+    loader_workers: NonNegativeInt = Field(
         0,
-        ge=0,
         description="processes building batches ahead of the training step (images, tokens); 0: in the loop. "
         "The batches are the same either way; on a GPU, several keep it from waiting for the CPU",
     )
-    tag_attention_weight: float = Field(
+    tag_attention_weight: NonNegativeFloat = Field(
         0.0,
         description="SFT only: weight of a loss pulling one head's attention from the answer onto the "
         "visual token under the object the sample is about (teaches a model from scratch where to look)",
     )
-    tag_attention_layer: int | None = Field(
+    tag_attention_layer: LayerIndex | None = Field(
         None, description="the LM layer tag attention supervises (negative from the end); None: the middle one"
     )
-    lr: float = Field(3e-4, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    warmup_steps: int = Field(10, description="linear warm-up steps before the cosine decay")
-    min_lr_ratio: float = Field(0.0, description="the cosine decay's floor, as a fraction of lr")
-    max_grad_norm: float | None = Field(1.0, description="gradient clipping; None: off")
+    lr: PositiveFloat = Field(3e-4, description="peak learning rate (AdamW)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
+    betas: tuple[OpenFraction, OpenFraction] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: NonNegativeInt = Field(10, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: Fraction = Field(0.0, description="the cosine decay's floor, as a fraction of lr")
+    max_grad_norm: PositiveFloat | None = Field(1.0, description="gradient clipping; None: off")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast on GPUs")
-    seed: int = Field(0, description="data order, dropout and AGP's projection order")
-    log_every: int = Field(10, description="optimiser steps per metrics.jsonl line")
-    eval_every: int | None = Field(None, description="optimiser steps between validations; None: at the end only")
-    val_max_samples: int = Field(256, description="validation samples used")
+    seed: NonNegativeInt = Field(0, description="data order, dropout and AGP's projection order")
+    log_every: PositiveInt = Field(10, description="optimiser steps per metrics.jsonl line")
+    eval_every: PositiveInt | None = Field(None, description="optimiser steps between validations; None: at the end only")
+    val_max_samples: PositiveInt = Field(256, description="validation samples used")
     val_other_images: bool = Field(
         False,
         description="also validate with every sample shown another scene's images: val_image_gain near 0 "
         "means the answers do not depend on the images",
     )
-    save_every: int | None = Field(None, description="optimiser steps between checkpoints; None: at the end only")
-    keep_last: int = Field(2, description="checkpoints kept")
+    save_every: PositiveInt | None = Field(None, description="optimiser steps between checkpoints; None: at the end only")
+    keep_last: PositiveInt = Field(2, description="checkpoints kept (at least the latest)")
 
 
 class SFTConfig(_Strict):
@@ -129,14 +168,10 @@ C = TypeVar("C", bound=BaseModel)
 
 def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> C:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise DriveKDError(f"{path}: cannot read config: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise DriveKDError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', e)}") from e
+    raw = read_yaml(path)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise DriveKDError(f"{path}: a config maps sections (model, data, train, ...) to their fields")
     expand = getattr(cls, "expand_shorthands", None)
     for item in overrides:
         if expand is not None:
@@ -151,17 +186,62 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise DriveKDError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(value)
+    if expand is not None:
+        raw = expand(raw)
+    for key, hint in unknown_keys(cls, raw):
+        given = [o for o in overrides if o.split("=", 1)[0] == key]
+        source = f"override {given[-1]!r}" if given else str(path)
+        raise DriveKDError(f"{source}: unknown field `{key}`{hint}")
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
+        err, loc, more = first_error(e)
         msg = err["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # A field given on the command line is reported against the command line, not the file.
         given = [o for o in overrides if o.split("=", 1)[0] == loc or loc.startswith(o.split("=", 1)[0] + ".")]
         source = f"override {given[-1]!r}" if given else str(path)
         raise DriveKDError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from e
+
+
+def first_error(e: ValidationError) -> tuple[dict[str, Any], str, str]:
+    """The error to show, its dotted field and a note on the others. Of a field that takes one of
+    several forms (`mixing`: a name or a matrix), the deepest error is the one meant: a matrix entry,
+    not "should be 'identity'"; the forms' own tags are left out of the field's name."""
+    errors = e.errors()
+    by_field: dict[Any, list[dict[str, Any]]] = {}
+    for err in errors:
+        by_field.setdefault(err["loc"][:1], []).append(err)
+    err = max(next(iter(by_field.values())), key=lambda x: len(x["loc"]))
+    loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or "(" in x)))
+    others = len(errors) - len(next(iter(by_field.values())))
+    return err, loc, f" (and {others} more)" if others else ""
+
+
+def unknown_keys(cls: type[BaseModel], raw: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Each key of `raw` that is not a field of `cls` (sections walked), with a hint naming the closest
+    field: a misspelt section or field is named, not reported as the missing one it was meant to be."""
+    if not isinstance(raw, dict):
+        return
+    fields = cls.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean `{prefix}{close[0]}`?)" if close else f" ({prefix or 'fields'}: {', '.join(fields)})"
+            yield f"{prefix}{key}", hint
+            continue
+        for inner in _models_in(fields[key].annotation):
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    yield from unknown_keys(inner, item, f"{prefix}{key}[{i}].")
+            else:
+                yield from unknown_keys(inner, value, f"{prefix}{key}.")
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes a field's annotation holds (itself, in a list or an optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def dump_config(config: BaseModel) -> str:
@@ -188,7 +268,7 @@ class CombineConfig(_Strict):
         description="how the losses' gradients become one: sum, PCGrad, or Asymmetric Gradient Projection "
         "(both stages, one of them, or with normalised gradients)",
     )
-    amortize_every: int | None = Field(
+    amortize_every: PositiveInt | None = Field(
         None, description="recompute the combination's coefficients every N optimiser steps (None: every step)"
     )
     project_per: Literal["micro_batch", "step"] = Field(
@@ -203,23 +283,9 @@ class CombineConfig(_Strict):
 
 class ReweightConfig(_Strict):
     enabled: bool = Field(False, description="online loss reweighting from gradient norms (docs/method.md §4)")
-    lr: float = Field(3e-4, description="learning rate of the loss weights")
-    alpha: float = Field(0.0, description="restoring-force exponent of the reweighting")
-    ce_floor: float = Field(0.6, description="the cross-entropy weight's lower bound")
-
-
-# Fields that moved into a section: a config using the old place gets told where they went.
-_MOVED = {
-    "teachers": "teacher.per_signal",
-    "teacher_dtype": "teacher.dtype",
-    "cache": "teacher.cache",
-    "strategy": "combine.strategy",
-    "amortize_every": "combine.amortize_every",
-    "project_per": "combine.project_per",
-    "reweight_lr": "reweight.lr",
-    "reweight_alpha": "reweight.alpha",
-    "ce_floor": "reweight.ce_floor",
-}
+    lr: PositiveFloat = Field(3e-4, description="learning rate of the loss weights")
+    alpha: NonNegativeFloat = Field(0.0, description="restoring-force exponent of the reweighting")
+    ce_floor: Fraction = Field(0.6, description="the cross-entropy weight's lower bound")
 
 
 class DistillConfig(_Strict):
@@ -232,12 +298,17 @@ class DistillConfig(_Strict):
         TeacherConfig(), description="where the targets come from (a string is teacher.name)"
     )
     recipe: str = Field("drive-kd", description="a shipped recipe (drivekd/distill/recipes) or a YAML path")
-    mixing: Literal["identity", "reference"] | list[list[float]] = Field(
+    mixing: Literal["identity", "reference"] | list[list[NonNegativeFloat]] = Field(
         "reference",
         description="each signal's weight per sample capability: reference (0.8 own, 0.1 others), identity, "
         "or a 3 x signals matrix (rows perception, reasoning, planning)",
     )
-    ce_weight: float = Field(1.0, description="weight of the cross-entropy anchor")
+    ce_weight: NonNegativeFloat = Field(1.0, description="weight of the cross-entropy anchor")
+    calibration_batches: PositiveInt = Field(
+        4,
+        description="training batches on which each run measures its initial losses, to turn the recipe's "
+        "loss shares into weights (calibration.json in the run folder)",
+    )
     combine: CombineConfig = Field(CombineConfig(), description="gradient combination")
     reweight: ReweightConfig = Field(ReweightConfig(), description="online loss reweighting (true: enabled)")
 
@@ -257,18 +328,12 @@ class DistillConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, raw: Any) -> Any:
-        if isinstance(raw, dict):
-            for old, new in _MOVED.items():
-                if old in raw:
-                    raise ValueError(f"`{old}` is now `{new}`")
         return cls.expand_shorthands(raw)
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
         if self.reweight.enabled and self.combine.strategy == "sum":
             raise ValueError("reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum")
-        if self.combine.amortize_every is not None and self.combine.amortize_every < 1:
-            raise ValueError("combine.amortize_every must be at least 1")
         if self.data.shuffle_choices and self.teacher.cache:
             raise ValueError(
                 f"data.shuffle_choices with teacher.cache {self.teacher.cache}: cached teacher maps belong to the "
@@ -290,7 +355,7 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str
             rows.append((key, "section", "", info.description or (annotation.__doc__ or "").strip().rstrip(".")))
             rows.extend(describe(annotation, f"{key}."))
             continue
-        type_name = _type_name(annotation)
+        type_name = _type_name(annotation, info.metadata)
         if info.is_required():
             default = "required"
         elif isinstance(info.default, BaseModel):
@@ -305,15 +370,29 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str
     return rows
 
 
-def _type_name(annotation: Any) -> str:
+def _type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """A field's type as users read it, with its domain (`int >= 1`, `float in [0, 1)`)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        inner = [m for a in args[1:] for m in (a.metadata if isinstance(a, FieldInfo) else [a])]
+        return _type_name(args[0], [*inner, *metadata])
     if origin is Literal:
         return "|".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is not None:
         return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
-    return getattr(annotation, "__name__", str(annotation))
+    name = getattr(annotation, "__name__", str(annotation))
+    bounds = {type(m).__name__: m for m in metadata if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+    low = ("[", bounds["Ge"].ge) if "Ge" in bounds else ("(", bounds["Gt"].gt) if "Gt" in bounds else None
+    high = ("]", bounds["Le"].le) if "Le" in bounds else (")", bounds["Lt"].lt) if "Lt" in bounds else None
+    if low and high:
+        return f"{name} in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{name} {'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    if high:
+        return f"{name} {'<=' if high[0] == ']' else '<'} {high[1]:g}"
+    return name
 
 
 def reference(cls: type[BaseModel]) -> str:

@@ -17,6 +17,7 @@ from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, MixIn, ModelConfig, SFTConfig, dump_config
+from drivekd.train.run_folder import RunFolder, run_identity
 from drivekd.train.trainer import Trainer
 
 
@@ -50,7 +51,8 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
         raise DataError(f"{cfg.path}: data.mix: two training sources share a folder name; their ids collide")
     if not train:
         raise DataError(f"{cfg.path}: no training samples (split {cfg.train_split!r}, capability {cfg.capability})")
-    validate_samples(train + val).raise_if_bad(cfg.path)
+    report = validate_samples(train + val)  # images decoded too: a broken one fails now, not at step 12
+    report.raise_if_bad(cfg.path)
     if not val and cfg.val_split is not None:
         import click
 
@@ -59,22 +61,34 @@ def load_training_data(cfg: DataConfig, backend: VLMBackend) -> tuple[list[Sampl
             "make one with `drivekd data split FILE DIR` and train on DIR",
             err=True,
         )
-    stats = {"train": len(train), "val": len(val), "mixed_in": len(mixed), "skipped_overlong": 0}
-    kept = []
-    for s in train:
-        n = backend.token_lengths(s)
-        if n <= cfg.max_length:
-            kept.append(s)
-        elif cfg.on_overlong == "skip":
-            stats["skipped_overlong"] += 1
-        else:
-            raise DataError(
-                f"{cfg.path}: sample {s.id}: {n} tokens exceed data.max_length={cfg.max_length} "
-                "(raise it, or set data.on_overlong=skip)"
-            )
-    val = [s for s in val if backend.token_lengths(s) <= cfg.max_length]
-    stats["train"] = len(kept)
-    return kept, val, stats
+    stats = {"mixed_in": len(mixed), "duplicate_items": report.duplicate_items}
+    kept = {}
+    for split, samples in (("train", train), ("val", val)):
+        kept[split] = []
+        for s in samples:
+            n = backend.token_lengths(s)
+            if n <= cfg.max_length:
+                kept[split].append(s)
+            elif cfg.on_overlong == "error":
+                raise DataError(
+                    f"{cfg.path}: {split} sample {s.id}: {n} tokens exceed data.max_length={cfg.max_length} "
+                    "(raise it, or set data.on_overlong=skip)"
+                )
+        stats[split] = len(kept[split])
+        stats[f"skipped_overlong_{split}"] = len(samples) - len(kept[split])
+    skipped = {k: v for k, v in stats.items() if k.startswith("skipped_overlong_") and v}
+    if skipped:
+        import click
+
+        click.echo(
+            f"warning: {cfg.path}: skipped samples longer than data.max_length={cfg.max_length} tokens: "
+            + ", ".join(
+                f"{v} of {v + stats[k.removeprefix('skipped_overlong_')]} {k.removeprefix('skipped_overlong_')}"
+                for k, v in skipped.items()
+            ),
+            err=True,
+        )
+    return kept["train"], kept["val"], stats
 
 
 def _read_split(path: Path, fmt: str | None, split: str | None, cfg: DataConfig) -> list[Sample]:
@@ -162,18 +176,11 @@ def with_tag_attention(
     return objective_with_grounding
 
 
-def check_resumable(output_dir: str, resume: bool) -> None:
-    """Before any work: `--resume` needs a checkpoint, a fresh start must not overwrite a finished run."""
-    run_dir = Path(output_dir)
-    has_checkpoint = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
-    if resume and not has_checkpoint:
-        raise DriveKDError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
-    if not resume and (run_dir / "final" / "model.safetensors").is_file():
-        raise DriveKDError(f"{run_dir}: holds a finished run (final/); choose another train.output_dir, or delete it")
-
-
 def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
-    check_resumable(config.train.output_dir, resume)
+    folder = RunFolder(config.train.output_dir)
+    identity = run_identity(config)
+    if not folder.check(identity, resume=resume):
+        return folder.path / "final"  # finished, and nothing to add
     torch.manual_seed(config.train.seed)
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)
@@ -198,4 +205,6 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
         augment=augment,
         val_objective=answer_metrics,
     )
+    if trainer.accelerator.is_main_process:
+        folder.record(identity)
     return trainer.run(dump_config(config), stats, resume=resume)

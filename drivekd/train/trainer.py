@@ -32,14 +32,18 @@ from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from drivekd.atomic import atomic_dir
-from drivekd.data.sample import Sample, with_other_images
-from drivekd.errors import DriveKDError
-from drivekd.models.backend import Batch, VLMBackend
+from drivekd.data.sample import Sample, image_blind_control
+from drivekd.errors import DataError, DriveKDError
+from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.train.config import TrainConfig
 
 # An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
 Objective = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
 Backward = Callable[[dict[str, torch.Tensor], Accelerator, int], dict[str, float]]  # losses, accelerator, step
+
+
+# validation metrics that are means over answer tokens (the others are means over samples)
+TOKEN_MEAN_METRICS = frozenset({"ce"})
 
 
 def sum_backward(losses: dict[str, torch.Tensor], accelerator: Accelerator, step: int) -> dict[str, float]:
@@ -77,7 +81,23 @@ class Trainer:
         self.train_samples = list(train)
         self.val_samples = list(val)[: config.val_max_samples]
         # The image-blind control: the same answers scored with another scene's images.
-        self.val_other_images = with_other_images(self.val_samples) if config.val_other_images else []
+        self.val_other_images: list[Sample] = []
+        self.val_kept_own_images = 0
+        if config.val_other_images and self.val_samples:
+            # images borrowed from the whole val split: the first val_max_samples may be one scene's
+            try:
+                self.val_other_images, self.val_kept_own_images = image_blind_control(
+                    self.val_samples, source="train.val_other_images", pool=list(val)
+                )
+            except DataError as e:  # no val_*_other_images figures at all rather than ones equal to the real ones
+                print(f"warning: {e}; no image-blind validation", file=sys.stderr)
+                self.val_kept_own_images = len(self.val_samples)
+            if 0 < self.val_kept_own_images < len(self.val_samples):
+                print(
+                    f"warning: train.val_other_images: {self.val_kept_own_images} of {len(self.val_samples)} val "
+                    "samples have no other scene with their cameras and keep their own images",
+                    file=sys.stderr,
+                )
         self.objective = objective
         self.val_objective = val_objective or objective  # e.g. plain CE, comparable across loss weightings
         self.backward = backward
@@ -230,24 +250,34 @@ class Trainer:
         self._trim_metrics(self.position.step)
         return True
 
-    def run(self, resolved_config: str, data_stats: dict[str, int], *, resume: bool = False) -> Path:
-        """Refuse to mix with an earlier run unless resuming, record the config, train, save HF weights."""
-        if self.checkpoints() and not resume:
-            raise DriveKDError(
-                f"{self.run_dir}: holds checkpoints of an earlier run; pass --resume, or choose another train.output_dir"
-            )
-        if not resume and (self.run_dir / "final" / "model.safetensors").is_file():
-            raise DriveKDError(
-                f"{self.run_dir}: holds a finished run (final/); choose another train.output_dir, or delete it"
-            )
+    def run(
+        self,
+        resolved_config: str,
+        data_stats: dict[str, int],
+        *,
+        resume: bool = False,
+        header: dict[str, float] | None = None,
+    ) -> Path:
+        """Record the config, train (from the last checkpoint when resuming), save HF weights. Whether
+        the folder may be started or resumed is the caller's `RunFolder.check`, made before any work;
+        `header` is logged beside the data counts on a fresh start (e.g. calibrated loss weights)."""
         if resume and not self.resume():
             raise DriveKDError(f"{self.run_dir}: --resume given but there is no checkpoint to resume from")
+        if self.position.step > self.total_steps:
+            raise DriveKDError(
+                f"{self.run_dir}: the checkpoint is at step {self.position.step}, past this config's "
+                f"{self.total_steps} steps"
+            )
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(resolved_config, encoding="utf-8")
             if not resume:  # a fresh start replaces the log of an earlier attempt that never checkpointed
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-                self._log({"step": self.position.step, **{f"data_{k}": v for k, v in data_stats.items()}})
+                stats = {
+                    **data_stats,
+                    **({"val_kept_own_images": self.val_kept_own_images} if self.config.val_other_images else {}),
+                }
+                self._log({"step": self.position.step, **{f"data_{k}": v for k, v in stats.items()}, **(header or {})})
         self.train()
         return self.save_final()
 
@@ -319,9 +349,13 @@ class Trainer:
         size = self.config.micro_batch_size
         for i in range(0, len(samples), size):
             batch = self.backend.build_batch(samples[i : i + size], max_length=max_length)
+            # a batch's CE is its mean over answer tokens, so batches weigh by their answer tokens and the
+            # set's CE is the same whatever the batch size; other metrics are per-sample means
+            tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             for k, v in self.val_objective(self.model, batch.to(self.accelerator.device)).items():
-                totals[k + suffix] = totals.get(k + suffix, 0.0) + float(v) * len(batch)
-                counts[k + suffix] = counts.get(k + suffix, 0) + len(batch)
+                weight = tokens if k in TOKEN_MEAN_METRICS else len(batch)
+                totals[k + suffix] = totals.get(k + suffix, 0.0) + float(v) * weight
+                counts[k + suffix] = counts.get(k + suffix, 0) + weight
 
     @torch.no_grad()
     def ranks_identical(self) -> bool:
@@ -350,6 +384,7 @@ class Trainer:
         window: dict[str, float] = dict(self.log_window["sums"])
         window_n, window_samples, window_start = int(self.log_window["n"]), 0, time.perf_counter()
         last: dict[str, float] = {}
+        validated: tuple[int, dict[str, float]] = (-1, {})
         while pos.step < self.total_steps:
             order = self._epoch_order(pos.epoch)
             batches = self._batches(order, pos.epoch, pos.batch_in_epoch)
@@ -400,7 +435,8 @@ class Trainer:
                     )
                     window, window_n, window_samples, window_start = {}, 0, 0, time.perf_counter()
                 if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                    self._log({"step": pos.step, **self.validate()})
+                    validated = (pos.step, self.validate())
+                    self._log({"step": pos.step, **validated[1]})
                 if cfg.save_every and pos.step % cfg.save_every == 0:
                     self.log_window = {"sums": dict(window), "n": window_n}
                     self.save_checkpoint()
@@ -409,9 +445,12 @@ class Trainer:
         bar.close()
         if acc.num_processes > 1:
             self._log({"step": pos.step, "ranks_identical": self.ranks_identical()})
-        final_val = self.validate()
-        if final_val:
-            self._log({"step": pos.step, **final_val})
+        if validated[0] == pos.step:  # the last step was just validated: one val line, not two
+            final_val = validated[1]
+        else:
+            final_val = self.validate()
+            if final_val:
+                self._log({"step": pos.step, **final_val})
         return {**last, **final_val}
 
     def save_final(self) -> Path:

@@ -1,0 +1,104 @@
+"""A run folder knows what run it holds: whether a command may start, resume or has nothing to do.
+
+A run's identity is every config field that changes its result, plus what the config names but does
+not contain (a recipe's signals). A fresh start records it (`run.json`); `--resume` compares the new
+config with it and refuses a change with the diff, except for fields that only change how the run is
+watched or kept, and `train.max_steps` / `train.epochs`, which may grow to train on. Resuming a
+finished run with nothing to add is a no-op that writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from drivekd.atomic import atomic_file
+from drivekd.errors import DriveKDError
+
+RECORD = "run.json"
+# fields that change neither the weights nor the metrics of the run
+NO_EFFECT = frozenset(
+    {"train.save_every", "train.keep_last", "train.loader_workers", "train.log_every", "train.eval_every"}
+)
+MAY_GROW = frozenset({"train.max_steps", "train.epochs"})
+
+
+def run_identity(config: BaseModel, **named: Any) -> dict[str, Any]:
+    """The config's fields flattened to dotted keys, with `named` contents (e.g. `recipe=...`) added."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(inner, f"{prefix}{key}.")
+        else:
+            flat[prefix.rstrip(".")] = value
+
+    walk(config.model_dump(mode="json"), "")
+    walk(json.loads(json.dumps(named, default=str)), "named.")
+    return flat
+
+
+class RunFolder:
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir)
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "final" / "model.safetensors").is_file()
+
+    def has_checkpoint(self) -> bool:
+        ckpts = self.path / "checkpoints"
+        return ckpts.is_dir() and any(ckpts.glob("step-*"))
+
+    def recorded(self) -> dict[str, Any] | None:
+        file = self.path / RECORD
+        return json.loads(file.read_text(encoding="utf-8"))["identity"] if file.is_file() else None
+
+    def check(self, identity: dict[str, Any], *, resume: bool) -> bool:
+        """Before any work: whether to train (True) or nothing is left to do (False, resuming a finished
+        run unchanged); a start that would mix with or overwrite another run is a one-line error."""
+        if not resume:
+            if self.finished:
+                raise DriveKDError(
+                    f"{self.path}: holds a finished run (final/); choose another train.output_dir, or delete it"
+                )
+            if self.has_checkpoint():
+                raise DriveKDError(
+                    f"{self.path}: holds checkpoints of an earlier run; pass --resume, or choose another "
+                    "train.output_dir"
+                )
+            return True
+        before = self.recorded()
+        if before is None and (self.has_checkpoint() or self.finished):
+            raise DriveKDError(f"{self.path}: no {RECORD}: written by an older drivekd, cannot be resumed safely")
+        if before is not None:
+            changed = sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k))
+            refused = [k for k in changed if k not in NO_EFFECT | MAY_GROW]
+            if refused:
+                diff = "; ".join(f"{k}: {_show(before.get(k))} -> {_show(identity.get(k))}" for k in refused[:4])
+                more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
+                raise DriveKDError(
+                    f"{self.path}: --resume with a config that changes the run ({diff}{more}); resume with the run's "
+                    "own config, or start a new train.output_dir"
+                )
+            for key in sorted(MAY_GROW & set(changed)):
+                old, new = before.get(key), identity.get(key)
+                if old is not None and new is not None and new < old:
+                    raise DriveKDError(f"{self.path}: --resume may extend {key} ({old}), not shrink it to {new}")
+            if self.finished and not (MAY_GROW & set(changed)):
+                return False
+        if not self.has_checkpoint():
+            raise DriveKDError(f"{self.path}: --resume given but there is no checkpoint to resume from")
+        return True
+
+    def record(self, identity: dict[str, Any]) -> None:
+        with atomic_file(self.path / RECORD) as tmp:
+            tmp.write_text(json.dumps({"identity": identity}, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value)

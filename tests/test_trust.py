@@ -1,0 +1,424 @@
+"""A wrong input, value or default never becomes a number: every number has a domain, every name is
+checked against what exists, a cache or a run is refused for another identity, metrics are defined
+once, and a recipe's loss weights are measured in every run rather than left at a meaningless 1."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from drivekd.cli import main
+from drivekd.data.drivesim.generate import GenerateConfig, generate
+from drivekd.distill.engine import Distiller, check_recipe, load_recipe
+from drivekd.distill.run import run_cache_teacher, run_distill
+from drivekd.distill.signals import SignalSpec
+from drivekd.errors import DriveKDError
+from drivekd.models.loading import PRESETS, LoadOptions, load_backend
+from drivekd.train.config import CONFIGS, DistillConfig, SFTConfig, TrainConfig, load_config
+from drivekd.train.run_folder import RunFolder
+from drivekd.train.sft import cross_entropy, load_model, load_training_data, run_sft
+from drivekd.train.trainer import Trainer
+
+from .conftest import run_cli
+
+
+# ---- every number has a domain --------------------------------------------------------------------
+def _bounds(metadata: list[Any]) -> dict[str, float]:
+    out = {}
+    for m in metadata:
+        for inner in m.metadata if isinstance(m, FieldInfo) else [m]:
+            for key in ("ge", "gt", "le", "lt"):
+                if getattr(inner, key, None) is not None:
+                    out[key] = getattr(inner, key)
+    return out
+
+
+def numeric_fields(cls: type[BaseModel], path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], type, dict]]:
+    """(path, int or float, bounds) of every number a config class holds, sections, lists of
+    sections and tuples walked."""
+    found = []
+
+    def visit(annotation: Any, metadata: list[Any], at: tuple[Any, ...]) -> None:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is Annotated:
+            visit(args[0], [*args[1:], *metadata], at)
+        elif origin in (typing.Union, types.UnionType):
+            for a in args:
+                if a is not type(None):
+                    visit(a, metadata, at)
+        elif origin is tuple:
+            for i, a in enumerate(args):
+                visit(a, [], (*at, i))
+        elif origin is list:
+            visit(args[0], [], (*at, 0))
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.extend(numeric_fields(annotation, at))
+        elif annotation in (int, float):
+            found.append((at, annotation, _bounds(metadata)))
+
+    for name, info in cls.model_fields.items():
+        visit(info.annotation, list(info.metadata), (*path, name))
+    return found
+
+
+CLASSES = {**CONFIGS, "recipe signal": SignalSpec}
+FIELDS = [(kind, f) for kind, cls in CLASSES.items() for f in numeric_fields(cls)]
+
+
+def test_every_numeric_field_declares_its_domain():
+    assert len(FIELDS) > 30
+    undeclared = [".".join(map(str, path)) for _, (path, _, bounds) in FIELDS if not bounds]
+    # a new number without a domain (drivekd/domains.py) fails here; mixing entries are the one list
+    assert undeclared == ["mixing.0.0"] or undeclared == [], undeclared
+
+
+def _base_raw(kind: str) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "model": {"name": "tiny-internvl-student"},
+        "data": {"path": "d"},
+        "train": {"output_dir": "o"},
+    }
+    return {**raw, "teacher": "T"} if kind == "distill" else raw
+
+
+def _set(raw: dict[str, Any], path: tuple[Any, ...], value: Any, fill: Any = 0.5) -> None:
+    """Set `raw` at `path` to `value`, creating what is missing (list places before it: `fill`)."""
+    node: Any = raw
+    for key, nxt in itertools.pairwise(path):
+        if isinstance(node, dict) and key not in node:
+            node[key] = [] if isinstance(nxt, int) else {}
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append({"path": "m"} if isinstance(nxt, str) else [0.9, 0.999])
+        node = node[key]
+    if isinstance(node, list):
+        while len(node) <= path[-1]:
+            node.append(fill)
+    node[path[-1]] = value
+
+
+def _outside(kind: type, bounds: dict[str, float]) -> st.SearchStrategy:
+    """Values a field of this type and domain must refuse."""
+    options: list[st.SearchStrategy] = [st.just(True), st.just("3"), st.just([1])]
+    if kind is int:
+        options.append(st.just(2.5))
+    else:
+        options += [st.just(math.nan), st.just(math.inf)]
+    number = st.integers if kind is int else st.floats
+    step = 1 if kind is int else 1e-9
+    if "ge" in bounds:
+        options.append(number(max_value=bounds["ge"] - step, min_value=-(10**9)))
+    if "gt" in bounds:
+        options.append(number(max_value=bounds["gt"], min_value=-(10**9)))
+    if "le" in bounds:
+        options.append(number(min_value=bounds["le"] + step, max_value=10**9))
+    if "lt" in bounds:
+        options.append(number(min_value=bounds["lt"], max_value=10**9))
+    return st.one_of(options)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"), FIELDS, ids=lambda f: ".".join(map(str, f[0])) if isinstance(f, tuple) else f
+)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_value_outside_its_domain_is_a_one_line_error_naming_the_field(tmp_path, kind, field, data):
+    path, number_type, bounds = field
+    if not bounds:
+        return  # the mixing matrix: checked where it is built (entries >= 0, rows by capability)
+    bad = data.draw(_outside(number_type, bounds))
+    where = ".".join(map(str, path))
+    if kind == "recipe signal":
+        entry: dict[str, Any] = {"kind": "attn_tv" if path[0] != "temperature" else "logit_kl"}
+        _set(entry, path, bad, fill=0 if number_type is int else 0.5)
+        file = tmp_path / "recipe.yaml"
+        file.write_text(yaml.safe_dump({"perception": entry}))
+        with pytest.raises(DriveKDError, match=rf"signal 'perception': {where}: ") as info:
+            load_recipe(str(file))
+    else:
+        raw = _base_raw(kind)
+        _set(raw, path, bad, fill=0 if number_type is int else 0.5)
+        file = tmp_path / "c.yaml"
+        file.write_text(yaml.safe_dump(raw))
+        with pytest.raises(DriveKDError, match=rf"c.yaml: {where}: ") as info:
+            load_config(CONFIGS[kind], file)
+    assert "\n" not in str(info.value)
+
+
+def test_nonsense_numbers_exit_2_before_anything_loads(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**_base_raw("sft"), "train": {"output_dir": str(tmp_path / "run")}}))
+    for override, field in (
+        ("train.grad_accum=0", "train.grad_accum"),
+        ("train.max_steps=-3", "train.max_steps"),
+        ("train.warmup_steps=-5", "train.warmup_steps"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.lr=-1", "train.lr"),
+        ("train.keep_last=0", "train.keep_last"),
+    ):
+        r = CliRunner().invoke(main, ["sft", "--config", str(config), override])
+        assert r.exit_code == 2, r.output
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"'{override}': {field}: " in r.stderr
+    r = run_cli("sft", "--config", str(config), "train.grad_accum=0")  # as a user runs it: no traceback
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    c = tmp_path / "d.yaml"
+    c.write_text(yaml.safe_dump({**_base_raw("distill"), "ce_weight": -1}))
+    with pytest.raises(DriveKDError, match="ce_weight: Input should be greater than or equal to 0"):
+        load_config(DistillConfig, c)
+
+
+# ---- names are checked against what exists ---------------------------------------------------------
+def _recipe(tmp_path: Path, text: str) -> str:
+    file = tmp_path / "r.yaml"
+    file.write_text(text)
+    return str(file)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("perception: {kind: attn_tv, wieght: 3}\n", r"unknown field 'wieght' \(did you mean 'weight'\?\)"),
+        ("planing: {kind: attn_tv, layer: -2}\n", r"'planing'.* not a capability .*\(did you mean 'planning'\?\)"),
+        ("kd: {kind: logit_kl}\n", r"'kd'.* not a capability"),
+        ("", r"the recipe has no signals"),
+        ("{}\n", r"the recipe has no signals"),
+        ("perception: {kind: attn_tv, weight: 2, share: 0.1}\n", r"give weight or share, not both"),
+        (
+            "perception: {kind: attn_tv, capability: planning}\n",
+            r"named after perception but given `capability: planning`",
+        ),
+        ("perception: {kind: attn_tv}\nperception: {kind: hidden}\n", r"key 'perception' given twice"),
+        ("perception: {kind: attn_tv, layer: true}\n", r"layer: Input should be a valid integer"),
+    ],
+)
+def test_recipe_mistakes_are_named(tmp_path, text, message):
+    with pytest.raises(DriveKDError, match=message) as info:
+        load_recipe(_recipe(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_capabilities_of_signals_and_their_aliases(tmp_path):
+    signals = load_recipe(
+        _recipe(
+            tmp_path,
+            "plan: {kind: attn_tv, layer: -2}\nkd: {kind: logit_kl, capability: all}\n"
+            "extra: {kind: hidden, capability: Prediction}\n",
+        )
+    )
+    assert {n: s.capability for n, s in signals.items()} == {"plan": "planning", "kd": "all", "extra": "reasoning"}
+    assert load_recipe("ce") == {}  # the cross-entropy baseline, asked for by name
+    raw = {**_base_raw("distill"), "data": {"path": "d", "capability": "plan"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(DistillConfig, tmp_path / "c.yaml").data.capability == "planning"
+
+
+def test_per_signal_teachers_must_name_signals_of_the_recipe(tmp_path):
+    raw = {**_base_raw("distill"), "teacher": {"name": "tiny-internvl-teacher", "per_signal": {"percepton": "x"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        DriveKDError, match=r"teacher.per_signal.percepton: .* no signal 'percepton' \(did you mean 'perception'\?\)"
+    ):
+        check_recipe(load_config(DistillConfig, tmp_path / "c.yaml"))
+
+
+# ---- one identity for a cache and a run ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trust") / "data"
+    generate(out, GenerateConfig(scenes=3, seed=21))
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    load_backend("tiny-internvl-teacher", LoadOptions(seed=7)).save(out)
+    return out
+
+
+def _distill_cfg(tmp_path: Path, data_dir: Path, teacher: Path, **over: Any) -> DistillConfig:
+    raw: dict[str, Any] = {
+        "model": {"name": "tiny-internvl-student"},
+        "teacher": str(teacher),
+        "data": {"path": str(data_dir), "limit": 8},
+        "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 4, "max_steps": 2, "log_every": 1},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(raw.get(k), dict) else v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    return load_config(DistillConfig, tmp_path / "c.yaml")
+
+
+def test_a_cache_made_for_a_student_of_another_depth_is_refused(tmp_path, data_dir, teacher_dir, monkeypatch):
+    monkeypatch.setitem(
+        PRESETS,
+        "tiny-internvl-student-2",
+        {**PRESETS["tiny-internvl-student"], "text": {"hidden": 128, "layers": 2, "heads": 2}},
+    )
+    cfg = _distill_cfg(tmp_path, data_dir, teacher_dir, data={"limit": 4})
+    cache = run_cache_teacher(cfg, tmp_path / "cache")
+    shallow = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"name": "tiny-internvl-student-2"}),
+            "teacher": cfg.teacher.model_copy(update={"cache": str(cache)}),
+        }
+    )
+    student = load_model(shallow.model)
+    train, val, _ = load_training_data(shallow.data, student)
+    with pytest.raises(DriveKDError, match=r"cache was made for a 4-layer student, this run's has 2 layers"):
+        Distiller(shallow, student, train + val)
+    # the binding is what is identified: the 2-layer student's reasoning windows differ from the 4-layer one's
+    reasoning = load_recipe("drive-kd")["reasoning"]
+    assert reasoning.binding(2, 8) != reasoning.binding(4, 8)
+
+
+def test_resume_refuses_a_changed_run_and_a_finished_run_is_a_no_op(tmp_path, data_dir):
+    def config(*overrides: str) -> SFTConfig:
+        raw = {
+            "model": {"name": "tiny-internvl-student"},
+            "data": {"path": str(data_dir), "limit": 8},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "micro_batch_size": 4,
+                "max_steps": 2,
+                "save_every": 1,
+                "log_every": 1,
+                "lr": 1e-3,
+            },
+        }
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        return load_config(SFTConfig, tmp_path / "c.yaml", list(overrides))
+
+    run_sft(config())
+    run = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    log = (run / "metrics.jsonl").read_text()
+    # a finished run resumed unchanged: nothing to do, nothing written (it appended a val line before)
+    assert run_sft(config(), resume=True) == run / "final"
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before and (run / "metrics.jsonl").read_text() == log
+    for override, diff in (("train.lr=0.5", "train.lr: 0.001 -> 0.5"), (f"data.path={tmp_path}", "data.path: ")):
+        with pytest.raises(DriveKDError, match=rf"--resume with a config that changes the run \({diff}"):
+            run_sft(config(override), resume=True)
+    with pytest.raises(DriveKDError, match=r"may extend train.max_steps \(2\), not shrink it to 1"):
+        run_sft(config("train.max_steps=1"), resume=True)
+    # watching or keeping the run differently is not a change; more steps continue it
+    assert run_sft(config("train.keep_last=5"), resume=True) == run / "final"
+    run_sft(config("train.max_steps=3"), resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3 and yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def test_run_identity_includes_what_the_config_only_names(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step-0000001").mkdir(parents=True)
+    folder.record({"train.lr": 0.1, "named.recipe.perception.layer": 0})
+    with pytest.raises(DriveKDError, match=r"named.recipe.perception.layer: 0 -> 1"):
+        folder.check({"train.lr": 0.1, "named.recipe.perception.layer": 1}, resume=True)
+    assert folder.check({"train.lr": 0.1, "named.recipe.perception.layer": 0}, resume=True)
+
+
+# ---- metrics are defined once ----------------------------------------------------------------------
+def test_val_ce_is_the_token_mean_over_the_set_whatever_the_batch_size(data_dir):
+    from drivekd.train.sft import token_nll
+
+    backend = load_model(load_config_sft(data_dir).model)
+    val = load_training_data(load_config_sft(data_dir).data, backend)[1]
+    assert len(val) >= 5
+    figures = {}
+    for size in (1, 2, 3, 8):
+        cfg = TrainConfig(output_dir="unused", micro_batch_size=size, val_max_samples=64)
+        figures[size] = Trainer(cfg, backend, val[:1], val, cross_entropy).validate()["val_ce"]
+    with torch.no_grad():  # the definition: every answer token of the set weighs the same
+        total, count = 0.0, 0
+        for s in val:
+            nll, labels = token_nll(backend.model, backend.build_batch([s]))
+            total, count = total + float(nll.sum()), count + int((labels != -100).sum())
+    for size, value in figures.items():
+        assert value == pytest.approx(total / count, rel=2e-5), (size, figures)
+
+
+def load_config_sft(data_dir: Path) -> SFTConfig:
+    return SFTConfig(
+        model={"name": "tiny-internvl-student"}, data={"path": str(data_dir)}, train={"output_dir": "unused"}
+    )
+
+
+@pytest.mark.integration
+def test_the_last_validation_is_logged_once(tmp_path, data_dir):
+    cfg = load_config_sft(data_dir).model_copy(
+        update={"train": TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, eval_every=2, micro_batch_size=4)}
+    )
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": 8})})
+    run_sft(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "val_ce" in m] == [2]
+
+
+# ---- loss weights as shares, measured in every run -------------------------------------------------
+@pytest.mark.integration
+def test_every_run_calibrates_its_shares_and_a_resume_reads_them(tmp_path, data_dir, teacher_dir, capfd):
+    cfg = _distill_cfg(
+        tmp_path,
+        data_dir,
+        teacher_dir,
+        recipe=_recipe(
+            tmp_path,
+            "perception: {kind: attn_tv, layer: 0}\nreasoning: {kind: attn_group, layers: [0, -2], share: 0.3}\n"
+            "planning: {kind: attn_tv, layer: -2, weight: 1.0}\n",
+        ),
+    )
+    run_distill(cfg)
+    run = tmp_path / "run"
+    record = json.loads((run / "calibration.json").read_text())
+    assert record["shares"] == {"perception": 0.1, "reasoning": 0.3}  # the default share, an explicit one
+    losses, weights = record["initial_losses"], record["weights"]
+    for name, share in record["shares"].items():
+        assert weights[name] * losses[name] == pytest.approx(share * losses["ce"], rel=1e-5)
+    assert weights["planning"] == 1.0 and weights["perception"] > 1e3  # maps are tiny at weight 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["loss_weight/perception"] == weights["perception"] and lines[0]["share/reasoning"] == 0.3
+    first = next(m for m in lines if m["step"] == 1 and "perception" in m)
+    for name, share in record["shares"].items():  # step 1 trains at about its share (another batch)
+        assert 0.2 * share < first[name] / first["ce"] < 5 * share, (name, first)
+    err = capfd.readouterr().err
+    # an absolute weight of 1 leaves an attention signal at ~1e-7 of the CE: one warning, once
+    assert err.count("signal 'planning': its weighted loss stayed below 0.001 x CE") == 0  # only 2 steps so far
+    cfg10 = _distill_cfg(
+        tmp_path / "w", data_dir, teacher_dir, recipe=cfg.recipe, train={"max_steps": 10, "log_every": 5}
+    )
+    run_distill(cfg10)
+    err = capfd.readouterr().err
+    assert err.count("signal 'planning': its weighted loss stayed below 0.001 x CE") == 1
+    assert "signal 'perception': its weighted" not in err
+
+
+def test_an_abandoned_temporary_folder_is_removed_by_the_next_writer(tmp_path):
+    from drivekd.atomic import _HOST, atomic_dir
+
+    dead = tmp_path / f".cache.{2**22 + 12345}@{_HOST}.x1.tmp"  # a pid above the kernel's limit: no such process
+    dead.mkdir()
+    live = tmp_path / f".cache.{os.getpid()}@{_HOST}.x2.tmp"
+    live.mkdir()
+    other_host = tmp_path / f".cache.{2**22 + 12345}@elsewhere.x3.tmp"
+    other_host.mkdir()
+    with atomic_dir(tmp_path / "cache") as tmp:
+        (tmp / "a").write_text("1")
+    assert not dead.exists() and live.exists() and other_host.exists() and (tmp_path / "cache" / "a").is_file()
