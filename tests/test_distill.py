@@ -608,6 +608,17 @@ def test_cache_data_identity_survives_a_moved_dataset_and_sees_changed_images(tm
     assert other != Path(first.path).read_bytes()
     Path(first.path).write_bytes(other)  # same name, other pixels: a re-rendered dataset
     assert data_identity(load_split(moved, "train")) != data_identity(here)
+    # a BMP repainted below its first 64 KiB: same size, same head, other pixels
+    from PIL import Image
+
+    bmp = Path(first.path).with_suffix(".bmp")
+    Image.new("RGB", (200, 200), (10, 20, 30)).save(bmp)
+    there[0].images[0] = type(first)(first.camera, str(bmp))
+    before = data_identity(there)
+    repainted = Image.new("RGB", (200, 200), (10, 20, 30))
+    repainted.paste((200, 0, 0), (0, 0, 200, 20))  # BMP rows are stored bottom-up: the top rows come last
+    repainted.save(bmp)
+    assert bmp.stat().st_size > 64 * 1024 and data_identity(there) != before
     there[0].images[0] = type(first)(first.camera, first.path.replace(".png", "-b.png"))
     shutil.copy(first.path, there[0].images[0].path)
     assert data_identity(there) != data_identity(here)

@@ -74,12 +74,16 @@ def show(kind: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the calibrated recipe YAML goes.")
 @click.option(
     "--share",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Every signal's initial loss as this share of CE (default: each signal's own `share`, else 0.1).",
 )
 @click.option(
-    "--batches", type=int, default=4, show_default=True, help="Training batches the losses are averaged over."
+    "--batches",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Training batches the losses are averaged over.",
 )
 @click.argument("overrides", nargs=-1)
 def calibrate(config_path: Path, out: Path, share: float | None, batches: int, overrides: tuple[str, ...]) -> None:

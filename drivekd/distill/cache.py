@@ -30,7 +30,8 @@ from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
-# /3: the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
+# /3: the recipe identified by its signals bound to both models' depths (layer pairs, windows,
+# blocks) and the student's depth; images by their whole content
 FORMAT = "drivekd-teacher-cache/3"
 
 
@@ -84,13 +85,12 @@ def fingerprint(
     }
 
 
-IMAGE_HEAD_BYTES = 64 * 1024  # of each image file, hashed with its size: cheap on a real dataset
-
-
 def data_identity(samples: Sequence[Sample]) -> list[Any]:
     """What a cache's data is: ids, questions, answers, and each image by its path relative to the
-    images' common folder, its size and a hash of its first 64 KiB. The same dataset moved or copied
-    keeps its caches; re-rendered or corrupted images under the same names do not."""
+    images' common folder and the SHA-256 of its whole file. The same dataset moved or copied keeps
+    its caches; an image re-rendered or corrupted under the same name does not, wherever in the file
+    the change is (a hash of the first 64 KiB, as before, missed a BMP repainted below its top rows).
+    Each file is read once; hashing costs less than decoding the image, which training does anyway."""
     paths = [im.path for s in samples for im in s.images]
     root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
     seen: dict[str, str] = {}
@@ -98,8 +98,7 @@ def data_identity(samples: Sequence[Sample]) -> list[Any]:
     def image(path: str) -> tuple[str, str]:
         if path not in seen:
             with open(path, "rb") as f:
-                head = f.read(IMAGE_HEAD_BYTES)
-            seen[path] = f"{os.path.getsize(path)}:{hashlib.sha256(head).hexdigest()[:16]}"
+                seen[path] = hashlib.file_digest(f, "sha256").hexdigest()[:32]
         return os.path.relpath(path, root), seen[path]
 
     return [(s.id, s.question, s.answer, [image(im.path) for im in s.images]) for s in samples]
