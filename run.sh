@@ -18,8 +18,8 @@ setup() {
     stamp="$VENV/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
     if [ ! -f "$stamp" ]; then
         [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-        # torch is pinned to 2.13.0 in the lock file: on this machine that is the local CPU build,
-        # so pip never reaches for a multi-GB CUDA wheel.
+        # torch is pinned in the lock file to the CPU build's version, so pip never reaches for a
+        # multi-GB CUDA wheel.
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile -r requirements.lock
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
         # compile what drivekd imports once, here, rather than in each of the first processes at once

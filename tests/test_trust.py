@@ -179,6 +179,9 @@ def test_nonsense_numbers_exit_2_before_anything_loads(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
     c = tmp_path / "d.yaml"
+    c.write_text(yaml.safe_dump({**_base_raw("distill"), "train": {"output_dir": "o", "tag_attention_weight": 1.0}}))
+    with pytest.raises(DriveKDError, match="tag_attention_layer are SFT only"):  # it was silently ignored
+        load_config(DistillConfig, c)
     c.write_text(yaml.safe_dump({**_base_raw("distill"), "ce_weight": -1}))
     with pytest.raises(DriveKDError, match="ce_weight: Input should be greater than or equal to 0"):
         load_config(DistillConfig, c)

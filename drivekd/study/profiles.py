@@ -7,7 +7,7 @@ on is in the profile, so `study.json` can refuse a directory made with other set
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,11 @@ class Profile:
     # students' own scores are in the study's tables either way
     bench_score: bool = True
     eval_max_new_tokens: int = 96
-    # samples per generate() call: larger batches spend less time per decoded token (measured on
-    # 2 CPU cores: 1.2x the teacher's and 1.4x the student's throughput at 64 vs 16)
+    # samples per generate() call: larger batches spend less time per decoded token (docs/results.md)
     eval_batch_size: int = 64
     mechanism_samples: int = 256  # test items the attention-mass measurement reads per model
-    # batches of similar length for every run (~1.3x faster steps on 2 cores)
+    # batches of similar length for every run: less padding, faster steps
     group_by_length: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         """Everything results depend on (written to study.json, compared on resume)."""
@@ -126,7 +124,7 @@ PROFILES: dict[str, Profile] = {
         prestudy_samples=48,
         mechanism_samples=128,
         bench_repeats=3,
-        bench_score=False,  # rescoring teacher and students there took 3 of the demo's 28 minutes
+        bench_score=False,  # the students are scored by the study itself; the demo's time is kept for them
     ),
     # The main comparison, three seeds, with the baselines the paper compares attention against
     # (logit KL, hidden states) and the plain sum; a larger training set than quick's. About an
@@ -141,7 +139,7 @@ PROFILES: dict[str, Profile] = {
         seeds=(0, 1, 2),
         variants=("ce", "ce-kl", "ce-hidden", "multi-sum", "multi-agp", "multi-agp-share0.02"),
         prestudy_samples=48,
-        eval_batch_size=16,  # as the quick study of 2026-11-30 whose seed-0 runs it extends
+        eval_batch_size=16,  # the generation batch its published figures were made with (docs/results.md)
         bench_repeats=3,
         bench_score=False,
     ),

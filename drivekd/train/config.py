@@ -334,6 +334,11 @@ class DistillConfig(_Strict):
     def _consistent(self) -> DistillConfig:
         if self.reweight.enabled and self.combine.strategy == "sum":
             raise ValueError("reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum")
+        if self.train.tag_attention_weight > 0 or self.train.tag_attention_layer is not None:
+            raise ValueError(
+                "train.tag_attention_weight and train.tag_attention_layer are SFT only; a distillation run would "
+                "ignore them"
+            )
         if self.data.shuffle_choices and self.teacher.cache:
             raise ValueError(
                 f"data.shuffle_choices with teacher.cache {self.teacher.cache}: cached teacher maps belong to the "

@@ -151,9 +151,9 @@ def with_tag_attention(
     A tiny VLM trained from scratch does not learn, in any budget we can afford, to go from a tag's
     printed coordinates to the visual token they point at (docs/teacher-study.md, "Direct test"). The tag itself says
     where to look, so this supervises the lookup directly. Only the committed answer is supervised:
-    at weight 1 on every token of a long DriveBench-style answer, a 12M teacher's CE was 0.92 vs
-    0.5 at step 350 — one layer made to stare at one token cannot do its other work. For the same
-    reason one head is supervised, not the head mean: the layer's other heads stay free.
+    on every token of a long answer, one layer made to stare at one token cannot do its other work
+    and the answer CE suffers (docs/teacher-study.md). For the same reason one head is supervised,
+    not the head mean: the layer's other heads stay free.
     """
     from drivekd.models.capture import capture, resolve_layer
 
