@@ -90,7 +90,8 @@ def test_decision_mask_is_the_final_span_and_ce_is_the_answer_token_mean(name, s
     ) / len(samples)
     metrics = answer_metrics(backend.model, batch)
     assert expected >= 1 / len(samples)
-    assert metrics["decision_acc"].item() == pytest.approx(expected)
+    accuracy, answers_with_a_span = metrics["decision_acc"]
+    assert answers_with_a_span == len(samples) and accuracy.item() == pytest.approx(expected)
     assert metrics["ce"].item() == pytest.approx(cross_entropy(backend.model, batch)["ce"].item())
 
 

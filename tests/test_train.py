@@ -151,11 +151,11 @@ def test_group_by_length_pads_less_and_keeps_every_sample_once(tmp_path, data_di
     train, val, _ = load_training_data(cfgs[True].data.model_copy(update={"limit": None}), backend)
     plain, grouped = (Trainer(cfgs[g].train, backend, train, val, cross_entropy) for g in (False, True))
     for epoch in range(3):
-        order = grouped._epoch_order(epoch)
+        order = grouped.epoch_order(epoch)
         assert sorted(order) == list(range(len(train)))
-        assert order == grouped._epoch_order(epoch)
-        assert padded_tokens(grouped, order) < padded_tokens(plain, plain._epoch_order(epoch))
-    assert grouped._epoch_order(0) != grouped._epoch_order(1)
+        assert order == grouped.epoch_order(epoch)
+        assert padded_tokens(grouped, order) < padded_tokens(plain, plain.epoch_order(epoch))
+    assert grouped.epoch_order(0) != grouped.epoch_order(1)
 
 
 @pytest.mark.integration

@@ -4,6 +4,7 @@ once, and a recipe's loss weights are measured in every run rather than left at 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ from drivekd.errors import DriveKDError
 from drivekd.models.loading import PRESETS, LoadOptions, load_backend
 from drivekd.train.config import CONFIGS, DistillConfig, SFTConfig, TrainConfig, load_config
 from drivekd.train.run_folder import RunFolder
-from drivekd.train.sft import cross_entropy, load_model, load_training_data, run_sft
+from drivekd.train.sft import answer_metrics, load_model, load_training_data, run_sft
 from drivekd.train.trainer import Trainer
 
 from .conftest import run_cli
@@ -232,6 +233,23 @@ def test_capabilities_of_signals_and_their_aliases(tmp_path):
     assert load_config(DistillConfig, tmp_path / "c.yaml").data.capability == "planning"
 
 
+@pytest.mark.parametrize("recipe", ["drive-kd", "ce-kl", "ce-hidden", "drive-kd-cosine"])
+def test_a_signal_written_back_as_a_recipe_entry_loads_as_itself(tmp_path, recipe):
+    signals = load_recipe(recipe)
+    file = tmp_path / "again.yaml"
+    file.write_text(yaml.safe_dump({n: s.recipe_entry() for n, s in signals.items()}))
+    assert load_recipe(str(file)) == signals
+
+
+def test_numbers_written_as_users_write_them(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; strict numeric fields would refuse the help's own example
+    raw = {**_base_raw("sft"), "train": {"output_dir": "o", "lr": "PLACEHOLDER"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw).replace("PLACEHOLDER", "1e-4"))
+    assert load_config(SFTConfig, tmp_path / "c.yaml").train.lr == 1e-4
+    assert load_config(SFTConfig, tmp_path / "c.yaml", ["train.lr=5E-3"]).train.lr == 5e-3
+    assert load_recipe(_recipe(tmp_path, "perception: {kind: attn_tv, share: 5e-2}\n"))["perception"].share == 0.05
+
+
 def test_per_signal_teachers_must_name_signals_of_the_recipe(tmp_path):
     raw = {**_base_raw("distill"), "teacher": {"name": "tiny-internvl-teacher", "per_signal": {"percepton": "x"}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
@@ -288,6 +306,11 @@ def test_a_cache_made_for_a_student_of_another_depth_is_refused(tmp_path, data_d
     train, val, _ = load_training_data(shallow.data, student)
     with pytest.raises(DriveKDError, match=r"cache was made for a 4-layer student, this run's has 2 layers"):
         Distiller(shallow, student, train + val)
+    # targets of a float32 teacher are not a bfloat16 run's
+    bf16 = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": str(cache), "dtype": "bfloat16"})})
+    student = load_model(cfg.model)
+    with pytest.raises(DriveKDError, match="cache was made for a different teacher"):
+        Distiller(bf16, student, load_training_data(cfg.data, student)[0])
     # the binding is what is identified: the 2-layer student's reasoning windows differ from the 4-layer one's
     reasoning = load_recipe("drive-kd")["reasoning"]
     assert reasoning.binding(2, 8) != reasoning.binding(4, 8)
@@ -322,11 +345,39 @@ def test_resume_refuses_a_changed_run_and_a_finished_run_is_a_no_op(tmp_path, da
             run_sft(config(override), resume=True)
     with pytest.raises(DriveKDError, match=r"may extend train.max_steps \(2\), not shrink it to 1"):
         run_sft(config("train.max_steps=1"), resume=True)
-    # watching or keeping the run differently is not a change; more steps continue it
+    # watching or keeping the run differently is not a change, nor is epochs while max_steps decides
     assert run_sft(config("train.keep_last=5"), resume=True) == run / "final"
+    assert run_sft(config("train.epochs=7"), resume=True) == run / "final"
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # the same config over other data at the same path is refused once the data is read
+    moved = tmp_path / "data-was-here"
+    data_dir.rename(moved)
+    try:
+        generate(data_dir, GenerateConfig(scenes=3, seed=22))
+        with pytest.raises(DriveKDError, match="--resume with other data than the run was started with"):
+            run_sft(config("train.max_steps=3"), resume=True)
+    finally:
+        import shutil
+
+        shutil.rmtree(data_dir)
+        moved.rename(data_dir)
+    # more steps continue it
     run_sft(config("train.max_steps=3"), resume=True)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3 and yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3
+
+
+def test_run_identity_is_what_the_run_is_not_where_it_is_written(tmp_path, monkeypatch):
+    from drivekd.train.run_folder import run_identity
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    a = load_config_sft(Path("data")).model_copy(update={"train": TrainConfig(output_dir="runs/a")})
+    b = load_config_sft(tmp_path / "data").model_copy(update={"train": TrainConfig(output_dir="/elsewhere/b")})
+    assert run_identity(a) == run_identity(b)  # a relative and an absolute path to one dataset; a moved run
+    assert run_identity(a)["named.world_size"] == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")  # 4 processes: another global batch, other samples per rank
+    assert run_identity(a)["named.world_size"] == 4
 
 
 def test_run_identity_includes_what_the_config_only_names(tmp_path):
@@ -345,17 +396,24 @@ def test_val_ce_is_the_token_mean_over_the_set_whatever_the_batch_size(data_dir)
     backend = load_model(load_config_sft(data_dir).model)
     val = load_training_data(load_config_sft(data_dir).data, backend)[1]
     assert len(val) >= 5
+    # DriveLM-like mixes: answers without a `Final: {...}` span (open-ended) beside ones with it
+    val = [*val[:2], *(dataclasses.replace(s, id=f"open-{s.id}", answer="Keep going.") for s in val[:3]), *val[2:]]
     figures = {}
     for size in (1, 2, 3, 8):
         cfg = TrainConfig(output_dir="unused", micro_batch_size=size, val_max_samples=64)
-        figures[size] = Trainer(cfg, backend, val[:1], val, cross_entropy).validate()["val_ce"]
-    with torch.no_grad():  # the definition: every answer token of the set weighs the same
-        total, count = 0.0, 0
+        figures[size] = Trainer(cfg, backend, val[:1], val, answer_metrics).validate()
+    with torch.no_grad():  # the definitions: every answer token weighs the same; every answer with a span
+        total, count, hits, spans = 0.0, 0, 0.0, 0
         for s in val:
-            nll, labels = token_nll(backend.model, backend.build_batch([s]))
+            batch = backend.build_batch([s])
+            nll, labels = token_nll(backend.model, batch)
             total, count = total + float(nll.sum()), count + int((labels != -100).sum())
+            if batch.decision_mask is not None and bool(batch.decision_mask.any()):
+                hits, spans = hits + float(answer_metrics(backend.model, batch)["decision_acc"][0]), spans + 1
+    assert 0 < spans < len(val)  # answers with and without a `Final:` span: a batch mixes them
     for size, value in figures.items():
-        assert value == pytest.approx(total / count, rel=2e-5), (size, figures)
+        assert value["val_ce"] == pytest.approx(total / count, rel=2e-5), (size, figures)
+        assert value["val_decision_acc"] == pytest.approx(hits / spans, abs=1e-9), (size, figures)
 
 
 def load_config_sft(data_dir: Path) -> SFTConfig:

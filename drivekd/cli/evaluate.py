@@ -55,7 +55,9 @@ def eval_samples(data_path: Path, split: str | None, image_roots: Sequence[str] 
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Prediction JSONL to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
-@click.option("--capability", type=click.Choice(["perception", "reasoning", "planning"]), default=None)
+@click.option(
+    "--capability", default=None, help="Only this capability's samples (perception, reasoning, planning, or an alias)."
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N samples only.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -81,7 +83,7 @@ def evaluate(
     other_images: bool,
 ) -> None:
     """Greedy-decode answers (KV cache, batched) and write one JSON line per sample."""
-    from drivekd.data.sample import image_blind_control
+    from drivekd.data.sample import image_blind_control, normalize_capability
     from drivekd.data.validate import validate_samples
     from drivekd.eval.predict import predict
     from drivekd.models.loading import LoadOptions, load_backend
@@ -89,6 +91,7 @@ def evaluate(
     samples, what = eval_samples(data_path, split, image_roots)
     pool = samples  # --other-images: any scene of the data may lend its images, not only the selected ones
     if capability:
+        capability = normalize_capability(capability, where="--capability")
         samples = [s for s in samples if s.capability == capability]
         what += f", capability {capability}"
     samples = samples[:limit] if limit else samples

@@ -21,8 +21,10 @@ def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     from drivekd.train.sft import run_sft
 
     config = load_config(SFTConfig, config_path, overrides)
+    before = _stamp(config.train.output_dir)
     final = run_sft(config, resume=resume)
-    click.echo(f"saved {final}")
+    wrote = before is None or _stamp(config.train.output_dir) != before
+    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
 
 
 @click.command(context_settings={"ignore_unknown_options": True}, epilog=reference(DistillConfig))
@@ -37,8 +39,10 @@ def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None
     from drivekd.train.config import load_config
 
     config = load_config(DistillConfig, config_path, overrides)
+    before = _stamp(config.train.output_dir)
     final = run_distill(config, resume=resume)
-    click.echo(f"saved {final}")
+    wrote = before is None or _stamp(config.train.output_dir) != before
+    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
 
 
 @click.command(name="cache-teacher", context_settings={"ignore_unknown_options": True}, epilog=reference(DistillConfig))
@@ -99,3 +103,9 @@ def calibrate(config_path: Path, out: Path, share: float | None, batches: int, o
         weight = result["weights"].get(name)
         click.echo(f"{name:>16}  initial loss {loss:.4g}" + (f"  weight {weight:.6g}" if weight is not None else ""))
     click.echo(f"wrote {path}")
+
+
+def _stamp(output_dir: str) -> float | None:
+    """When the run folder's final weights were written (None: not yet)."""
+    final = Path(output_dir) / "final" / "model.safetensors"
+    return final.stat().st_mtime_ns if final.is_file() else None

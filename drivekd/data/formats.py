@@ -322,6 +322,18 @@ def _text(item: Any, key: str, where: str) -> str:
     return _string(_require(item, key, where), key, where)
 
 
+def _identifier(value: Any, field: str, where: str) -> str:
+    """An id: text, or a whole number written without quotes (`"id": 7` is id "7"); nothing else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _string(value, field, where)
+
+
+def _optional_id(item: dict[str, Any], key: str, where: str) -> str | None:
+    value = item.get(key)
+    return None if value is None else _identifier(value, key, where)
+
+
 def _optional_text(item: dict[str, Any], key: str, where: str) -> str | None:
     """Absent or null: None. Present: a non-empty string, else an error (not a silent default)."""
     value = item.get(key)
@@ -382,7 +394,7 @@ def _read_native(file: Path, records: list[tuple[str, Any]], resolve: ImageResol
             raw = _text(im, "path", im_where)
             raw_paths.append(raw)
             images.append(ImageRef(_text(im, "camera", im_where), resolve(raw)))
-        sample_id = _text(item, "id", where)
+        sample_id = _identifier(_require(item, "id", where), "id", where)
         capability = normalize_capability(_text(item, "capability", where), where=where)
         question = _question(_text(item, "question", where), "question", where)
         answer = _text(item, "answer", where)
@@ -405,7 +417,7 @@ def _read_native(file: Path, records: list[tuple[str, Any]], resolve: ImageResol
                 images=images,
                 question=question,
                 answer=answer,
-                scene_id=_optional_text(item, "scene_id", where) or scene_of_images(raw_paths) or sample_id,
+                scene_id=_optional_id(item, "scene_id", where) or scene_of_images(raw_paths) or sample_id,
                 choices=choices,
                 correct_choice=letter,
                 facts=facts or {},
@@ -453,7 +465,7 @@ def _read_reference(file: Path, records: list[tuple[str, Any]], resolve: ImageRe
         answer = _message(messages, "assistant", where)
         images = [ImageRef(_camera_name(p, k, len(raw_images)), resolve(p)) for k, p in enumerate(raw_images)]
         choices, letter = _choices_of(question, answer)
-        sample_id = _optional_text(item, "id", where) or f"{file.stem}-{i}"
+        sample_id = _optional_id(item, "id", where) or f"{file.stem}-{i}"
         yield (
             where,
             Sample(
@@ -463,7 +475,7 @@ def _read_reference(file: Path, records: list[tuple[str, Any]], resolve: ImageRe
                 images=images,
                 question=question,
                 answer=answer,
-                scene_id=_optional_text(item, "scene_id", where) or scene_of_images(raw_images) or sample_id,
+                scene_id=_optional_id(item, "scene_id", where) or scene_of_images(raw_images) or sample_id,
                 choices=choices,
                 correct_choice=letter,
             ),

@@ -63,6 +63,7 @@ def fingerprint(
     student: VLMBackend,
     samples: Sequence[Sample],
     teacher_layers: dict[str, int],
+    teacher_dtype: str,
 ) -> dict[str, str]:
     """What a cache depends on; each part hashed so a mismatch can be named. The recipe part is each
     signal bound to the student's and its teacher's depths (`Signal.binding`): the stored targets are
@@ -75,7 +76,8 @@ def fingerprint(
     # trailing "/", a relative path, a moved study folder, a shipped model's name) are the same teacher.
     teachers = {name: checkpoint_digest(ckpt) for name, ckpt in sorted(teacher_of.items())}
     return {
-        "teacher": digest(sorted(set(teachers.values()))),  # which weights, whatever the signals' names
+        # which weights, whatever the signals' names, and at which precision they ran
+        "teacher": digest([sorted(set(teachers.values())), teacher_dtype]),
         # weights, shares, distances and mixing change the loss, not the stored targets: a cache serves them all
         "recipe": digest(
             {n: s.binding(student.num_layers, teacher_layers[n]) for n, s in signals.items()} | {"_teachers": teachers}
@@ -90,15 +92,18 @@ def data_identity(samples: Sequence[Sample]) -> list[Any]:
     images' common folder and the SHA-256 of its whole file. The same dataset moved or copied keeps
     its caches; an image re-rendered or corrupted under the same name does not, wherever in the file
     the change is (a hash of the first 64 KiB, as before, missed a BMP repainted below its top rows).
-    Each file is read once; hashing costs less than decoding the image, which training does anyway."""
+    Each file is read once (its cost: docs/results.md)."""
     paths = [im.path for s in samples for im in s.images]
     root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
     seen: dict[str, str] = {}
 
     def image(path: str) -> tuple[str, str]:
         if path not in seen:
+            h = hashlib.sha256()
             with open(path, "rb") as f:
-                seen[path] = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            seen[path] = h.hexdigest()[:32]
         return os.path.relpath(path, root), seen[path]
 
     return [(s.id, s.question, s.answer, [image(im.path) for im in s.images]) for s in samples]
@@ -116,11 +121,14 @@ def write_cache(
     student = teachers.student
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "fingerprint": fingerprint(signals, teacher_of, student, samples, {n: teachers.layers(n) for n in signals}),
+        "fingerprint": fingerprint(
+            signals, teacher_of, student, samples, {n: teachers.layers(n) for n in signals}, teachers.dtype
+        ),
         "student_layers": student.num_layers,
         "teacher_layers": {n: teachers.layers(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "index": {},
+        "lengths": {},  # each sample's tokens when cached: a batch that tokenises it otherwise is refused
     }
     with atomic_dir(out, overwrite=True) as tmp:
         shard: dict[str, torch.Tensor] = {}
@@ -143,8 +151,9 @@ def write_cache(
                         visual = batch.visual_mask[b, : lengths[b]]
                         value = sig.stored(target[b], lengths[b], visual)
                         shard[f"{sample.id}/{name}/{k}"] = value.to(torch.float16).contiguous().cpu()
-            for sample in chunk:
+            for b, sample in enumerate(chunk):
                 manifest["index"][sample.id] = f"shard-{shard_no:05d}.safetensors"
+                manifest["lengths"][sample.id] = lengths[b]
             if len({k.split("/")[0] for k in shard}) >= SHARD_SAMPLES:
                 flush()
         flush()
@@ -226,6 +235,14 @@ class TeacherCache:
             _, evicted = self._shards.popitem(last=False)
             held -= sum(t.nbytes for t in evicted.values())
         return shard
+
+    def check_length(self, sample_id: str, length: int) -> None:
+        cached = self.manifest["lengths"].get(sample_id)
+        if cached != length:
+            raise DriveKDError(
+                f"{self.folder}: sample {sample_id} has {length} tokens in this run and {cached} in the cache (another "
+                "tokenizer, prompt or image layout?); rebuild it with `drivekd cache-teacher`"
+            )
 
     def tensors(self, sample_id: str, key: str) -> torch.Tensor:
         file = self.manifest["index"].get(sample_id)

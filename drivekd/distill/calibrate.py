@@ -1,8 +1,8 @@
 """Loss weights from a measurement, not a guess: each signal's weight makes its loss start at its
-`share` of the cross-entropy.
+`share` of the (plain, unweighted) cross-entropy.
 
-Attention-map distances are 1e-7..1e-5 at weight 1 while the CE is O(1), and hidden-state
-distances are O(1): one fixed weight means nothing across signals, models and data. So a recipe
+Attention-map distances at weight 1 are orders of magnitude below the CE, hidden-state distances
+are of its order (docs/results.md): one fixed weight means nothing across signals, models and data. So a recipe
 states shares, and every distillation run measures each loss at weight 1 with its own teachers
 (live or cached) and its own untrained student on the first batches of its training data, before
 step 1. The run folder keeps the measurement (`calibration.json`); a resumed run reads it back
@@ -48,7 +48,8 @@ def measure_initial_losses(
     student = distiller.student
     chunks = [samples[i : i + batch_size] for i in range(0, min(len(samples), batches * batch_size), batch_size)]
     totals: dict[str, float] = {}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         for chunk in chunks:
             batch = student.build_batch(chunk).to(student.device)
             for name, value in distiller.objective(student.model, batch, unit_weights=True).items():
@@ -107,7 +108,7 @@ def calibrate_run(
         record = {"shares": shares, "initial_losses": losses, "weights": weights, "batches": batches}
     weights = {n: record["weights"][n] for n in distiller.names}
     distiller.set_weights(weights)
-    if write:
+    if write and not resume:  # a resumed run's record stays as measured (a finished one writes nothing)
         with atomic_file(file) as tmp:
             tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
     if shares and not resume:

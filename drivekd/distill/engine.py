@@ -8,6 +8,7 @@ knows signals and teachers; it knows nothing of capabilities beyond the mixing m
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ def load_recipe(spec: str) -> dict[str, Signal]:
         raise DriveKDError(f"recipe {spec!r}: no such file or shipped recipe ({shipped})")
     raw = read_yaml(path)
     if raw is None or raw == {}:
-        if path == RECIPES / f"{SHIPPED_CE_ONLY}.yaml":
+        if path.resolve() == (RECIPES / f"{SHIPPED_CE_ONLY}.yaml").resolve():
             return {}
         raise DriveKDError(
             f"{path}: the recipe has no signals; for cross-entropy alone use `recipe: {SHIPPED_CE_ONLY}` "
@@ -188,7 +189,9 @@ class Distiller:
         self.teacher_of = {n: str(config.teacher.of(n)) for n in self.names}
         self.teachers: TeacherSource
         if config.teacher.cache and self.signals:
-            self.teachers = CachedTeachers(config.teacher.cache, self.signals, self.teacher_of, student, train)
+            self.teachers = CachedTeachers(
+                config.teacher.cache, self.signals, self.teacher_of, student, train, config.teacher.dtype
+            )
         else:
             self.teachers = LiveTeachers(
                 self.signals, self.teacher_of, student, dtype=config.teacher.dtype, probe=train
@@ -300,7 +303,7 @@ class Distiller:
             per_sample = sig.loss(student, targets[name], pos, layers, projection)
             weight = 1.0 if unit_weights else dynamic.get(name, self.weights[name])
             losses[name] = weight * (weights[:, j] * per_sample).mean()
-        if not plain_ce and torch.is_grad_enabled():  # training, not validation or calibration
+        if not plain_ce and torch.is_grad_enabled() and self._weak.watching:  # training's first batches
             self._weak.observe({k: float(v.detach()) for k, v in losses.items()})
         return losses
 
@@ -343,8 +346,12 @@ class WeakSignalWatch:
         self.below = dict.fromkeys(names, 0)
         self.warned: list[str] = []
 
+    @property
+    def watching(self) -> bool:
+        return self.seen < self.steps and bool(self.below)
+
     def observe(self, losses: dict[str, float]) -> None:
-        if self.seen >= self.steps or not self.below:
+        if not self.watching:
             return
         self.seen += 1
         ce = abs(losses[ANCHOR])
@@ -354,6 +361,8 @@ class WeakSignalWatch:
             for name, count in self.below.items():
                 if count == self.steps:
                     self.warned.append(name)
+                    if int(os.environ.get("RANK", "0")) != 0:  # every rank sees it; one says it
+                        continue
                     print(
                         f"warning: signal {name!r}: its weighted loss stayed below {self.ratio:g} x CE for the first "
                         f"{self.steps} batches, so it distils next to nothing; raise its weight, or give it a `share`",

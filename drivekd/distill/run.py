@@ -12,7 +12,7 @@ from drivekd.distill.calibrate import calibrate_run
 from drivekd.distill.engine import Distiller, check_recipe
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
-from drivekd.train.run_folder import RunFolder, run_identity
+from drivekd.train.run_folder import RunFolder, run_identity, samples_digest
 from drivekd.train.sft import load_model, load_training_data
 from drivekd.train.trainer import Trainer
 
@@ -26,6 +26,8 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(config.train.seed)
     student = load_model(config.model)
     train, val, stats = load_training_data(config.data, student)
+    identity["named.data"] = samples_digest([*train, *val])
+    folder.check_data(identity["named.data"], resume=resume)
     distiller = Distiller(config, student, train + val)
     trainer = Trainer(
         config.train,
@@ -42,21 +44,24 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         stateful=distiller,
     )
     main = trainer.accelerator.is_main_process
-    # measured on the student as the trainer placed it (its device), before any step or resume
+    # measured on the student as the trainer placed it (its device), before any step or resume, on the
+    # run's own first batches (its shuffled order, alike on every rank): a file sorted by capability
+    # must not calibrate on one capability's samples
+    first = [train[i] for i in trainer.epoch_order(0)[: config.calibration_batches * config.train.micro_batch_size]]
     calibration = calibrate_run(
         distiller,
-        train,
+        first,
         folder.path,
         resume=resume,
         batches=config.calibration_batches,
         batch_size=config.train.micro_batch_size,
         write=main,
     )
-    if main:
-        folder.record(identity)
     header = {f"loss_weight/{n}": w for n, w in calibration["weights"].items()}
     header |= {f"share/{n}": v for n, v in calibration["shares"].items()}
-    return trainer.run(dump_config(config), stats, resume=resume, header=header)
+    return trainer.run(
+        dump_config(config), stats, resume=resume, header=header, on_start=lambda: folder.record(identity)
+    )
 
 
 def run_cache_teacher(config: DistillConfig, out: Path | None = None, *, echo: Callable[[str], None] = print) -> Path:

@@ -120,10 +120,11 @@ class Signal:
         }
 
     def recipe_entry(self) -> dict[str, Any]:
-        """The signal as a recipe YAML entry (unset fields left out)."""
+        """The signal as a recipe YAML entry that loads back as the same signal: unset fields left out,
+        the capability always written (a name need not imply it, as `kd` does not)."""
         entry: dict[str, Any] = {"kind": self.kind}
         for key, value in vars(self).items():
-            if value is not None and value != getattr(type(self), key, None):
+            if value is not None and (key == "capability" or value != getattr(type(self), key, None)):
                 entry[key] = list(value) if isinstance(value, tuple) else value
         return entry
 

@@ -43,6 +43,7 @@ class LiveTeachers:
         self.signals = signals
         self.teacher_of = teacher_of
         self.student = student
+        self.dtype = dtype
         self.models: dict[str, VLMBackend] = {}
         for ckpt in dict.fromkeys(teacher_of.values()):
             teacher = load_backend(ckpt, LoadOptions(dtype=dtype, device=str(student.device)))
@@ -102,6 +103,7 @@ class CachedTeachers:
         teacher_of: dict[str, str],
         student: VLMBackend,
         samples: Sequence[Sample],
+        dtype: str,
     ) -> None:
         self.signals = signals
         self.student = student
@@ -112,7 +114,7 @@ class CachedTeachers:
                     f"{folder}: the cache holds no signal {name!r}; rebuild it with `drivekd cache-teacher`"
                 )
         depths = {n: self.cache.teacher_layers(n) for n in signals}
-        self.cache.check(fingerprint(signals, teacher_of, student, samples, depths), student.num_layers)
+        self.cache.check(fingerprint(signals, teacher_of, student, samples, depths, dtype), student.num_layers)
 
     def layers(self, name: str) -> int:
         return self.cache.teacher_layers(name)
@@ -126,6 +128,8 @@ class CachedTeachers:
         text_width = text_rows(batch.inputs["attention_mask"], batch.visual_mask)[0].shape[1]
         device = batch.inputs["input_ids"].device
         n_student = self.student.num_layers
+        for b, sample_id in enumerate(batch.sample_ids):
+            self.cache.check_length(sample_id, lengths[b])
         out: dict[str, list[torch.Tensor]] = {}
         for name, sig in self.signals.items():
             matched = len(sig.pairs(n_student, self.layers(name)))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample, decision_span, focus_object
+from drivekd.data.sample import IMAGE_PLACEHOLDER, Sample, decision_span, focus_object, tag_fraction
 from drivekd.errors import DataError
 
 IGNORE_INDEX = -100
@@ -211,8 +211,10 @@ class VLMBackend(abc.ABC):
             return None
         camera, x, y = focus
         j = [ref.camera for ref in sample.images].index(camera)
-        if x > 1 or y > 1:  # pixel coordinates, as in DriveLM
-            x, y = x / images[j].width, y / images[j].height
+        point = tag_fraction(x, y, images[j].width, images[j].height)  # fractions, or DriveLM's pixels
+        if point is None:  # outside the image (pixels of another image size): no token is the object's
+            return None
+        x, y = point
         offset, grid_rows, grid_cols = grids[j]
         vis = self.visual_token_id
         # each image is one run of visual tokens, in placeholder order

@@ -14,6 +14,7 @@ import hashlib
 import json
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,7 +280,7 @@ class BaseBuilder:
 
     def evaluate(self) -> None:
         from drivekd.data.formats import load_split
-        from drivekd.data.sample import with_other_images
+        from drivekd.data.sample import image_blind_control
         from drivekd.eval.baselines import majority_records
         from drivekd.eval.predict import predict, write_records
         from drivekd.eval.scoring import score_file
@@ -301,7 +302,11 @@ class BaseBuilder:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         backend = load_backend(str(self.export_dir), LoadOptions(dtype="float32", device=device))
         throughput = {}
-        for key, samples in (("model", test), ("other_images", with_other_images(test))):
+        # other scenes' images from the training split too, if the test split has too few scenes
+        other, kept_own = image_blind_control(test, source=f"{data} (test)", pool=[*test, *load_split(data, "train")])
+        if kept_own:
+            print(f"warning: {kept_own} test samples have no other scene and keep their own images", file=sys.stderr)
+        for key, samples in (("model", test), ("other_images", other)):
             if not files[key].is_file():
                 throughput[key] = predict(backend, samples, files[key])
         check = check_score(backend, self.dataset_dir(self.build.check), preds / "check.jsonl")

@@ -451,7 +451,7 @@ class Study:
         Measured with the live teacher on the first batches of the recipe's own training data, so
         the weights are a property of (teacher, student preset, recipe, data), not guessed.
         """
-        from drivekd.distill.calibrate import initial_losses
+        from drivekd.distill.calibrate import initial_losses, weights_for_shares
         from drivekd.train.sft import load_model, load_training_data
 
         p = self.profile
@@ -472,7 +472,7 @@ class Study:
                 recipe=str(raw_file),
             )
             totals = initial_losses(config, student, train)
-            weights = {n: p.kd_share * totals["ce"] / max(totals[n], 1e-12) for n in signals}
+            weights = weights_for_shares(totals, dict.fromkeys(signals, p.kd_share))
             calibration["recipes"][self._key(recipe, cap)] = {"initial_losses": totals, "weights": weights}
         _write_json(self.out / "recipes" / "calibration.json", calibration)
 
@@ -536,10 +536,19 @@ class Study:
 
     def split_samples(self, split: str) -> list[Any]:
         from drivekd.data.formats import load_split
-        from drivekd.data.sample import with_other_images
+        from drivekd.data.sample import image_blind_control
 
         if split == CONTROL:
-            return with_other_images(load_split(self.data, "test"))
+            # other scenes' images from any split (the test split of a small study may hold one scene);
+            # test first, so its scenes lend to each other as far as they can
+            test = load_split(self.data, "test")
+            pool = [*test, *load_split(self.data, "val"), *load_split(self.data, "train")]
+            swapped, kept_own = image_blind_control(test, source=f"{self.data} (test)", pool=pool)
+            if kept_own:
+                print(
+                    f"warning: {kept_own} test samples have no other scene and keep their own images", file=sys.stderr
+                )
+            return swapped
         return load_split(self.data, split)
 
     def evaluate_students(self, runs: list[StudentRun], split: str) -> None:

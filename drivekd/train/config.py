@@ -28,7 +28,7 @@ from drivekd.domains import (
     PositiveInt,
 )
 from drivekd.errors import DriveKDError
-from drivekd.yamlfile import read_yaml
+from drivekd.yamlfile import parse_value, read_yaml
 
 Capability = Literal["perception", "reasoning", "planning"]
 
@@ -144,14 +144,18 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast on GPUs")
     seed: NonNegativeInt = Field(0, description="data order, dropout and AGP's projection order")
     log_every: PositiveInt = Field(10, description="optimiser steps per metrics.jsonl line")
-    eval_every: PositiveInt | None = Field(None, description="optimiser steps between validations; None: at the end only")
+    eval_every: PositiveInt | None = Field(
+        None, description="optimiser steps between validations; None: at the end only"
+    )
     val_max_samples: PositiveInt = Field(256, description="validation samples used")
     val_other_images: bool = Field(
         False,
         description="also validate with every sample shown another scene's images: val_image_gain near 0 "
         "means the answers do not depend on the images",
     )
-    save_every: PositiveInt | None = Field(None, description="optimiser steps between checkpoints; None: at the end only")
+    save_every: PositiveInt | None = Field(
+        None, description="optimiser steps between checkpoints; None: at the end only"
+    )
     keep_last: PositiveInt = Field(2, description="checkpoints kept (at least the latest)")
 
 
@@ -185,7 +189,7 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DriveKDError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse_value(value)
     if expand is not None:
         raw = expand(raw)
     for key, hint in unknown_keys(cls, raw):
@@ -226,7 +230,9 @@ def unknown_keys(cls: type[BaseModel], raw: Any, prefix: str = "") -> Iterator[t
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean `{prefix}{close[0]}`?)" if close else f" ({prefix or 'fields'}: {', '.join(fields)})"
+            hint = (
+                f" (did you mean `{prefix}{close[0]}`?)" if close else f" ({prefix or 'fields'}: {', '.join(fields)})"
+            )
             yield f"{prefix}{key}", hint
             continue
         for inner in _models_in(fields[key].annotation):

@@ -9,13 +9,17 @@ finished run with nothing to add is a no-op that writes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from drivekd.atomic import atomic_file
+from drivekd.data.sample import Sample
 from drivekd.errors import DriveKDError
 
 RECORD = "run.json"
@@ -26,8 +30,14 @@ NO_EFFECT = frozenset(
 MAY_GROW = frozenset({"train.max_steps", "train.epochs"})
 
 
+# where the run is written is not what it is: a moved folder, or an absolute path, resumes
+NOT_IDENTITY = frozenset({"train.output_dir"})
+
+
 def run_identity(config: BaseModel, **named: Any) -> dict[str, Any]:
-    """The config's fields flattened to dotted keys, with `named` contents (e.g. `recipe=...`) added."""
+    """The config's fields flattened to dotted keys (paths that exist made absolute, so `data` and
+    `./data` are one dataset), with `named` contents (e.g. `recipe=...`) and the number of processes,
+    which sets the global batch and each rank's samples, added."""
     flat: dict[str, Any] = {}
 
     def walk(value: Any, prefix: str) -> None:
@@ -38,8 +48,23 @@ def run_identity(config: BaseModel, **named: Any) -> dict[str, Any]:
             flat[prefix.rstrip(".")] = value
 
     walk(config.model_dump(mode="json"), "")
-    walk(json.loads(json.dumps(named, default=str)), "named.")
+    walk(json.loads(json.dumps({**named, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}, default=str)), "named.")
+    for key in NOT_IDENTITY:
+        flat.pop(key, None)
+    for key, value in flat.items():
+        if _names_a_path(key) and isinstance(value, str) and value and Path(value).exists():
+            flat[key] = os.path.abspath(value)
     return flat
+
+
+def samples_digest(samples: Sequence[Sample]) -> str:
+    """What a run's data says, cheaply: each sample's id, capability, question type, question, options
+    and answer, in order (images are checked by decoding, not hashed here)."""
+    h = hashlib.sha256()
+    for s in samples:
+        fields = (s.id, s.capability, s.question_type, s.question, s.choices, s.correct_choice, s.answer)
+        h.update(json.dumps(fields, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 class RunFolder:
@@ -76,7 +101,10 @@ class RunFolder:
         if before is None and (self.has_checkpoint() or self.finished):
             raise DriveKDError(f"{self.path}: no {RECORD}: written by an older drivekd, cannot be resumed safely")
         if before is not None:
-            changed = sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k))
+            known_later = {"named.data"}  # compared by check_data once the data is read
+            changed = sorted(
+                k for k in (before.keys() | identity.keys()) - known_later if before.get(k) != identity.get(k)
+            )
             refused = [k for k in changed if k not in NO_EFFECT | MAY_GROW]
             if refused:
                 diff = "; ".join(f"{k}: {_show(before.get(k))} -> {_show(identity.get(k))}" for k in refused[:4])
@@ -95,6 +123,15 @@ class RunFolder:
             raise DriveKDError(f"{self.path}: --resume given but there is no checkpoint to resume from")
         return True
 
+    def check_data(self, digest: str, *, resume: bool) -> None:
+        """After the data is read: a resumed run must read the data it was started with."""
+        before = self.recorded() if resume else None
+        if before is not None and before.get("named.data", digest) != digest:
+            raise DriveKDError(
+                f"{self.path}: --resume with other data than the run was started with (the samples' ids, questions "
+                "or answers differ, at the same data.path?); resume with the run's own data"
+            )
+
     def record(self, identity: dict[str, Any]) -> None:
         with atomic_file(self.path / RECORD) as tmp:
             tmp.write_text(json.dumps({"identity": identity}, indent=1, sort_keys=True), encoding="utf-8")
@@ -102,3 +139,11 @@ class RunFolder:
 
 def _show(value: Any) -> str:
     return "unset" if value is None else json.dumps(value)
+
+
+def _names_a_path(key: str) -> bool:
+    return (
+        key.endswith(".path")
+        or key in {"recipe", "model.name", "teacher.name", "teacher.cache"}
+        or (key.startswith("teacher.per_signal."))
+    )

@@ -6,6 +6,7 @@ import dataclasses
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, MixIn, ModelConfig, SFTConfig, dump_config
-from drivekd.train.run_folder import RunFolder, run_identity
+from drivekd.train.run_folder import RunFolder, run_identity, samples_digest
 from drivekd.train.trainer import Trainer
 
 
@@ -119,11 +120,13 @@ def answer_metrics(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tens
     """Validation: plain answer CE, and `decision_acc`, the share of answers whose whole `Final: {...}`
     span is the argmax under teacher forcing (the letter is what scores; CE averages it away)."""
     out = model(**batch.inputs, labels=batch.labels)
-    metrics = {"ce": out.loss}
-    if batch.decision_mask is not None and bool(batch.decision_mask.any(1).all()):  # every answer has a span
-        mask = batch.decision_mask[:, 1:]
-        hits = ((out.logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~mask).all(1)
-        metrics["decision_acc"] = hits.float().mean()
+    metrics: dict[str, Any] = {"ce": out.loss}
+    if batch.decision_mask is not None:
+        spans = batch.decision_mask.any(1)  # answers without a span take no part, whatever their batch
+        if bool(spans.any()):
+            mask = batch.decision_mask[:, 1:]
+            hits = ((out.logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~mask).all(1)
+            metrics["decision_acc"] = (hits[spans].float().mean(), int(spans.sum()))
     return metrics
 
 
@@ -184,6 +187,8 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(config.train.seed)
     backend = load_model(config.model)
     train, val, stats = load_training_data(config.data, backend)
+    identity["named.data"] = samples_digest([*train, *val])
+    folder.check_data(identity["named.data"], resume=resume)
     augment = shuffle_choices if config.data.shuffle_choices else None
     objective = cross_entropy
     if config.train.tag_attention_weight > 0:
@@ -205,6 +210,4 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
         augment=augment,
         val_objective=answer_metrics,
     )
-    if trainer.accelerator.is_main_process:
-        folder.record(identity)
-    return trainer.run(dump_config(config), stats, resume=resume)
+    return trainer.run(dump_config(config), stats, resume=resume, on_start=lambda: folder.record(identity))

@@ -42,7 +42,8 @@ Objective = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
 Backward = Callable[[dict[str, torch.Tensor], Accelerator, int], dict[str, float]]  # losses, accelerator, step
 
 
-# validation metrics that are means over answer tokens (the others are means over samples)
+# validation metrics that are means over answer tokens; the others are means over samples, or say
+# over how many as (mean, count)
 TOKEN_MEAN_METRICS = frozenset({"ce"})
 
 
@@ -143,7 +144,7 @@ class Trainer:
         micro = math.ceil(self.config.epochs * self.batches_per_epoch())
         return max(1, micro // self.config.grad_accum)
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         order = torch.randperm(len(self.train_samples), generator=g).tolist()
         if not self.config.group_by_length:
@@ -257,6 +258,7 @@ class Trainer:
         *,
         resume: bool = False,
         header: dict[str, float] | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Path:
         """Record the config, train (from the last checkpoint when resuming), save HF weights. Whether
         the folder may be started or resumed is the caller's `RunFolder.check`, made before any work;
@@ -268,6 +270,11 @@ class Trainer:
                 f"{self.run_dir}: the checkpoint is at step {self.position.step}, past this config's "
                 f"{self.total_steps} steps"
             )
+        final = self.run_dir / "final"
+        if resume and self.position.step == self.total_steps and (final / "model.safetensors").is_file():
+            return final  # finished at this many steps: nothing to train, nothing written
+        if on_start is not None and self.accelerator.is_main_process:
+            on_start()  # e.g. the run folder records what run it holds
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(resolved_config, encoding="utf-8")
@@ -307,8 +314,10 @@ class Trainer:
     def _trim_metrics(self, step: int) -> None:
         file = self.run_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and file.is_file():
-            keep = [ln for ln in file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-            file.write_text("".join(k + "\n" for k in keep))
+            lines = file.read_text().splitlines()
+            keep = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= step]
+            if keep != lines:  # a log with nothing past the checkpoint is left as it is
+                file.write_text("".join(k + "\n" for k in keep))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -353,7 +362,10 @@ class Trainer:
             # set's CE is the same whatever the batch size; other metrics are per-sample means
             tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             for k, v in self.val_objective(self.model, batch.to(self.accelerator.device)).items():
-                weight = tokens if k in TOKEN_MEAN_METRICS else len(batch)
+                if isinstance(v, tuple):  # (mean, over how many): a metric of some samples only
+                    v, weight = v
+                else:
+                    weight = tokens if k in TOKEN_MEAN_METRICS else len(batch)
                 totals[k + suffix] = totals.get(k + suffix, 0.0) + float(v) * weight
                 counts[k + suffix] = counts.get(k + suffix, 0) + weight
 
@@ -386,7 +398,7 @@ class Trainer:
         last: dict[str, float] = {}
         validated: tuple[int, dict[str, float]] = (-1, {})
         while pos.step < self.total_steps:
-            order = self._epoch_order(pos.epoch)
+            order = self.epoch_order(pos.epoch)
             batches = self._batches(order, pos.epoch, pos.batch_in_epoch)
             while pos.batch_in_epoch < self.batches_per_epoch() and pos.step < self.total_steps:
                 for micro in range(cfg.grad_accum):
