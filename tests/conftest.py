@@ -47,6 +47,26 @@ def run_torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small DriveSim-QA dataset (a module may define its own `data_dir` instead)."""
+    from drivekd.data.drivesim.generate import GenerateConfig, generate
+
+    out = tmp_path_factory.mktemp("distill") / "data"
+    generate(out, GenerateConfig(scenes=3, seed=21))
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A saved tiny InternVL teacher: a checkpoint folder, as a user's teacher is."""
+    from drivekd.models.loading import LoadOptions, load_backend
+
+    out = tmp_path_factory.mktemp("teacher") / "t"
+    load_backend("tiny-internvl-teacher", LoadOptions(seed=7)).save(out)
+    return out
+
+
 def png(path: Path, colour=(10, 20, 30)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), colour).save(path)

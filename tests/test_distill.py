@@ -5,7 +5,6 @@ import pytest
 import torch
 import yaml
 
-from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split
 from drivekd.distill.engine import load_recipe, mixing_matrix
 from drivekd.distill.run import run_distill
@@ -15,20 +14,6 @@ from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DistillConfig, load_config
 
 from .conftest import run_torchrun
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("distill") / "data"
-    generate(out, GenerateConfig(scenes=3, seed=21))
-    return out
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "t"
-    load_backend("tiny-internvl-teacher", LoadOptions(seed=7)).save(out)
-    return out
 
 
 @pytest.mark.parametrize("name", ["tiny-internvl-teacher", "tiny-qwen25vl-student"])

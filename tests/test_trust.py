@@ -29,7 +29,7 @@ from drivekd.distill.engine import Distiller, check_recipe, load_recipe
 from drivekd.distill.run import run_cache_teacher, run_distill
 from drivekd.distill.signals import SignalSpec
 from drivekd.errors import DriveKDError
-from drivekd.models.loading import PRESETS, LoadOptions, load_backend
+from drivekd.models.loading import PRESETS
 from drivekd.train.config import CONFIGS, DistillConfig, SFTConfig, TrainConfig, load_config
 from drivekd.train.run_folder import RunFolder
 from drivekd.train.sft import answer_metrics, load_model, load_training_data, run_sft
@@ -260,20 +260,6 @@ def test_per_signal_teachers_must_name_signals_of_the_recipe(tmp_path):
 
 
 # ---- one identity for a cache and a run ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trust") / "data"
-    generate(out, GenerateConfig(scenes=3, seed=21))
-    return out
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher") / "t"
-    load_backend("tiny-internvl-teacher", LoadOptions(seed=7)).save(out)
-    return out
-
-
 def _distill_cfg(tmp_path: Path, data_dir: Path, teacher: Path, **over: Any) -> DistillConfig:
     raw: dict[str, Any] = {
         "model": {"name": "tiny-internvl-student"},
