@@ -291,3 +291,18 @@ def test_advice_to_sum_also_turns_reweighting_off(data_dir):
     tight = P.plan(config, P.Inputs(device_memory_gb=1e-4, device="cpu"))
     summed = next(a for a in tight.advice if a["fields"].get("combine.strategy") == "sum")
     assert summed["fields"]["reweight.enabled"] is False and summed["saves"] > 0
+
+
+@pytest.mark.parametrize("recipe", ["drive-kd", "drive-kd-cosine", "perception", "reasoning", "planning", "ce-hidden"])
+def test_plan_and_distiller_capture_the_same_student_layers(data_dir, recipe):
+    """The planner's memory for captured maps comes from the same bound signals the distiller reads."""
+    from drivekd.distill.engine import Distiller
+    from drivekd.train.sft import load_model
+
+    config = _distill(data_dir, recipe=recipe, teacher={"name": "tiny-internvl-teacher", "cache": None})
+    planned = P.plan(config).step["captured_layers"]
+    student = load_model(config.model)
+    full, rows = Distiller(config, student, []).captured_student_layers()
+    assert planned == {"maps": sorted(full), "text_rows": sorted(rows)}
+    if recipe == "drive-kd":  # the paper's recipe on a 4-layer student: 0..2 whole, the text rows of none else
+        assert planned == {"maps": [0, 1, 2], "text_rows": []}

@@ -72,11 +72,11 @@ def test_teacher_layers_match_the_student_by_depth():
     assert pinned.pairs(4, 8) == [(3, [3])]
     assert make_signal("attn_tv", teacher_layer=-2).pairs(24, 28) == [(22, [26])]
     # bound to both depths, a signal says what it reads (a cache's fingerprint is made of this)
-    assert planning.binding(4, 8) == {"kind": "attn_tv", "pairs": [[1, [3]]], "reads": "text_rows"}
-    assert group.binding(4, 8)["pairs"] == [[0, [0, 1, 2]], [1, [1, 2, 3]]]
-    assert group.binding(2, 8)["pairs"] == [[0, [0, 1, 2, 3]]]  # another student depth, other targets
+    assert planning.bind("s", 4, 8).identity() == {"kind": "attn_tv", "pairs": [[1, [3]]], "reads": "text_rows"}
+    assert group.bind("s", 4, 8).identity()["pairs"] == [[0, [0, 1, 2]], [1, [1, 2, 3]]]
+    assert group.bind("s", 2, 8).identity()["pairs"] == [[0, [0, 1, 2, 3]]]  # another student depth, other targets
     paper = make_signal("attn_group", layers=(0, -2))
-    assert paper.binding(2, 8) != paper.binding(4, 8)
+    assert paper.bind("s", 2, 8).identity() != paper.bind("s", 4, 8).identity()
     with pytest.raises(ValueError, match="layer or layers"):
         make_signal("attn_tv", layer=0, layers=(0, 1))
 

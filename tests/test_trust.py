@@ -299,7 +299,7 @@ def test_a_cache_made_for_a_student_of_another_depth_is_refused(tmp_path, data_d
         Distiller(bf16, student, load_training_data(cfg.data, student)[0])
     # the binding is what is identified: the 2-layer student's reasoning windows differ from the 4-layer one's
     reasoning = load_recipe("drive-kd")["reasoning"]
-    assert reasoning.binding(2, 8) != reasoning.binding(4, 8)
+    assert reasoning.bind("s", 2, 8).identity() != reasoning.bind("s", 4, 8).identity()
 
 
 def test_resume_refuses_a_changed_run_and_a_finished_run_is_a_no_op(tmp_path, data_dir):

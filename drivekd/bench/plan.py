@@ -665,6 +665,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
             "activation_bytes": step.act_bytes,
             "strategy": strategy,
             "losses": losses,
+            "captured_layers": d["captured"] if d else None,
             "gpus": inputs.gpus,
             "device": inputs.device,
         },
@@ -730,29 +731,31 @@ def _distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int
     cached = bool(config.teacher.cache) and bool(signals)
     t_bytes = DTYPE_BYTES[config.teacher.dtype]
     teachers = {ckpt: arch(ckpt, "null", image) for ckpt in dict.fromkeys(teacher_of.values())}
-    n = student.layers
+    # the same bound signals the distiller and the teachers read (drivekd/distill/signals.py)
+    bound = {name: sig.bind(name, student.layers, teachers[teacher_of[name]].layers) for name, sig in signals.items()}
 
-    def rows(sig: Any) -> int:
+    def rows(b: Any) -> int:
         # text->vision signals read the text rows of a map (R x T), the others the whole map (T x T)
-        return step.text if getattr(sig, "text_rows_only", False) else step.tokens
+        return step.text if b.reads == "text_rows" else step.tokens
 
-    def target_elements(sig: Any, t: Arch) -> int:
-        if sig.needs_attention:
-            return rows(sig) * step.tokens
-        return sig.stored_elements(step.tokens, step.visual, t.hidden, t.vocab)  # hidden: T x width, logits: T x V
+    def target_elements(b: Any, t: Arch) -> int:
+        if b.reads in ("maps", "text_rows"):
+            return rows(b) * step.tokens
+        return b.signal.stored_elements(step.tokens, step.visual, t.hidden, t.vocab)  # hidden: T x width, logits: T x V
 
     captured: dict[int, int] = {}
+    whole, text_rows = set(), set()
     pair_rows: list[int] = []
     elements: list[int] = []
     projection_params = 0
     hidden_pairs, hidden_width, kl_vocab = 0, 0, 0
-    for name, sig in signals.items():
-        t = teachers[teacher_of[name]]
-        pairs = sig.pairs(n, t.layers)
-        if sig.needs_attention:
-            for layer, _ in pairs:  # a layer some signal needs whole serves the text-row signals too
-                captured[layer] = max(captured.get(layer, 0), rows(sig))
-                pair_rows.append(rows(sig))
+    for name, b in bound.items():
+        sig, t, pairs = b.signal, teachers[teacher_of[name]], b.pairs
+        if b.reads in ("maps", "text_rows"):
+            (whole if b.reads == "maps" else text_rows).update(b.student_layers)
+            for layer in b.student_layers:  # a layer some signal needs whole serves the text-row signals too
+                captured[layer] = max(captured.get(layer, 0), rows(b))
+                pair_rows.append(rows(b))
         if sig.needs_hidden:
             hidden_pairs += len(pairs)
             hidden_width = max(hidden_width, t.hidden)
@@ -760,7 +763,7 @@ def _distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int
                 projection_params += student.hidden * t.hidden  # a Linear(student width, teacher width)
         if sig.needs_logits:
             kl_vocab = max(kl_vocab, t.vocab)
-        elements += [target_elements(sig, t) for _ in pairs]
+        elements += [target_elements(b, t) for _ in pairs]
     parts: dict[str, tuple[int, str]] = {}
     if captured:
         parts["captured attention maps"] = (captured_maps(student, step, captured), SAVED)
@@ -779,16 +782,15 @@ def _distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int
         for ckpt, t in teachers.items():
             maps: dict[int, int] = {}
             hidden_layers, logits = 0, False
-            for name, sig in signals.items():
+            for name, b in bound.items():
                 if teacher_of[name] != ckpt:
                     continue
-                used = [tl for _, window in sig.pairs(n, t.layers) for tl in window]
-                if sig.needs_attention:
-                    for tl in used:
-                        maps[tl] = max(maps.get(tl, 0), rows(sig))
-                if sig.needs_hidden:
-                    hidden_layers = max(hidden_layers, max(used, default=0) + 3)  # it runs one layer deeper
-                logits = logits or sig.needs_logits
+                if b.reads in ("maps", "text_rows"):
+                    for tl in b.teacher_layers:
+                        maps[tl] = max(maps.get(tl, 0), rows(b))
+                if b.reads == "hidden":
+                    hidden_layers = max(hidden_layers, max(b.teacher_layers, default=0) + 3)  # it runs one layer deeper
+                logits = logits or b.reads == "logits"
             live += live_teacher(t, step, t_bytes, maps, hidden_layers, logits)
             teacher_weights += weights(t.parameters, t_bytes)
         parts["live teacher forward"] = (live, TEACHER)
@@ -806,6 +808,7 @@ def _distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int
     ]
     return {
         "teachers": info,
+        "captured": {"maps": sorted(whole), "text_rows": sorted(text_rows - whole)},  # the student's layers
         "teacher_weights": teacher_weights,
         "parts": parts,
         "losses": 1 + len(signals),  # CE and each signal

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample
-from drivekd.distill.signals import Signal
+from drivekd.distill.signals import BoundSignal, Signal
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
@@ -58,16 +58,15 @@ def checkpoint_digest(spec: str) -> str:
 
 
 def fingerprint(
-    signals: dict[str, Signal],
+    bound: dict[str, BoundSignal],
     teacher_of: dict[str, str],
     student: VLMBackend,
     samples: Sequence[Sample],
-    teacher_layers: dict[str, int],
     teacher_dtype: str,
 ) -> dict[str, str]:
     """What a cache depends on; each part hashed so a mismatch can be named. The recipe part is each
-    signal bound to the student's and its teacher's depths (`Signal.binding`): the stored targets are
-    window means per matched student layer, so a student of another depth needs other targets."""
+    signal bound to the student's and its teacher's depths (`BoundSignal.identity`): the stored targets
+    are window means per matched student layer, so a student of another depth needs other targets."""
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -79,9 +78,7 @@ def fingerprint(
         # which weights, whatever the signals' names, and at which precision they ran
         "teacher": digest([sorted(set(teachers.values())), teacher_dtype]),
         # weights, shares, distances and mixing change the loss, not the stored targets: a cache serves them all
-        "recipe": digest(
-            {n: s.binding(student.num_layers, teacher_layers[n]) for n, s in signals.items()} | {"_teachers": teachers}
-        ),
+        "recipe": digest({n: b.identity() for n, b in bound.items()} | {"_teachers": teachers}),
         "tokenizer": digest(student.tokenizer.get_vocab()),
         "data": digest(data_identity(samples)),
     }
@@ -121,9 +118,7 @@ def write_cache(
     student = teachers.student
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "fingerprint": fingerprint(
-            signals, teacher_of, student, samples, {n: teachers.layers(n) for n in signals}, teachers.dtype
-        ),
+        "fingerprint": fingerprint(teachers.bound, teacher_of, student, samples, teachers.dtype),
         "student_layers": student.num_layers,
         "teacher_layers": {n: teachers.layers(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
@@ -162,20 +157,17 @@ def write_cache(
 
 
 def estimate_bytes(
-    signals: dict[str, Signal],
+    bound: dict[str, BoundSignal],
     lengths: Sequence[int],
     visual: Sequence[int],
-    student_layers: int,
-    teacher_layers: dict[str, int],
     widths: dict[str, int],
     vocab: int,
 ) -> int:
     """The cache's size in fp16 bytes, from token counts alone (before any teacher runs)."""
     total = 0
-    for name, sig in signals.items():
-        matched = len(sig.pairs(student_layers, teacher_layers[name]))
+    for name, b in bound.items():
         for n, v in zip(lengths, visual, strict=True):
-            total += 2 * matched * sig.stored_elements(n, v, widths[name], vocab)
+            total += 2 * len(b.pairs) * b.signal.stored_elements(n, v, widths[name], vocab)
     return total
 
 

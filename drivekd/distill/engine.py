@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from drivekd.data.sample import CAPABILITIES, Sample, normalize_capability
 from drivekd.distill.aggregate import GradientAggregator
 from drivekd.distill.reweight import LossReweighter
-from drivekd.distill.signals import Internals, Positions, Signal, SignalSpec, make_signal, split_by_rows
+from drivekd.distill.signals import Internals, Positions, Signal, SignalSpec, captured_layers, make_signal
 from drivekd.distill.teachers import CachedTeachers, LiveTeachers, TeacherSource
 from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
@@ -196,6 +196,7 @@ class Distiller:
             self.teachers = LiveTeachers(
                 self.signals, self.teacher_of, student, dtype=config.teacher.dtype, probe=train
             )
+        self.bound = self.teachers.bound if self.signals else {}
         self.mixing = mixing_matrix(config.mixing, self.signals)
         self.projections = torch.nn.ModuleDict()
         for name, sig in self.signals.items():
@@ -230,12 +231,9 @@ class Distiller:
             static = {ANCHOR: self.config.ce_weight, **self.weights}
             self.reweighter = LossReweighter(static, lr=reweight.lr, alpha=reweight.alpha, floor=reweight.ce_floor)
 
-    def _student_attention_layers(self) -> tuple[set[int], set[int]]:
+    def captured_student_layers(self) -> tuple[set[int], set[int]]:
         """Student layers whose whole maps, and whose text rows only, the signals read."""
-        n = self.student.num_layers
-        return split_by_rows(
-            [(s, s.student_indices(n, self.teachers.layers(name))) for name, s in self.signals.items()]
-        )
+        return captured_layers(self.bound.values(), "student")
 
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -278,7 +276,7 @@ class Distiller:
         # the combination itself; `sum` keeps the (possibly DDP-wrapped) model and DDP's reduction.
         model = model if self.aggregator.reduces_through_ddp else self.student.model
         needs_hidden = any(s.needs_hidden for s in self.signals.values())
-        full, rows = self._student_attention_layers()
+        full, rows = self.captured_student_layers()
         row_index, row_valid = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
         with capture(self.student, full, row_layers=rows, row_index=row_index) as smaps:
             out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
@@ -296,11 +294,9 @@ class Distiller:
             dict(smaps), out.hidden_states if needs_hidden else None, out.logits, dict(smaps.rows), row_index
         )
         targets = self.teachers.targets(batch)
-        n_student = self.student.num_layers
-        for j, (name, sig) in enumerate(self.signals.items()):
-            layers = [s for s, _ in sig.pairs(n_student, self.teachers.layers(name))]
+        for j, (name, bound) in enumerate(self.bound.items()):
             projection = self.projections[name] if name in self.projections else None
-            per_sample = sig.loss(student, targets[name], pos, layers, projection)
+            per_sample = bound.loss(student, targets[name], pos, projection)
             weight = 1.0 if unit_weights else dynamic.get(name, self.weights[name])
             losses[name] = weight * (weights[:, j] * per_sample).mean()
         if not plain_ce and torch.is_grad_enabled() and self._weak.watching:  # training's first batches

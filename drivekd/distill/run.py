@@ -79,11 +79,9 @@ def run_cache_teacher(config: DistillConfig, out: Path | None = None, *, echo: C
     teacher_of = {n: str(config.teacher.of(n)) for n in signals}
     teachers = LiveTeachers(signals, teacher_of, student, dtype=config.teacher.dtype, probe=samples)
     size = estimate_bytes(
-        signals,
+        teachers.bound,
         [student.token_lengths(s) for s in samples],
         [sum(student.visual_tokens(s)) for s in samples],
-        student.num_layers,
-        {n: teachers.layers(n) for n in signals},
         {n: teachers.width(n) for n in signals},
         student.vocab_size,
     )

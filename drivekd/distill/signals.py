@@ -10,8 +10,9 @@ visual layout); padding is excluded from every mean.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -84,40 +85,28 @@ class Signal:
             layer, layers = student
         return tuple(layers) if layers is not None else (layer if layer is not None else 0,)
 
-    def teacher_indices(self, teacher_layers: int) -> list[int]:
+    def teacher_indices(self, teacher_depth: int) -> list[int]:
         """The teacher layers the signal reads (ascending)."""
         named = self.named_layers("teacher")
         assert named is not None
-        return _span(named, teacher_layers)
+        return _span(named, teacher_depth)
 
-    def student_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
+    def student_indices(self, student_depth: int, teacher_depth: int) -> list[int]:
         """The student layers the signal constrains (ascending)."""
         named = self.named_layers("student")
         if named is None:
-            taught = self.teacher_indices(teacher_layers)
-            lo, hi = (same_depth(t, teacher_layers, student_layers) for t in (taught[0], taught[-1]))
+            taught = self.teacher_indices(teacher_depth)
+            lo, hi = (same_depth(t, teacher_depth, student_depth) for t in (taught[0], taught[-1]))
             return list(range(lo, hi + 1))
-        return _span(named, student_layers)
+        return _span(named, student_depth)
 
-    def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
+    def pairs(self, student_depth: int, teacher_depth: int) -> list[tuple[int, list[int]]]:
         """Each matched student layer with the teacher layers whose mean it is taught."""
-        return group_windows(self.student_indices(student_layers, teacher_layers), self.teacher_indices(teacher_layers))
+        return group_windows(self.student_indices(student_depth, teacher_depth), self.teacher_indices(teacher_depth))
 
-    def binding(self, student_layers: int, teacher_layers: int) -> dict[str, Any]:
-        """What this signal reads once bound to a student and a teacher of these depths: the layer
-        pairs and windows, and what of each teacher layer is captured. Derived, not listed by hand, so
-        anything that decides the teacher's targets (a cache's identity) cannot leave a part out."""
-        return {
-            "kind": self.kind,
-            "pairs": [[s, list(w)] for s, w in self.pairs(student_layers, teacher_layers)],
-            "reads": "logits"
-            if self.needs_logits
-            else "hidden"
-            if self.needs_hidden
-            else "text_rows"
-            if self.text_rows_only
-            else "maps",
-        }
+    def bind(self, name: str, student_depth: int, teacher_depth: int) -> BoundSignal:
+        """This signal for a student and a teacher of these depths (the one place its layers are resolved)."""
+        return BoundSignal(name, self, student_depth, teacher_depth)
 
     def recipe_entry(self) -> dict[str, Any]:
         """The signal as a recipe YAML entry that loads back as the same signal: unset fields left out,
@@ -129,17 +118,16 @@ class Signal:
         return entry
 
     # ---- teacher targets ------------------------------------------------------------------------
-    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+    def targets(self, teacher: Internals, student_depth: int, teacher_depth: int) -> list[torch.Tensor]:
         """Per matched student layer, the batch's teacher tensor (a window mean for grouped layers)."""
         raise NotImplementedError
 
     def _window_means(
-        self, at_layer: Callable[[int], torch.Tensor], student_layers: int, teacher_layers: int
+        self, at_layer: Callable[[int], torch.Tensor], student_depth: int, teacher_depth: int
     ) -> list[torch.Tensor]:
         """Per matched student layer, the mean of the teacher tensors of its window of layers."""
         return [
-            torch.stack([at_layer(t) for t in window]).mean(0)
-            for _, window in self.pairs(student_layers, teacher_layers)
+            torch.stack([at_layer(t) for t in window]).mean(0) for _, window in self.pairs(student_depth, teacher_depth)
         ]
 
     def stored(self, target: torch.Tensor, length: int, visual: torch.Tensor) -> torch.Tensor:
@@ -171,8 +159,8 @@ class _Attention(Signal):
     square = True
     block: ClassVar[str] = "full"
 
-    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
-        return self._window_means(lambda t: teacher.maps[t], student_layers, teacher_layers)
+    def targets(self, teacher: Internals, student_depth: int, teacher_depth: int) -> list[torch.Tensor]:
+        return self._window_means(lambda t: teacher.maps[t], student_depth, teacher_depth)
 
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return length * length
@@ -213,8 +201,8 @@ class AttnTV(_Attention):
     square = False
     text_rows_only = True
 
-    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
-        return self._window_means(teacher.text_rows, student_layers, teacher_layers)
+    def targets(self, teacher: Internals, student_depth: int, teacher_depth: int) -> list[torch.Tensor]:
+        return self._window_means(teacher.text_rows, student_depth, teacher_depth)
 
     def stored(self, target: torch.Tensor, length: int, visual: torch.Tensor) -> torch.Tensor:
         # only the text->vision block: the loss reads nothing else. `target` is the sample's text rows
@@ -259,11 +247,11 @@ class Hidden(Signal):
     kind = "hidden"
     needs_hidden = True
 
-    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+    def targets(self, teacher: Internals, student_depth: int, teacher_depth: int) -> list[torch.Tensor]:
         hidden = teacher.hidden
         assert hidden is not None
         # hidden_states[k + 1] is layer k's output
-        return self._window_means(lambda t: hidden[t + 1], student_layers, teacher_layers)
+        return self._window_means(lambda t: hidden[t + 1], student_depth, teacher_depth)
 
     def stored_elements(self, length: int, visual: int, width: int, vocab: int) -> int:
         return length * width
@@ -293,13 +281,13 @@ class LogitKL(Signal):
     needs_logits = True
     reads_layers = False
 
-    def student_indices(self, student_layers: int, teacher_layers: int) -> list[int]:
+    def student_indices(self, student_depth: int, teacher_depth: int) -> list[int]:
         return []
 
-    def pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
+    def pairs(self, student_depth: int, teacher_depth: int) -> list[tuple[int, list[int]]]:
         return [(-1, [-1])]  # one target: the logits
 
-    def targets(self, teacher: Internals, student_layers: int, teacher_layers: int) -> list[torch.Tensor]:
+    def targets(self, teacher: Internals, student_depth: int, teacher_depth: int) -> list[torch.Tensor]:
         assert teacher.logits is not None
         return [teacher.logits]
 
@@ -321,11 +309,67 @@ class LogitKL(Signal):
 KINDS: dict[str, type[Signal]] = {cls.kind: cls for cls in (AttnTV, AttnFull, AttnGroup, Hidden, LogitKL)}
 
 
-def split_by_rows(needs: list[tuple[Signal, list[int]]]) -> tuple[set[int], set[int]]:
-    """The layers whose whole maps are needed, and those whose text rows are enough, from each signal
-    with the layers it reads (a layer some signal needs whole serves the text-row signals too)."""
-    full = {layer for sig, layers in needs if sig.needs_attention and not sig.text_rows_only for layer in layers}
-    rows = {layer for sig, layers in needs if sig.needs_attention and sig.text_rows_only for layer in layers}
+@dataclass(frozen=True)
+class BoundSignal:
+    """A recipe's signal bound to a student and a teacher of known depths, built once and read by
+    everything that needs its layers: the distiller (which student maps to capture, what the loss
+    compares), the teachers (which teacher maps to capture, which window means are the targets), the
+    cache (what it stores, and its identity) and the memory planner."""
+
+    name: str
+    signal: Signal
+    student_depth: int
+    teacher_depth: int
+
+    @functools.cached_property
+    def pairs(self) -> list[tuple[int, list[int]]]:
+        """Each matched student layer with the teacher layers whose mean it is taught."""
+        return self.signal.pairs(self.student_depth, self.teacher_depth)
+
+    @property
+    def student_layers(self) -> list[int]:
+        """The student layers the signal reads (none for logits)."""
+        return [s for s, _ in self.pairs] if self.signal.reads_layers else []
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        """The teacher layers the signal reads, ascending (none for logits)."""
+        return sorted({t for _, window in self.pairs for t in window}) if self.signal.reads_layers else []
+
+    @property
+    def reads(self) -> Literal["maps", "text_rows", "hidden", "logits"]:
+        """What of a forward pass it reads: whole attention maps, their text rows, hidden states, logits."""
+        sig = self.signal
+        if sig.needs_logits:
+            return "logits"
+        if sig.needs_hidden:
+            return "hidden"
+        return "text_rows" if sig.text_rows_only else "maps"
+
+    def identity(self) -> dict[str, Any]:
+        """What decides its teacher targets (a cache's identity): kind, layer pairs and windows, what is read."""
+        return {"kind": self.signal.kind, "pairs": [[s, list(w)] for s, w in self.pairs], "reads": self.reads}
+
+    def targets(self, teacher: Internals) -> list[torch.Tensor]:
+        """Per matched student layer, the batch's teacher tensor (a window mean for grouped layers)."""
+        return self.signal.targets(teacher, self.student_depth, self.teacher_depth)
+
+    def loss(
+        self, student: Internals, targets: list[torch.Tensor], positions: Positions, projection: torch.nn.Module | None
+    ) -> torch.Tensor:
+        """Per-sample loss `(B,)` of the student's internals against the targets."""
+        return self.signal.loss(student, targets, positions, [s for s, _ in self.pairs], projection)
+
+
+def captured_layers(bound: Iterable[BoundSignal], side: Literal["student", "teacher"]) -> tuple[set[int], set[int]]:
+    """One side's layers whose whole maps are needed, and those whose text rows are enough (a layer
+    some signal needs whole serves the text-row signals too)."""
+    full: set[int] = set()
+    rows: set[int] = set()
+    for b in bound:
+        if b.reads in ("maps", "text_rows"):
+            layers = b.student_layers if side == "student" else b.teacher_layers
+            (rows if b.reads == "text_rows" else full).update(layers)
     return full, rows - full
 
 

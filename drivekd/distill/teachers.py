@@ -13,7 +13,7 @@ import torch
 
 from drivekd.data.sample import Sample
 from drivekd.distill.cache import TeacherCache, fingerprint
-from drivekd.distill.signals import Internals, Signal, split_by_rows
+from drivekd.distill.signals import BoundSignal, Internals, Signal, captured_layers
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import Batch, VLMBackend
 from drivekd.models.capture import capture, text_rows
@@ -21,6 +21,8 @@ from drivekd.models.loading import LoadOptions, load_backend
 
 
 class TeacherSource(Protocol):
+    bound: dict[str, BoundSignal]  # the recipe's signals bound to the student's and their teacher's depths
+
     def layers(self, name: str) -> int: ...
 
     def width(self, name: str) -> int: ...
@@ -50,6 +52,7 @@ class LiveTeachers:
             teacher.model.eval().requires_grad_(False)
             check_same_layout(student, teacher, probe[:4], ckpt)
             self.models[ckpt] = teacher
+        self.bound = {n: sig.bind(n, student.num_layers, self.layers(n)) for n, sig in signals.items()}
 
     def layers(self, name: str) -> int:
         return self.models[self.teacher_of[name]].num_layers
@@ -61,15 +64,13 @@ class LiveTeachers:
     def internals(self, batch: Batch) -> dict[str, Internals]:
         """Per checkpoint, what its signals read from one forward pass."""
         out = {}
-        n_student = self.student.num_layers
         row_index, _ = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
         for ckpt, teacher in self.models.items():
-            mine = [(n, s) for n, s in self.signals.items() if self.teacher_of[n] == ckpt]
-            used = {n: [t for _, w in s.pairs(n_student, teacher.num_layers) for t in w] for n, s in mine}
-            full, rows = split_by_rows([(s, used[n]) for n, s in mine])
-            hidden = any(s.needs_hidden for _, s in mine)
-            logits = any(s.needs_logits for _, s in mine)
-            deepest = max([0, *(t for n, s in mine if not s.needs_logits for t in used[n])])
+            mine = [b for n, b in self.bound.items() if self.teacher_of[n] == ckpt]
+            full, rows = captured_layers(mine, "teacher")
+            hidden = any(b.reads == "hidden" for b in mine)
+            logits = any(b.reads == "logits" for b in mine)
+            deepest = max([0, *(t for b in mine for t in b.teacher_layers)])
             # hidden_states[k + 1] is layer k's raw output only while a later layer runs (the last is
             # normed), so hidden signals keep one layer more
             keep = None if logits else deepest + (2 if hidden else 1)
@@ -86,11 +87,7 @@ class LiveTeachers:
 
     def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
         internals = self.internals(batch)
-        n_student = self.student.num_layers
-        return {
-            name: sig.targets(internals[self.teacher_of[name]], n_student, self.layers(name))
-            for name, sig in self.signals.items()
-        }
+        return {name: b.targets(internals[self.teacher_of[name]]) for name, b in self.bound.items()}
 
 
 class CachedTeachers:
@@ -113,8 +110,8 @@ class CachedTeachers:
                 raise DriveKDError(
                     f"{folder}: the cache holds no signal {name!r}; rebuild it with `drivekd cache-teacher`"
                 )
-        depths = {n: self.cache.teacher_layers(n) for n in signals}
-        self.cache.check(fingerprint(signals, teacher_of, student, samples, depths, dtype), student.num_layers)
+        self.bound = {n: sig.bind(n, student.num_layers, self.cache.teacher_layers(n)) for n, sig in signals.items()}
+        self.cache.check(fingerprint(self.bound, teacher_of, student, samples, dtype), student.num_layers)
 
     def layers(self, name: str) -> int:
         return self.cache.teacher_layers(name)
@@ -127,12 +124,11 @@ class CachedTeachers:
         width = batch.inputs["input_ids"].shape[1]
         text_width = text_rows(batch.inputs["attention_mask"], batch.visual_mask)[0].shape[1]
         device = batch.inputs["input_ids"].device
-        n_student = self.student.num_layers
         for b, sample_id in enumerate(batch.sample_ids):
             self.cache.check_length(sample_id, lengths[b])
         out: dict[str, list[torch.Tensor]] = {}
-        for name, sig in self.signals.items():
-            matched = len(sig.pairs(n_student, self.layers(name)))
+        for name, bound in self.bound.items():
+            sig, matched = bound.signal, len(bound.pairs)
             out[name] = []
             for k in range(matched):
                 per_sample = [
