@@ -6,10 +6,7 @@ growth of peak RSS during the forward pass over the RSS before it (model and bat
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +15,9 @@ from typing import Any
 import psutil
 import torch
 
+from drivekd.bench.isolated import IsolatedFailure, run_isolated
 from drivekd.bench.memory import peak_rss_bytes
+from drivekd.errors import DriveKDError
 
 VARIANTS = ("eager-all", "capture-perception-planning", "capture-reasoning")
 
@@ -96,12 +95,10 @@ def bench_capture(data_dir: Path | None = None, tokens: int = 512, repeats: int 
             generate(data_dir, GenerateConfig(scenes=1, seed=0))
         results = {}
         for variant in VARIANTS:
-            code = (
-                "import json,sys; from drivekd.bench.capture import worker; "
-                f"print(json.dumps(worker({variant!r}, {str(data_dir)!r}, {tokens}, {repeats})))"
-            )
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            try:
+                results[variant] = run_isolated("drivekd.bench.capture:worker", variant, str(data_dir), tokens, repeats)
+            except IsolatedFailure as e:
+                raise DriveKDError(f"bench capture, {variant}: {e}") from e
     eager = results["eager-all"]
     pp = results["capture-perception-planning"]
     rs = results["capture-reasoning"]

@@ -148,10 +148,7 @@ def measure_step(config: BaseModel, steps: int = 1, *, pin_malloc: bool = True) 
     """`measure_worker` in a fresh process (its peak RSS is its own), against the plan for this CPU at
     the batch's real length and images. On a CPU the baseline RSS holds the weights and AdamW's state
     (and the Python runtime), so the step's growth is compared with the plan's peak less its resident part."""
-    import os
-    import subprocess
-    import sys
-
+    from drivekd.bench.isolated import IsolatedFailure, run_isolated
     from drivekd.train.config import DistillConfig
 
     kind = "distill" if isinstance(config, DistillConfig) else "sft"
@@ -159,21 +156,16 @@ def measure_step(config: BaseModel, steps: int = 1, *, pin_malloc: bool = True) 
     # fragmented heap and count in RSS; a fixed threshold hands them back at once, as a GPU allocator
     # reuses its blocks (`pin_malloc=False` measures glibc's default)
     malloc = {"MALLOC_MMAP_THRESHOLD_": "65536"} if pin_malloc else {}
-    code = (
-        "import json, sys; from drivekd.bench.plan_measure import measure_worker; "
-        "print(json.dumps(measure_worker(sys.stdin.read(), sys.argv[1], int(sys.argv[2]))))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, kind, str(steps)],
-        input=config.model_dump_json(),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **malloc},
-    )
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DriveKDError(f"the measured step failed: {last}")
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        measured = run_isolated(
+            "drivekd.bench.plan_measure:measure_worker",
+            config.model_dump_json(),
+            kind,
+            steps,
+            env={"TOKENIZERS_PARALLELISM": "false", **malloc},
+        )
+    except IsolatedFailure as e:
+        raise DriveKDError(f"the measured step failed: {e}") from e
     at = Inputs(tokens=measured["tokens"], images=measured["images"], device="cpu", padded=measured["padded"])
     predicted = plan(config, at, advise=False)
     # weights, optimiser state (and a live teacher) are in the baseline: the step adds the rest

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from drivekd.atomic import atomic_file
+from drivekd.bench.isolated import IsolatedFailure, run_isolated
 from drivekd.bench.memory import peak_rss_bytes, rss_bytes
 
 # student, teacher; `tiny` runs the same phases on the tiny presets (what the tests run)
@@ -272,19 +271,12 @@ def bench_scale(
                 if file.is_file():
                     continue
                 echo(f"[scale] {pair}, {n} cameras: {phase} ...")
-                code = (
-                    "import json; from drivekd.bench.scale import worker; "
-                    f"print('RESULT ' + json.dumps(worker({phase!r}, {str(out)!r}, {pair!r}, {n}, {device!r})))"
-                )
-                run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-                if run.returncode != 0:
-                    tail = run.stderr.strip().splitlines()[-3:]
-                    result: dict[str, Any] = {"error": " | ".join(tail) or f"exit {run.returncode}"}
-                    if run.returncode < 0:
-                        result["error"] = f"killed by signal {-run.returncode} (out of memory?)"
-                else:
-                    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))
-                    result = json.loads(line.removeprefix("RESULT "))
+                try:
+                    result: dict[str, Any] = run_isolated(
+                        "drivekd.bench.scale:worker", phase, str(out), pair, n, device
+                    )
+                except IsolatedFailure as e:  # recorded: one pair's failure (out of memory) is a figure too
+                    result = {"error": str(e)}
                 with atomic_file(file) as tmp:
                     tmp.write_text(json.dumps(result, indent=2) + "\n")
                 echo(f"[scale] {pair}, {n} cameras: {phase}: {_summary(result)}")

@@ -5,16 +5,14 @@ Never loads a model itself, so bad arguments fail before any worker starts; `ren
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drivekd.bench.isolated import IsolatedFailure, run_isolated
 from drivekd.errors import DriveKDError
 
 INT8_SUFFIX = "-int8"
@@ -57,26 +55,14 @@ def _names(models: list[str]) -> list[str]:
 
 
 def _run_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    if spec.get("threads"):
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "drivekd.bench.infer", "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    for line in reversed(proc.stdout.strip().splitlines()):
-        try:
-            out = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(out, dict):
-            if "error" in out:
-                raise DriveKDError(f"model {name}: {out['error']}")
-            return out
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise DriveKDError(f"model {name}: worker exited with code {proc.returncode}: {tail}")
+    env = {"TQDM_DISABLE": "1", **({"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else {})}
+    try:
+        out = run_isolated("drivekd.bench.infer.worker:measured", spec, env=env)
+    except IsolatedFailure as e:
+        raise DriveKDError(f"model {name}: worker exited with code {e.returncode}: {e}") from e
+    if "error" in out:
+        raise DriveKDError(f"model {name}: {out['error']}")
+    return out
 
 
 def _ratio(value: float | None, first: float | None) -> float | None:

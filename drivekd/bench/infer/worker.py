@@ -94,18 +94,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drivekd.bench.infer")
-    parser.add_argument("--worker", required=True, help="JSON spec of the model to measure")
-    args = parser.parse_args(argv)
+def measured(spec: dict[str, Any]) -> dict[str, Any]:
+    """`worker(spec)`, or {"error": one line} when it fails (the parent names the model)."""
     try:
-        result = worker(json.loads(args.worker))
+        return worker(spec)
     except DriveKDError as e:
-        print(json.dumps({"error": str(e)}))
-        return 2
+        return {"error": str(e)}
     except Exception as e:  # one line for the parent, not a traceback
         first = str(e).splitlines()[0] if str(e) else ""
-        print(json.dumps({"error": f"{type(e).__name__}: {first}"}))
-        return 1
+        return {"error": f"{type(e).__name__}: {first}"}
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m drivekd.bench.infer --worker SPEC_JSON`: one model measured, by hand."""
+    parser = argparse.ArgumentParser(prog="python -m drivekd.bench.infer")
+    parser.add_argument("--worker", required=True, help="JSON spec of the model to measure")
+    result = measured(json.loads(parser.parse_args(argv).worker))
     print(json.dumps(result))
-    return 0
+    return 2 if "error" in result else 0
