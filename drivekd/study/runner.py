@@ -43,6 +43,7 @@ from drivekd.train.config import (
     TeacherConfig,
     TrainConfig,
 )
+from drivekd.train.run_folder import RunFolder
 
 SPLITS = ("val", "test")
 # The image-blind control: the test split with every sample shown another scene's cameras.
@@ -56,7 +57,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _done(run_dir: Path) -> bool:
-    return (run_dir / "final" / "model.safetensors").is_file()
+    return RunFolder(run_dir).finished
 
 
 def _current_cache(folder: Path) -> bool:
@@ -66,7 +67,7 @@ def _current_cache(folder: Path) -> bool:
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else False
+    return RunFolder(run_dir).has_checkpoint()
 
 
 @dataclass(frozen=True)
