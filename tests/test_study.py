@@ -310,3 +310,17 @@ def test_study_jobs_draw_no_progress_bars_and_use_their_thread_share():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "1" and "BAR" not in r.stderr
+
+
+def test_the_readme_example_trains_as_the_study_students_do():
+    """One truth for how a student trains: the study's student.yaml, and the README's example config
+    agrees with it on every field they share."""
+    from drivekd.train.config import DistillConfig, load_config
+
+    example = load_config(DistillConfig, Path(__file__).parents[1] / "configs" / "distill-tiny-internvl.yaml")
+    for section, fields in runner.STUDENT.items():
+        for key, value in fields.items():
+            assert getattr(getattr(example, section), key) == value, (section, key)
+    study = runner.Study(Path("unused"), TINY, workers=1, echo=lambda _: None)
+    train = study.train_config(Path("o"), epochs=1.0, lr=1e-3, seed=0, eval_every=None)
+    assert (train.micro_batch_size, train.weight_decay, train.save_every) == (8, 0.01, 100)

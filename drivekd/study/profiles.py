@@ -92,8 +92,6 @@ class Profile:
     # samples per generate() call: larger batches spend less time per decoded token (docs/results.md)
     eval_batch_size: int = 64
     mechanism_samples: int = 256  # test items the attention-mass measurement reads per model
-    # batches of similar length for every run: less padding, faster steps
-    group_by_length: bool = True
 
     def settings(self) -> dict[str, Any]:
         """Everything results depend on (written to study.json, compared on resume)."""

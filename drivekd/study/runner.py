@@ -44,8 +44,11 @@ from drivekd.train.config import (
     TrainConfig,
 )
 from drivekd.train.run_folder import RunFolder
+from drivekd.yamlfile import read_yaml
 
 SPLITS = ("val", "test")
+# how every student trains, beside its profile's and variant's settings (drivekd/study/student.yaml)
+STUDENT: dict[str, dict[str, Any]] = read_yaml(Path(__file__).with_name("student.yaml"))
 # The image-blind control: the test split with every sample shown another scene's cameras.
 CONTROL = "test-other-images"
 HEARTBEAT_S = 60.0  # how often a study running parallel jobs says what is running
@@ -370,25 +373,17 @@ class Study:
         self, output_dir: Path, *, epochs: float, lr: float, seed: int, eval_every: int | None
     ) -> TrainConfig:
         return TrainConfig(
-            output_dir=str(output_dir),
-            epochs=epochs,
-            micro_batch_size=8,
-            lr=lr,
-            weight_decay=0.01,
-            warmup_steps=20,
-            min_lr_ratio=0.1,
-            log_every=10,
-            eval_every=eval_every,
-            save_every=100,
-            seed=seed,
-            group_by_length=self.profile.group_by_length,
+            output_dir=str(output_dir), epochs=epochs, lr=lr, seed=seed, eval_every=eval_every, **STUDENT["train"]
         )
+
+    def data_config(self, capability: str | None) -> DataConfig:
+        return DataConfig(path=str(self.data), capability=capability, **STUDENT["data"])
 
     def student_config(self, run: StudentRun) -> SFTConfig | DistillConfig:
         p = self.profile
         common = {
             "model": ModelConfig(name=self.student, seed=run.seed),
-            "data": DataConfig(path=str(self.data), max_length=512, capability=run.capability),
+            "data": self.data_config(run.capability),
             "train": self.train_config(
                 self.run_dir(run), epochs=p.student_epochs, lr=p.student_lr, seed=run.seed, eval_every=None
             ),
@@ -463,7 +458,7 @@ class Study:
             raw_file = self.out / "recipes" / f"{self._key(recipe, cap)}.source.yaml"
             with atomic_file(raw_file) as tmp:
                 tmp.write_text(yaml.safe_dump({n: {**f, "weight": 1.0} for n, f in signals.items()}), encoding="utf-8")
-            data = DataConfig(path=str(self.data), max_length=512, capability=cap)
+            data = self.data_config(cap)
             train, _, _ = load_training_data(data, student)
             config = DistillConfig(
                 model=ModelConfig(name=self.student),
