@@ -183,6 +183,10 @@ def test_nonsense_numbers_exit_2_before_anything_loads(tmp_path):
     c.write_text(yaml.safe_dump({**_base_raw("distill"), "train": {"output_dir": "o", "tag_attention_weight": 1.0}}))
     with pytest.raises(DriveKDError, match="tag_attention_layer are SFT only"):  # it was silently ignored
         load_config(DistillConfig, c)
+    cached = {**_base_raw("distill"), "teacher": {"name": "T", "cache": "C"}}
+    c.write_text(yaml.safe_dump({**cached, "train": {"output_dir": "o", "val_other_images": True}}))
+    with pytest.raises(DriveKDError, match="cached targets belong to each sample's own images"):
+        load_config(DistillConfig, c)
     c.write_text(yaml.safe_dump({**_base_raw("distill"), "ce_weight": -1}))
     with pytest.raises(DriveKDError, match="ce_weight: Input should be greater than or equal to 0"):
         load_config(DistillConfig, c)
@@ -373,6 +377,9 @@ def test_run_identity_includes_what_the_config_only_names(tmp_path):
     with pytest.raises(DriveKDError, match=r"named.recipe.perception.layer: 0 -> 1"):
         folder.check({"train.lr": 0.1, "named.recipe.perception.layer": 1}, resume=True)
     assert folder.check({"train.lr": 0.1, "named.recipe.perception.layer": 0}, resume=True)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"identity": {"train.lr": 0.1}}))  # before versions
+    with pytest.raises(DriveKDError, match="written by an older drivekd"):
+        folder.check({"train.lr": 0.1}, resume=True)
 
 
 # ---- metrics are defined once ----------------------------------------------------------------------
@@ -420,6 +427,25 @@ def test_the_last_validation_is_logged_once(tmp_path, data_dir):
 
 
 # ---- loss weights as shares, measured in every run -------------------------------------------------
+def test_calibration_measures_a_random_sample_of_the_training_data(data_dir):
+    from drivekd.train.trainer import calibration_sample
+
+    backend = load_model(load_config_sft(data_dir).model)
+    train = load_training_data(load_config_sft(data_dir).data, backend)[0]
+    by_capability = sorted(train, key=lambda s: s.capability)  # a file sorted by capability
+    for grouped in (False, True):  # length-grouped batches are length-uniform: not a fair sample either
+        cfg = TrainConfig(output_dir="unused", micro_batch_size=2, group_by_length=grouped, seed=3)
+        picked = calibration_sample(by_capability, cfg, batches=2)
+        assert len(picked) == 4 and picked == calibration_sample(by_capability, cfg, batches=2)  # every rank alike
+        assert picked != by_capability[:4] and len({s.capability for s in picked}) > 1
+        assert picked == [
+            by_capability[i]
+            for i in Trainer(
+                cfg.model_copy(update={"group_by_length": False}), backend, by_capability, [], answer_metrics
+            ).epoch_order(0)[:4]
+        ]
+
+
 @pytest.mark.integration
 def test_every_run_calibrates_its_shares_and_a_resume_reads_them(tmp_path, data_dir, teacher_dir, capfd):
     cfg = _distill_cfg(

@@ -85,7 +85,7 @@ def show(kind: str) -> None:
 @click.option(
     "--batches",
     type=click.IntRange(min=1),
-    default=4,
+    default=16,
     show_default=True,
     help="Training batches the losses are averaged over.",
 )

@@ -30,9 +30,10 @@ from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
-# /3: the recipe identified by its signals bound to both models' depths (layer pairs, windows,
-# blocks) and the student's depth; images by their whole content
-FORMAT = "drivekd-teacher-cache/3"
+# /4: the recipe identified by its signals bound to both models' depths (layer pairs, windows,
+# blocks) and the student's depth; images by their whole content; the teacher's dtype; each
+# sample's token count
+FORMAT = "drivekd-teacher-cache/4"
 
 
 def checkpoint_digest(spec: str) -> str:

@@ -2,10 +2,10 @@
 `share` of the (plain, unweighted) cross-entropy.
 
 Attention-map distances at weight 1 are orders of magnitude below the CE, hidden-state distances
-are of its order (docs/results.md): one fixed weight means nothing across signals, models and data. So a recipe
-states shares, and every distillation run measures each loss at weight 1 with its own teachers
-(live or cached) and its own untrained student on the first batches of its training data, before
-step 1. The run folder keeps the measurement (`calibration.json`); a resumed run reads it back
+are of its order (docs/results.md): one fixed weight means nothing across signals, models and data.
+So a recipe states shares, and every distillation run measures each loss at weight 1 with its own
+teachers (live or cached) and its own untrained student on a random sample of its training data
+(`train.trainer.calibration_sample`), before step 1. The run folder keeps the measurement (`calibration.json`); a resumed run reads it back
 instead of measuring again, so it continues bit-exactly.
 """
 
@@ -127,7 +127,7 @@ def calibrate_run(
 
 
 def initial_losses(
-    config: DistillConfig, student: Any, samples: Sequence[Sample], *, batches: int = 4, batch_size: int = 8
+    config: DistillConfig, student: Any, samples: Sequence[Sample], *, batches: int = 16, batch_size: int = 8
 ) -> dict[str, float]:
     """Each loss at weight 1 with the config's live teachers and an untrained `student` (no cache,
     plain sum: only forward passes)."""
@@ -147,12 +147,13 @@ def initial_losses(
 
 
 def run_calibrate(
-    config: DistillConfig, out: Path, *, share: float | None = None, batches: int = 4
+    config: DistillConfig, out: Path, *, share: float | None = None, batches: int = 16
 ) -> tuple[Path, dict[str, Any]]:
     """Write the config's recipe with measured absolute weights to `out`; returns it and the
     measurement. `share` overrides every signal's; otherwise each signal's own share is used."""
     from drivekd.distill.engine import check_recipe
     from drivekd.train.sft import load_model, load_training_data
+    from drivekd.train.trainer import calibration_sample
 
     if share is not None and not (math.isfinite(share) and share > 0):
         raise DriveKDError(f"--share must be a positive number, got {share}")
@@ -161,7 +162,8 @@ def run_calibrate(
         raise DriveKDError(f"recipe {config.recipe!r} has no teacher signals: nothing to calibrate")
     student = load_model(config.model)
     train, _, _ = load_training_data(config.data, student)
-    losses = initial_losses(config, student, train, batches=batches, batch_size=config.train.micro_batch_size)
+    first = calibration_sample(train, config.train, batches)  # what a run of this config measures
+    losses = initial_losses(config, student, first, batches=batches, batch_size=config.train.micro_batch_size)
     shares = {n: share if share is not None else (s.share or DEFAULT_SHARE) for n, s in signals.items()}
     weights = weights_for_shares(losses, shares)
     body = {}

@@ -14,7 +14,7 @@ from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
 from drivekd.train.run_folder import RunFolder, run_identity, samples_digest
 from drivekd.train.sft import load_model, load_training_data
-from drivekd.train.trainer import Trainer
+from drivekd.train.trainer import Trainer, calibration_sample
 
 
 def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
@@ -44,13 +44,10 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
         stateful=distiller,
     )
     main = trainer.accelerator.is_main_process
-    # measured on the student as the trainer placed it (its device), before any step or resume, on the
-    # run's own first batches (its shuffled order, alike on every rank): a file sorted by capability
-    # must not calibrate on one capability's samples
-    first = [train[i] for i in trainer.epoch_order(0)[: config.calibration_batches * config.train.micro_batch_size]]
+    # measured on the student as the trainer placed it (its device), before any step or resume
     calibration = calibrate_run(
         distiller,
-        first,
+        calibration_sample(train, config.train, config.calibration_batches),
         folder.path,
         resume=resume,
         batches=config.calibration_batches,

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from drivekd.atomic import atomic_dir, atomic_file
 from drivekd.errors import DriveKDError
+from drivekd.yamlfile import read_yaml
 
 BASES_FILE = Path(__file__).with_name("bases.yaml")
 # Scenes of seed S are built from (S, i): every seed in this range belongs to the bases, so a study or
@@ -70,7 +70,7 @@ class BaseBuild:
 def load_builds(path: Path = BASES_FILE, variant: str | None = None) -> dict[str, BaseBuild]:
     """The builds of a bases file; with `variant`, each build's spec with that variant merged in
     (a build without that variant is left out)."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = read_yaml(path) or {}
     builds = {}
     for name, spec in raw.items():
         variants = spec.pop("variants", None) or {}

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig
+from drivekd.yamlfile import read_yaml
 
 VARIANTS_FILE = Path(__file__).with_name("variants.yaml")
+# how every student trains, beside its profile's and variant's settings
+STUDENT: dict[str, dict[str, Any]] = read_yaml(Path(__file__).with_name("student.yaml"))
 _VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share", "mixing"}
 _MIXING = TypeAdapter(DistillConfig.model_fields["mixing"].annotation)  # the distillation config's own rule
 
@@ -46,7 +48,7 @@ class Variant:
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = read_yaml(path) or {}
     out = {}
     for name, fields in raw.items():
         unknown = set(fields) - _VARIANT_KEYS
@@ -101,6 +103,7 @@ class Profile:
         out["variants"] = list(self.variants)
         variants = load_variants()
         out["variant_definitions"] = {v: variants[v].definition() for v in self.variants}
+        out["student_training"] = STUDENT  # student.yaml edited: the study's students train otherwise
         return out
 
 

@@ -33,7 +33,7 @@ from drivekd.atomic import atomic_file
 from drivekd.data.sample import CAPABILITIES
 from drivekd.errors import DriveKDError
 from drivekd.extras import PLOTTING, SIMULATOR, require
-from drivekd.study.profiles import Profile, Variant, load_variants
+from drivekd.study.profiles import STUDENT, Profile, Variant, load_variants
 from drivekd.train.config import (
     CombineConfig,
     DataConfig,
@@ -47,8 +47,6 @@ from drivekd.train.run_folder import RunFolder
 from drivekd.yamlfile import read_yaml
 
 SPLITS = ("val", "test")
-# how every student trains, beside its profile's and variant's settings (drivekd/study/student.yaml)
-STUDENT: dict[str, dict[str, Any]] = read_yaml(Path(__file__).with_name("student.yaml"))
 # The image-blind control: the test split with every sample shown another scene's cameras.
 CONTROL = "test-other-images"
 HEARTBEAT_S = 60.0  # how often a study running parallel jobs says what is running
@@ -421,7 +419,7 @@ class Study:
         from drivekd.distill.engine import RECIPES
 
         path = self.out / "prestudy" / "recipe.yaml" if recipe == "prestudy" else RECIPES / f"{recipe}.yaml"
-        signals = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        signals = read_yaml(path) or {}
         if capability is not None:
             if capability not in signals:
                 raise DriveKDError(f"{path}: no {capability!r} signal for the single-capability protocol")
@@ -449,6 +447,7 @@ class Study:
         """
         from drivekd.distill.calibrate import initial_losses, weights_for_shares
         from drivekd.train.sft import load_model, load_training_data
+        from drivekd.train.trainer import calibration_sample
 
         p = self.profile
         calibration: dict[str, Any] = {"kd_share": p.kd_share, "recipes": {}}
@@ -467,7 +466,13 @@ class Study:
                 teacher=TeacherConfig(name=str(self.teacher)),
                 recipe=str(raw_file),
             )
-            totals = initial_losses(config, student, train)
+            # the random sample the first seed's `drivekd distill` run would measure on
+            train_config = self.train_config(
+                self.out / "recipes", epochs=p.student_epochs, lr=p.student_lr, seed=p.seeds[0], eval_every=None
+            )
+            batches = config.calibration_batches
+            first = calibration_sample(train, train_config, batches)
+            totals = initial_losses(config, student, first, batches=batches, batch_size=train_config.micro_batch_size)
             weights = weights_for_shares(totals, dict.fromkeys(signals, p.kd_share))
             calibration["recipes"][self._key(recipe, cap)] = {"initial_losses": totals, "weights": weights}
         _write_json(self.out / "recipes" / "calibration.json", calibration)

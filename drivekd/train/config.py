@@ -311,9 +311,9 @@ class DistillConfig(_Strict):
     )
     ce_weight: NonNegativeFloat = Field(1.0, description="weight of the cross-entropy anchor")
     calibration_batches: PositiveInt = Field(
-        4,
-        description="training batches on which each run measures its initial losses, to turn the recipe's "
-        "loss shares into weights (calibration.json in the run folder)",
+        16,
+        description="micro-batches' worth of training samples (a seeded random sample) on which each run "
+        "measures its initial losses, to turn the recipe's loss shares into weights (calibration.json)",
     )
     combine: CombineConfig = Field(CombineConfig(), description="gradient combination")
     reweight: ReweightConfig = Field(ReweightConfig(), description="online loss reweighting (true: enabled)")
@@ -344,6 +344,11 @@ class DistillConfig(_Strict):
             raise ValueError(
                 "train.tag_attention_weight and train.tag_attention_layer are SFT only; a distillation run would "
                 "ignore them"
+            )
+        if self.train.val_other_images and self.teacher.cache:
+            raise ValueError(
+                f"train.val_other_images with teacher.cache {self.teacher.cache}: cached targets belong to each "
+                "sample's own images (distil from the live teacher, or validate without the control)"
             )
         if self.data.shuffle_choices and self.teacher.cache:
             raise ValueError(

@@ -23,6 +23,7 @@ from drivekd.data.sample import Sample
 from drivekd.errors import DriveKDError
 
 RECORD = "run.json"
+RECORD_VERSION = 2  # 2: paths absolute, no output_dir, the number of processes and a data digest
 # fields that change neither the weights nor the metrics of the run
 NO_EFFECT = frozenset(
     {"train.save_every", "train.keep_last", "train.loader_workers", "train.log_every", "train.eval_every"}
@@ -81,7 +82,14 @@ class RunFolder:
 
     def recorded(self) -> dict[str, Any] | None:
         file = self.path / RECORD
-        return json.loads(file.read_text(encoding="utf-8"))["identity"] if file.is_file() else None
+        if not file.is_file():
+            return None
+        record = json.loads(file.read_text(encoding="utf-8"))
+        if record.get("version") != RECORD_VERSION:
+            raise DriveKDError(
+                f"{file}: written by an older drivekd (its identity is not comparable); start a new train.output_dir"
+            )
+        return record["identity"]
 
     def check(self, identity: dict[str, Any], *, resume: bool) -> bool:
         """Before any work: whether to train (True) or nothing is left to do (False, resuming a finished
@@ -134,7 +142,8 @@ class RunFolder:
 
     def record(self, identity: dict[str, Any]) -> None:
         with atomic_file(self.path / RECORD) as tmp:
-            tmp.write_text(json.dumps({"identity": identity}, indent=1, sort_keys=True), encoding="utf-8")
+            record = {"version": RECORD_VERSION, "identity": identity}
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def _show(value: Any) -> str:

@@ -1,7 +1,8 @@
 """`drivekd bench infer`: deployment figures per model (the paper's Table 1 columns).
 
-Every model (and the optional int8 variant of the last one) runs in a fresh process,
-`python -m drivekd.bench.infer --worker SPEC_JSON`, which prints one JSON line. Per model:
+Every model (and the optional int8 variant of the last one) runs in a fresh process
+(`drivekd.bench.isolated`, which calls `worker.measured(spec)` and prints its result; by hand:
+`python -m drivekd.bench.infer --worker SPEC_JSON`). Per model:
 
 - params: parameter count (of the float model, before any quantisation);
 - peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set of the worker
