@@ -567,10 +567,13 @@ def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, 
         assert sig.weight * result["initial_losses"][name] == pytest.approx(
             0.2 * result["initial_losses"]["ce"], rel=1e-5
         )
-    # measured again with the calibrated recipe, at its weights: every signal starts at 0.2 x CE
+    # measured again with the calibrated recipe on the same random sample: every signal starts at 0.2 x CE
+    from drivekd.train.trainer import calibration_sample
+
     student = load_model(cfg.model)
     train, _, _ = load_training_data(cfg.data, student)
-    again = initial_losses(cfg.model_copy(update={"recipe": str(recipe)}), student, train, batches=2, batch_size=4)
+    sample = calibration_sample(train, cfg.train, batches=2)
+    again = initial_losses(cfg.model_copy(update={"recipe": str(recipe)}), student, sample, batches=2, batch_size=4)
     for name, sig in signals.items():
         assert sig.weight * again[name] == pytest.approx(0.2 * again["ce"], rel=1e-4)
     with pytest.raises(DriveKDError, match="share must be a positive number"):
