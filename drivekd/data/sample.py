@@ -33,13 +33,18 @@ _CAPABILITY_ALIASES: dict[str, str] = {
 }
 
 
+def capability_of(name: object) -> str | None:
+    """The capability a name or alias (case-insensitive) means; None for anything else."""
+    return _CAPABILITY_ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
+
+
 def normalize_capability(name: str, *, where: str) -> str:
     """Map a capability name or alias (case-insensitive) to perception | reasoning | planning."""
-    key = str(name).strip().lower()
-    if key not in _CAPABILITY_ALIASES:
+    capability = capability_of(str(name))
+    if capability is None:
         accepted = ", ".join(sorted(_CAPABILITY_ALIASES))
         raise DataError(f"{where}: unknown capability {name!r}; accepted: {accepted}")
-    return _CAPABILITY_ALIASES[key]
+    return capability
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ knows signals and teachers; it knows nothing of capabilities beyond the mixing m
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -17,15 +16,15 @@ import torch
 from accelerate import Accelerator
 from pydantic import ValidationError
 
-from drivekd.data.sample import CAPABILITIES, Sample, normalize_capability
+from drivekd.data.sample import CAPABILITIES, Sample, capability_of
 from drivekd.distill.aggregate import GradientAggregator
 from drivekd.distill.reweight import LossReweighter
 from drivekd.distill.signals import Internals, Positions, Signal, SignalSpec, captured_layers, make_signal
 from drivekd.distill.teachers import CachedTeachers, LiveTeachers, TeacherSource
-from drivekd.errors import DataError, DriveKDError
+from drivekd.errors import DriveKDError, closest
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.capture import capture, text_rows
-from drivekd.train.config import DistillConfig
+from drivekd.train.config import DistillConfig, first_error
 from drivekd.yamlfile import read_yaml
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -64,19 +63,18 @@ def load_recipe(spec: str) -> dict[str, Signal]:
             raise DriveKDError(f"{where}: expected its fields (kind, layer, ...), got {fields!r}")
         for key in fields:
             if key not in SignalSpec.model_fields:
-                close = difflib.get_close_matches(str(key), list(SignalSpec.model_fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (fields: {', '.join(SignalSpec.model_fields)})"
+                close = closest(key, SignalSpec.model_fields)
+                hint = f" (did you mean {close!r}?)" if close else f" (fields: {', '.join(SignalSpec.model_fields)})"
                 raise DriveKDError(f"{where}: unknown field {key!r}{hint}")
         try:
             entry = SignalSpec.model_validate(fields)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
+            err, loc, _ = first_error(e)
             raise DriveKDError(f"{where}: {loc + ': ' if loc else ''}{err['msg'].removeprefix('Value error, ')}") from e
-        named = _capability_named(str(name))
+        named = capability_of(name)
         if entry.capability is None and named is None:
-            close = difflib.get_close_matches(str(name), CAPABILITIES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(name, CAPABILITIES)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise DriveKDError(
                 f"{where}: the name is not a capability ({', '.join(CAPABILITIES)}){hint}: name the signal after "
                 "the capability whose samples it is mixed for, or give it `capability:` (a capability, or all)"
@@ -86,14 +84,6 @@ def load_recipe(spec: str) -> dict[str, Signal]:
         values = entry.model_dump(exclude={"kind", "capability"})
         signals[name] = make_signal(entry.kind, **values, capability=entry.capability or named)
     return signals
-
-
-def _capability_named(name: str) -> str | None:
-    """The capability a signal's name is (an alias such as `plan` included), or None."""
-    try:
-        return normalize_capability(name, where=name)
-    except DataError:
-        return None
 
 
 def check_recipe(config: DistillConfig) -> dict[str, Signal]:
@@ -107,8 +97,8 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
     signals = load_recipe(config.recipe)
     for key in config.teacher.per_signal:
         if key not in signals:
-            close = difflib.get_close_matches(str(key), list(signals), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"its signals: {', '.join(signals) or 'none'}"
+            close = closest(key, signals)
+            hint = f"did you mean {close!r}?" if close else f"its signals: {', '.join(signals) or 'none'}"
             raise DriveKDError(f"teacher.per_signal.{key}: recipe {config.recipe!r} has no signal {key!r} ({hint})")
     student = model_shape(config.model.name)
     for name, sig in signals.items():
@@ -340,7 +330,6 @@ class WeakSignalWatch:
         self.ratio, self.steps = ratio, steps
         self.seen = 0
         self.below = dict.fromkeys(names, 0)
-        self.warned: list[str] = []
 
     @property
     def watching(self) -> bool:
@@ -356,7 +345,6 @@ class WeakSignalWatch:
         if self.seen == self.steps:
             for name, count in self.below.items():
                 if count == self.steps:
-                    self.warned.append(name)
                     if int(os.environ.get("RANK", "0")) != 0:  # every rank sees it; one says it
                         continue
                     print(

@@ -400,15 +400,9 @@ class SignalSpec(BaseModel):
     @field_validator("capability", mode="before")
     @classmethod
     def _alias(cls, value: Any) -> Any:
-        from drivekd.data.sample import normalize_capability
-        from drivekd.errors import DataError
+        from drivekd.data.sample import capability_of
 
-        if not isinstance(value, str) or value == "all":
-            return value
-        try:
-            return normalize_capability(value, where="")
-        except DataError:
-            return value
+        return capability_of(value) or value
 
     @model_validator(mode="after")
     def _one_of_each(self) -> SignalSpec:

@@ -6,7 +6,6 @@ resolved config is written into the run directory.
 
 from __future__ import annotations
 
-import difflib
 import json
 import types
 import typing
@@ -27,7 +26,7 @@ from drivekd.domains import (
     PositiveFloat,
     PositiveInt,
 )
-from drivekd.errors import DriveKDError
+from drivekd.errors import DriveKDError, closest
 from drivekd.yamlfile import parse_value, read_yaml
 
 Capability = Literal["perception", "reasoning", "planning"]
@@ -36,13 +35,9 @@ Capability = Literal["perception", "reasoning", "planning"]
 def _capability(value: Any) -> Any:
     """A capability alias (plan, prediction, ...) as its capability; anything else as it is, for the
     field's own check to refuse."""
-    from drivekd.data.sample import normalize_capability
-    from drivekd.errors import DataError
+    from drivekd.data.sample import capability_of
 
-    try:
-        return normalize_capability(value, where="") if isinstance(value, str) else value
-    except DataError:
-        return value
+    return capability_of(value) or value
 
 
 class _Strict(BaseModel):
@@ -229,10 +224,8 @@ def unknown_keys(cls: type[BaseModel], raw: Any, prefix: str = "") -> Iterator[t
     fields = cls.model_fields
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = (
-                f" (did you mean `{prefix}{close[0]}`?)" if close else f" ({prefix or 'fields'}: {', '.join(fields)})"
-            )
+            close = closest(key, fields)
+            hint = f" (did you mean `{prefix}{close}`?)" if close else f" ({prefix or 'fields'}: {', '.join(fields)})"
             yield f"{prefix}{key}", hint
             continue
         for inner in _models_in(fields[key].annotation):
