@@ -205,6 +205,19 @@ def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
     r = run_torchrun("distill", "--config", str(cfg), port=29544)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"step": 2, "ranks_identical": True} in _metrics(tmp_path / "run")
+    # every rank measured the loss weights on the same sample: the 2-process run's are one process's
+    single = run_distill(
+        load_config(
+            DistillConfig, _cfg(tmp_path / "one", data_dir, teacher_dir, train={"max_steps": 1, "micro_batch_size": 2})
+        )
+    )
+    two = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    one = json.loads((single.parent / "calibration.json").read_text())
+    assert two["weights"] == pytest.approx(one["weights"], rel=1e-5) and set(two["weights"]) == {
+        "perception",
+        "reasoning",
+        "planning",
+    }
 
 
 @pytest.mark.integration
