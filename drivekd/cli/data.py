@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
+from drivekd import progress
 from drivekd.atomic import atomic_file
 from drivekd.data.formats import FORMATS, data_files, load_samples, write_jsonl
 from drivekd.data.validate import validate_samples
@@ -79,7 +78,7 @@ def generate(
         scenes=scenes, seed=seed, image_width=width, image_height=height, per_capability=per_capability, task=task
     )
     start = time.perf_counter()
-    with tqdm(total=scenes, desc="scenes", unit="scene", file=sys.stderr) as bar:
+    with progress.bar(total=scenes, desc="scenes", unit="scene") as bar:
         card = run(out, config, workers=workers, overwrite=overwrite, progress=bar.update)
     elapsed = time.perf_counter() - start
     click.echo(card_markdown(card))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -82,11 +81,10 @@ def score(
         preds = read_predictions(file)
         result = summarize(str(file), score_items(preds))
         if judge is not None:
-            from tqdm import tqdm
-
+            from drivekd import progress
             from drivekd.eval.judge import judge_items, judge_summary
 
-            with tqdm(total=len(preds), desc=f"judge {file.name}", unit="q", file=sys.stderr) as bar:
+            with progress.bar(total=len(preds), desc=f"judge {file.name}", unit="q") as bar:
                 verdicts = judge_items(preds, judge, progress=bar.update)
             result["judge"] = judge_summary(preds, verdicts, judge.config.model)
             result["judge"]["average_over"] = average_over(result["judge"]["capabilities"])

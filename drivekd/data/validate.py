@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from drivekd.data.sample import CAPABILITIES, Sample, marked_multiple_choice
 from drivekd.errors import DataError
+from drivekd.progress import bar as progress_bar
 
 
 @dataclass
@@ -152,7 +151,7 @@ def check_images_decode(
         return []
     workers = workers or min(8, os.cpu_count() or 1)
     bad = []
-    bar = tqdm(total=len(paths), desc="decoding images", unit="image", file=sys.stderr, disable=_quiet(progress))
+    bar = progress_bar(total=len(paths), desc="decoding images", unit="image", disable=_quiet(progress))
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for path, problem in zip(paths, pool.map(_decode_problem, paths, chunksize=16), strict=True):
             bar.update()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
+from drivekd import progress
 from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample
 from drivekd.distill.signals import BoundSignal, Signal
@@ -136,7 +135,7 @@ def write_cache(
                 save_file(shard, str(tmp / f"shard-{shard_no:05d}.safetensors"))
                 shard, shard_no = {}, shard_no + 1
 
-        for i in tqdm(range(0, len(samples), batch_size), desc="cache", unit="batch", file=sys.stderr):
+        for i in progress.bar(range(0, len(samples), batch_size), desc="cache", unit="batch"):
             chunk = samples[i : i + batch_size]
             batch = student.build_batch(chunk).to(student.device)
             targets = teachers.targets(batch)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from drivekd import progress
 from drivekd.atomic import atomic_file
 from drivekd.data.sample import Sample
 from drivekd.models.backend import VLMBackend
@@ -45,7 +43,7 @@ def generate_records(
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].question))
     predictions: dict[int, str] = {}
     start = time.perf_counter()
-    with tqdm(total=len(samples), desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress.bar(total=len(samples), desc="eval", unit="sample") as bar:
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             for j, text in zip(idx, backend.generate([samples[j] for j in idx], max_new_tokens), strict=True):

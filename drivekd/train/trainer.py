@@ -28,9 +28,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_model, save_model
-from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from drivekd import progress
 from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample, image_blind_control
 from drivekd.errors import DataError, DriveKDError
@@ -371,14 +371,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         pos = self.position
-        bar = tqdm(
-            total=self.total_steps,
-            initial=pos.step,
-            desc="train",
-            unit="step",
-            file=sys.stderr,
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
+        bar = progress.bar(
+            total=self.total_steps, initial=pos.step, desc="train", unit="step", disable=not acc.is_main_process
         )
         # loss sums since the last log line: restored on resume, so that line averages the same steps
         window: dict[str, float] = dict(self.log_window["sums"])
