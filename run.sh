@@ -8,9 +8,9 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PYTHON=${PYTHON:-python3}
-# pip byte-compiles every file it installs (all of torch and transformers: ~90 s of CPU, most of the
-# install); installed with --no-compile, a module is compiled when first imported and kept in .venv,
-# which needs Python allowed to write byte-code (some machines set PYTHONDONTWRITEBYTECODE).
+# pip byte-compiles every file it installs, all of torch and transformers included, which is most of
+# an install's time; installed with --no-compile, a module is compiled when first imported and kept in
+# .venv, which needs Python allowed to write byte-code (some machines set PYTHONDONTWRITEBYTECODE).
 unset PYTHONDONTWRITEBYTECODE
 
 setup() {
@@ -40,7 +40,7 @@ case "${1:-}" in
     test)
         setup
         shift
-        "$VENV/bin/ruff" check drivekd tests
+        "$VENV/bin/ruff" check drivekd tests experiments scripts
         "$VENV/bin/python" -m pytest -q -n 2 "$@"
         ;;
     *)
