@@ -308,32 +308,6 @@ def test_projection_per_step_equals_per_micro_batch_without_accumulation(tmp_pat
 
 
 @pytest.mark.integration
-def test_online_reweighting_in_a_run(tmp_path, data_dir, teacher_dir):
-    cfg = load_config(
-        DistillConfig,
-        _cfg(
-            tmp_path,
-            data_dir,
-            teacher_dir,
-            reweight={"enabled": True, "lr": 0.05},
-            recipe=_weighted_recipe(tmp_path, 1.0),  # the reweighter renormalises weights around 1
-            data={"limit": 4},
-            train={"max_steps": 3},
-        ),
-    )
-    run_distill(cfg)
-    rows = [m for m in _metrics(tmp_path / "run") if "weight/ce" in m]
-    assert len(rows) == 3
-    for r in rows:
-        total = r["weight/ce"] + r["weight/perception"] + r["weight/reasoning"] + r["weight/planning"]
-        assert total == pytest.approx(4.0, rel=1e-4) and r["weight/ce"] >= 0.6 - 1e-9
-    with pytest.raises(DriveKDError, match="reweight needs"):  # a config-level rule: before any work
-        load_config(
-            DistillConfig, _cfg(tmp_path / "s", data_dir, teacher_dir, reweight=True, combine={"strategy": "sum"})
-        )
-
-
-@pytest.mark.integration
 def test_distill_resume_matches_uninterrupted_run_with_projection_heads(tmp_path, data_dir, teacher_dir, monkeypatch):
     from safetensors.torch import load_file
 
@@ -401,15 +375,19 @@ def test_truncated_teacher_gives_full_teacher_targets(tmp_path, data_dir, teache
 @pytest.mark.integration
 @pytest.mark.parametrize(
     "options",
-    [
-        {"reweight": True},
-        {"combine": {"amortize_every": 3}},
-        {"combine": {"project_per": "step"}, "train": {"grad_accum": 2}},
-    ],
-    ids=["reweight", "amortize", "project-per-step"],
+    [{"combine": {"amortize_every": 3}}, {"combine": {"project_per": "step"}, "train": {"grad_accum": 2}}],
+    ids=["amortize", "project-per-step"],
 )
 def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir, teacher_dir, monkeypatch, options):
-    """Reweighter state, amortised coefficients and step-wise pending gradients live in the checkpoint."""
+    """Amortised coefficients and step-wise pending gradients live in the checkpoint."""
+    resume_is_bit_identical(tmp_path, data_dir, teacher_dir, monkeypatch, options)
+
+
+def resume_is_bit_identical(
+    tmp_path, data_dir, teacher_dir, monkeypatch, options, config_class=DistillConfig, run=run_distill
+):
+    """A run killed inside step 3 and resumed from its step-2 checkpoint ends as the uninterrupted one,
+    weights and logged figures alike (`run`: the runner of `config_class`; default `run_distill`)."""
     from safetensors.torch import load_file
 
     from drivekd.distill.engine import Distiller
@@ -417,11 +395,9 @@ def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir
     def config(where):
         train = {"max_steps": 5, "save_every": 2, "eval_every": 5, **options.get("train", {})}
         rest = {k: v for k, v in options.items() if k != "train"}
-        if "reweight" in rest:  # the reweighter renormalises weights around 1
-            rest["recipe"] = _weighted_recipe(tmp_path, 1.0)
-        return load_config(DistillConfig, _cfg(tmp_path / where, data_dir, teacher_dir, train=train, **rest))
+        return load_config(config_class, _cfg(tmp_path / where, data_dir, teacher_dir, train=train, **rest))
 
-    full = run_distill(config("a"))
+    full = run(config("a"))
     original = Distiller.objective
     calls = {"n": 0}
     stop_at = 3 * config("b").train.grad_accum  # dies inside step 3: the last checkpoint is step 2
@@ -434,9 +410,9 @@ def test_distill_resume_is_bit_identical_for_stateful_options(tmp_path, data_dir
 
     monkeypatch.setattr(Distiller, "objective", dies)
     with pytest.raises(KeyboardInterrupt):
-        run_distill(config("b"))
+        run(config("b"))
     monkeypatch.setattr(Distiller, "objective", original)
-    resumed = run_distill(config("b"), resume=True)
+    resumed = run(config("b"), resume=True)
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the resumed run's log has each step once, and the same figures as the uninterrupted one

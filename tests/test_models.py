@@ -238,8 +238,9 @@ def test_tag_mask_reads_pixel_coordinates_and_skips_what_points_nowhere(tmp_path
 
 
 def test_tag_attention_loss_is_the_eager_attention_mass(tmp_path):
+    from drivekd.experimental.tag_attention import with_tag_attention
     from drivekd.models.backend import IGNORE_INDEX
-    from drivekd.train.sft import cross_entropy, with_tag_attention
+    from drivekd.train.sft import cross_entropy
 
     backend = load_backend("tiny-internvl-student", LoadOptions(attn_implementation="eager"))
     backend.model.eval()

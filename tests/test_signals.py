@@ -1,12 +1,14 @@
+import hashlib
+import json
 from fractions import Fraction
 
 import pytest
 import torch
 
+from drivekd.distill.engine import load_recipe
 from drivekd.distill.signals import (
     Internals,
     Positions,
-    attention_loss,
     group_windows,
     make_signal,
     map_distance,
@@ -118,8 +120,8 @@ def test_group_loss_uses_window_means():
     )
     sig = make_signal("attn_group", layers=(0, -2))
     windows = group_windows(sig.student_indices(4, 8), sig.teacher_indices(8))
-    got = attention_loss(
-        sig, smaps, [s for s, _ in windows], [torch.stack([tmaps[t] for t in w]).mean(0) for _, w in windows], pos
+    got = sig.loss(
+        Internals(smaps), [torch.stack([tmaps[t] for t in w]).mean(0) for _, w in windows], pos, [s for s, _ in windows]
     )
     # student 0..2 (k=3) <- teacher 0..6 (m=7): g = 5
     want = torch.stack(
@@ -159,3 +161,76 @@ def test_tv_cache_keeps_the_block_and_restores_the_rows():
     assert torch.equal(stored, full[~visual][:, visual])
     restored = sig.restored(stored, visual)
     assert torch.equal(restored[:, visual], stored) and restored[:, ~visual].abs().sum() == 0
+
+
+# Computed before attn_full and attn_group became one class (AttnMaps): what caches and run.json
+# identify a signal by must not change with it.
+PINNED = {
+    ("attn_full", (("layer", 1), ("capability", "perception"))): (
+        {"kind": "attn_full", "pairs": [[1, [1]]], "reads": "maps"},
+        {"kind": "attn_full", "layer": 1, "capability": "perception"},
+        ("full", "5698f1c8cf1ada64"),
+    ),
+    ("attn_full", (("layers", (0, 2)), ("teacher_layers", (0, 6)), ("capability", "reasoning"))): (
+        {
+            "kind": "attn_full",
+            "pairs": [[0, [0, 1, 2, 3, 4]], [1, [1, 2, 3, 4, 5]], [2, [2, 3, 4, 5, 6]]],
+            "reads": "maps",
+        },
+        {"kind": "attn_full", "layers": [0, 2], "teacher_layers": [0, 6], "capability": "reasoning"},
+        ("full_range", "4febc67996c8769b"),
+    ),
+    ("attn_group", (("layers", (0, -2)), ("capability", "planning"))): (
+        {
+            "kind": "attn_group",
+            "pairs": [[0, [0, 1, 2, 3, 4]], [1, [1, 2, 3, 4, 5]], [2, [2, 3, 4, 5, 6]]],
+            "reads": "maps",
+        },
+        {"kind": "attn_group", "layers": [0, -2], "capability": "planning"},
+        ("group", "ad1481cc200e142c"),
+    ),
+    ("attn_group", (("layer", 1), ("capability", "planning"))): (
+        {"kind": "attn_group", "pairs": [[1, [1]]], "reads": "maps"},
+        {"kind": "attn_group", "layer": 1, "capability": "planning"},
+        ("group_one", "97fd9a104813d861"),
+    ),
+    ("attn_group", (("teacher_layers", (0, 3)), ("capability", "all"), ("distance", "cosine"), ("share", 0.2))): (
+        {"kind": "attn_group", "pairs": [[0, [0, 1, 2]], [1, [1, 2, 3]]], "reads": "maps"},
+        {"kind": "attn_group", "teacher_layers": [0, 3], "distance": "cosine", "share": 0.2, "capability": "all"},
+        ("group_teacher", "9fee8704c22b3d7d"),
+    ),
+}
+
+
+def _digest(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("kind", "fields"), list(PINNED), ids=[f"{k}-{i}" for i, (k, _) in enumerate(PINNED)])
+def test_attn_full_and_attn_group_keep_their_identities(tmp_path, kind, fields):
+    identity, entry, (name, digest) = PINNED[kind, fields]
+    sig = make_signal(kind, **dict(fields))
+    bound = sig.bind(name, 4, 8)
+    assert bound.identity() == identity and sig.kind == kind
+    assert _digest({name: bound.identity()}) == digest  # the cache fingerprint's recipe part hashes this
+    assert sig.recipe_entry() == entry and list(sig.recipe_entry()) == list(entry)
+    (tmp_path / "r.yaml").write_text(json.dumps({name: entry}))  # the round trip, through a recipe file
+    assert load_recipe(str(tmp_path / "r.yaml")) == {name: sig}
+
+
+def test_attn_full_and_attn_group_are_one_signal_under_two_names():
+    full, group = make_signal("attn_full", layers=(0, -2)), make_signal("attn_group", layers=(0, -2))
+    assert type(full) is type(group) and full != group  # one class; each keeps the name it was given
+    assert full.bind("s", 4, 8).pairs == group.bind("s", 4, 8).pairs
+    g = torch.Generator().manual_seed(4)
+    smaps = {i: torch.rand(1, 4, 4, generator=g) for i in range(3)}
+    targets = [torch.rand(1, 4, 4, generator=g) for _ in range(3)]
+    pos = Positions(
+        torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.bool)
+    )
+    assert torch.equal(
+        full.loss(Internals(smaps), targets, pos, [0, 1, 2]), group.loss(Internals(smaps), targets, pos, [0, 1, 2])
+    )
+    # the shipped recipes' cache identities
+    bound = {n: s.bind(n, 4, 8) for n, s in load_recipe("drive-kd").items()}
+    assert _digest({n: b.identity() for n, b in bound.items()}) == "4534ba6bc95c9274"

@@ -198,7 +198,7 @@ def test_config_errors_are_one_line(tmp_path, data_dir):
     for override, needle in [
         ("train.lrr=1", "unknown field `train.lrr` (did you mean `train.lr`?)"),
         ("train.micro_batch_size=many", "train.micro_batch_size: Input should be a valid integer"),
-        ("train.tag_attention_weight=1 train.tag_attention_layer=9", "train.tag_attention_layer=9: the model has"),
+        ("train.tag_attention_weight=1", "`train.tag_attention_weight` moved to an experimental SFT command"),
     ]:
         r = run_cli("sft", "--config", str(cfg), *override.split())
         assert r.returncode == 2, r.stderr

@@ -10,6 +10,7 @@ from drivekd import __version__
 from drivekd.cli.bench import bench
 from drivekd.cli.data import data
 from drivekd.cli.evaluate import baseline, evaluate
+from drivekd.cli.experimental import experimental
 from drivekd.cli.models import models
 from drivekd.cli.plan import plan
 from drivekd.cli.prestudy import prestudy
@@ -59,3 +60,4 @@ main.add_command(prestudy)
 main.add_command(reproduce)
 main.add_command(config)
 main.add_command(plan)
+main.add_command(experimental)

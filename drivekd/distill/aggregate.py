@@ -17,8 +17,8 @@ from accelerate import Accelerator
 
 from drivekd.distill.combine import combination_coefficients, gradient_stats
 
-# Called with the loss names and the fp64 Gram matrix whenever coefficients are computed (the
-# reweighter reads each loss's gradient norm from its diagonal).
+# Called with the loss names and the fp64 Gram matrix whenever coefficients are computed (each
+# loss's gradient norm is the square root of its diagonal entry).
 GramObserver = Callable[[list[str], torch.Tensor], None]
 
 

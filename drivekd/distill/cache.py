@@ -3,8 +3,8 @@
 Layout of a cache folder: `manifest.json` (fingerprint, teacher depths, shard index) and
 `shard-00000.safetensors`, ... with fp16 tensors keyed `<sample id>/<signal>/<k>`, trimmed to the
 sample's length. `attn_tv` keeps only the text->vision block (everything else is masked out of its
-loss); `attn_group` keeps one window-mean map per matched student layer; `attn_full` the map;
-`hidden` the (window-mean) hidden states; `logit_kl` the logits. A cache whose teacher weights,
+loss); `attn_full` / `attn_group` one (window-mean) map per matched student layer; `hidden` the
+(window-mean) hidden states; `logit_kl` the logits. A cache whose teacher weights,
 recipe, tokenizer or data differ from the run's is refused.
 """
 
@@ -29,10 +29,10 @@ from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
-# /4: the recipe identified by its signals bound to both models' depths (layer pairs, windows,
-# blocks) and the student's depth; images by their whole content; the teacher's dtype; each
-# sample's token count
-FORMAT = "drivekd-teacher-cache/4"
+# the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
+# and the student's depth; images by their whole content; the teacher's dtype; each sample's token
+# count. /5: the manifest names depths (layer counts) `student_depth` and `teacher_depths`
+FORMAT = "drivekd-teacher-cache/5"
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -88,7 +88,7 @@ def data_identity(samples: Sequence[Sample]) -> list[Any]:
     """What a cache's data is: ids, questions, answers, and each image by its path relative to the
     images' common folder and the SHA-256 of its whole file. The same dataset moved or copied keeps
     its caches; an image re-rendered or corrupted under the same name does not, wherever in the file
-    the change is (a hash of the first 64 KiB, as before, missed a BMP repainted below its top rows).
+    the change is (a hash of the first 64 KiB would miss a BMP repainted below its top rows).
     Each file is read once (its cost: docs/results.md)."""
     paths = [im.path for s in samples for im in s.images]
     root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
@@ -119,8 +119,8 @@ def write_cache(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "fingerprint": fingerprint(teachers.bound, teacher_of, student, samples, teachers.dtype),
-        "student_layers": student.num_layers,
-        "teacher_layers": {n: teachers.layers(n) for n in signals},
+        "student_depth": student.num_layers,
+        "teacher_depths": {n: teachers.depth(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "index": {},
         "lengths": {},  # each sample's tokens when cached: a batch that tokenises it otherwise is refused
@@ -198,12 +198,12 @@ class TeacherCache:
         self._shards: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.memory_budget = memory_budget
 
-    def check(self, expected: dict[str, str], student_layers: int) -> None:
+    def check(self, expected: dict[str, str], student_depth: int) -> None:
         """Refuse a cache made for another teacher, recipe binding, tokenizer or data than the run's."""
-        made_for = self.manifest.get("student_layers")
-        if made_for != student_layers:
+        made_for = self.manifest["student_depth"]
+        if made_for != student_depth:
             raise DriveKDError(
-                f"{self.folder}: cache was made for a {made_for}-layer student, this run's has {student_layers} "
+                f"{self.folder}: cache was made for a {made_for}-layer student, this run's has {student_depth} "
                 "layers (its targets are matched to the student's layers); rebuild it with `drivekd cache-teacher`"
             )
         for part, value in expected.items():
@@ -213,8 +213,8 @@ class TeacherCache:
                     "`drivekd cache-teacher`"
                 )
 
-    def teacher_layers(self, name: str) -> int:
-        return int(self.manifest["teacher_layers"][name])
+    def teacher_depth(self, name: str) -> int:
+        return int(self.manifest["teacher_depths"][name])
 
     def _shard(self, file: str) -> dict[str, torch.Tensor]:
         if file in self._shards:

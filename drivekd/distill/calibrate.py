@@ -137,7 +137,6 @@ def initial_losses(
         update={
             "teacher": TeacherConfig(**{**config.teacher.model_dump(), "cache": None}),
             "combine": CombineConfig(strategy="sum"),
-            "reweight": config.reweight.model_copy(update={"enabled": False}),
         }
     )
     with torch.random.fork_rng(devices=[]):

@@ -3,6 +3,13 @@
 The `Distiller` plugs into the generic `Trainer` as an objective (named losses: the weighted CE
 anchor plus one weighted distillation loss per signal) and a backward (the gradient strategy). It
 knows signals and teachers; it knows nothing of capabilities beyond the mixing matrix's rows.
+
+A subclass may change how the losses are weighted during a run (`drivekd.experimental` does). Its
+hooks: `loss_weights` (each loss's weight in the objective), `observe_gram` (the task gradients'
+Gram matrix whenever the aggregator computes one), `set_weights`, `backward` and `before_step`
+(extend them, calling the base), and `state_dict` / `load_state_dict`, which must carry the
+subclass's own state so a resumed run continues bit-identically; `run_distill(..., distiller_class=)`
+runs it.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ from pydantic import ValidationError
 
 from drivekd.data.sample import CAPABILITIES, Sample, capability_of
 from drivekd.distill.aggregate import GradientAggregator
-from drivekd.distill.reweight import LossReweighter
 from drivekd.distill.signals import Internals, Positions, Signal, SignalSpec, captured_layers, make_signal
 from drivekd.distill.teachers import CachedTeachers, LiveTeachers, TeacherSource
 from drivekd.errors import DriveKDError, closest
@@ -197,8 +203,6 @@ class Distiller:
                     self.projections[name] = torch.nn.Linear(s_width, t_width, bias=False).to(student.device)
         # each signal's loss weight: set by `set_weights` once measured (distill/calibrate.py)
         self.weights: dict[str, float] = {}
-        self.reweighter: LossReweighter | None = None
-        self._last_values: dict[str, float] = {}
         self._weak = WeakSignalWatch(self.names)
         self.aggregator = GradientAggregator(
             self.trainable,
@@ -208,7 +212,7 @@ class Distiller:
             amortize_every=config.combine.amortize_every,
             project_per=config.combine.project_per,
             buffer_dtype=getattr(torch, config.combine.buffer_dtype) if config.combine.buffer_dtype else None,
-            observe_gram=self._observe_gram if config.reweight.enabled else None,
+            observe_gram=self.observe_gram,
         )
 
     def set_weights(self, weights: dict[str, float]) -> None:
@@ -216,10 +220,11 @@ class Distiller:
         if sorted(weights) != sorted(self.names):
             raise DriveKDError(f"loss weights for {sorted(weights)}, the recipe's signals are {sorted(self.names)}")
         self.weights = dict(weights)
-        if self.config.reweight.enabled:
-            reweight = self.config.reweight
-            static = {ANCHOR: self.config.ce_weight, **self.weights}
-            self.reweighter = LossReweighter(static, lr=reweight.lr, alpha=reweight.alpha, floor=reweight.ce_floor)
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss in the objective, the CE anchor's included: `ce_weight` and the
+        signals' set weights (a subclass may move them during the run)."""
+        return {ANCHOR: self.config.ce_weight, **self.weights}
 
     def captured_student_layers(self) -> tuple[set[int], set[int]]:
         """Student layers whose whole maps, and whose text rows only, the signals read."""
@@ -227,14 +232,9 @@ class Distiller:
 
     # ---- checkpointed state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
-        """What a resumed run needs to continue bit-identically: amortised coefficients, task
-        gradients pending for a step-wise projection, the reweighter."""
-        return {
-            "names": [ANCHOR, *self.names],
-            **self.aggregator.state_dict(),
-            "last_values": dict(self._last_values),
-            "reweighter": self.reweighter.state_dict() if self.reweighter is not None else None,
-        }
+        """What a resumed run needs to continue bit-identically: amortised coefficients and task
+        gradients pending for a step-wise projection (a subclass adds its own)."""
+        return {"names": [ANCHOR, *self.names], **self.aggregator.state_dict()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         if state["names"] != [ANCHOR, *self.names]:
@@ -243,11 +243,6 @@ class Distiller:
                 "resume with the run's own recipe"
             )
         self.aggregator.load_state_dict(state)
-        self._last_values = dict(state["last_values"])  # type: ignore[call-overload]
-        if (state["reweighter"] is None) != (self.reweighter is None):
-            raise DriveKDError("checkpoint and config disagree on `reweight`; resume with the run's own config")
-        if self.reweighter is not None:
-            self.reweighter.load_state_dict(state["reweighter"])  # type: ignore[arg-type]
 
     # ---- objective ---------------------------------------------------------------------------
     def validation_objective(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
@@ -270,8 +265,8 @@ class Distiller:
         row_index, row_valid = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
         with capture(self.student, full, row_layers=rows, row_index=row_index) as smaps:
             out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
-        dynamic = self.reweighter.weights() if self.reweighter is not None else {}
-        losses = {ANCHOR: out.loss if plain_ce else dynamic.get(ANCHOR, self.config.ce_weight) * out.loss}
+        weighted = self.loss_weights()
+        losses = {ANCHOR: out.loss if plain_ce else weighted[ANCHOR] * out.loss}
         if not self.signals:
             return losses
         labels = batch.labels
@@ -287,7 +282,7 @@ class Distiller:
         for j, (name, bound) in enumerate(self.bound.items()):
             projection = self.projections[name] if name in self.projections else None
             per_sample = bound.loss(student, targets[name], pos, projection)
-            weight = 1.0 if unit_weights else dynamic.get(name, self.weights[name])
+            weight = 1.0 if unit_weights else weighted[name]
             losses[name] = weight * (weights[:, j] * per_sample).mean()
         if not plain_ce and torch.is_grad_enabled() and self._weak.watching:  # training's first batches
             self._weak.observe({k: float(v.detach()) for k, v in losses.items()})
@@ -297,29 +292,16 @@ class Distiller:
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in [*self.student.model.parameters(), *self.projections.parameters()] if p.requires_grad]
 
-    def _observe_gram(self, names: list[str], gram: torch.Tensor) -> None:
-        assert self.reweighter is not None
-        w_now = self.reweighter.weights()
-        norms = {n: float(gram[i, i].sqrt()) / max(w_now[n], 1e-12) for i, n in enumerate(names)}
-        self.reweighter.observe(norms, self._last_values)
+    def observe_gram(self, names: list[str], gram: torch.Tensor) -> None:
+        """Called with the loss names and the fp64 Gram matrix of their (weighted) task gradients
+        whenever the aggregator computes one; nothing here."""
 
     def backward(self, losses: dict[str, torch.Tensor], accelerator: Accelerator, step: int) -> dict[str, float]:
-        if self.reweighter is not None:
-            w_now = self.reweighter.weights()
-            self._last_values = {n: float(v.detach()) / max(w_now[n], 1e-12) for n, v in losses.items()}
         return self.aggregator.backward(losses, accelerator, step)
 
     def before_step(self, accelerator: Accelerator, step: int) -> dict[str, float]:
-        """Once per optimiser step: combine step-summed gradients (`project_per: step`), then reweight."""
-        stats = self.aggregator.before_step(accelerator, step)
-        if self.reweighter is not None:
-            reduce = (
-                (lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean").cpu())
-                if accelerator.num_processes > 1
-                else None
-            )
-            stats.update(self.reweighter.step(reduce))
-        return stats
+        """Once per optimiser step: combine step-summed gradients (`project_per: step`)."""
+        return self.aggregator.before_step(accelerator, step)
 
 
 class WeakSignalWatch:

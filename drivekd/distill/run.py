@@ -17,7 +17,9 @@ from drivekd.train.sft import load_model, load_training_data
 from drivekd.train.trainer import Trainer, calibration_sample
 
 
-def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
+def run_distill(config: DistillConfig, *, resume: bool = False, distiller_class: type[Distiller] = Distiller) -> Path:
+    """Train a distillation run. `distiller_class` is the objective: `Distiller`, or a subclass with
+    its own config (as in `drivekd.experimental`)."""
     signals = check_recipe(config)  # before any model, data or folder is touched
     folder = RunFolder(config.train.output_dir)
     identity = run_identity(config, recipe={n: s.recipe_entry() for n, s in signals.items()})
@@ -28,7 +30,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False) -> Path:
     train, val, stats = load_training_data(config.data, student)
     identity["named.data"] = samples_digest([*train, *val])
     folder.check_data(identity["named.data"], resume=resume)
-    distiller = Distiller(config, student, train + val)
+    distiller = distiller_class(config, student, train + val)
     trainer = Trainer(
         config.train,
         student,

@@ -60,7 +60,6 @@ class Signal:
     capability: str = "all"  # the samples it is mixed for: a capability's, or all of them alike
 
     kind: ClassVar[str] = ""
-    needs_attention: ClassVar[bool] = False
     text_rows_only: ClassVar[bool] = False  # reads only the text rows of its maps
     needs_hidden: ClassVar[bool] = False
     needs_logits: ClassVar[bool] = False
@@ -113,6 +112,8 @@ class Signal:
         the capability always written (a name need not imply it, as `kd` does not)."""
         entry: dict[str, Any] = {"kind": self.kind}
         for key, value in vars(self).items():
+            if key == "kind":
+                continue
             if value is not None and (key == "capability" or value != getattr(type(self), key, None)):
                 entry[key] = list(value) if isinstance(value, tuple) else value
         return entry
@@ -155,7 +156,6 @@ class Signal:
 
 
 class _Attention(Signal):
-    needs_attention = True
     square = True
     block: ClassVar[str] = "full"
 
@@ -182,7 +182,7 @@ class _Attention(Signal):
         projection: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
-        (a group window's mean for `attn_group`) matched to `student_layers[k]`."""
+        (its group window's mean) matched to `student_layers[k]`."""
         mask = self.loss_mask(positions)
         losses = [
             map_distance(self.student_map(student, s), t, mask, self.distance)
@@ -227,17 +227,13 @@ class AttnTV(_Attention):
 
 
 @dataclass(frozen=True)
-class AttnFull(_Attention):
-    """One layer's whole map."""
+class AttnMaps(_Attention):
+    """Whole maps of one layer or a range, each student layer taught the mean of a sliding window of
+    teacher layers (`group_windows`; one layer is a window of size 1). The paper names the one-layer
+    use `attn_full` and the range `attn_group`: both kinds are this signal, and the kind a recipe
+    gives is kept (it is part of the signal's identity, so caches and runs keep theirs)."""
 
-    kind = "attn_full"
-
-
-@dataclass(frozen=True)
-class AttnGroup(_Attention):
-    """A range of layers' maps, each student layer taught the mean of a sliding window of teacher layers."""
-
-    kind = "attn_group"
+    kind: Literal["attn_full", "attn_group"] = "attn_full"  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -306,7 +302,9 @@ class LogitKL(Signal):
         return logit_kl(student.logits, targets[0], positions, self.temperature)
 
 
-KINDS: dict[str, type[Signal]] = {cls.kind: cls for cls in (AttnTV, AttnFull, AttnGroup, Hidden, LogitKL)}
+# `attn_full` and `attn_group` are two names of one signal
+KINDS: dict[str, type[Signal]] = {cls.kind: cls for cls in (AttnTV, Hidden, LogitKL)}
+KINDS |= {"attn_full": AttnMaps, "attn_group": AttnMaps}
 
 
 @dataclass(frozen=True)
@@ -379,7 +377,8 @@ class SignalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["attn_tv", "attn_full", "attn_group", "hidden", "logit_kl"] = Field(
-        description="what is distilled: text->vision block, whole map, grouped maps, hidden states, logits"
+        description="what is distilled: text->vision block, whole maps (attn_full and attn_group are one "
+        "signal: a layer or a range, group-matched), hidden states, logits"
     )
     capability: Literal["perception", "reasoning", "planning", "all"] | None = Field(
         None,
@@ -416,7 +415,8 @@ def make_signal(kind: str, **fields: Any) -> Signal:
     """A signal of `kind` (attn_tv, attn_full, attn_group, hidden, logit_kl) with its fields."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r} ({', '.join(KINDS)})")
-    return KINDS[kind](**fields)
+    cls = KINDS[kind]
+    return cls(**fields, kind=kind) if cls is AttnMaps else cls(**fields)
 
 
 def _span(named: tuple[int, ...], num_layers: int) -> list[int]:
@@ -485,17 +485,6 @@ def map_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     s = (student * m).flatten(1)
     t = (teacher.to(student.dtype) * m).flatten(1)
     return 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=1, eps=1e-12)
-
-
-def attention_loss(
-    signal: Signal,
-    student_maps: dict[int, torch.Tensor],
-    student_layers: list[int],
-    targets: list[torch.Tensor],
-    positions: Positions,
-) -> torch.Tensor:
-    """An attention signal's loss on whole student maps (`signal.loss` with the maps alone)."""
-    return signal.loss(Internals(student_maps), targets, positions, student_layers)
 
 
 def hidden_loss(

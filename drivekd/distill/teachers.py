@@ -23,7 +23,7 @@ from drivekd.models.loading import LoadOptions, load_backend
 class TeacherSource(Protocol):
     bound: dict[str, BoundSignal]  # the recipe's signals bound to the student's and their teacher's depths
 
-    def layers(self, name: str) -> int: ...
+    def depth(self, name: str) -> int: ...  # the LM layers of the signal's teacher
 
     def width(self, name: str) -> int: ...
 
@@ -52,9 +52,9 @@ class LiveTeachers:
             teacher.model.eval().requires_grad_(False)
             check_same_layout(student, teacher, probe[:4], ckpt)
             self.models[ckpt] = teacher
-        self.bound = {n: sig.bind(n, student.num_layers, self.layers(n)) for n, sig in signals.items()}
+        self.bound = {n: sig.bind(n, student.num_layers, self.depth(n)) for n, sig in signals.items()}
 
-    def layers(self, name: str) -> int:
+    def depth(self, name: str) -> int:
         return self.models[self.teacher_of[name]].num_layers
 
     def width(self, name: str) -> int:
@@ -106,15 +106,15 @@ class CachedTeachers:
         self.student = student
         self.cache = TeacherCache(folder)
         for name in signals:
-            if name not in self.cache.manifest["teacher_layers"]:
+            if name not in self.cache.manifest["teacher_depths"]:
                 raise DriveKDError(
                     f"{folder}: the cache holds no signal {name!r}; rebuild it with `drivekd cache-teacher`"
                 )
-        self.bound = {n: sig.bind(n, student.num_layers, self.cache.teacher_layers(n)) for n, sig in signals.items()}
+        self.bound = {n: sig.bind(n, student.num_layers, self.cache.teacher_depth(n)) for n, sig in signals.items()}
         self.cache.check(fingerprint(self.bound, teacher_of, student, samples, dtype), student.num_layers)
 
-    def layers(self, name: str) -> int:
-        return self.cache.teacher_layers(name)
+    def depth(self, name: str) -> int:
+        return self.cache.teacher_depth(name)
 
     def width(self, name: str) -> int:
         return int(self.cache.manifest["teacher_widths"][name])

@@ -11,7 +11,7 @@ import types
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,7 +19,6 @@ from pydantic.fields import FieldInfo
 
 from drivekd.domains import (
     Fraction,
-    LayerIndex,
     NonNegativeFloat,
     NonNegativeInt,
     OpenFraction,
@@ -42,6 +41,10 @@ def _capability(value: Any) -> Any:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # dotted keys that left this config, each with where it went: a config that still gives one is
+    # refused with that (by `load_config`), not as an unknown field
+    moved: ClassVar[dict[str, str]] = {}
 
 
 class ModelConfig(_Strict):
@@ -122,14 +125,6 @@ class TrainConfig(_Strict):
         description="processes building batches ahead of the training step (images, tokens); 0: in the loop. "
         "The batches are the same either way; on a GPU, several keep it from waiting for the CPU",
     )
-    tag_attention_weight: NonNegativeFloat = Field(
-        0.0,
-        description="SFT only: weight of a loss pulling one head's attention from the answer onto the "
-        "visual token under the object the sample is about (teaches a model from scratch where to look)",
-    )
-    tag_attention_layer: LayerIndex | None = Field(
-        None, description="the LM layer tag attention supervises (negative from the end); None: the middle one"
-    )
     lr: PositiveFloat = Field(3e-4, description="peak learning rate (AdamW)")
     weight_decay: NonNegativeFloat = Field(0.0, description="AdamW weight decay")
     betas: tuple[OpenFraction, OpenFraction] = Field((0.9, 0.999), description="AdamW betas")
@@ -154,8 +149,19 @@ class TrainConfig(_Strict):
     keep_last: PositiveInt = Field(2, description="checkpoints kept (at least the latest)")
 
 
+TAG_ATTENTION_MOVED = (
+    "moved to an experimental SFT command: run `drivekd experimental sft-tag-attention --config {config}` "
+    "with the section `tag_attention: {{weight, layer}}`"
+)
+
+
 class SFTConfig(_Strict):
     """One supervised fine-tuning run."""
+
+    moved: ClassVar[dict[str, str]] = {
+        "train.tag_attention_weight": TAG_ATTENTION_MOVED,
+        "train.tag_attention_layer": TAG_ATTENTION_MOVED,
+    }
 
     model: ModelConfig
     data: DataConfig
@@ -185,12 +191,24 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise DriveKDError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = parse_value(value)
+    return validate_config(cls, raw, str(path), overrides)
+
+
+def validate_config(cls: type[C], raw: Any, source: str, overrides: Sequence[str] = ()) -> C:
+    """`raw` as a `cls` config, or a one-line error naming `source` (or the override that set the field):
+    a moved field with where it went, an unknown one with the closest name, a value outside its domain."""
+    expand = getattr(cls, "expand_shorthands", None)
     if expand is not None:
         raw = expand(raw)
+    for key, where in getattr(cls, "moved", {}).items():
+        if _holds(raw, key):
+            given = [o for o in overrides if f"{o.split('=', 1)[0]}.".startswith(f"{key}.")]
+            origin = f"override {given[-1]!r}" if given else source
+            raise DriveKDError(f"{origin}: `{key}` {where.format(config=source)}")
     for key, hint in unknown_keys(cls, raw):
         given = [o for o in overrides if o.split("=", 1)[0] == key]
-        source = f"override {given[-1]!r}" if given else str(path)
-        raise DriveKDError(f"{source}: unknown field `{key}`{hint}")
+        origin = f"override {given[-1]!r}" if given else source
+        raise DriveKDError(f"{origin}: unknown field `{key}`{hint}")
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
@@ -198,8 +216,17 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] | tuple[str
         msg = err["msg"].removeprefix("Value error, ")
         # A field given on the command line is reported against the command line, not the file.
         given = [o for o in overrides if o.split("=", 1)[0] == loc or loc.startswith(o.split("=", 1)[0] + ".")]
-        source = f"override {given[-1]!r}" if given else str(path)
-        raise DriveKDError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from e
+        origin = f"override {given[-1]!r}" if given else source
+        raise DriveKDError(f"{origin}: {loc + ': ' if loc else ''}{msg}{more}") from e
+
+
+def _holds(raw: Any, key: str) -> bool:
+    """Whether the raw config gives the dotted `key`."""
+    for part in key.split("."):
+        if not isinstance(raw, dict) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
 
 
 def first_error(e: ValidationError) -> tuple[dict[str, Any], str, str]:
@@ -280,15 +307,14 @@ class CombineConfig(_Strict):
     )
 
 
-class ReweightConfig(_Strict):
-    enabled: bool = Field(False, description="online loss reweighting from gradient norms (docs/method.md §4)")
-    lr: PositiveFloat = Field(3e-4, description="learning rate of the loss weights")
-    alpha: NonNegativeFloat = Field(0.0, description="restoring-force exponent of the reweighting")
-    ce_floor: Fraction = Field(0.6, description="the cross-entropy weight's lower bound")
-
-
 class DistillConfig(_Strict):
     """Student, teachers, recipe, mixing and gradient combination of one distillation run."""
+
+    moved: ClassVar[dict[str, str]] = {
+        "reweight": "moved to an experimental command: run `drivekd experimental distill-reweight --config {config}`",
+        "train.tag_attention_weight": TAG_ATTENTION_MOVED,
+        "train.tag_attention_layer": TAG_ATTENTION_MOVED,
+    }
 
     model: ModelConfig = Field(description="the student")
     data: DataConfig
@@ -309,19 +335,16 @@ class DistillConfig(_Strict):
         "measures its initial losses, to turn the recipe's loss shares into weights (calibration.json)",
     )
     combine: CombineConfig = Field(CombineConfig(), description="gradient combination")
-    reweight: ReweightConfig = Field(ReweightConfig(), description="online loss reweighting (true: enabled)")
 
     @staticmethod
     def expand_shorthands(raw: Any) -> Any:
-        """`teacher: PATH` is `teacher: {name: PATH}`, `reweight: true` is `reweight: {enabled: true}`
-        (applied before command-line overrides too, so `teacher.cache=DIR` works on either form)."""
+        """`teacher: PATH` is `teacher: {name: PATH}` (applied before command-line overrides too, so
+        `teacher.cache=DIR` works on either form)."""
         if not isinstance(raw, dict):
             return raw
         raw = dict(raw)
         if isinstance(raw.get("teacher"), str):
             raw["teacher"] = {"name": raw["teacher"]}
-        if isinstance(raw.get("reweight"), bool):
-            raw["reweight"] = {"enabled": raw["reweight"]}
         return raw
 
     @model_validator(mode="before")
@@ -331,13 +354,6 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
-        if self.reweight.enabled and self.combine.strategy == "sum":
-            raise ValueError("reweight needs per-loss gradient norms: use a projection strategy (e.g. agp), not sum")
-        if self.train.tag_attention_weight > 0 or self.train.tag_attention_layer is not None:
-            raise ValueError(
-                "train.tag_attention_weight and train.tag_attention_layer are SFT only; a distillation run would "
-                "ignore them"
-            )
         if self.train.val_other_images and self.teacher.cache:
             raise ValueError(
                 f"train.val_other_images with teacher.cache {self.teacher.cache}: cached targets belong to each "

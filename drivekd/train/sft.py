@@ -14,12 +14,12 @@ from drivekd.data.choices import shuffle_choices
 from drivekd.data.formats import load_samples, load_split
 from drivekd.data.sample import Sample
 from drivekd.data.validate import validate_samples
-from drivekd.errors import DataError, DriveKDError
+from drivekd.errors import DataError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, MixIn, ModelConfig, SFTConfig, dump_config
 from drivekd.train.run_folder import RunFolder, run_identity, samples_digest
-from drivekd.train.trainer import Trainer
+from drivekd.train.trainer import Objective, Trainer
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> VLMBackend:
@@ -140,46 +140,11 @@ def token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     return nll, labels
 
 
-def with_tag_attention(
-    objective: Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]],
-    backend: VLMBackend,
-    *,
-    weight: float,
-    layer: int,
-) -> Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]:
-    """Add `tag_attention`: −log of the attention mass (head 0 of LM layer `layer`) that the
-    positions predicting the committed answer (`Final: {...}`, else every answer token) put on the
-    visual token of the object the sample is about (`Batch.tag_mask`).
-
-    A tiny VLM trained from scratch does not learn, in any budget we can afford, to go from a tag's
-    printed coordinates to the visual token they point at (docs/teacher-study.md, "Direct test"). The tag itself says
-    where to look, so this supervises the lookup directly. Only the committed answer is supervised:
-    on every token of a long answer, one layer made to stare at one token cannot do its other work
-    and the answer CE suffers (docs/teacher-study.md). For the same reason one head is supervised,
-    not the head mean: the layer's other heads stay free.
-    """
-    from drivekd.models.capture import capture, resolve_layer
-
-    layer = resolve_layer(layer, backend.num_layers)
-
-    def objective_with_grounding(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        if batch.tag_mask is None or not bool(batch.tag_mask.any()):
-            return objective(model, batch)
-        with capture(backend, [layer], per_head=True) as maps:
-            losses = objective(model, batch)
-        queries = batch.labels[:, 1:] != IGNORE_INDEX
-        if batch.decision_mask is not None:  # where there is a `Final: {...}`, only its tokens look
-            decision = batch.decision_mask[:, 1:]
-            queries = torch.where(decision.any(1, keepdim=True), decision, queries)
-        queries = queries & batch.tag_mask.any(1, keepdim=True)
-        mass = torch.einsum("bqk,bk->bq", maps[layer][:, 0, :-1].float(), batch.tag_mask.float())
-        losses["tag_attention"] = weight * -mass[queries].clamp_min(1e-6).log().mean()
-        return losses
-
-    return objective_with_grounding
-
-
-def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
+def run_sft(
+    config: SFTConfig, *, resume: bool = False, objective: Callable[[VLMBackend], Objective] | None = None
+) -> Path:
+    """Train an SFT run. `objective` builds the training objective for the loaded model (a loss beside
+    the CE, as in `drivekd.experimental`); None: the answer CE."""
     folder = RunFolder(config.train.output_dir)
     identity = run_identity(config)
     if not folder.check(identity, resume=resume):
@@ -190,22 +155,12 @@ def run_sft(config: SFTConfig, *, resume: bool = False) -> Path:
     identity["named.data"] = samples_digest([*train, *val])
     folder.check_data(identity["named.data"], resume=resume)
     augment = shuffle_choices if config.data.shuffle_choices else None
-    objective = cross_entropy
-    if config.train.tag_attention_weight > 0:
-        layer = config.train.tag_attention_layer
-        layer = backend.num_layers // 2 if layer is None else layer
-        if not -backend.num_layers <= layer < backend.num_layers:
-            raise DriveKDError(
-                f"train.tag_attention_layer={layer}: the model has {backend.num_layers} LM layers "
-                f"(use 0..{backend.num_layers - 1}, or negative from the end)"
-            )
-        objective = with_tag_attention(objective, backend, weight=config.train.tag_attention_weight, layer=layer)
     trainer = Trainer(
         config.train,
         backend,
         train,
         val,
-        objective,
+        cross_entropy if objective is None else objective(backend),
         max_length=config.data.max_length,
         augment=augment,
         val_objective=answer_metrics,

@@ -107,7 +107,7 @@ class Trainer:
         self.before_step = before_step  # e.g. combine task gradients accumulated over the step
         self.augment = augment  # applied per (seed, epoch, sample index): reproducible across resumes and ranks
         # An object with state_dict()/load_state_dict() checkpointed with the run (e.g. the distiller's
-        # amortised coefficients and reweighter), so a resumed run continues bit-identically.
+        # amortised coefficients), so a resumed run continues bit-identically.
         self.stateful = stateful
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
@@ -222,19 +222,14 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
         if self.stateful is not None:
-            file = latest / "objective_state.pt"
-            if not file.is_file():
-                raise DriveKDError(
-                    f"{latest}: no objective_state.pt: written by an older drivekd, cannot resume exactly"
-                )
-            self.stateful.load_state_dict(torch.load(file, weights_only=True))
+            self.stateful.load_state_dict(torch.load(latest / "objective_state.pt", weights_only=True))
         rng = torch.load(latest / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         random.setstate(_as_python_state(rng["python"]))
         state = json.loads((latest / "trainer_state.json").read_text())
-        self.log_window = state.pop("log_window", {"sums": {}, "n": 0})
+        self.log_window = state.pop("log_window")
         self.position = Position(**state)
         self._trim_metrics(self.position.step)
         return True

@@ -1,18 +1,32 @@
-"""Online loss reweighting (docs/method.md §4, the reference code's GradNorm-like rule).
+"""Online loss reweighting (docs/method.md §4, the reference code's GradNorm-like rule): experimental,
+`drivekd experimental distill-reweight`.
 
 Weights `w_i = softplus(a_i)`. After each optimiser step, with `n_i` the gradient norm of loss i
 (unweighted) averaged over the step's micro-batches, `G_i = w_i n_i` is pulled toward
 `T_i = p_i * sum(G) * (r_i / mean r)^alpha` (`p_i` the static weight share, `r_i = L_i / L_i(0)`) by
 AdamW on `a` minimising `sum |G_i - T_i|`; then the weights are rescaled to the static sum and the CE
 weight is kept at or above its floor.
+
+`ReweightDistiller` is the product `Distiller` with its loss weights taken from a `LossReweighter`,
+fed by the Distiller's hooks: the Gram matrix's diagonal (gradient norms), the losses of each
+backward, one reweighting step per optimiser step; the reweighter's state is checkpointed with the
+Distiller's, so a resumed run continues bit-identically.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+
+from drivekd.data.sample import Sample
+from drivekd.distill.engine import Distiller
+from drivekd.distill.run import run_distill
+from drivekd.experimental.config import ReweightDistillConfig
+from drivekd.models.backend import VLMBackend
 
 
 def _inverse_softplus(x: float) -> float:
@@ -99,3 +113,60 @@ class LossReweighter:
                 w[i] = w[i].clamp_min(self.floor)
             self.a.copy_(torch.tensor([_inverse_softplus(float(x)) for x in w], dtype=torch.float64))
         return {f"weight/{n}": float(x) for n, x in zip(self.names, w, strict=True)}
+
+
+class ReweightDistiller(Distiller):
+    config: ReweightDistillConfig
+
+    def __init__(self, config: ReweightDistillConfig, student: VLMBackend, train: Sequence[Sample]) -> None:
+        super().__init__(config, student, train)
+        self.reweighter: LossReweighter | None = None  # made once the static weights are set
+        self._values: dict[str, float] = {}  # the last micro-batch's unweighted losses
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        super().set_weights(weights)
+        reweight = self.config.reweight
+        self.reweighter = LossReweighter(
+            super().loss_weights(), lr=reweight.lr, alpha=reweight.alpha, floor=reweight.ce_floor
+        )
+
+    def loss_weights(self) -> dict[str, float]:
+        return self.reweighter.weights() if self.reweighter is not None else super().loss_weights()
+
+    def observe_gram(self, names: list[str], gram: torch.Tensor) -> None:
+        if self.reweighter is None:
+            return
+        w_now = self.reweighter.weights()
+        norms = {n: float(gram[i, i].sqrt()) / max(w_now[n], 1e-12) for i, n in enumerate(names)}
+        self.reweighter.observe(norms, self._values)
+
+    def backward(self, losses: dict[str, torch.Tensor], accelerator: Accelerator, step: int) -> dict[str, float]:
+        w_now = self.loss_weights()
+        self._values = {n: float(v.detach()) / max(w_now[n], 1e-12) for n, v in losses.items()}
+        return super().backward(losses, accelerator, step)
+
+    def before_step(self, accelerator: Accelerator, step: int) -> dict[str, float]:
+        """Combine (the base's), then one reweighting step on the statistics averaged over processes."""
+        stats = super().before_step(accelerator, step)
+        assert self.reweighter is not None, "set_weights first"
+        reduce = (
+            (lambda t: accelerator.reduce(t.to(accelerator.device), reduction="mean").cpu())
+            if accelerator.num_processes > 1
+            else None
+        )
+        stats.update(self.reweighter.step(reduce))
+        return stats
+
+    def state_dict(self) -> dict[str, object]:
+        assert self.reweighter is not None, "set_weights first"
+        return {**super().state_dict(), "reweighter": self.reweighter.state_dict(), "values": dict(self._values)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        super().load_state_dict(state)
+        assert self.reweighter is not None, "set_weights first"
+        self.reweighter.load_state_dict(state["reweighter"])  # type: ignore[arg-type]
+        self._values = dict(state["values"])  # type: ignore[call-overload]
+
+
+def run_distill_reweight(config: ReweightDistillConfig, *, resume: bool = False) -> Path:
+    return run_distill(config, resume=resume, distiller_class=ReweightDistiller)
