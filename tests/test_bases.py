@@ -30,7 +30,8 @@ TINY_BUILD = {
             "joint": {
                 "model": {"name": "@drill"},
                 "data": {"path": "@qa", "max_length": 512, "mix": [{"path": "@objects", "samples": 4}]},
-                "train": {"max_steps": 2, "tag_attention_weight": 1.0},
+                "tag_attention": {"weight": 1.0},
+                "train": {"max_steps": 2},
             },
         },
         "evaluate": "heldout",
@@ -119,7 +120,8 @@ def test_a_variant_is_laid_over_the_spec(tmp_path):
     )
     assert fast.datasets["qa"].scenes == 2 and fast.datasets["qa"].seed == 150  # merged, not replaced
     joint = fast.stages["joint"]
-    assert joint["train"] == {"max_steps": 5, "tag_attention_weight": 1.0} and joint["data"]["mix"] == []
+    assert joint["train"] == {"max_steps": 5} and joint["tag_attention"] == {"weight": 1.0}
+    assert joint["data"]["mix"] == []
     assert joint["data"]["path"] == "@qa"
     assert fast.stages["drill"] == plain.stages["drill"]
     with pytest.raises(DriveKDError, match="no build has a variant 'slow'"):
@@ -171,3 +173,18 @@ def test_a_name_that_is_both_a_dataset_and_a_stage_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(DriveKDError, match="'qa' names both a dataset and a stage"):
         load_builds(path)
+
+
+def test_a_stage_is_checked_when_the_build_file_is_read(tmp_path):
+    spec = yaml.safe_load(yaml.safe_dump(TINY_BUILD))
+    file = tmp_path / "bases.yaml"
+    spec["tiny-base"]["stages"]["drill"]["train"]["lr"] = -1.0
+    file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        DriveKDError, match=r"bases.yaml: tiny-base: stage drill: train.lr: Input should be greater than 0"
+    ):
+        load_builds(file)
+    spec["tiny-base"]["stages"]["drill"]["train"] = {"max_steps": 2, "tag_attention_weight": 1.0}
+    file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DriveKDError, match=r"stage drill: `train.tag_attention_weight` moved to an experimental"):
+        load_builds(file)

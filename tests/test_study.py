@@ -2,15 +2,18 @@
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
 from drivekd.errors import DriveKDError
-from drivekd.study import runner
-from drivekd.study.profiles import PROFILES, Profile, load_variants
+from drivekd.study import runner, students
+from drivekd.study.profiles import PROFILES, VARIANTS, Profile, Variant, load_profile, load_variants
 from drivekd.study.report import beyond_spread
+from drivekd.study.runner import Chain, Step
+from drivekd.study.students import StudentRun
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
@@ -52,14 +55,15 @@ def test_study_writes_every_artefact(study):
     for cap in ("perception", "reasoning", "planning"):
         assert (study / "runs" / "single-teacher" / "seed-0" / cap / "final" / "model.safetensors").is_file()
         recipe = yaml.safe_load((study / "recipes" / f"prestudy-{cap}@{TINY.kd_share:g}.yaml").read_text())
-        assert list(recipe) == [cap] and recipe[cap]["weight"] > 0
+        assert list(recipe) == [cap] and recipe[cap]["share"] == TINY.kd_share and "weight" not in recipe[cap]
     preds = [
         json.loads(x) for x in (study / "preds" / "single-teacher" / "seed-0" / "test.jsonl").read_text().splitlines()
     ]
     test = [json.loads(x) for x in (study / "data" / "test.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in preds) == sorted(s["id"] for s in test)
-    # calibration: weight x initial loss == share x CE for every signal
-    cal = json.loads((study / "recipes" / "calibration.json").read_text())["recipes"]["prestudy"]
+    # every distillation run measured its own weights: weight x initial loss == share x CE
+    cal = json.loads((study / "runs" / "multi-agp" / "seed-0" / "calibration.json").read_text())
+    assert set(cal["weights"]) == {"perception", "reasoning", "planning"}
     for name, weight in cal["weights"].items():
         assert weight * cal["initial_losses"][name] == pytest.approx(
             TINY.kd_share * cal["initial_losses"]["ce"], rel=1e-5
@@ -84,9 +88,9 @@ def test_finished_runs_are_not_redone(study, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
-    for name in ("generate_data", "prestudy", "calibrate", "train_student", "bench"):
+    for name in ("generate_data", "prestudy", "make_cache", "evaluate_students", "mechanism", "bench"):
         monkeypatch.setattr(runner.Study, name, boom)
-    monkeypatch.setattr(runner.Study, "evaluate_students", boom)
+    monkeypatch.setattr(students, "train", boom)
     runner.Study(study, TINY, echo=lambda _: None).run()
 
 
@@ -95,14 +99,14 @@ def test_failed_run_is_marked_and_the_study_goes_on(study, tmp_path, monkeypatch
     shutil.copytree(study, out, ignore=shutil.ignore_patterns("runs", "preds", "bench"))
     for keep in ("teacher", "majority"):
         shutil.copytree(study / "preds" / keep, out / "preds" / keep)
-    original = runner.Study.train_student
+    original = students.train
 
-    def dies_for_agp(self, run):
+    def dies_for_agp(configs, run):
         if run.variant.name == "multi-agp":
             raise RuntimeError("simulated out-of-memory")
-        return original(self, run)
+        return original(configs, run)
 
-    monkeypatch.setattr(runner.Study, "train_student", dies_for_agp)
+    monkeypatch.setattr(students, "train", dies_for_agp)
     monkeypatch.setattr(runner.Study, "bench", lambda self: None)
     profile = TINY
     runner.Study(out, profile, echo=lambda _: None).run()
@@ -113,7 +117,7 @@ def test_failed_run_is_marked_and_the_study_goes_on(study, tmp_path, monkeypatch
 
 
 def test_other_configuration_is_refused(study):
-    other = Profile(**{**TINY.__dict__, "student_lr": 1e-3})
+    other = TINY.model_copy(update={"student_lr": 1e-3})
     with pytest.raises(DriveKDError, match="student_lr"):
         runner.Study(study, other).claim()
 
@@ -135,14 +139,14 @@ def test_profiles_name_known_variants():
     assert len(full.seeds) >= 3 and {"ce", "ce-kl", "ce-hidden", "multi-agp"} <= set(full.variants)
 
 
-def test_a_variants_mixing_reaches_its_distillation_config_and_old_studies_keep_their_settings(study, tmp_path):
+def test_a_variants_mixing_reaches_its_distillation_config(study, tmp_path):
     variants = load_variants()
-    assert "mixing" not in variants["multi-agp"].definition()  # studies begun before the field resume
+    assert variants["multi-agp"].definition()["mixing"] == "reference"
     assert variants["multi-agp-identity"].definition()["mixing"] == "identity"
-    profile = Profile(**{**TINY.__dict__, "variants": ("ce", "multi-agp", "multi-agp-identity", "multi-agp-uniform")})
-    s = runner.Study(study, profile, echo=lambda _: None)  # its calibrated pre-study recipe
+    profile = TINY.model_copy(update={"variants": ("ce", "multi-agp", "multi-agp-identity", "multi-agp-uniform")})
+    s = runner.Study(study, profile, echo=lambda _: None)  # its pre-study recipe
     mixing = {
-        name: s.student_config(runner.StudentRun(variants[name], 0, None)).mixing
+        name: s.configs.config(StudentRun(variants[name], 0, None)).mixing
         for name in ("multi-agp", "multi-agp-identity", "multi-agp-uniform")
     }
     assert mixing == {
@@ -152,10 +156,13 @@ def test_a_variants_mixing_reaches_its_distillation_config_and_old_studies_keep_
     }
     bad = tmp_path / "variants.yaml"
     bad.write_text("x: {recipe: prestudy, mix: identity}\n")
-    with pytest.raises(DriveKDError, match=r"variant 'x': unknown field\(s\) \['mix'\]"):
+    with pytest.raises(DriveKDError, match=r"variant 'x': unknown field `mix` \(did you mean `mixing`\?\)"):
         load_variants(bad)
     bad.write_text("x: {recipe: prestudy, mixing: identiy}\n")
-    with pytest.raises(DriveKDError, match=r"variant 'x': mixing must be identity, reference or a matrix"):
+    with pytest.raises(DriveKDError, match=r"variant 'x': mixing"):
+        load_variants(bad)
+    bad.write_text("x: {recipe: prestudy, amortize_every: 0}\n")
+    with pytest.raises(DriveKDError, match=r"variant 'x': amortize_every: Input should be greater than or equal to 1"):
         load_variants(bad)
 
 
@@ -174,7 +181,7 @@ def test_seed_outside_the_profile_is_refused(study):
 
 def test_report_only_trains_nothing(study, monkeypatch):
     (study / "report.md").unlink()
-    monkeypatch.setattr(runner.Study, "train_student", lambda *a: (_ for _ in ()).throw(AssertionError("trained")))
+    monkeypatch.setattr(students, "train", lambda *a: (_ for _ in ()).throw(AssertionError("trained")))
     assert runner.Study(study, TINY, echo=lambda _: None).report() == study / "report.md"
     assert "| ce |" in (study / "report.md").read_text()
 
@@ -183,10 +190,10 @@ def test_a_data_seed_the_teacher_was_trained_on_is_refused(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "card.json").write_text(json.dumps({"seeds": [5, 101]}))
-    profile = Profile(**{**TINY.__dict__, "teacher": str(teacher)})
+    profile = TINY.model_copy(update={"teacher": str(teacher)})
     with pytest.raises(DriveKDError, match=r"data seed 5 is one the teacher .* was trained on"):
         runner.Study(tmp_path / "s", profile).claim()
-    reserved = Profile(**{**TINY.__dict__, "data_seed": 150})
+    reserved = TINY.model_copy(update={"data_seed": 150})
     with pytest.raises(DriveKDError, match="reserved for the shipped bases"):
         runner.Study(tmp_path / "s2", reserved).claim()
     assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists()
@@ -198,7 +205,7 @@ def test_a_study_begun_with_other_teacher_weights_is_refused(tmp_path):
     teacher.mkdir()
     card = teacher / "card.json"
     card.write_text(json.dumps({"seeds": [101], "weights_sha256": "a" * 64}))
-    profile = Profile(**{**TINY.__dict__, "teacher": str(teacher)})
+    profile = TINY.model_copy(update={"teacher": str(teacher)})
     runner.Study(tmp_path / "s", profile).claim()
     settings = json.loads((tmp_path / "s" / "study.json").read_text())["settings"]
     assert settings["teacher_weights_sha256"] == "a" * 64 and "student_weights_sha256" not in settings
@@ -215,15 +222,12 @@ def test_parallel_jobs_run_exactly_the_missing_steps(study, tmp_path):
         shutil.rmtree(out / "preds" / name)
     s = runner.Study(out, TINY, jobs=2, echo=lambda _: None)
     plan = s.plan(None)
-    assert [step.name for step in plan] == [
-        "eval teacher test",
-        "eval teacher test-other-images",
-        "eval majority val",
-        "eval majority test",
-        "mechanism",
+    assert [(c.name, c.after, [step.name for step in c.steps]) for c in plan] == [
+        ("teacher", None, ["eval teacher test", "eval teacher test-other-images"]),
+        ("majority", None, ["eval majority val", "eval majority test"]),
     ]
-    assert all(step.needs == () for step in plan)  # what they read is done
-    s.execute(plan)
+    before = len((out / "timings.jsonl").read_text().splitlines())
+    s.run()
     for split in ("val", "test"):
         assert (out / "preds" / "majority" / f"{split}.jsonl").read_text() == (
             study / "preds" / "majority" / f"{split}.jsonl"
@@ -236,60 +240,72 @@ def test_parallel_jobs_run_exactly_the_missing_steps(study, tmp_path):
     assert set(json.loads((out / "mechanism.json").read_text())) == set(
         json.loads((study / "mechanism.json").read_text())
     )
-    timed = [json.loads(x)["step"] for x in (out / "timings.jsonl").read_text().splitlines()]
-    assert timed[-len(plan) :].count("mechanism") == 1 and set(timed[-len(plan) :]) == {step.name for step in plan}
+    timed = [json.loads(x)["step"] for x in (out / "timings.jsonl").read_text().splitlines()][before:]
+    steps = [step.name for chain in plan for step in chain.steps]
+    assert sorted(timed) == sorted([*steps, "mechanism", "report"])
 
 
-def test_a_step_waits_for_what_is_redone_behind_a_done_step(study, tmp_path):
-    # calibration.json deleted, the caches made from it kept: the distilled student reads the
-    # calibration, so it must wait for the calibration to be redone, not start beside it
+def test_a_redone_prestudy_redoes_its_caches_and_the_distilled_students_wait_for_them(study, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(study, out, ignore=shutil.ignore_patterns("mechanism.json", "infer.json"))
-    (out / "recipes" / "calibration.json").unlink()
+    (out / "prestudy" / "recipe.yaml").unlink()
     shutil.rmtree(out / "runs" / "multi-agp")
     shutil.rmtree(out / "preds" / "multi-agp")
-    plan = {step.name: step for step in runner.Study(out, TINY, echo=lambda _: None).plan(None)}
-    assert "calibrate" in plan and not any(name.startswith("teacher cache") for name in plan)
-    assert plan["calibrate"].needs == ()  # the pre-study it reads is done and nothing behind it is redone
-    assert plan["train multi-agp/seed-0"].needs == ("calibrate",)
-    assert plan["eval multi-agp/seed-0 test"].needs == ("train multi-agp/seed-0",)
-    assert set(plan["mechanism"].needs) == {"train multi-agp/seed-0"}
+    shutil.rmtree(out / "preds" / "ce")
+    plan = {chain.name: chain for chain in runner.Study(out, TINY, echo=lambda _: None).plan(None)}
+    side = [step.name for step in plan[runner.TEACHER_SIDE].steps]
+    assert side[0] == "prestudy"
+    assert set(side[1:]) == {"teacher cache prestudy"} | {
+        f"teacher cache prestudy-{cap}" for cap in ("perception", "reasoning", "planning")
+    }
+    assert plan["multi-agp/seed-0"].after == runner.TEACHER_SIDE
+    assert plan["multi-agp/seed-0"].steps[0].name == "train multi-agp/seed-0"
+    assert plan["ce/seed-0"].after is None  # reads no teacher: does not wait
+    assert [step.name for step in plan["ce/seed-0"].steps] == [
+        "eval ce/seed-0 val",
+        "eval ce/seed-0 test",
+        "eval ce/seed-0 test-other-images",
+    ]
 
 
 def test_a_student_failing_in_a_job_is_recorded_and_its_evaluations_skipped(study, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(study, out, ignore=shutil.ignore_patterns("runs", "preds"))
-    broken = runner.StudentRun(runner.Variant(name="broken", recipe="no-such-recipe"), 0, None)
-    steps = [
-        runner.Step("train broken/seed-0", "train_student", (broken,), row="broken/seed-0"),
-        runner.Step(
-            "eval broken/seed-0 val", "evaluate_students", ([broken], "val"), ("train broken/seed-0",), "broken/seed-0"
+    s = runner.Study(out, TINY, jobs=2, echo=lambda _: None)
+    broken = StudentRun(Variant(name="broken", recipe="no-such-recipe"), 0, None)
+    chains = [
+        Chain(
+            "broken/seed-0",
+            (
+                Step("train broken/seed-0", partial(students.train, s.configs, broken)),
+                Step("eval broken/seed-0 val", partial(s.evaluate_students, [broken], "val")),
+            ),
+            row="broken/seed-0",
         ),
-        runner.Step("eval majority val", "majority", ("val",)),
+        Chain("majority", (Step("eval majority val", partial(s.majority, "val")),)),
     ]
-    runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(steps)
+    s.execute(chains)
     failed = json.loads((out / "runs" / "broken" / "seed-0" / "failed.json").read_text())
-    assert failed["error"].startswith("KeyError") and "no-such-recipe" in failed["error"]
+    assert "no-such-recipe" in failed["error"]
     assert not (out / "preds" / "broken").exists()
     assert (out / "preds" / "majority" / "val.jsonl").is_file()
-    # a step that is not a student's stops the study
+    # a chain that is not a student row's stops the study
     with pytest.raises(DriveKDError):
-        runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(
-            [runner.Step("eval teacher x", "evaluate_teacher", ("nope",))]
-        )
+        s.execute([Chain("teacher", (Step("eval teacher x", partial(s.evaluate_teacher, "nope")),))])
 
 
-def test_a_failure_that_is_not_a_students_lets_running_steps_finish_and_starts_nothing(study, tmp_path):
+def test_a_failure_that_is_not_a_students_lets_running_jobs_finish_and_starts_nothing(study, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(study, out, ignore=shutil.ignore_patterns("preds", "timings.jsonl"))
-    steps = [
-        runner.Step("eval teacher nope", "evaluate_teacher", ("nope",)),  # fails at once: no such split
-        runner.Step("eval teacher test", "evaluate_teacher", ("test",)),  # loads a model and decodes: slower
-        runner.Step("eval majority val", "majority", ("val",)),
+    s = runner.Study(out, TINY, jobs=2, echo=lambda _: None)
+    chains = [
+        Chain("nope", (Step("eval teacher nope", partial(s.evaluate_teacher, "nope")),)),  # fails at once
+        Chain("teacher", (Step("eval teacher test", partial(s.evaluate_teacher, "test")),)),  # loads and decodes
+        Chain("majority", (Step("eval majority val", partial(s.majority, "val")),)),
     ]
     with pytest.raises(DriveKDError, match="nope"):
-        runner.Study(out, TINY, jobs=2, echo=lambda _: None).execute(steps)
-    # the step that was running finished, kept its output and is recorded as done; nothing else started
+        s.execute(chains)
+    # the job that was running finished, kept its output and is recorded as done; nothing else started
     assert (out / "preds" / "teacher" / "test.jsonl").is_file()
     timed = [json.loads(x)["step"] for x in (out / "timings.jsonl").read_text().splitlines()]
     assert timed == ["eval teacher test"]
@@ -301,15 +317,16 @@ def test_study_jobs_draw_no_progress_bars_and_use_their_thread_share():
     import sys
 
     code = (
+        "from drivekd import progress\n"
+        "for _ in progress.bar(range(3), desc='SHOWN', disable=False): pass\n"
         "from drivekd.study.runner import _worker_init\n"
         "_worker_init(1)\n"
         "import torch\n"
-        "from tqdm import tqdm\n"
-        "for _ in tqdm(range(3), desc='BAR', disable=False): pass\n"
+        "for _ in progress.bar(range(3), desc='HIDDEN', disable=False): pass\n"
         "print(torch.get_num_threads())\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == "1" and "BAR" not in r.stderr
+    assert r.stdout.strip() == "1" and "SHOWN" in r.stderr and "HIDDEN" not in r.stderr
 
 
 def test_the_readme_example_trains_as_the_study_students_do():
@@ -318,9 +335,45 @@ def test_the_readme_example_trains_as_the_study_students_do():
     from drivekd.train.config import DistillConfig, load_config
 
     example = load_config(DistillConfig, Path(__file__).parents[1] / "configs" / "distill-tiny-internvl.yaml")
-    for section, fields in runner.STUDENT.items():
+    from drivekd.study.profiles import STUDENT
+
+    for section, fields in STUDENT.items():
         for key, value in fields.items():
             assert getattr(getattr(example, section), key) == value, (section, key)
     study = runner.Study(Path("unused"), TINY, workers=1, echo=lambda _: None)
-    train = study.train_config(Path("o"), epochs=1.0, lr=1e-3, seed=0, eval_every=None)
+    train = study.configs.config(StudentRun(VARIANTS["ce"], 3, None)).train
     assert (train.micro_batch_size, train.weight_decay, train.save_every) == (8, 0.01, 100)
+    assert (train.seed, train.lr, train.epochs, train.eval_every) == (3, TINY.student_lr, TINY.student_epochs, None)
+
+
+def test_a_profile_file_extends_a_shipped_one_and_is_checked_when_read(tmp_path):
+    file = tmp_path / "six-epochs.yaml"
+    file.write_text("extends: quick\nstudent_epochs: 6\nseeds: [0, 1]\n")
+    profile = load_profile(file)
+    assert profile.name == "six-epochs" and profile.student_epochs == 6 and profile.seeds == (0, 1)
+    assert profile.model_dump(exclude={"name", "student_epochs", "seeds"}) == PROFILES["quick"].model_dump(
+        exclude={"name", "student_epochs", "seeds"}
+    )
+    for body, match in (
+        ("student_lr: 0", "student_lr: Input should be greater than 0"),
+        ("scenes: 2.5", "scenes: Input should be a valid integer"),
+        ("variants: [ce, multi-agpp]", "variants: unknown variant 'multi-agpp' \\(did you mean 'multi-agp'\\?\\)"),
+        ("split: [0.5, 0.5, 0.5]", "split: train, val and test fractions must be > 0 and sum to 1"),
+        ("seeds: [0, 0]", "seeds: a seed is named twice"),
+        ("student_lrr: 1", "unknown field `student_lrr` \\(did you mean `student_lr`\\?\\)"),
+    ):
+        file.write_text(f"extends: quick\n{body}\n")
+        with pytest.raises(DriveKDError, match=f"{file}: six-epochs: {match}"):
+            load_profile(file)
+    with pytest.raises(DriveKDError, match="unknown profile 'nope'"):
+        load_profile("nope")
+
+
+def test_a_students_config_file_trains_it_by_hand(study, tmp_path):
+    """The study's own config file is a `drivekd distill` config: the same run, resumed, has nothing to do."""
+    config = study / "runs" / "multi-agp" / "seed-0" / "config.yaml"
+    text = config.read_text()
+    assert str(study / "data") in text and "share" not in text  # absolute paths; shares live in the recipe
+    r = run_cli("distill", "--config", str(config), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do" in (r.stdout + r.stderr)

@@ -31,6 +31,8 @@ from drivekd.distill.signals import SignalSpec
 from drivekd.errors import DriveKDError
 from drivekd.experimental.config import CONFIGS as EXPERIMENTAL
 from drivekd.models.loading import PRESETS
+from drivekd.study.bases import DatasetSpec, load_builds
+from drivekd.study.profiles import Profile, Variant, load_profile, load_variants
 from drivekd.train.config import CONFIGS, DistillConfig, SFTConfig, TrainConfig, load_config
 from drivekd.train.run_folder import RunFolder
 from drivekd.train.sft import answer_metrics, load_model, load_training_data, run_sft
@@ -79,6 +81,8 @@ def numeric_fields(cls: type[BaseModel], path: tuple[Any, ...] = ()) -> list[tup
 
 
 CLASSES = {**CONFIGS, **EXPERIMENTAL, "recipe signal": SignalSpec}
+# the study's own files: profiles, variants, the bases' datasets
+STUDY_FILES = {"study profile": Profile, "study variant": Variant, "base dataset": DatasetSpec}
 # of an experimental config, the fields its product config lacks
 FIELDS = [
     (kind, f)
@@ -90,7 +94,9 @@ FIELDS = [
 
 def test_every_numeric_field_declares_its_domain():
     assert len(FIELDS) > 30
-    undeclared = [".".join(map(str, path)) for _, (path, _, bounds) in FIELDS if not bounds]
+    study = [(kind, f) for kind, cls in STUDY_FILES.items() for f in numeric_fields(cls)]
+    assert len(study) > 10
+    undeclared = [".".join(map(str, path)) for _, (path, _, bounds) in FIELDS + study if not bounds]
     # a new number without a domain (drivekd/domains.py) fails here; mixing entries are the one list
     assert undeclared == ["mixing.0.0"] or undeclared == [], undeclared
 
@@ -165,6 +171,36 @@ def test_a_value_outside_its_domain_is_a_one_line_error_naming_the_field(tmp_pat
         file.write_text(yaml.safe_dump(raw))
         with pytest.raises(DriveKDError, match=rf"c.yaml: {where}: ") as info:
             load_config(CLASSES[kind], file)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [(kind, f) for kind, cls in STUDY_FILES.items() for f in numeric_fields(cls)],
+    ids=lambda f: ".".join(map(str, f[0])) if isinstance(f, tuple) else f,
+)
+def test_a_study_file_value_outside_its_domain_is_a_one_line_error_naming_it(tmp_path, kind, field):
+    path, _, bounds = field
+    bad = bounds["ge"] - 1 if "ge" in bounds else bounds.get("gt", 0) - 1
+    file = tmp_path / "f.yaml"
+    if kind == "study profile":
+        raw: dict[str, Any] = {"extends": "quick"}
+        _set(raw, path, bad if path[0] != "split" else 2.0)
+        file.write_text(yaml.safe_dump(raw))
+        with pytest.raises(DriveKDError, match=rf"f.yaml: f: {path[0]}") as info:
+            load_profile(file)
+    elif kind == "study variant":
+        file.write_text(yaml.safe_dump({"v": {"recipe": "prestudy", path[0]: bad}}))
+        with pytest.raises(DriveKDError, match=rf"variant 'v': {path[0]}: ") as info:
+            load_variants(file)
+    else:
+        dataset = {"task": "qa", "scenes": 3, "seed": 150}
+        _set(dataset, path, bad)
+        stage = {"model": {"name": "tiny-internvl-student"}, "data": {"path": "@d"}, "train": {}}
+        build = {"preset": "p", "about": "a", "datasets": {"d": dataset}, "stages": {"s": stage}}
+        file.write_text(yaml.safe_dump({"b": {**build, "evaluate": "d", "check": "d"}}))
+        with pytest.raises(DriveKDError, match=rf"f.yaml: b: dataset d: {path[0]}") as info:
+            load_builds(file)
     assert "\n" not in str(info.value)
 
 

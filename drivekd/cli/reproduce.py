@@ -13,11 +13,11 @@ BASES = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
 @click.option(
     "--profile",
     "profile_name",
-    type=click.Choice(["quick", "full", "ablations", *BASES]),
     default="quick",
     show_default=True,
-    help="quick / full / ablations: the Drive-KD study. A base's name: rebuild that shipped pretrained model "
-    "from nothing (hours on a CPU).",
+    help="quick / full / ablations (drivekd/study/profiles.yaml), or a profile YAML file of your own (its "
+    "fields, or `extends: quick` and the fields it changes): the Drive-KD study. A base's name: rebuild that "
+    "shipped pretrained model from nothing (hours on a CPU).",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Study directory (created or resumed).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-generation processes.")
@@ -26,8 +26,8 @@ BASES = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
     type=click.IntRange(min=1),
     default=2,
     show_default=True,
-    help="Study steps run at once (each in its own process with its share of the CPU threads); a step "
-    "starts as soon as the steps it reads are done.",
+    help="Study jobs run at once (each in its own process with its share of the CPU threads): the teacher's "
+    "side, each student row, the teacher's evaluations; a job starts as soon as what it reads is done.",
 )
 @click.option(
     "--seed",
@@ -79,9 +79,9 @@ def reproduce(
         return
     if variant or data_from or data_only:
         raise click.UsageError("--variant, --data-from and --data-only are for a base's build")
-    from drivekd.study.profiles import get_profile
+    from drivekd.study.profiles import load_profile
     from drivekd.study.runner import Study
 
-    study = Study(out, get_profile(profile_name), workers=workers, jobs=jobs)
+    study = Study(out, load_profile(profile_name), workers=workers, jobs=jobs)
     report = study.report() if report_only else study.run(seeds or None)
     click.echo(f"wrote {report}")

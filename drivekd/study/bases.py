@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from drivekd.atomic import atomic_dir, atomic_file
+from drivekd.atomic import atomic_dir, write_json
+from drivekd.domains import Fraction, NonNegativeInt
 from drivekd.errors import DriveKDError
-from drivekd.yamlfile import read_yaml
+from drivekd.train.config import SFTConfig, first_error, validate_config
+from drivekd.train.run_folder import RunFolder, Timings, claim_folder
+from drivekd.yamlfile import merged, read_yaml
 
 BASES_FILE = Path(__file__).with_name("bases.yaml")
 # Scenes of seed S are built from (S, i): every seed in this range belongs to the bases, so a study or
@@ -33,13 +37,13 @@ BASES_FILE = Path(__file__).with_name("bases.yaml")
 BASE_SEEDS = range(100, 300)
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     task: str = "qa"
-    scenes: int = 0
-    seed: int = 0
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    scenes: NonNegativeInt = 0
+    seed: NonNegativeInt = 0
+    split: tuple[Fraction, Fraction, Fraction] = (0.8, 0.1, 0.1)
     drill: str | None = None  # option-lookup items of this dataset instead of generating
 
 
@@ -77,7 +81,7 @@ def load_builds(path: Path = BASES_FILE, variant: str | None = None) -> dict[str
         if variant is not None:
             if variant not in variants:
                 continue
-            spec = {**_merged(spec, variants[variant]), "variant": variant}
+            spec = {**merged(spec, variants[variant]), "variant": variant}
         builds[name] = _parse_build(name, spec, path)
     if variant is not None and not builds:
         raise DriveKDError(f"{path}: no build has a variant {variant!r}")
@@ -87,10 +91,11 @@ def load_builds(path: Path = BASES_FILE, variant: str | None = None) -> dict[str
 def _parse_build(name: str, spec: dict[str, Any], path: Path) -> BaseBuild:
     datasets = {}
     for dname, d in spec["datasets"].items():
-        d = dict(d)
-        if "split" in d:
-            d["split"] = tuple(d["split"])
-        datasets[dname] = DatasetSpec(name=dname, **d)
+        try:
+            datasets[dname] = DatasetSpec(name=dname, **d)
+        except ValidationError as e:
+            err, loc, more = first_error(e)
+            raise DriveKDError(f"{path}: {name}: dataset {dname}: {loc}: {err['msg']}{more}") from None
     for dname, d in datasets.items():
         if d.drill is not None and d.drill not in datasets:
             raise DriveKDError(f"{path}: {name}: dataset {dname!r} drills unknown dataset {d.drill!r}")
@@ -101,6 +106,9 @@ def _parse_build(name: str, spec: dict[str, Any], path: Path) -> BaseBuild:
         raise DriveKDError(
             f"{path}: {name}: {both[0]!r} names both a dataset and a stage, so '@{both[0]}' is ambiguous"
         )
+    for stage, raw in spec["stages"].items():  # every stage checked before any dataset is generated
+        checked = merged(raw, {"train": {"output_dir": "(the build's stage folder)"}})
+        validate_config(stage_config_class(raw), checked, f"{path}: {name}: stage {stage}")
     return BaseBuild(
         name=name,
         preset=spec["preset"],
@@ -115,15 +123,11 @@ def _parse_build(name: str, spec: dict[str, Any], path: Path) -> BaseBuild:
     )
 
 
-def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `changes` laid over it: mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = value
-    return out
+def stage_config_class(raw: dict[str, Any]) -> type[SFTConfig]:
+    """SFT, or SFT with the experimental tag-attention loss where the stage has that section."""
+    from drivekd.experimental.config import TagAttentionSFTConfig
+
+    return TagAttentionSFTConfig if "tag_attention" in raw else SFTConfig
 
 
 def sha256_of(path: Path) -> str:
@@ -150,37 +154,11 @@ class BaseBuilder:
         self.data_from = data_from  # a folder of DriveSim-QA datasets generated earlier (reused when equal)
         self.echo = echo
 
-    # ---- bookkeeping -----------------------------------------------------------------------
     def claim(self) -> None:
-        file = self.out / "build.json"
-        settings = {"name": self.build.name, "spec": self.build.raw}
-        if file.is_file():
-            if json.loads(file.read_text(encoding="utf-8")).get("settings") != settings:
-                raise DriveKDError(f"{self.out}: holds a build with other settings; choose another --out, or delete it")
-            return
-        if self.out.exists() and any(self.out.iterdir()):
-            raise DriveKDError(f"{self.out}: exists and is not a drivekd base build (no build.json)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(file, {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        claim_folder(self.out, "build.json", {"name": self.build.name, "spec": self.build.raw}, "build")
 
     def timed(self, step: str, fn: Callable[[], Any]) -> Any:
-        self.echo(f"[build {self.build.name}] {step} ...")
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
-        with open(self.out / "timings.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
-        self.echo(f"[build {self.build.name}] {step}: {seconds:.0f} s")
-        return result
-
-    def timings(self) -> dict[str, float]:
-        file = self.out / "timings.jsonl"
-        out: dict[str, float] = {}
-        if file.is_file():
-            for line in file.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                out[rec["step"]] = out.get(rec["step"], 0.0) + rec["seconds"]
-        return out
+        return Timings(self.out).timed(step, fn, self.echo, f"build {self.build.name}")
 
     def dataset_dir(self, name: str) -> Path:
         return self.out / "data" / name
@@ -205,7 +183,7 @@ class BaseBuilder:
             return self.out / "data"
         stages = list(self.build.stages)
         for i, name in enumerate(stages, 1):
-            if not (self.stage_dir(name) / "final" / "model.safetensors").is_file():
+            if not RunFolder(self.stage_dir(name)).finished:
                 self.echo(f"[build {self.build.name}] stage {i}/{len(stages)}: {name}")
                 self.timed(f"stage {name}", lambda name=name: self.run_stage(name))
         if not (self.export_dir / "model.safetensors").is_file():
@@ -240,11 +218,10 @@ class BaseBuilder:
         generate(target, config, workers=self.workers, overwrite=True)
 
     def stage_config(self, name: str) -> Any:
-        from drivekd.train.config import SFTConfig
-
+        """The stage's SFT config, its `@` references resolved to folders."""
         raw = json.loads(json.dumps(self.build.stages[name]))  # a deep copy
         raw.setdefault("train", {})["output_dir"] = str(self.stage_dir(name))
-        return SFTConfig.model_validate(self._resolve(raw, name))
+        return stage_config_class(raw).model_validate(self._resolve(raw, name))
 
     def _resolve(self, value: Any, stage: str) -> Any:
         if isinstance(value, dict):
@@ -264,11 +241,13 @@ class BaseBuilder:
         return value
 
     def run_stage(self, name: str) -> None:
+        from drivekd.experimental.config import TagAttentionSFTConfig
+        from drivekd.experimental.tag_attention import run_sft_tag_attention
         from drivekd.train.sft import run_sft
 
-        run_dir = self.stage_dir(name)
-        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
-        run_sft(self.stage_config(name), resume=resume)
+        config = self.stage_config(name)
+        run = run_sft_tag_attention if isinstance(config, TagAttentionSFTConfig) else run_sft
+        run(config, resume=RunFolder(self.stage_dir(name)).has_checkpoint())
 
     def export(self) -> None:
         from drivekd.models.loading import LoadOptions, load_backend
@@ -310,7 +289,7 @@ class BaseBuilder:
             if not files[key].is_file():
                 throughput[key] = predict(backend, samples, files[key])
         check = check_score(backend, self.dataset_dir(self.build.check), preds / "check.jsonl")
-        _write_json(
+        write_json(
             self.out / "scores.json",
             {
                 "items": len(test),
@@ -339,7 +318,7 @@ class BaseBuilder:
             "datasets": self.build.raw["datasets"],
             "stages": self.build.stages,
             "steps": sum(self.stage_config(s).train.max_steps or 0 for s in self.build.stages),
-            "seconds": self.timings(),
+            "seconds": Timings(self.out).totals(),
             "machine": f"{platform.machine()}, {_cpu_count()} CPU threads"
             + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
             + f", torch {torch.__version__}, transformers {transformers.__version__}",
@@ -354,7 +333,7 @@ class BaseBuilder:
             "scores": {key: _summary(scores[key]) for key in ("model", "other_images", "majority")},
             "check": {"dataset": self.build.raw["datasets"][self.build.check], **scores["check"]},
         }
-        _write_json(self.export_dir / "card.json", card)
+        write_json(self.export_dir / "card.json", card)
 
 
 def find_dataset(root: Path, config: Any) -> Path | None:
@@ -412,11 +391,6 @@ def _dataset_done(path: Path) -> bool:
     return (path / "card.json").is_file() or (path / "train.jsonl").is_file()
 
 
-def _write_json(path: Path, value: Any) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def verify(export_dir: Path, data_from: Path | None, work: Path, tolerance: float) -> dict[str, Any]:
     """Rescore a build's export on this machine (e.g. weights built on a GPU, checked on the CPU
     before they ship): the held-out test with the model's own images and the check set, against the
@@ -459,7 +433,7 @@ def verify(export_dir: Path, data_from: Path | None, work: Path, tolerance: floa
         "here": here,
         "within_tolerance": all(abs(here[k] - on_card[k]) <= tolerance for k in here),
     }
-    _write_json(work / "verify.json", result)
+    write_json(work / "verify.json", result)
     return result
 
 

@@ -1,167 +1,178 @@
-"""What a `drivekd reproduce` study runs: a profile (sizes, budgets, seeds) and its student variants.
+"""What a `drivekd reproduce` study runs, as data: a profile (profiles.yaml, or a file of your own),
+its student variants (variants.yaml) and how every student trains (student.yaml).
 
-Variants are data (`variants.yaml`); a profile picks some of them. Everything a study's results depend
-on is in the profile, so `study.json` can refuse a directory made with other settings.
+Everything a study's results depend on is in its `settings()`, so `study.json` can refuse a folder
+made with other settings. Every number has a domain (drivekd/domains.py), checked when the file is
+read.
 """
 
-from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from drivekd.errors import DriveKDError
-from drivekd.train.config import DistillConfig
+from drivekd.domains import NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
+from drivekd.errors import DriveKDError, closest
+from drivekd.train.config import CombineConfig, DistillConfig, first_error
 from drivekd.yamlfile import read_yaml
 
-VARIANTS_FILE = Path(__file__).with_name("variants.yaml")
-# how every student trains, beside its profile's and variant's settings
-STUDENT: dict[str, dict[str, Any]] = read_yaml(Path(__file__).with_name("student.yaml"))
-_VARIANT_KEYS = {"recipe", "per_capability", "strategy", "amortize_every", "kd_share", "mixing"}
-_MIXING = TypeAdapter(DistillConfig.model_fields["mixing"].annotation)  # the distillation config's own rule
+HERE = Path(__file__).parent
+PROFILES_FILE = HERE / "profiles.yaml"
+VARIANTS_FILE = HERE / "variants.yaml"
+# how every student of a study trains, beside its profile's and variant's settings: the sections of a
+# `drivekd sft` / `drivekd distill` config that the study does not set itself
+STUDENT_FILE = HERE / "student.yaml"
+STUDENT: dict[str, dict[str, Any]] = read_yaml(STUDENT_FILE)
+FORMAT = 2  # of study.json's settings: 2, a variant's definition always names its mixing
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+# the distillation config's own domains for what a variant sets in it (annotations evaluated at
+# class creation, no `from __future__ import annotations`: these are objects, not names)
+Strategy = CombineConfig.model_fields["strategy"].annotation
+Mixing = DistillConfig.model_fields["mixing"].annotation
 
 
-@dataclass(frozen=True)
-class Variant:
+class Variant(BaseModel):
+    """One student variant: what it distils (if anything) and how its gradients are combined."""
+
+    model_config = _STRICT
     name: str
-    recipe: str = "none"
-    per_capability: bool = False
-    strategy: str = "sum"
-    amortize_every: int | None = None
-    kd_share: float | None = None
-    mixing: str | list[list[float]] = "reference"
+    recipe: str = Field("none", description="none (CE only), a shipped recipe, or `prestudy` (the pre-study's)")
+    per_capability: bool = Field(False, description="one student per capability, on that capability's split")
+    strategy: Strategy = "sum"  # type: ignore[valid-type]
+    amortize_every: PositiveInt | None = None
+    kd_share: PositiveFloat | None = Field(None, description="overrides the profile's kd_share")
+    mixing: Mixing = "reference"  # type: ignore[valid-type]
 
     @property
     def distills(self) -> bool:
         return self.recipe != "none"
 
     def definition(self) -> dict[str, Any]:
-        """The fields results depend on. `mixing` came later and is left out at its default, so
-        studies begun before it resume."""
-        out = dataclasses.asdict(self)
-        if out["mixing"] == "reference":
-            del out["mixing"]
-        return out
+        """The fields results depend on."""
+        return self.model_dump(mode="json")
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
     raw = read_yaml(path) or {}
     out = {}
     for name, fields in raw.items():
-        unknown = set(fields) - _VARIANT_KEYS
-        if unknown:
-            raise DriveKDError(f"{path}: variant {name!r}: unknown field(s) {sorted(unknown)}")
-        if "mixing" in fields:
-            try:  # checked before a study starts, not when its student begins training
-                _MIXING.validate_python(fields["mixing"])
-            except ValidationError:
-                raise DriveKDError(
-                    f"{path}: variant {name!r}: mixing must be identity, reference or a matrix (a list of rows "
-                    f"of numbers), not {fields['mixing']!r}"
-                ) from None
-        out[name] = Variant(name=name, **fields)
+        try:
+            out[name] = Variant(name=name, **(fields or {}))
+        except ValidationError as e:
+            err, loc, more = first_error(e)
+            if err["type"] == "extra_forbidden":
+                close = closest(loc, Variant.model_fields)
+                hint = f" (did you mean `{close}`?)" if close else ""
+                raise DriveKDError(f"{path}: variant {name!r}: unknown field `{loc}`{hint}") from None
+            raise DriveKDError(f"{path}: variant {name!r}: {loc}: {err['msg']}{more}") from None
     return out
 
 
-@dataclass(frozen=True)
-class Profile:
+VARIANTS = load_variants()
+Split = tuple[OpenFraction, OpenFraction, OpenFraction]
+
+
+class Profile(BaseModel):
+    """A study's data, models, budgets and variants (profiles.yaml says what each field is for)."""
+
+    model_config = _STRICT
     name: str
-    scenes: int  # DriveSim-QA scenes (about 7.8 samples each), split by `split`
-    data_seed: int
-    student_epochs: float
-    student_lr: float
-    seeds: tuple[int, ...]
+    scenes: PositiveInt
+    data_seed: NonNegativeInt
+    student_epochs: PositiveFloat
+    student_lr: PositiveFloat
+    seeds: Annotated[tuple[NonNegativeInt, ...], Field(min_length=1)]
     variants: tuple[str, ...]
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / val / test fractions of the scenes
-    # The situation of a Drive-KD user: a teacher stronger than anything they can fine-tune in their
-    # budget, a small student that already reads images and answers multiple choice, a small task set.
+    split: Split = (0.8, 0.1, 0.1)
     teacher: str = "drivesim-internvl-teacher"
     student: str = "drivesim-internvl-student-base"
-    # Loss-weight calibration: each signal's weight makes its loss `kd_share` x the CE loss on the
-    # untrained student (attention MSEs are 1e-7..1e-5 at weight 1, so fixed weights are meaningless).
-    # CE falls ~15x during training while attention losses fall less, so a small share at the start
-    # is already a large one later.
-    kd_share: float = 0.1
-    prestudy_samples: int = 96
-    bench_repeats: int = 5
-    # score every deployment-table row on the test split (the int8 row's accuracy); the teacher's and
-    # students' own scores are in the study's tables either way
+    kd_share: PositiveFloat = 0.1
+    prestudy_samples: PositiveInt = 96
+    bench_repeats: PositiveInt = 5
     bench_score: bool = True
-    eval_max_new_tokens: int = 96
-    # samples per generate() call: larger batches spend less time per decoded token (docs/results.md)
-    eval_batch_size: int = 64
-    mechanism_samples: int = 256  # test items the attention-mass measurement reads per model
+    eval_max_new_tokens: PositiveInt = 96
+    eval_batch_size: PositiveInt = 64
+    mechanism_samples: PositiveInt = 256
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _all_or_listed(cls, value: Any) -> Any:
+        return tuple(VARIANTS) if value == "all" else value
+
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name not in VARIANTS:
+                close = closest(name, VARIANTS)
+                raise ValueError(f"unknown variant {name!r}" + (f" (did you mean {close!r}?)" if close else ""))
+        if len(set(value)) != len(value):
+            raise ValueError("a variant is named twice")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("a seed is named twice")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _split_is_whole(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if abs(sum(value) - 1) > 1e-6 or min(value) <= 0:
+            raise ValueError(f"train, val and test fractions must be > 0 and sum to 1, not {list(value)}")
+        return value
+
+    def variant(self, name: str) -> Variant:
+        return VARIANTS[name]
 
     def settings(self) -> dict[str, Any]:
         """Everything results depend on (written to study.json, compared on resume)."""
-        out = dataclasses.asdict(self)
-        out["seeds"] = list(self.seeds)
-        out["split"] = list(self.split)
-        out["variants"] = list(self.variants)
-        variants = load_variants()
-        out["variant_definitions"] = {v: variants[v].definition() for v in self.variants}
-        out["student_training"] = STUDENT  # student.yaml edited: the study's students train otherwise
-        return out
+        return {
+            **self.model_dump(mode="json"),
+            "format": FORMAT,
+            "variant_definitions": {v: VARIANTS[v].definition() for v in self.variants},
+            "student_training": STUDENT,  # student.yaml edited: the study's students train otherwise
+        }
 
 
-ALL_VARIANTS = tuple(load_variants())
-
-PROFILES: dict[str, Profile] = {
-    # The README's main command: <= 15 minutes on 2 CPU cores from a fresh clone. Students distil on
-    # a small training set; the test split is large (>= 1,000 items) so one question moves a type's
-    # score by well under a point.
-    "quick": Profile(
-        name="quick",
-        scenes=280,  # 993 train / 172 val / 1,024 test questions at seed 0
-        split=(0.45, 0.08, 0.47),
-        data_seed=0,
-        student_epochs=2,
-        student_lr=1e-3,
-        seeds=(0,),
-        variants=("ce", "multi-agp"),
-        prestudy_samples=48,
-        mechanism_samples=128,
-        bench_repeats=3,
-        bench_score=False,  # the students are scored by the study itself; the demo's time is kept for them
-    ),
-    # The main comparison, three seeds, with the baselines the paper compares attention against
-    # (logit KL, hidden states) and the plain sum; a larger training set than quick's. About an
-    # hour and a half on 2 CPU cores with two jobs (docs/results.md).
-    "full": Profile(
-        name="full",
-        scenes=400,
-        split=(0.55, 0.1, 0.35),
-        data_seed=0,
-        student_epochs=2,
-        student_lr=1e-3,
-        seeds=(0, 1, 2),
-        variants=("ce", "ce-kl", "ce-hidden", "multi-sum", "multi-agp", "multi-agp-share0.02"),
-        prestudy_samples=48,
-        eval_batch_size=16,  # the generation batch its published figures were made with (docs/results.md)
-        bench_repeats=3,
-        bench_score=False,
-    ),
-    # Every variant (strategies, single-capability protocol, loss shares), three seeds, a larger
-    # test split: several hours on 2 CPU cores.
-    "ablations": Profile(
-        name="ablations",
-        scenes=700,
-        split=(0.45, 0.1, 0.45),
-        data_seed=0,
-        student_epochs=2,
-        student_lr=1e-3,
-        seeds=(0, 1, 2),
-        variants=ALL_VARIANTS,
-        prestudy_samples=96,
-        bench_repeats=5,
-    ),
-}
+def _parse(raw: Any, source: Path, name: str) -> Profile:
+    if not isinstance(raw, dict):
+        raise DriveKDError(f"{source}: {name}: a profile maps its fields to values")
+    raw = dict(raw)
+    base = raw.pop("extends", None)
+    if base is not None:
+        if base not in _SHIPPED_RAW:
+            raise DriveKDError(f"{source}: {name}: extends {base!r}, not a shipped profile ({', '.join(_SHIPPED_RAW)})")
+        raw = {**_SHIPPED_RAW[base], **raw}
+    raw.setdefault("name", name)
+    for key in raw:
+        if key not in Profile.model_fields:
+            close = closest(key, Profile.model_fields)
+            hint = f" (did you mean `{close}`?)" if close else ""
+            raise DriveKDError(f"{source}: {name}: unknown field `{key}`{hint}")
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as e:
+        err, loc, more = first_error(e)
+        msg = err["msg"].removeprefix("Value error, ")
+        raise DriveKDError(f"{source}: {name}: {loc + ': ' if loc else ''}{msg}{more}") from None
 
 
-def get_profile(name: str) -> Profile:
-    if name not in PROFILES:
-        raise DriveKDError(f"unknown profile {name!r} (choose from {', '.join(PROFILES)})")
-    return PROFILES[name]
+_SHIPPED_RAW: dict[str, dict[str, Any]] = read_yaml(PROFILES_FILE)
+PROFILES: dict[str, Profile] = {name: _parse(raw, PROFILES_FILE, name) for name, raw in _SHIPPED_RAW.items()}
+ALL_VARIANTS = tuple(VARIANTS)
+
+
+def load_profile(spec: str | Path) -> Profile:
+    """A shipped profile by name, or a profile file (its name defaults to the file's stem)."""
+    if str(spec) in PROFILES:
+        return PROFILES[str(spec)]
+    path = Path(spec)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        raise DriveKDError(
+            f"unknown profile {str(spec)!r}: a shipped profile ({', '.join(PROFILES)}) or a profile YAML file"
+        )
+    return _parse(read_yaml(path), path, path.stem)

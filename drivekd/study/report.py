@@ -291,8 +291,8 @@ def write_report(out: Path) -> Path:
         f"({platform.processor() or platform.machine()}, Python {platform.python_version()}). "
         f"Teacher `{settings['teacher']}`, students from `{settings['student']}` ({settings['student_epochs']} "
         f"epochs, lr {settings['student_lr']}), {settings['scenes']} scenes split {settings['split']} "
-        f"(seed {settings['data_seed']}), seeds {settings['seeds']}, distillation losses calibrated to "
-        f"{settings['kd_share']} x CE at the start (`recipes/calibration.json`).",
+        f"(seed {settings['data_seed']}), seeds {settings['seeds']}, each distillation loss starting at "
+        f"{settings['kd_share']} x CE (each run's weights in `runs/NAME/seed-N/calibration.json`).",
         "",
         "## Scores (test; val Avg is what choices are made on)",
         "",

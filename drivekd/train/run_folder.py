@@ -12,18 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from drivekd.atomic import atomic_file
+from drivekd.atomic import atomic_file, write_json
 from drivekd.data.sample import Sample
 from drivekd.errors import DriveKDError
 
 RECORD = "run.json"
-RECORD_VERSION = 2  # 2: paths absolute, no output_dir, the number of processes and a data digest
+RECORD_VERSION = 3  # 3: the experimental fields left the product configs
 # fields that change neither the weights nor the metrics of the run
 NO_EFFECT = frozenset(
     {"train.save_every", "train.keep_last", "train.loader_workers", "train.log_every", "train.eval_every"}
@@ -156,3 +157,57 @@ def _names_a_path(key: str) -> bool:
         or key in {"recipe", "model.name", "teacher.name", "teacher.cache"}
         or (key.startswith("teacher.per_signal."))
     )
+
+
+# ---- folders of many runs (a study, a base's build) -------------------------------------------------
+
+
+def claim_folder(path: Path, record: str, settings: dict[str, Any], what: str) -> None:
+    """Start `path` as a folder of `what` made with `settings` (recorded in `record`), or accept it
+    back with the same settings. Other settings, or a non-empty folder without the record, are a
+    one-line error naming what differs."""
+    file = path / record
+    if file.is_file():
+        existing = json.loads(file.read_text(encoding="utf-8")).get("settings") or {}
+        if existing != settings:
+            diff = sorted(k for k in existing.keys() | settings.keys() if existing.get(k) != settings.get(k))
+            raise DriveKDError(
+                f"{path}: holds a {what} with other settings (differs in: {', '.join(diff)}); choose another "
+                "--out, or delete it"
+            )
+        return
+    if path.exists() and any(path.iterdir()):
+        raise DriveKDError(f"{path}: exists and is not a drivekd {what} (no {record}); choose another --out")
+    write_json(file, {"settings": settings, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+class Timings:
+    """`timings.jsonl` of a folder of many runs: one line per finished step (appended, so steps
+    finishing in several processes each add their own line)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.file = folder / "timings.jsonl"
+
+    def log(self, step: str, seconds: float) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "seconds": round(seconds, 1), "end": round(time.time(), 1)}) + "\n")
+
+    def timed(self, step: str, fn: Callable[[], Any], echo: Callable[[str], None], label: str) -> Any:
+        """Run `fn`, saying when it starts and how long it took, and log it."""
+        echo(f"[{label}] {step} ...")
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        self.log(step, seconds)
+        echo(f"[{label}] {step}: {seconds:.0f} s")
+        return result
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per step, summed over the attempts the file records."""
+        out: dict[str, float] = {}
+        if self.file.is_file():
+            for line in self.file.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                out[rec["step"]] = out.get(rec["step"], 0.0) + rec["seconds"]
+        return out
