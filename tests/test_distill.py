@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from drivekd.data.formats import load_split
-from drivekd.distill.engine import load_recipe, mixing_matrix
+from drivekd.distill.recipe import load_recipe, mixing_matrix
 from drivekd.distill.run import run_distill
 from drivekd.errors import DriveKDError
 from drivekd.models.capture import capture, text_rows
@@ -486,7 +486,7 @@ def test_cache_fingerprint_follows_teacher_content_not_its_path(tmp_path, teache
     ],
 )
 def test_malformed_recipes_are_one_line_errors(tmp_path, data_dir, teacher_dir, recipe, message):
-    from drivekd.distill.engine import check_recipe
+    from drivekd.distill.recipe import check_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text(recipe)
@@ -495,7 +495,7 @@ def test_malformed_recipes_are_one_line_errors(tmp_path, data_dir, teacher_dir, 
 
 
 def test_a_recipe_naming_only_teacher_layers_is_checked_against_the_teacher(tmp_path, data_dir, teacher_dir):
-    from drivekd.distill.engine import check_recipe
+    from drivekd.distill.recipe import check_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text(
@@ -509,7 +509,7 @@ def test_a_recipe_naming_only_teacher_layers_is_checked_against_the_teacher(tmp_
 
 @pytest.mark.integration
 def test_config_level_mistakes_are_found_before_loading(tmp_path, data_dir, teacher_dir):
-    from drivekd.distill.engine import check_recipe
+    from drivekd.distill.recipe import check_recipe
 
     bad_mixing = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, mixing=[[1.0]]))
     with pytest.raises(DriveKDError, match="mixing matrix must be 3x3"):
@@ -545,7 +545,7 @@ def test_cache_fingerprint_needs_weight_files(tmp_path):
 @pytest.mark.integration
 def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, data_dir, teacher_dir):
     from drivekd.distill.calibrate import initial_losses, run_calibrate
-    from drivekd.distill.engine import load_recipe
+    from drivekd.distill.recipe import load_recipe
     from drivekd.train.sft import load_model, load_training_data
 
     cfg = load_config(DistillConfig, _cfg(tmp_path, data_dir, teacher_dir, data={"limit": 8}))

@@ -9,7 +9,7 @@ import yaml
 from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split, write_jsonl
 from drivekd.data.general import QUESTION_TYPES, generate_general
-from drivekd.distill.engine import load_recipe
+from drivekd.distill.recipe import load_recipe
 from drivekd.errors import DataError, DriveKDError
 from drivekd.eval.prestudy.collection import analyse, collect, logit_lens
 from drivekd.eval.prestudy.metrics import (

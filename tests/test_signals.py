@@ -5,7 +5,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from drivekd.distill.engine import load_recipe
+from drivekd.distill.recipe import load_recipe
 from drivekd.distill.signals import (
     Internals,
     Positions,

@@ -76,7 +76,7 @@ def test_study_writes_every_artefact(study):
     assert (study / "prestudy" / "prestudy.json").is_file()
     # the layers each pre-study signal ties, by depth: never the 4-layer student's last one
     line = next(x for x in report.splitlines() if x.startswith("Student layer <- teacher layer(s)"))
-    from drivekd.distill.engine import load_recipe
+    from drivekd.distill.recipe import load_recipe
 
     for name, sig in load_recipe(str(study / "prestudy" / "recipe.yaml")).items():
         pairs = sig.pairs(4, 8)
@@ -323,6 +323,8 @@ def test_study_jobs_draw_no_progress_bars_and_use_their_thread_share():
         "_worker_init(1)\n"
         "import torch\n"
         "for _ in progress.bar(range(3), desc='HIDDEN', disable=False): pass\n"
+        "from transformers.utils import logging\n"
+        "assert not logging.is_progress_bar_enabled()\n"
         "print(torch.get_num_threads())\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

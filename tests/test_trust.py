@@ -25,9 +25,9 @@ from pydantic.fields import FieldInfo
 
 from drivekd.cli import main
 from drivekd.data.drivesim.generate import GenerateConfig, generate
-from drivekd.distill.engine import Distiller, check_recipe, load_recipe
+from drivekd.distill.engine import Distiller
+from drivekd.distill.recipe import SignalSpec, check_recipe, load_recipe
 from drivekd.distill.run import run_cache_teacher, run_distill
-from drivekd.distill.signals import SignalSpec
 from drivekd.errors import DriveKDError
 from drivekd.experimental.config import CONFIGS as EXPERIMENTAL
 from drivekd.models.loading import PRESETS

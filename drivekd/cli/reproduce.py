@@ -24,10 +24,11 @@ BASES = ("drivesim-internvl-teacher", "drivesim-internvl-student-base")
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),
-    default=2,
+    default=1,
     show_default=True,
-    help="Study jobs run at once (each in its own process with its share of the CPU threads): the teacher's "
-    "side, each student row, the teacher's evaluations; a job starts as soon as what it reads is done.",
+    help="Study jobs run at once, each in its own process with its share of the CPU threads (the teacher's "
+    "side, each student row, the teacher's evaluations; a job starts as soon as what it reads is done). On 2 "
+    "cores two jobs are no faster than one (docs/results.md).",
 )
 @click.option(
     "--seed",

@@ -59,7 +59,7 @@ def measure_initial_losses(
 
 def weights_for_shares(losses: dict[str, float], shares: dict[str, float]) -> dict[str, float]:
     """Weight per signal so that weight x initial loss = share x initial CE."""
-    from drivekd.distill.engine import ANCHOR
+    from drivekd.distill.recipe import ANCHOR
 
     ce = losses[ANCHOR]
     if not (math.isfinite(ce) and ce > 0):
@@ -150,7 +150,7 @@ def run_calibrate(
 ) -> tuple[Path, dict[str, Any]]:
     """Write the config's recipe with measured absolute weights to `out`; returns it and the
     measurement. `share` overrides every signal's; otherwise each signal's own share is used."""
-    from drivekd.distill.engine import check_recipe
+    from drivekd.distill.recipe import check_recipe
     from drivekd.train.sft import load_model, load_training_data
     from drivekd.train.trainer import calibration_sample
 

@@ -9,7 +9,8 @@ import torch
 
 from drivekd.data.choices import shuffle_choices
 from drivekd.distill.calibrate import calibrate_run
-from drivekd.distill.engine import Distiller, check_recipe
+from drivekd.distill.engine import Distiller
+from drivekd.distill.recipe import check_recipe
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
 from drivekd.train.run_folder import RunFolder, run_identity, samples_digest

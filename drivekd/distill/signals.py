@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivekd.domains import LayerIndex, PositiveFloat
 from drivekd.models.capture import resolve_layer
 
 
@@ -369,46 +367,6 @@ def captured_layers(bound: Iterable[BoundSignal], side: Literal["student", "teac
             layers = b.student_layers if side == "student" else b.teacher_layers
             (rows if b.reads == "text_rows" else full).update(layers)
     return full, rows - full
-
-
-class SignalSpec(BaseModel):
-    """One recipe entry as written: every field typed and with its domain, unknown fields refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["attn_tv", "attn_full", "attn_group", "hidden", "logit_kl"] = Field(
-        description="what is distilled: text->vision block, whole maps (attn_full and attn_group are one "
-        "signal: a layer or a range, group-matched), hidden states, logits"
-    )
-    capability: Literal["perception", "reasoning", "planning", "all"] | None = Field(
-        None,
-        description="the samples the signal is mixed for (aliases accepted); None: the signal's name, which "
-        "must then be a capability",
-    )
-    layer: LayerIndex | None = Field(None, description="the student's layer (negative from the end)")
-    layers: tuple[LayerIndex, LayerIndex] | None = Field(None, description="the student's [first, last] layers")
-    teacher_layer: LayerIndex | None = Field(None, description="the teacher's layer; the student's by depth")
-    teacher_layers: tuple[LayerIndex, LayerIndex] | None = Field(None, description="the teacher's [first, last]")
-    distance: Literal["mse", "cosine"] = Field("mse", description="distance between student and target")
-    temperature: PositiveFloat = Field(1.0, description="logit_kl's softmax temperature")
-    weight: PositiveFloat | None = Field(None, description="the loss's absolute weight (wins over share)")
-    share: PositiveFloat | None = Field(
-        None, description="the loss's share of the CE at the start, measured in every run; None: 0.1"
-    )
-
-    @field_validator("capability", mode="before")
-    @classmethod
-    def _alias(cls, value: Any) -> Any:
-        from drivekd.data.sample import capability_of
-
-        return capability_of(value) or value
-
-    @model_validator(mode="after")
-    def _one_of_each(self) -> SignalSpec:
-        for one, both in (("layer", "layers"), ("teacher_layer", "teacher_layers"), ("weight", "share")):
-            if getattr(self, one) is not None and getattr(self, both) is not None:
-                raise ValueError(f"give {one} or {both}, not both")
-        return self
 
 
 def make_signal(kind: str, **fields: Any) -> Signal:

@@ -258,7 +258,7 @@ def _timings(out: Path) -> list[str]:
 
 def _matched_layers(recipe: Path, settings: dict[str, Any]) -> list[str]:
     """Which student layers each signal of the recipe constrains, with the teacher layers it is taught."""
-    from drivekd.distill.engine import load_recipe
+    from drivekd.distill.recipe import load_recipe
     from drivekd.models.loading import model_shape
 
     student, teacher = model_shape(settings["student"]), model_shape(settings["teacher"])

@@ -435,3 +435,6 @@ def _worker_init(threads: int) -> None:
 
     torch.set_num_threads(threads)
     show_bars(False)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading and saving bars

@@ -75,7 +75,7 @@ class StudentConfigs:
 
     def source_recipe(self, recipe: str, capability: str | None) -> dict[str, dict[str, Any]]:
         """The recipe's signals as YAML data; `prestudy` is the pre-study's recommendation."""
-        from drivekd.distill.engine import RECIPES
+        from drivekd.distill.recipe import RECIPES
 
         path = self.out / "prestudy" / "recipe.yaml" if recipe == "prestudy" else RECIPES / f"{recipe}.yaml"
         signals = read_yaml(path) or {}

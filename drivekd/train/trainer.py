@@ -36,6 +36,7 @@ from drivekd.data.sample import Sample, image_blind_control
 from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.train.config import TrainConfig
+from drivekd.train.run_folder import RunFolder
 
 # An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
 Objective = Callable[[torch.nn.Module, Batch], dict[str, torch.Tensor]]
@@ -253,9 +254,8 @@ class Trainer:
                 f"{self.run_dir}: the checkpoint is at step {self.position.step}, past this config's "
                 f"{self.total_steps} steps"
             )
-        final = self.run_dir / "final"
-        if resume and self.position.step == self.total_steps and (final / "model.safetensors").is_file():
-            return final  # finished at this many steps: nothing to train, nothing written
+        if resume and self.position.step == self.total_steps and RunFolder(self.run_dir).finished:
+            return self.run_dir / "final"  # finished at this many steps: nothing to train, nothing written
         if on_start is not None and self.accelerator.is_main_process:
             on_start()  # e.g. the run folder records what run it holds
         if self.accelerator.is_main_process:

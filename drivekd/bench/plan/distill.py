@@ -25,7 +25,7 @@ from drivekd.bench.plan.units import DTYPE_BYTES
 def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int], notes: list[str]) -> dict[str, Any]:
     """Teachers, captured maps, signal losses and targets of a distillation config: parts as
     {name: (bytes, where it counts)}."""
-    from drivekd.distill.engine import check_recipe
+    from drivekd.distill.recipe import check_recipe
 
     signals = check_recipe(config)
     teacher_of = {n: str(config.teacher.of(n)) for n in signals}
