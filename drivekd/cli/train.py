@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -50,15 +51,25 @@ def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Cache folder (default: the config's `teacher.cache`)."
 )
+@click.option(
+    "--shard-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per shard file (default 256; a frame's questions stay in one shard): the unit a killed run "
+    "redoes and that processes split.",
+)
 @click.argument("overrides", nargs=-1)
-def cache_teacher(config_path: Path, out: Path | None, overrides: tuple[str, ...]) -> None:
+def cache_teacher(config_path: Path, out: Path | None, shard_samples: int | None, overrides: tuple[str, ...]) -> None:
     """Run the teachers once and store the recipe's targets (fp16 safetensors); `distill` with
-    `teacher.cache=DIR` then loads no teacher."""
+    `teacher.cache=DIR` then loads no teacher. Run it again after a kill to finish it; under
+    `torchrun --nproc-per-node N -m drivekd cache-teacher ...` N processes write it together."""
     from drivekd.distill.run import run_cache_teacher
     from drivekd.train.config import load_config
 
     config = load_config(DistillConfig, config_path, overrides)
-    click.echo(f"wrote {run_cache_teacher(config, out, echo=click.echo)}")
+    target = run_cache_teacher(config, out, echo=click.echo, shard_samples=shard_samples)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"wrote {target}")
 
 
 @click.group()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from drivekd import progress
-from drivekd.atomic import atomic_dir
+from drivekd.atomic import atomic_file
 from drivekd.data.sample import Sample
 from drivekd.distill.signals import BoundSignal, Signal
 from drivekd.errors import DriveKDError
@@ -106,6 +107,43 @@ def data_identity(samples: Sequence[Sample]) -> list[Any]:
     return [(s.id, s.question, s.answer, [image(im.path) for im in s.images]) for s in samples]
 
 
+def shard_plan(samples: Sequence[Sample], shard_samples: int = SHARD_SAMPLES) -> list[list[int]]:
+    """Sample indices of each shard, whatever the number of processes writing them: frames (the samples
+    showing the same images) are kept whole and taken in order of first appearance, and a shard closes
+    at the first frame boundary at or past `shard_samples` samples."""
+    frames: dict[tuple[str, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        frames.setdefault(tuple(im.path for im in s.images), []).append(i)
+    plan: list[list[int]] = [[]]
+    for members in frames.values():
+        if len(plan[-1]) >= shard_samples:
+            plan.append([])
+        plan[-1].extend(members)
+    return [shard for shard in plan if shard]
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+class Ranks:
+    """The processes writing one cache together (one, or those of a `torchrun` launch)."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        # on CPUs accelerate joins a torchrun launch's processes only when told it runs on the CPU
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world_size = self.state.process_index, self.state.num_processes
+
+    @property
+    def device(self) -> str:
+        return str(self.state.device) if torch.cuda.is_available() else "cpu"
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+
 def write_cache(
     teachers: Any,
     signals: dict[str, Signal],
@@ -113,47 +151,96 @@ def write_cache(
     samples: Sequence[Sample],
     out: Path,
     batch_size: int = 8,
+    *,
+    shard_samples: int = SHARD_SAMPLES,
+    ranks: Ranks | None = None,
+    echo: Any = print,
 ) -> dict[str, Any]:
-    """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder atomically."""
+    """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder.
+
+    The shards are planned from the samples alone (`shard_plan`) and each is batched on its own, so
+    any number of processes writes the same tensors: process r writes shards r, r + N, ... Shards
+    are written into `.NAME.partial/` beside the cache, each file renamed into place when complete; a
+    killed run, run again with the same config, redoes only the shards it had not finished. The
+    finished folder replaces `out` in one rename."""
+    ranks = ranks or Ranks()
     student = teachers.student
-    manifest: dict[str, Any] = {
+    plan = shard_plan(samples, shard_samples)
+    header: dict[str, Any] = {
         "format": FORMAT,
         "fingerprint": fingerprint(teachers.bound, teacher_of, student, samples, teachers.dtype),
         "student_depth": student.num_layers,
         "teacher_depths": {n: teachers.depth(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
-        "index": {},
-        "lengths": {},  # each sample's tokens when cached: a batch that tokenises it otherwise is refused
     }
-    with atomic_dir(out, overwrite=True) as tmp:
-        shard: dict[str, torch.Tensor] = {}
-        shard_no = 0
-
-        def flush() -> None:
-            nonlocal shard, shard_no
-            if shard:
-                save_file(shard, str(tmp / f"shard-{shard_no:05d}.safetensors"))
-                shard, shard_no = {}, shard_no + 1
-
-        for i in progress.bar(range(0, len(samples), batch_size), desc="cache", unit="batch"):
-            chunk = samples[i : i + batch_size]
-            batch = student.build_batch(chunk).to(student.device)
-            targets = teachers.targets(batch)
-            lengths = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
-            for name, sig in signals.items():
-                for k, target in enumerate(targets[name]):
-                    for b, sample in enumerate(chunk):
-                        visual = batch.visual_mask[b, : lengths[b]]
-                        value = sig.stored(target[b], lengths[b], visual)
-                        shard[f"{sample.id}/{name}/{k}"] = value.to(torch.float16).contiguous().cpu()
-            for b, sample in enumerate(chunk):
-                manifest["index"][sample.id] = f"shard-{shard_no:05d}.safetensors"
-                manifest["lengths"][sample.id] = lengths[b]
-            if len({k.split("/")[0] for k in shard}) >= SHARD_SAMPLES:
-                flush()
-        flush()
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    planned = {**header, "shards": [[samples[i].id for i in shard] for shard in plan]}
+    work = out.parent / f".{out.name}.partial"
+    if ranks.rank == 0:
+        plan_file = work / "plan.json"
+        if not (plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) == planned):
+            shutil.rmtree(work, ignore_errors=True)  # another config's shards, or none
+            work.mkdir(parents=True)
+            with atomic_file(plan_file) as tmp:
+                tmp.write_text(json.dumps(planned), encoding="utf-8")
+    ranks.wait()
+    mine = [n for n in range(len(plan)) if n % ranks.world_size == ranks.rank]
+    todo = [n for n in mine if not (work / shard_name(n)).with_suffix(".json").is_file()]
+    if ranks.rank == 0 and len(todo) < len(mine):
+        echo(f"resuming {work}: {len(mine) - len(todo)} of this process's {len(mine)} shards are written")
+    bar = progress.bar(total=sum(len(plan[n]) for n in todo), desc="cache", unit="sample", disable=ranks.rank != 0)
+    for number in todo:
+        _write_shard(teachers, signals, [samples[i] for i in plan[number]], work, number, batch_size, ranks)
+        bar.update(len(plan[number]))
+    bar.close()
+    ranks.wait()
+    manifest: dict[str, Any] = {**header, "world_size": ranks.world_size, "shards": {}, "index": {}, "lengths": {}}
+    if ranks.rank == 0:
+        for number in range(len(plan)):
+            written = json.loads((work / shard_name(number)).with_suffix(".json").read_text(encoding="utf-8"))
+            manifest["shards"][shard_name(number)] = {"rank": written["rank"], "samples": len(written["lengths"])}
+            manifest["lengths"].update(written["lengths"])
+            manifest["index"].update(dict.fromkeys(written["lengths"], shard_name(number)))
+        for number in range(len(plan)):
+            (work / shard_name(number)).with_suffix(".json").unlink()
+        (work / "plan.json").unlink()
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    ranks.wait()
     return manifest
+
+
+def _write_shard(
+    teachers: Any,
+    signals: dict[str, Signal],
+    chunk_samples: Sequence[Sample],
+    work: Path,
+    number: int,
+    batch_size: int,
+    ranks: Ranks,
+) -> None:
+    """One shard's tensors, then its record (the rank that wrote it, each sample's tokens): a shard
+    whose record exists is complete."""
+    student = teachers.student
+    shard: dict[str, torch.Tensor] = {}
+    lengths: dict[str, int] = {}
+    for i in range(0, len(chunk_samples), batch_size):
+        chunk = chunk_samples[i : i + batch_size]
+        batch = student.build_batch(chunk).to(student.device)
+        targets = teachers.targets(batch)
+        counts = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
+        for name, sig in signals.items():
+            for k, target in enumerate(targets[name]):
+                for b, sample in enumerate(chunk):
+                    visual = batch.visual_mask[b, : counts[b]]
+                    value = sig.stored(target[b], counts[b], visual)
+                    shard[f"{sample.id}/{name}/{k}"] = value.to(torch.float16).contiguous().cpu()
+        lengths.update({sample.id: counts[b] for b, sample in enumerate(chunk)})
+    with atomic_file(work / shard_name(number)) as tmp:
+        save_file(shard, str(tmp))
+    with atomic_file((work / shard_name(number)).with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({"rank": ranks.rank, "world_size": ranks.world_size, "lengths": lengths}))
 
 
 def estimate_bytes(

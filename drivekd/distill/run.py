@@ -64,16 +64,25 @@ def run_distill(config: DistillConfig, *, resume: bool = False, distiller_class:
     )
 
 
-def run_cache_teacher(config: DistillConfig, out: Path | None = None, *, echo: Callable[[str], None] = print) -> Path:
-    """Write the teacher targets of the run's train and val samples; returns the cache folder."""
-    from drivekd.distill.cache import estimate_bytes, write_cache
+def run_cache_teacher(
+    config: DistillConfig,
+    out: Path | None = None,
+    *,
+    echo: Callable[[str], None] = print,
+    shard_samples: int | None = None,
+) -> Path:
+    """Write the teacher targets of the run's train and val samples; returns the cache folder. Under
+    `torchrun` the processes split the shards between them, each on its own device."""
+    from drivekd.distill.cache import SHARD_SAMPLES, Ranks, estimate_bytes, write_cache
     from drivekd.distill.teachers import LiveTeachers
 
     target = Path(out or config.teacher.cache or Path(config.train.output_dir) / "teacher-cache")
     signals = check_recipe(config)
     if not signals:
         raise DriveKDError(f"recipe {config.recipe!r} has no teacher signals: nothing to cache")
-    student = load_model(config.model)
+    ranks = Ranks()
+    say = echo if ranks.rank == 0 else (lambda _: None)
+    student = load_model(config.model, device=ranks.device)
     train, val, _ = load_training_data(config.data, student)
     samples = train + val
     teacher_of = {n: str(config.teacher.of(n)) for n in signals}
@@ -85,9 +94,19 @@ def run_cache_teacher(config: DistillConfig, out: Path | None = None, *, echo: C
         {n: teachers.width(n) for n in signals},
         student.vocab_size,
     )
-    echo(
+    say(
         f"teacher cache for {len(samples)} samples, signals {', '.join(signals)}: about {size / 2**20:.1f} MiB "
-        f"(fp16) -> {target}"
+        f"(fp16) -> {target}" + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")
     )
-    write_cache(teachers, signals, teacher_of, samples, target, batch_size=config.train.micro_batch_size)
+    write_cache(
+        teachers,
+        signals,
+        teacher_of,
+        samples,
+        target,
+        batch_size=config.train.micro_batch_size,
+        shard_samples=shard_samples or SHARD_SAMPLES,
+        ranks=ranks,
+        echo=say,
+    )
     return target

@@ -1,0 +1,154 @@
+"""The teacher cache written in shards: planned from the samples alone, by any number of processes,
+and finished after a kill by redoing only what was not written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from drivekd.data.sample import ImageRef, Sample
+from drivekd.distill.cache import shard_plan
+
+from .conftest import run_torchrun
+
+
+def _sample(i: int, frame: str) -> Sample:
+    return Sample(
+        id=f"s{i}",
+        capability="perception",
+        question_type="t",
+        question="q?",
+        answer="a",
+        images=[ImageRef(camera="CAM_FRONT", path=f"/data/{frame}.png")],
+        scene_id=frame,
+    )
+
+
+def test_a_shard_plan_keeps_frames_whole_and_depends_on_the_samples_only():
+    frames = ["a", "b", "a", "c", "c", "c", "d", "b", "e"]
+    samples = [_sample(i, f) for i, f in enumerate(frames)]
+    plan = shard_plan(samples, shard_samples=3)
+    # frames in order of first appearance: a (0, 2), b (1, 7), c (3, 4, 5), d (6), e (8)
+    assert plan == [[0, 2, 1, 7], [3, 4, 5], [6, 8]]
+    assert sorted(i for shard in plan for i in shard) == list(range(len(samples)))
+    for shard in plan:  # no frame in two shards
+        others = {frames[i] for other in plan if other is not shard for i in other}
+        assert not {frames[i] for i in shard} & others
+    assert shard_plan(samples, shard_samples=100) == [[0, 2, 1, 7, 3, 4, 5, 6, 8]]
+    assert shard_plan(samples, shard_samples=1) == [[0, 2], [1, 7], [3, 4, 5], [6], [8]]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Enough frames (one per scene, about 8 questions each) for several shards."""
+    from drivekd.data.drivesim.generate import GenerateConfig, generate
+
+    out = tmp_path_factory.mktemp("shards") / "data"
+    generate(out, GenerateConfig(scenes=6, seed=21, split_fractions=(0.8, 0.2, 0.0)))
+    return out
+
+
+def _config(tmp_path: Path, data_dir: Path, teacher_dir: Path) -> Path:
+    raw = {
+        "model": {"name": "tiny-internvl-student"},
+        "teacher": str(teacher_dir),
+        "recipe": "drive-kd",
+        "data": {"path": str(data_dir)},
+        "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 2},
+    }
+    file = tmp_path / "distill.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    return file
+
+
+def _cache(*args: str) -> subprocess.CompletedProcess:
+    # one thread, as each torchrun process has: the same arithmetic, so the same bits
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "drivekd", "cache-teacher", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def _tensors(folder: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for file in sorted(folder.glob("shard-*.safetensors")):
+        out.update({f"{file.name}:{k}": v for k, v in load_file(str(file)).items()})
+    return out
+
+
+def _same(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) > 10
+    assert all(bool((ta[k] == tb[k]).all()) for k in ta)  # type: ignore[union-attr]
+    ma, mb = (json.loads((f / "manifest.json").read_text()) for f in (a, b))
+    for key in ("format", "fingerprint", "index", "lengths", "student_depth", "teacher_depths"):
+        assert ma[key] == mb[key], key
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, data_dir, teacher_dir) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cache")
+    config = _config(root, data_dir, teacher_dir)
+    r = _cache("--config", str(config), "--out", str(root / "one"), "--shard-samples", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return config, root / "one"
+
+
+@pytest.mark.integration
+def test_two_processes_write_the_cache_one_process_writes(one_process, tmp_path):
+    config, one = one_process
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and len(manifest["shards"]) >= 3
+    assert {s["rank"] for s in manifest["shards"].values()} == {0}
+    r = run_torchrun(
+        "cache-teacher", "--config", str(config), "--out", str(tmp_path / "two"), "--shard-samples", "2", port=29561
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same(one, tmp_path / "two")
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert two["world_size"] == 2
+    assert [s["rank"] for s in two["shards"].values()] == [n % 2 for n in range(len(two["shards"]))]
+    assert not list(tmp_path.glob(".two.partial"))  # the work folder became the cache
+
+
+@pytest.mark.integration
+def test_a_killed_cache_is_finished_by_redoing_only_its_unwritten_shards(one_process, tmp_path):
+    config, one = one_process
+    out, work = tmp_path / "killed", tmp_path / ".killed.partial"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "drivekd", "cache-teacher", "--config", str(config), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*command, "--shard-samples", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 240
+    while not list(work.glob("shard-*.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = sorted(p.name for p in work.glob("shard-*.json"))
+    total = len(json.loads((one / "manifest.json").read_text())["shards"])
+    assert 1 <= len(written) < total and not out.exists()
+    before = {name: (work / name).stat().st_mtime_ns for name in written}
+    r = _cache("--config", str(config), "--out", str(out), "--shard-samples", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{len(written)} of this process's {total} shards are written" in r.stdout + r.stderr
+    _same(one, out)
+    # the shards written before the kill were kept, not written again
+    for name in before:
+        shard = name.replace(".json", ".safetensors")
+        assert (out / shard).stat().st_mtime_ns <= before[name]
+    # partial work of another plan (here: another shard size) is not mixed in
+    stale = tmp_path / ".other.partial"
+    stale.mkdir()
+    (stale / "plan.json").write_text(json.dumps({"shards": [["s0"]]}))
+    (stale / "shard-00000.json").write_text(json.dumps({"rank": 0, "world_size": 1, "lengths": {"s0": 1}}))
+    r = _cache("--config", str(config), "--out", str(tmp_path / "other"), "--shard-samples", "2")
+    assert r.returncode == 0 and "resuming" not in r.stdout + r.stderr
+    _same(one, tmp_path / "other")
