@@ -152,3 +152,34 @@ def test_a_killed_cache_is_finished_by_redoing_only_its_unwritten_shards(one_pro
     r = _cache("--config", str(config), "--out", str(tmp_path / "other"), "--shard-samples", "2")
     assert r.returncode == 0 and "resuming" not in r.stdout + r.stderr
     _same(one, tmp_path / "other")
+
+
+@pytest.mark.integration
+def test_a_distillation_run_reads_each_next_batchs_cached_targets_ahead(one_process, tmp_path, monkeypatch):
+    from drivekd.distill.run import run_distill
+    from drivekd.distill.teachers import CachedTeachers
+    from drivekd.train.config import DistillConfig, load_config
+
+    config, one = one_process
+    seen: list[CachedTeachers] = []
+    original = CachedTeachers.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self)
+
+    monkeypatch.setattr(CachedTeachers, "__init__", remember)
+    overrides = [f"teacher.cache={one}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4"]
+    run_distill(load_config(DistillConfig, config, overrides))
+    teachers = seen[-1]  # the run's (calibration reads its own sample first, with no batch ahead)
+    # every micro-batch after an epoch's first was read ahead: 4 steps of 2 samples, the first not
+    assert teachers.read_ahead == 6 and not teachers._ahead
+    # and the targets read ahead are the ones read on demand
+    batch_ids = [s for s in json.loads((one / "manifest.json").read_text())["index"]][:2]
+    ahead = CachedTeachers.__new__(CachedTeachers)
+    ahead.__dict__.update(teachers.__dict__)
+    ahead._ahead, ahead._reader = {}, None
+    ahead.prefetch(batch_ids)
+    for sample_id in batch_ids:
+        got, want = ahead._stored(sample_id), teachers._read(sample_id)
+        assert got.keys() == want.keys() and all(bool((got[k] == want[k]).all()) for k in got)

@@ -606,4 +606,4 @@ def test_a_cache_of_another_format_is_refused_by_name(tmp_path):
 
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "drivekd-teacher-cache/1", "fingerprint": {}}))
     with pytest.raises(DriveKDError, match=f"format 'drivekd-teacher-cache/1', this drivekd reads '{FORMAT}'"):
-        TeacherCache(tmp_path, {})
+        TeacherCache(tmp_path)

@@ -14,13 +14,15 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from drivekd import progress
 from drivekd.atomic import atomic_file
@@ -30,6 +32,7 @@ from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
+OPEN_SHARDS = 64  # memory-mapped shard files a reader keeps open
 # the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
 # and the student's depth; images by their whole content; the teacher's dtype; each sample's token
 # count. /5: the manifest names depths (layer counts) `student_depth` and `teacher_depths`
@@ -267,7 +270,7 @@ def cache_format(folder: str | Path) -> str | None:
 class TeacherCache:
     """Reads cached targets back into the padded batch layout the losses expect."""
 
-    def __init__(self, folder: str | Path, memory_budget: int = 4 * 2**30) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         file = self.folder / "manifest.json"
         if not file.is_file():
@@ -280,10 +283,10 @@ class TeacherCache:
                 f"{self.folder}: a cache of format {found!r}, this drivekd reads {FORMAT!r}; "
                 "rebuild it with `drivekd cache-teacher`"
             )
-        # A shuffled batch touches several shards: reloading a shard per sample cost more than the
-        # student's step, so loaded shards stay in memory, least recently used evicted past the budget.
-        self._shards: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self.memory_budget = memory_budget
+        # Shards are memory-mapped and a sample's tensors read alone: a shuffled batch touches several
+        # shards, and at real shapes one shard is gigabytes, of which a batch needs a few samples.
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # the prefetching thread and the training step read alike
 
     def check(self, expected: dict[str, str], student_depth: int) -> None:
         """Refuse a cache made for another teacher, recipe binding, tokenizer or data than the run's."""
@@ -303,17 +306,15 @@ class TeacherCache:
     def teacher_depth(self, name: str) -> int:
         return int(self.manifest["teacher_depths"][name])
 
-    def _shard(self, file: str) -> dict[str, torch.Tensor]:
-        if file in self._shards:
-            self._shards.move_to_end(file)
-            return self._shards[file]
-        shard = load_file(str(self.folder / file))
-        self._shards[file] = shard
-        held = sum(t.nbytes for sh in self._shards.values() for t in sh.values())
-        while held > self.memory_budget and len(self._shards) > 1:
-            _, evicted = self._shards.popitem(last=False)
-            held -= sum(t.nbytes for t in evicted.values())
-        return shard
+    def _shard(self, file: str) -> Any:
+        if file in self._open:
+            self._open.move_to_end(file)
+            return self._open[file]
+        handle = safe_open(str(self.folder / file), framework="pt")
+        self._open[file] = handle
+        if len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return handle
 
     def check_length(self, sample_id: str, length: int) -> None:
         cached = self.manifest["lengths"].get(sample_id)
@@ -327,4 +328,5 @@ class TeacherCache:
         file = self.manifest["index"].get(sample_id)
         if file is None:
             raise DriveKDError(f"{self.folder}: sample {sample_id} is not in the cache")
-        return self._shard(file)[f"{sample_id}/{key}"]
+        with self._lock:
+            return self._shard(file).get_tensor(f"{sample_id}/{key}")

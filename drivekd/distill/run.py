@@ -45,6 +45,7 @@ def run_distill(config: DistillConfig, *, resume: bool = False, distiller_class:
         augment=shuffle_choices if config.data.shuffle_choices else None,
         val_objective=distiller.validation_objective,
         stateful=distiller,
+        prefetch=distiller.teachers.prefetch,
     )
     main = trainer.accelerator.is_main_process
     # measured on the student as the trainer placed it (its device), before any step or resume

@@ -6,7 +6,9 @@ batch) and say each signal's teacher depth and width, so the distiller never ask
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -28,6 +30,9 @@ class TeacherSource(Protocol):
     def width(self, name: str) -> int: ...
 
     def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]: ...
+
+    # the samples of a batch `targets` will be asked for next (read ahead where there is anything to read)
+    def prefetch(self, sample_ids: Sequence[str]) -> None: ...
 
 
 class LiveTeachers:
@@ -89,6 +94,9 @@ class LiveTeachers:
         internals = self.internals(batch)
         return {name: b.targets(internals[self.teacher_of[name]]) for name, b in self.bound.items()}
 
+    def prefetch(self, sample_ids: Sequence[str]) -> None:
+        """Nothing to read ahead: a live teacher computes its targets from the batch."""
+
 
 class CachedTeachers:
     """Targets read from a `drivekd cache-teacher` folder: no teacher is loaded at all."""
@@ -112,6 +120,32 @@ class CachedTeachers:
                 )
         self.bound = {n: sig.bind(n, student.num_layers, self.cache.teacher_depth(n)) for n, sig in signals.items()}
         self.cache.check(fingerprint(self.bound, teacher_of, student, samples, dtype), student.num_layers)
+        self._keys = [f"{name}/{k}" for name, b in self.bound.items() for k in range(len(b.pairs))]
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Future[dict[str, torch.Tensor]]] = {}
+        self.waited_s = 0.0  # time `targets` spent waiting on reads (the step's wait on the disk)
+        self.read_ahead = 0  # samples whose targets were read ahead of their step
+
+    def prefetch(self, sample_ids: Sequence[str]) -> None:
+        """Read these samples' targets in a background thread while the current step computes."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="teacher-cache")
+        for sample_id in sample_ids:
+            if sample_id not in self._ahead:
+                self._ahead[sample_id] = self._reader.submit(self._read, sample_id)
+        while len(self._ahead) > 4 * max(1, len(sample_ids)):  # reads never asked for (a batch skipped)
+            self._ahead.pop(next(iter(self._ahead)))
+
+    def _read(self, sample_id: str) -> dict[str, torch.Tensor]:
+        return {key: self.cache.tensors(sample_id, key) for key in self._keys}
+
+    def _stored(self, sample_id: str) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        ahead = self._ahead.pop(sample_id, None)
+        self.read_ahead += ahead is not None
+        stored = ahead.result() if ahead is not None else self._read(sample_id)
+        self.waited_s += time.perf_counter() - start
+        return stored
 
     def depth(self, name: str) -> int:
         return self.cache.teacher_depth(name)
@@ -126,14 +160,15 @@ class CachedTeachers:
         device = batch.inputs["input_ids"].device
         for b, sample_id in enumerate(batch.sample_ids):
             self.cache.check_length(sample_id, lengths[b])
+        stored = [self._stored(sample_id) for sample_id in batch.sample_ids]
         out: dict[str, list[torch.Tensor]] = {}
         for name, bound in self.bound.items():
             sig, matched = bound.signal, len(bound.pairs)
             out[name] = []
             for k in range(matched):
                 per_sample = [
-                    sig.restored(self.cache.tensors(sample_id, f"{name}/{k}"), batch.visual_mask[b, : lengths[b]].cpu())
-                    for b, sample_id in enumerate(batch.sample_ids)
+                    sig.restored(stored[b][f"{name}/{k}"], batch.visual_mask[b, : lengths[b]].cpu())
+                    for b in range(len(batch.sample_ids))
                 ]
                 if sig.square:
                     shape = (width, width)

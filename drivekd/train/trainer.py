@@ -77,6 +77,7 @@ class Trainer:
         augment: Callable[[Sample, tuple[int, int, int]], Sample] | None = None,
         val_objective: Objective | None = None,
         stateful: Any = None,
+        prefetch: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -110,6 +111,9 @@ class Trainer:
         # An object with state_dict()/load_state_dict() checkpointed with the run (e.g. the distiller's
         # amortised coefficients), so a resumed run continues bit-identically.
         self.stateful = stateful
+        # told the sample ids of the next micro-batch while this one trains (e.g. to read cached
+        # teacher targets ahead)
+        self.prefetch = prefetch
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
@@ -152,9 +156,13 @@ class Trainer:
     def _token_lengths(self) -> list[int]:
         return [self.backend.token_lengths(s) for s in self.train_samples]  # the backend remembers them
 
-    def _local_batch(self, order: list[int], index: int, epoch: int) -> list[Sample]:
+    def _local_indices(self, order: list[int], index: int) -> list[int]:
+        """This process's share of the `index`-th global batch of an epoch, as sample indices."""
         chunk = order[index * self.global_batch : (index + 1) * self.global_batch]
-        mine = chunk[self.accelerator.process_index :: self.accelerator.num_processes]
+        return chunk[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def _local_batch(self, order: list[int], index: int, epoch: int) -> list[Sample]:
+        mine = self._local_indices(order, index)
         if self.augment is None:
             return [self.train_samples[i] for i in mine]
         return [self.augment(self.train_samples[i], (self.config.seed, epoch, i)) for i in mine]
@@ -383,6 +391,9 @@ class Trainer:
                     if index >= self.batches_per_epoch():
                         break
                     batch = next(batches).to(acc.device)
+                    more = micro + 1 < cfg.grad_accum or pos.step + 1 < self.total_steps  # a next one in this run
+                    if self.prefetch is not None and more and index + 1 < self.batches_per_epoch():
+                        self.prefetch([self.train_samples[i].id for i in self._local_indices(order, index + 1)])
                     sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
                     ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
