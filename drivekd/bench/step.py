@@ -2,7 +2,8 @@
 
 Tiny InternVL student, a batch of >= 8 samples padded to >= 256 tokens, cached teacher targets
 (and the live teacher for comparison). Median of several timed steps after a warm-up; the ratios
-divide by the SFT step measured in the same run.
+divide by the SFT step measured in the same run. Projection strategies are timed on both Gram paths
+(`combine.gram`): `modules` (the default) under their own name, `buffer` with a `[buffer]` suffix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 STRATEGIES = ("sum", "pcgrad", "agp")
+GRAM_PATHS = ("modules", "buffer")
 
 
 def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amortize_every: int = 8) -> dict[str, Any]:
@@ -76,27 +78,42 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
 
             return step
 
-        def make(strategy: str, *, cached: bool = True, amortize: int | None = None) -> Distiller:
+        def make(strategy: str, *, cached: bool = True, amortize: int | None = None, gram: str = "buffer") -> Distiller:
             cfg = config.model_copy(
                 update={
                     "teacher": config.teacher.model_copy(update={"cache": str(cache) if cached else None}),
-                    "combine": CombineConfig(strategy=strategy, amortize_every=amortize),
+                    "combine": CombineConfig(strategy=strategy, amortize_every=amortize, gram=gram),
                 }
             )
             distiller = Distiller(cfg, student, train)
             distiller.set_weights(dict.fromkeys(distiller.names, 1.0))  # a step's cost does not depend on them
             return distiller
 
-        sft_s = timed(sft)
-        figures = {s: timed(distill_step(make(s))) for s in STRATEGIES}
-        amortized = make("agp", amortize=amortize_every)
-        step = distill_step(amortized)
-        step()
-        start = time.perf_counter()
-        for _ in range(amortize_every):  # one exact AGP step and N-1 cheap ones
+        def measured(distiller: Distiller, fn: Any) -> float:
+            try:
+                return fn(distiller)
+            finally:  # the modules path's taps stay on the shared student otherwise
+                if distiller.aggregator.gramian is not None:
+                    distiller.aggregator.gramian.remove()
+
+        def amortized(distiller: Distiller) -> float:
+            step = distill_step(distiller)
             step()
-        figures["agp-amortized"] = (time.perf_counter() - start) / amortize_every
-        live_s = timed(distill_step(make("agp", cached=False)))
+            start = time.perf_counter()
+            for _ in range(amortize_every):  # one exact AGP step and N-1 cheap ones
+                step()
+            return (time.perf_counter() - start) / amortize_every
+
+        sft_s = timed(sft)
+        figures: dict[str, float] = {}
+        for s in STRATEGIES:
+            for gram in GRAM_PATHS if s != "sum" else GRAM_PATHS[:1]:
+                name = s if gram == GRAM_PATHS[0] else f"{s}[{gram}]"
+                figures[name] = measured(make(s, gram=gram), lambda d: timed(distill_step(d)))
+        for gram in GRAM_PATHS:
+            name = "agp-amortized" if gram == GRAM_PATHS[0] else f"agp-amortized[{gram}]"
+            figures[name] = measured(make("agp", amortize=amortize_every, gram=gram), amortized)
+        live_s = measured(make("agp", cached=False), lambda d: timed(distill_step(d)))
     return {
         "batch": batch_size,
         "tokens": tokens,

@@ -1,11 +1,19 @@
-"""From several losses to one gradient: task gradients → Gram matrix → coefficients → `p.grad`.
+"""From several losses to one gradient: Gram matrix → coefficients → `p.grad`.
 
 `combine.py` holds the weightings, pure functions of the task gradients' Gram matrix (like torchjd's
-Gramian weightings); this aggregator applies one to a model. It owns what surrounds the weighting:
-each task's gradient written into one preallocated `(k, P)` buffer (optionally bf16), the Gram
-matrix in fp32 block by block, the combination written parameter by parameter into their gradients, the reduction across processes, amortisation
-(coefficients recomputed every N optimiser steps) and projecting per micro-batch or once per step.
-It is given the optimiser step; it knows nothing of signals, teachers or capabilities.
+Gramian weightings); this aggregator applies one to a model. Two ways to the Gram matrix:
+
+- `gram="modules"` (`gramian.py`): parameter taps and one k-batched backward give G without keeping
+  any task gradient; the coefficients w then weight one ordinary backward of `sum_i w_i L_i`, so under
+  DDP its own bucketed reduction averages the ranks' combinations.
+- `gram="buffer"`: each task's gradient written into one preallocated `(k, P)` buffer (optionally
+  bf16), the Gram matrix in fp32 block by block, the combination written parameter by parameter into
+  the gradients and reduced across processes here. Projecting once per step (`project_per="step"`:
+  G of gradients summed over micro-batches and averaged over ranks, cross terms included) needs it.
+
+Around either: amortisation (coefficients recomputed every N optimiser steps, `sum_i w_i L_i` in
+between), the AGP order drawn from (seed, step), the logged statistics. It is given the optimiser
+step; it knows nothing of signals, teachers or capabilities.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from drivekd.distill.combine import combination_coefficients, gradient_stats
+from drivekd.distill.gramian import ParameterGramian
 
 # Called with the loss names and the fp64 Gram matrix whenever coefficients are computed (each
 # loss's gradient norm is the square root of its diagonal entry).
@@ -48,6 +57,8 @@ class GradientAggregator:
         project_per: str = "micro_batch",
         buffer_dtype: torch.dtype | None = None,
         observe_gram: GramObserver | None = None,
+        gram: str = "buffer",
+        modules: Callable[[], list[torch.nn.Module]] | None = None,
     ) -> None:
         self.params = params
         self.strategy = strategy
@@ -59,27 +70,43 @@ class GradientAggregator:
         self.observe_gram = observe_gram
         self.coefficients: torch.Tensor | None = None  # the last computed, reused while amortised
         self._pending: tuple[list[str], torch.Tensor] | None = None  # task gradients summed over a step
+        if gram not in ("buffer", "modules"):
+            raise ValueError(f"gram must be buffer or modules, not {gram!r}")
+        if gram == "modules" and project_per == "step":
+            raise ValueError("gram='modules' cannot project per step: its Gram matrix lacks cross-micro-batch terms")
+        # the taps go in at construction: the forward that precedes `backward` must already make them
+        self.gramian: ParameterGramian | None = None
+        if gram == "modules" and strategy != "sum":
+            if modules is None:
+                raise ValueError("gram='modules' needs the modules that own the parameters")
+            self.gramian = ParameterGramian(modules())
 
     @property
     def reduces_through_ddp(self) -> bool:
-        """`sum` is one ordinary backward, so DDP's own gradient reduction applies; every other strategy
-        takes per-loss gradients with autograd.grad on the plain model and reduces the combination here."""
-        return self.strategy == "sum"
+        """`sum` and the `modules` Gram path end in one ordinary backward, so DDP's own gradient reduction
+        applies; the buffer path takes per-loss gradients on the plain model and reduces here."""
+        return self.strategy == "sum" or self.gramian is not None
 
     # ---- per micro-batch ------------------------------------------------------------------------
     def backward(self, losses: dict[str, torch.Tensor], accelerator: Accelerator, step: int) -> dict[str, float]:
-        if self.reduces_through_ddp or len(losses) == 1:
+        if self.strategy == "sum" or len(losses) == 1:
+            self._forget_taps()
             accelerator.backward(sum(losses.values()))
             return {}
         names = list(losses)
         every = self.amortize_every
         if every and self.coefficients is not None and step % every != 0:
+            self._forget_taps()
             accelerator.backward(sum(float(w) * losses[n] for w, n in zip(self.coefficients, names, strict=True)))
-            if accelerator.num_processes > 1:
+            if accelerator.num_processes > 1 and self.gramian is None:
                 for p in self.params():
                     if p.grad is not None:
                         p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
             return {}
+        if self.gramian is not None:
+            w, stats = self._coefficients(names, self.gramian.gram(list(losses.values())), step)
+            accelerator.backward(sum(float(x) * losses[n] for x, n in zip(w, names, strict=True)))
+            return stats
         stacked = self._task_gradients(losses)
         if self.project_per == "step":
             if self._pending is None:
@@ -88,6 +115,10 @@ class GradientAggregator:
                 self._pending[1].add_(stacked)
             return {}
         return self._combine(names, stacked, accelerator, step)
+
+    def _forget_taps(self) -> None:
+        if self.gramian is not None:
+            self.gramian.reset()
 
     def _task_gradients(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """One `(k, P)` buffer, each task's gradient written into its row: one gradient-sized copy per
@@ -146,13 +177,7 @@ class GradientAggregator:
     def _combine(
         self, names: list[str], stacked: torch.Tensor, accelerator: Accelerator, step: int, *, reduced: bool = False
     ) -> dict[str, float]:
-        gram = gram_matrix(stacked).double()
-        if self.observe_gram is not None:
-            self.observe_gram(names, gram)
-        # AGP's shuffled order is drawn from (seed, step): reproducible across resumes and ranks
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        w = combination_coefficients(gram, names, self.strategy, anchor=self.anchor, generator=generator)
-        self.coefficients = w
+        w, stats = self._coefficients(names, gram_matrix(stacked).double(), step)
         # the combination parameter by parameter, in fp32 and into its gradient: no P-sized vector
         # beside the buffer
         w32 = w.to(device=stacked.device, dtype=torch.float32)
@@ -164,9 +189,19 @@ class GradientAggregator:
                 piece = accelerator.reduce(piece, reduction="mean")
             p.grad = piece if p.grad is None else p.grad.add_(piece)
             offset += n
+        return stats
+
+    def _coefficients(self, names: list[str], gram: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The strategy's coefficients for this Gram matrix (kept for amortised steps) and the logged stats."""
+        if self.observe_gram is not None:
+            self.observe_gram(names, gram)
+        # AGP's shuffled order is drawn from (seed, step): reproducible across resumes and ranks
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        w = combination_coefficients(gram, names, self.strategy, anchor=self.anchor, generator=generator)
+        self.coefficients = w
         stats = gradient_stats(gram, names)
         stats.update({f"coef/{n}": float(x) for n, x in zip(names, w, strict=True)})
-        return stats
+        return w, stats
 
     # ---- checkpointed state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:

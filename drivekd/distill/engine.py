@@ -49,7 +49,12 @@ class Distiller:
             )
         else:
             self.teachers = LiveTeachers(
-                self.signals, self.teacher_of, student, dtype=config.teacher.dtype, probe=train
+                self.signals,
+                self.teacher_of,
+                student,
+                dtype=config.teacher.dtype,
+                probe=train,
+                placement=config.teacher.placement(),
             )
         self.bound = self.teachers.bound if self.signals else {}
         self.mixing = mixing_matrix(config.mixing, self.signals)
@@ -72,6 +77,8 @@ class Distiller:
             project_per=config.combine.project_per,
             buffer_dtype=getattr(torch, config.combine.buffer_dtype) if config.combine.buffer_dtype else None,
             observe_gram=self.observe_gram,
+            gram=config.combine.gram,
+            modules=lambda: [self.student.model, self.projections],
         )
 
     def set_weights(self, weights: dict[str, float]) -> None:

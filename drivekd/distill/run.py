@@ -87,7 +87,9 @@ def run_cache_teacher(
     train, val, _ = load_training_data(config.data, student)
     samples = train + val
     teacher_of = {n: str(config.teacher.of(n)) for n in signals}
-    teachers = LiveTeachers(signals, teacher_of, student, dtype=config.teacher.dtype, probe=samples)
+    teachers = LiveTeachers(
+        signals, teacher_of, student, dtype=config.teacher.dtype, probe=samples, placement=config.teacher.placement()
+    )
     size = estimate_bytes(
         teachers.bound,
         [student.token_lengths(s) for s in samples],

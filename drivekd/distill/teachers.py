@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -46,14 +46,18 @@ class LiveTeachers:
         *,
         dtype: str = "float32",
         probe: Sequence[Sample] = (),
+        placement: dict[str, Any] | None = None,
     ) -> None:
+        """`placement`: `LoadOptions` fields spreading each teacher over devices (`TeacherConfig.placement`);
+        None: each teacher on the student's device."""
         self.signals = signals
         self.teacher_of = teacher_of
         self.student = student
         self.dtype = dtype
         self.models: dict[str, VLMBackend] = {}
+        spread = {k: v for k, v in (placement or {}).items() if v is not None}
         for ckpt in dict.fromkeys(teacher_of.values()):
-            teacher = load_backend(ckpt, LoadOptions(dtype=dtype, device=str(student.device)))
+            teacher = load_backend(ckpt, LoadOptions(dtype=dtype, device=str(student.device), **spread))
             teacher.model.eval().requires_grad_(False)
             check_same_layout(student, teacher, probe[:4], ckpt)
             self.models[ckpt] = teacher
@@ -92,7 +96,10 @@ class LiveTeachers:
 
     def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
         internals = self.internals(batch)
-        return {name: b.targets(internals[self.teacher_of[name]]) for name, b in self.bound.items()}
+        device = batch.inputs["input_ids"].device  # a teacher spread over devices ends on its last one
+        return {
+            name: [t.to(device) for t in b.targets(internals[self.teacher_of[name]])] for name, b in self.bound.items()
+        }
 
     def prefetch(self, sample_ids: Sequence[str]) -> None:
         """Nothing to read ahead: a live teacher computes its targets from the batch."""

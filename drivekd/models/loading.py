@@ -87,6 +87,12 @@ class LoadOptions:
     freeze_llm: bool = False
     lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, e.g. {"r": 8, "target_modules": [...]}
     seed: int = 0
+    # Spread over devices (and CPU memory and disk) instead of `device`, through accelerate's
+    # big-model placement: a frozen teacher larger than one device. `auto` / `balanced` /
+    # `balanced_low_0` / `sequential`, or an explicit {module name: device}.
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[Any, str] | None = None  # per device, e.g. {0: "20GiB", "cpu": "100GiB"}
+    offload_folder: str | None = None  # where weights that fit nowhere else go
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,14 @@ def load_backend(spec: str, options: LoadOptions | None = None) -> VLMBackend:
     options = options or LoadOptions()
     if options.dtype not in DTYPES:
         raise DriveKDError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    if options.device_map is not None:
+        if options.lora:
+            raise DriveKDError("a model spread over devices (device_map) is a frozen teacher: no LoRA")
+        if spec in PRESETS:
+            raise DriveKDError(f"{spec}: a preset is built in memory; device_map places a checkpoint as it loads")
     backend = _build_preset(spec, options) if spec in PRESETS else _load_pretrained(resolve_model(spec), options)
-    backend.model.to(options.device)
+    if options.device_map is None:
+        backend.model.to(options.device)
     _freeze(backend, options)
     if options.lora:
         from peft import LoraConfig, get_peft_model
@@ -176,8 +188,17 @@ def _load_pretrained(spec: str, options: LoadOptions) -> VLMBackend:
         if model_type not in BACKENDS:
             raise DriveKDError(f"{spec}: model type {model_type!r} is not a supported VLM ({', '.join(BACKENDS)})")
         cls = BACKENDS[model_type]
+        placement = (
+            {}
+            if options.device_map is None
+            else {
+                "device_map": options.device_map,
+                "max_memory": options.max_memory,
+                "offload_folder": options.offload_folder,
+            }
+        )
         model = cls.model_class.from_pretrained(
-            spec, dtype=DTYPES[options.dtype], attn_implementation=options.attn_implementation
+            spec, dtype=DTYPES[options.dtype], attn_implementation=options.attn_implementation, **placement
         )
         tokenizer = AutoTokenizer.from_pretrained(spec)
         processor = AutoImageProcessor.from_pretrained(spec)

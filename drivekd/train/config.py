@@ -274,6 +274,9 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+MEMORY = r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$"  # a size as accelerate reads it: 500MiB, 70GiB, 1.5TB
+
+
 class TeacherConfig(_Strict):
     name: str | None = Field(None, description="checkpoint of every signal (a shipped name, a folder or a hub id)")
     per_signal: dict[str, str] = Field(
@@ -283,9 +286,30 @@ class TeacherConfig(_Strict):
     cache: str | None = Field(
         None, description="a `drivekd cache-teacher` folder: targets read from it, no teacher loaded"
     )
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None,
+        description="spread each live teacher over devices, CPU memory and disk (a teacher larger than one "
+        "device): accelerate's placement, or {module name: device}; None: on the student's device",
+    )
+    max_memory: dict[int | str, Annotated[str, Field(pattern=MEMORY)]] | None = Field(
+        None, description='with device_map: the most each device may hold, e.g. {0: "70GiB", cpu: "200GiB"}'
+    )
+    offload_folder: str | None = Field(
+        None, description="with device_map: where the weights that fit no device go (read back each forward)"
+    )
 
     def of(self, signal: str) -> str | None:
         return self.per_signal.get(signal, self.name)
+
+    def placement(self) -> dict[str, Any]:
+        """How a live teacher is placed, as `LoadOptions` fields."""
+        return {"device_map": self.device_map, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
+
+    @model_validator(mode="after")
+    def _placement_needs_a_map(self) -> TeacherConfig:
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("max_memory and offload_folder place a teacher spread by device_map: set it (e.g. auto)")
+        return self
 
 
 class CombineConfig(_Strict):
@@ -302,9 +326,27 @@ class CombineConfig(_Strict):
     )
     buffer_dtype: Literal["float32", "bfloat16"] | None = Field(
         None,
-        description="dtype of the (losses x trainable parameters) task-gradient buffer; None: the "
-        "parameters' dtype. bfloat16 halves it for fp32 weights (Gram matrix and combination stay fp32)",
+        description="dtype of the (losses x trainable parameters) task-gradient buffer (`gram: buffer`); None: "
+        "the parameters' dtype. bfloat16 halves it for fp32 weights (Gram matrix and combination stay fp32)",
     )
+    gram: Literal["buffer", "modules"] = Field(
+        "buffer",
+        description="where a projection strategy's Gram matrix comes from: buffer (each loss's gradient in a "
+        "(losses x parameters) buffer) or modules (parameter taps and one batched backward of all losses, no "
+        "per-loss gradient kept, then one backward of the weighted sum: no buffer, but about twice the step time "
+        "on CPU and k cotangents per activation; not with project_per: step or buffer_dtype)",
+    )
+
+    @model_validator(mode="after")
+    def _gram_path_fits(self) -> CombineConfig:
+        if self.gram == "modules" and self.project_per == "step":
+            raise ValueError(
+                "gram: modules cannot project per step (the Gram matrix of step-summed gradients needs their "
+                "cross terms across micro-batches); use gram: buffer"
+            )
+        if self.gram == "modules" and self.buffer_dtype is not None:
+            raise ValueError("buffer_dtype sizes the gram: buffer path's buffer; gram: modules keeps none")
+        return self
 
 
 class DistillConfig(_Strict):
