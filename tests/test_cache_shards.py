@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -183,3 +184,46 @@ def test_a_distillation_run_reads_each_next_batchs_cached_targets_ahead(one_proc
     for sample_id in batch_ids:
         got, want = ahead._stored(sample_id), teachers._read(sample_id)
         assert got.keys() == want.keys() and all(bool((got[k] == want[k]).all()) for k in got)
+
+
+def test_fp8_storage_rounds_each_row_to_its_own_scale_and_fp16_is_exact():
+    from drivekd.distill.cache import decode, encode
+
+    torch.manual_seed(0)
+    value = torch.rand(5, 300) ** 6  # attention-like: a few large entries, many tiny ones
+    value[2] = 0.0  # a row of zeros stays zeros
+    value[3] *= 1e-5  # a row far below the others keeps its own precision
+    fp16 = encode(value, "fp16")
+    assert set(fp16) == {""} and torch.equal(decode(fp16.__getitem__, "", "fp16"), value.to(torch.float16))
+    stored = encode(value, "fp8")
+    assert stored[""].dtype == torch.float8_e4m3fn and stored["#scale"].shape == (5,)
+    back = decode(lambda key: stored[key.removeprefix("k")], "k", "fp8")
+    # slow reference: each row divided by (its max / 448), rounded to e4m3, multiplied back
+    for r in range(5):
+        scale = max(float(value[r].abs().max()), 1e-30) / 448.0
+        want = (value[r] / scale).to(torch.float8_e4m3fn).float() * scale
+        assert torch.allclose(back[r], want, rtol=1e-6, atol=0)
+    normal = value >= value.amax(1, keepdim=True) * 2**-6 / 448 * 8  # above e4m3's subnormals, row-relative
+    rel = ((back - value).abs() / value.clamp_min(1e-38))[normal]
+    assert float(rel.max()) <= 2**-4 + 1e-6  # three mantissa bits: half an ulp is 1/16 at most
+    assert bool((back[2] == 0).all()) and float(back[3].max()) > 0
+
+
+@pytest.mark.integration
+def test_an_fp8_cache_is_half_the_bytes_and_read_back_through_its_scales(one_process, tmp_path, capsys):
+    from drivekd.distill.cache import TeacherCache
+    from drivekd.distill.run import run_cache_teacher
+    from drivekd.train.config import DistillConfig, load_config
+
+    config, one = one_process
+    cfg = load_config(DistillConfig, config)
+    fp8 = run_cache_teacher(cfg, tmp_path / "fp8", storage="fp8", echo=lambda _: None)
+    exact, lossy = TeacherCache(one), TeacherCache(fp8)
+    assert lossy.manifest["storage"] == "fp8" and exact.manifest["storage"] == "fp16"
+    sizes = [sum(f.stat().st_size for f in d.glob("shard-*.safetensors")) for d in (one, fp8)]
+    assert 0.45 < sizes[1] / sizes[0] < 0.6, sizes
+    sample_id = next(iter(exact.manifest["index"]))
+    for k in range(3):
+        want, got = exact.tensors(sample_id, f"reasoning/{k}").float(), lossy.tensors(sample_id, f"reasoning/{k}")
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert float((got - want).abs().max()) <= float(want.abs().max()) / 16 + 1e-3

@@ -58,8 +58,17 @@ def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None
     help="Samples per shard file (default 256; a frame's questions stay in one shard): the unit a killed run "
     "redoes and that processes split.",
 )
+@click.option(
+    "--storage",
+    type=click.Choice(["fp16", "fp8"]),
+    default="fp16",
+    show_default=True,
+    help="fp8: float8 values scaled row by row, about half the bytes, lossy (its measured error: docs/results.md).",
+)
 @click.argument("overrides", nargs=-1)
-def cache_teacher(config_path: Path, out: Path | None, shard_samples: int | None, overrides: tuple[str, ...]) -> None:
+def cache_teacher(
+    config_path: Path, out: Path | None, shard_samples: int | None, storage: str, overrides: tuple[str, ...]
+) -> None:
     """Run the teachers once and store the recipe's targets (fp16 safetensors); `distill` with
     `teacher.cache=DIR` then loads no teacher. Run it again after a kill to finish it; under
     `torchrun --nproc-per-node N -m drivekd cache-teacher ...` N processes write it together."""
@@ -67,7 +76,7 @@ def cache_teacher(config_path: Path, out: Path | None, shard_samples: int | None
     from drivekd.train.config import load_config
 
     config = load_config(DistillConfig, config_path, overrides)
-    target = run_cache_teacher(config, out, echo=click.echo, shard_samples=shard_samples)
+    target = run_cache_teacher(config, out, echo=click.echo, shard_samples=shard_samples, storage=storage)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {target}")
 

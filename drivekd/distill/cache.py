@@ -1,7 +1,8 @@
 """Teacher target cache: run the teachers once, store exactly what the recipe's losses read.
 
 Layout of a cache folder: `manifest.json` (fingerprint, teacher depths, shard index) and
-`shard-00000.safetensors`, ... with fp16 tensors keyed `<sample id>/<signal>/<k>`, trimmed to the
+`shard-00000.safetensors`, ... with tensors keyed `<sample id>/<signal>/<k>` (fp16; or, with the
+lossy `fp8` storage, float8 e4m3 values scaled row by row, the scales under `<key>#scale`), trimmed to the
 sample's length. `attn_tv` keeps only the text->vision block (everything else is masked out of its
 loss); `attn_full` / `attn_group` one (window-mean) map per matched student layer; `hidden` the
 (window-mean) hidden states; `logit_kl` the logits. A cache whose teacher weights,
@@ -33,6 +34,32 @@ from drivekd.models.backend import VLMBackend
 
 SHARD_SAMPLES = 256
 OPEN_SHARDS = 64  # memory-mapped shard files a reader keeps open
+# how target values are stored: fp16 (the default: the targets' own precision for the losses), or fp8
+# (float8 e4m3 scaled per row to its largest value, about half the bytes; its error: docs/results.md)
+STORAGES = ("fp16", "fp8")
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+BYTES_PER_VALUE = {"fp16": 2, "fp8": 1}
+
+
+def encode(value: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """A target as stored: key suffix -> tensor ("" the values, "#scale" fp8's per-row scales)."""
+    if storage == "fp16":
+        return {"": value.to(torch.float16).contiguous().cpu()}
+    rows = value.float().reshape(-1, value.shape[-1])
+    scale = rows.abs().amax(1).clamp_min(1e-30) / FP8_MAX  # each row's largest value maps to e4m3's largest
+    q = (rows / scale[:, None]).to(torch.float8_e4m3fn).reshape(value.shape)
+    return {"": q.contiguous().cpu(), "#scale": scale.contiguous().cpu()}
+
+
+def decode(read: Any, key: str, storage: str) -> torch.Tensor:
+    """A stored target back as values (`read(key)` gives a stored tensor)."""
+    stored = read(key)
+    if storage == "fp16":
+        return stored
+    rows = stored.float().reshape(-1, stored.shape[-1]) * read(f"{key}#scale")[:, None]
+    return rows.reshape(stored.shape)
+
+
 # the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
 # and the student's depth; images by their whole content; the teacher's dtype; each sample's token
 # count. /5: the manifest names depths (layer counts) `student_depth` and `teacher_depths`
@@ -158,6 +185,7 @@ def write_cache(
     shard_samples: int = SHARD_SAMPLES,
     ranks: Ranks | None = None,
     echo: Any = print,
+    storage: str = "fp16",
 ) -> dict[str, Any]:
     """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder.
 
@@ -175,6 +203,7 @@ def write_cache(
         "student_depth": student.num_layers,
         "teacher_depths": {n: teachers.depth(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
+        "storage": storage,
     }
     planned = {**header, "shards": [[samples[i].id for i in shard] for shard in plan]}
     work = out.parent / f".{out.name}.partial"
@@ -192,7 +221,7 @@ def write_cache(
         echo(f"resuming {work}: {len(mine) - len(todo)} of this process's {len(mine)} shards are written")
     bar = progress.bar(total=sum(len(plan[n]) for n in todo), desc="cache", unit="sample", disable=ranks.rank != 0)
     for number in todo:
-        _write_shard(teachers, signals, [samples[i] for i in plan[number]], work, number, batch_size, ranks)
+        _write_shard(teachers, signals, [samples[i] for i in plan[number]], work, number, batch_size, ranks, storage)
         bar.update(len(plan[number]))
     bar.close()
     ranks.wait()
@@ -222,6 +251,7 @@ def _write_shard(
     number: int,
     batch_size: int,
     ranks: Ranks,
+    storage: str,
 ) -> None:
     """One shard's tensors, then its record (the rank that wrote it, each sample's tokens): a shard
     whose record exists is complete."""
@@ -238,7 +268,8 @@ def _write_shard(
                 for b, sample in enumerate(chunk):
                     visual = batch.visual_mask[b, : counts[b]]
                     value = sig.stored(target[b], counts[b], visual)
-                    shard[f"{sample.id}/{name}/{k}"] = value.to(torch.float16).contiguous().cpu()
+                    for suffix, stored in encode(value, storage).items():
+                        shard[f"{sample.id}/{name}/{k}{suffix}"] = stored
         lengths.update({sample.id: counts[b] for b, sample in enumerate(chunk)})
     with atomic_file(work / shard_name(number)) as tmp:
         save_file(shard, str(tmp))
@@ -252,12 +283,14 @@ def estimate_bytes(
     visual: Sequence[int],
     widths: dict[str, int],
     vocab: int,
+    storage: str = "fp16",
 ) -> int:
-    """The cache's size in fp16 bytes, from token counts alone (before any teacher runs)."""
+    """The cache's size in bytes with `storage`, from token counts alone (before any teacher runs; fp8's
+    per-row scales, 4 bytes a row, left out)."""
     total = 0
     for name, b in bound.items():
         for n, v in zip(lengths, visual, strict=True):
-            total += 2 * len(b.pairs) * b.signal.stored_elements(n, v, widths[name], vocab)
+            total += BYTES_PER_VALUE[storage] * len(b.pairs) * b.signal.stored_elements(n, v, widths[name], vocab)
     return total
 
 
@@ -285,6 +318,7 @@ class TeacherCache:
             )
         # Shards are memory-mapped and a sample's tensors read alone: a shuffled batch touches several
         # shards, and at real shapes one shard is gigabytes, of which a batch needs a few samples.
+        self.storage = self.manifest.get("storage", "fp16")
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # the prefetching thread and the training step read alike
 
@@ -329,4 +363,5 @@ class TeacherCache:
         if file is None:
             raise DriveKDError(f"{self.folder}: sample {sample_id} is not in the cache")
         with self._lock:
-            return self._shard(file).get_tensor(f"{sample_id}/{key}")
+            handle = self._shard(file)
+            return decode(handle.get_tensor, f"{sample_id}/{key}", self.storage)

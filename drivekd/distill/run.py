@@ -71,6 +71,7 @@ def run_cache_teacher(
     *,
     echo: Callable[[str], None] = print,
     shard_samples: int | None = None,
+    storage: str = "fp16",
 ) -> Path:
     """Write the teacher targets of the run's train and val samples; returns the cache folder. Under
     `torchrun` the processes split the shards between them, each on its own device."""
@@ -96,10 +97,11 @@ def run_cache_teacher(
         [sum(student.visual_tokens(s)) for s in samples],
         {n: teachers.width(n) for n in signals},
         student.vocab_size,
+        storage,
     )
     say(
         f"teacher cache for {len(samples)} samples, signals {', '.join(signals)}: about {size / 2**20:.1f} MiB "
-        f"(fp16) -> {target}" + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")
+        f"({storage}) -> {target}" + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")
     )
     write_cache(
         teachers,
@@ -111,5 +113,6 @@ def run_cache_teacher(
         shard_samples=shard_samples or SHARD_SAMPLES,
         ranks=ranks,
         echo=say,
+        storage=storage,
     )
     return target

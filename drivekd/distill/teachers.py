@@ -6,6 +6,7 @@ batch) and say each signal's teacher depth and width, so the distiller never ask
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,6 +128,12 @@ class CachedTeachers:
                 )
         self.bound = {n: sig.bind(n, student.num_layers, self.cache.teacher_depth(n)) for n, sig in signals.items()}
         self.cache.check(fingerprint(self.bound, teacher_of, student, samples, dtype), student.num_layers)
+        if self.cache.storage != "fp16":
+            print(
+                f"warning: {folder} stores the targets in {self.cache.storage} (lossy): the losses read them "
+                "with its rounding (docs/results.md gives its measured error)",
+                file=sys.stderr,
+            )
         self._keys = [f"{name}/{k}" for name, b in self.bound.items() for k in range(len(b.pairs))]
         self._reader: ThreadPoolExecutor | None = None
         self._ahead: dict[str, Future[dict[str, torch.Tensor]]] = {}
