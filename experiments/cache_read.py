@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config = load_config(
             DistillConfig,
             args.config,
-            [f"train.output_dir={tmp}/run", f"train.max_steps={args.steps}", "train.log_every=1", "train.eval_every=null"],
+            [
+                f"train.output_dir={tmp}/run",
+                f"train.max_steps={args.steps}",
+                "train.log_every=1",
+                "train.eval_every=null",
+            ],
         )
         if not config.teacher.cache:
             raise SystemExit(f"{args.config}: no teacher.cache")

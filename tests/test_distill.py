@@ -221,6 +221,20 @@ def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(("strategy", "gram"), [("sum", "buffer"), ("agp", "modules")])
+def test_torchrun_projection_heads_are_averaged_like_the_model(tmp_path, data_dir, teacher_dir, strategy, gram):
+    # hidden-state signals train projection heads beside the student, outside DDP's wrapper: with a
+    # backward through DDP they must still be averaged, or the ranks (and, through clipping, the
+    # student) drift apart
+    combine = {"strategy": strategy, "gram": gram}
+    train = {"max_steps": 3, "micro_batch_size": 2}
+    cfg = _cfg(tmp_path, data_dir, teacher_dir, recipe="ce-hidden", combine=combine, train=train)
+    r = run_torchrun("distill", "--config", str(cfg), port=29546 if strategy == "sum" else 29547)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"step": 3, "ranks_identical": True} in _metrics(tmp_path / "run")
+
+
+@pytest.mark.integration
 def test_amortised_agp_recomputes_every_n_steps(tmp_path, data_dir, teacher_dir):
     cfg = load_config(
         DistillConfig,

@@ -68,3 +68,29 @@ def test_a_teacher_placement_is_checked_when_the_config_is_read(tmp_path):
         load_backend("tiny-internvl-teacher", LoadOptions(device_map="auto", lora={"r": 2}))
     with pytest.raises(DriveKDError, match="a preset is built in memory"):
         load_backend("tiny-internvl-teacher", LoadOptions(device_map="auto"))
+
+
+def test_a_placement_that_cannot_work_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from drivekd.distill.recipe import check_recipe
+
+    raw = {
+        "model": {"name": "tiny-internvl-student"},
+        "data": {"path": "d"},
+        "train": {"output_dir": "o"},
+        "teacher": {"name": "tiny-internvl-teacher", "device_map": "auto"},
+    }
+    file = tmp_path / "c.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DriveKDError, match="tiny-internvl-teacher is a preset, built in memory"):
+        check_recipe(load_config(DistillConfig, file))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DriveKDError, match="under torchrun every process would place its own copy"):
+        check_recipe(load_config(DistillConfig, file))
+
+
+def test_a_check_across_a_section_blames_the_override_that_set_it(tmp_path):
+    file = tmp_path / "c.yaml"
+    raw = {"model": {"name": "m"}, "data": {"path": "d"}, "train": {"output_dir": "o"}, "teacher": "T"}
+    file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DriveKDError, match=r"^override 'combine.project_per=step': combine: gram: modules cannot"):
+        load_config(DistillConfig, file, ["combine.gram=modules", "combine.project_per=step"])

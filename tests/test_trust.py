@@ -224,7 +224,7 @@ def test_nonsense_numbers_exit_2_before_anything_loads(tmp_path):
     assert not (tmp_path / "run").exists()
     c = tmp_path / "d.yaml"
     c.write_text(yaml.safe_dump({**_base_raw("distill"), "train": {"output_dir": "o", "tag_attention_weight": 1.0}}))
-    with pytest.raises(DriveKDError, match=r"`train.tag_attention_weight` moved to an experimental SFT command"):
+    with pytest.raises(DriveKDError, match=r"`train.tag_attention_weight` is an SFT loss .*a distillation run has no"):
         load_config(DistillConfig, c)  # it was silently ignored
     cached = {**_base_raw("distill"), "teacher": {"name": "T", "cache": "C"}}
     c.write_text(yaml.safe_dump({**cached, "train": {"output_dir": "o", "val_other_images": True}}))

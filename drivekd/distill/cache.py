@@ -62,8 +62,8 @@ def decode(read: Any, key: str, storage: str) -> torch.Tensor:
 
 # the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
 # and the student's depth; images by their whole content; the teacher's dtype; each sample's token
-# count. /5: the manifest names depths (layer counts) `student_depth` and `teacher_depths`
-FORMAT = "drivekd-teacher-cache/5"
+# count. /6: the manifest says how values are stored (`storage`) and which process wrote each shard
+FORMAT = "drivekd-teacher-cache/6"
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -193,7 +193,7 @@ def write_cache(
     any number of processes writes the same tensors: process r writes shards r, r + N, ... Shards
     are written into `.NAME.partial/` beside the cache, each file renamed into place when complete; a
     killed run, run again with the same config, redoes only the shards it had not finished. The
-    finished folder replaces `out` in one rename."""
+    finished folder then takes the place of `out` (the old one moved aside first, then removed)."""
     ranks = ranks or Ranks()
     student = teachers.student
     plan = shard_plan(samples, shard_samples)
@@ -205,9 +205,11 @@ def write_cache(
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "storage": storage,
     }
-    planned = {**header, "shards": [[samples[i].id for i in shard] for shard in plan]}
-    work = out.parent / f".{out.name}.partial"
+    # what the shards' bytes depend on besides the header: which samples, batched how
+    planned = {**header, "batch_size": batch_size, "shards": [[samples[i].id for i in shard] for shard in plan]}
+    work, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
     if ranks.rank == 0:
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed while swapping in its cache
         plan_file = work / "plan.json"
         if not (plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) == planned):
             shutil.rmtree(work, ignore_errors=True)  # another config's shards, or none
@@ -232,13 +234,13 @@ def write_cache(
             manifest["shards"][shard_name(number)] = {"rank": written["rank"], "samples": len(written["lengths"])}
             manifest["lengths"].update(written["lengths"])
             manifest["index"].update(dict.fromkeys(written["lengths"], shard_name(number)))
-        for number in range(len(plan)):
-            (work / shard_name(number)).with_suffix(".json").unlink()
-        (work / "plan.json").unlink()
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        # the plan and the shards' records stay in the cache: its account of what was written by whom
+        with atomic_file(work / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if out.exists():  # a kill between the two renames leaves `old` (removed next time) and `work`
+            os.replace(out, old)  # complete, which the next run only renames
         os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
     ranks.wait()
     return manifest
 
@@ -318,7 +320,7 @@ class TeacherCache:
             )
         # Shards are memory-mapped and a sample's tensors read alone: a shuffled batch touches several
         # shards, and at real shapes one shard is gigabytes, of which a batch needs a few samples.
-        self.storage = self.manifest.get("storage", "fp16")
+        self.storage = self.manifest["storage"]
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # the prefetching thread and the training step read alike
 

@@ -5,6 +5,7 @@ matrix that weighs each signal on each sample by its capability.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,7 +124,7 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
     and its teacher's depths, and teacher and student of one family (maps compare position by
     position only when the tokenizer and visual tokens per image agree)."""
     from drivekd.models.capture import resolve_layer
-    from drivekd.models.loading import model_shape
+    from drivekd.models.loading import PRESETS, model_shape
 
     signals = load_recipe(config.recipe)
     for key in config.teacher.per_signal:
@@ -132,10 +133,20 @@ def check_recipe(config: DistillConfig) -> dict[str, Signal]:
             hint = f"did you mean {close!r}?" if close else f"its signals: {', '.join(signals) or 'none'}"
             raise DriveKDError(f"teacher.per_signal.{key}: recipe {config.recipe!r} has no signal {key!r} ({hint})")
     student = model_shape(config.model.name)
+    if config.teacher.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DriveKDError(
+            "teacher.device_map spreads one teacher over this machine's devices; under torchrun every process "
+            "would place its own copy over the same devices: run it in one process (docs/configuration.md)"
+        )
     for name, sig in signals.items():
         teacher_spec = config.teacher.of(name)
         if teacher_spec is None:
             raise DriveKDError(f"signal {name!r} has no teacher: set `teacher` (or `teacher.per_signal.{name}`)")
+        if config.teacher.device_map is not None and teacher_spec in PRESETS:
+            raise DriveKDError(
+                f"teacher.device_map: {teacher_spec} is a preset, built in memory; device_map places a checkpoint "
+                "folder as it loads"
+            )
         teacher = model_shape(teacher_spec)
         if student is not None and teacher is not None and student.family != teacher.family:
             raise DriveKDError(

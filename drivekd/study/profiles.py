@@ -125,9 +125,6 @@ class Profile(BaseModel):
             raise ValueError(f"train, val and test fractions must be > 0 and sum to 1, not {list(value)}")
         return value
 
-    def variant(self, name: str) -> Variant:
-        return VARIANTS[name]
-
     def settings(self) -> dict[str, Any]:
         """Everything results depend on (written to study.json, compared on resume)."""
         return {
@@ -163,7 +160,6 @@ def _parse(raw: Any, source: Path, name: str) -> Profile:
 
 _SHIPPED_RAW: dict[str, dict[str, Any]] = read_yaml(PROFILES_FILE)
 PROFILES: dict[str, Profile] = {name: _parse(raw, PROFILES_FILE, name) for name, raw in _SHIPPED_RAW.items()}
-ALL_VARIANTS = tuple(VARIANTS)
 
 
 def load_profile(spec: str | Path) -> Profile:

@@ -292,7 +292,8 @@ def write_report(out: Path) -> Path:
         f"Teacher `{settings['teacher']}`, students from `{settings['student']}` ({settings['student_epochs']} "
         f"epochs, lr {settings['student_lr']}), {settings['scenes']} scenes split {settings['split']} "
         f"(seed {settings['data_seed']}), seeds {settings['seeds']}, each distillation loss starting at "
-        f"{settings['kd_share']} x CE (each run's weights in `runs/NAME/seed-N/calibration.json`).",
+        f"{settings['kd_share']} x CE unless its variant sets another share (each run's weights in "
+        "`runs/NAME/seed-N/calibration.json`).",
         "",
         "## Scores (test; val Avg is what choices are made on)",
         "",

@@ -303,6 +303,8 @@ class Study:
         from drivekd.study.profiles import Variant
 
         folder = self.configs.cache_dir(recipe, capability)
+        if _current_cache(folder) and (self.out / "prestudy" / "recipe.yaml").stat().st_mtime < _made(folder):
+            return  # made since the plan was drawn (another invocation of this study): in use, kept
         shutil.rmtree(folder, ignore_errors=True)  # made for another recipe or by another drivekd
         variant = Variant(name="cache", recipe=recipe, per_capability=capability is not None)
         config = self.configs.config(StudentRun(variant, self.profile.seeds[0], capability))
@@ -415,6 +417,10 @@ def _current_cache(folder: Path) -> bool:
     from drivekd.distill.cache import FORMAT, cache_format
 
     return cache_format(folder) == FORMAT
+
+
+def _made(cache: Path) -> float:
+    return (cache / "manifest.json").stat().st_mtime
 
 
 def _capture(fn: Callable[[], Any]) -> BaseException | None:

@@ -153,6 +153,10 @@ TAG_ATTENTION_MOVED = (
     "moved to an experimental SFT command: run `drivekd experimental sft-tag-attention --config {config}` "
     "with the section `tag_attention: {{weight, layer}}`"
 )
+TAG_ATTENTION_IS_SFT = (
+    "is an SFT loss (now the experimental `drivekd experimental sft-tag-attention`); a distillation run has "
+    "no tag-attention loss"
+)
 
 
 class SFTConfig(_Strict):
@@ -215,7 +219,9 @@ def validate_config(cls: type[C], raw: Any, source: str, overrides: Sequence[str
         err, loc, more = first_error(e)
         msg = err["msg"].removeprefix("Value error, ")
         # A field given on the command line is reported against the command line, not the file.
-        given = [o for o in overrides if o.split("=", 1)[0] == loc or loc.startswith(o.split("=", 1)[0] + ".")]
+        # (a check across a section's fields names the section: an override inside it is the one meant)
+        keys = [(o, o.split("=", 1)[0]) for o in overrides]
+        given = [o for o, k in keys if k == loc or loc.startswith(k + ".") or (loc and k.startswith(loc + "."))]
         origin = f"override {given[-1]!r}" if given else source
         raise DriveKDError(f"{origin}: {loc + ': ' if loc else ''}{msg}{more}") from e
 
@@ -333,8 +339,8 @@ class CombineConfig(_Strict):
         "buffer",
         description="where a projection strategy's Gram matrix comes from: buffer (each loss's gradient in a "
         "(losses x parameters) buffer) or modules (parameter taps and one batched backward of all losses, no "
-        "per-loss gradient kept, then one backward of the weighted sum: no buffer, but about twice the step time "
-        "on CPU and k cotangents per activation; not with project_per: step or buffer_dtype)",
+        "per-loss gradient kept, then one backward of the weighted sum: no buffer, but slower on a CPU and k "
+        "cotangents per activation; not with project_per: step or buffer_dtype)",
     )
 
     @model_validator(mode="after")
@@ -354,8 +360,8 @@ class DistillConfig(_Strict):
 
     moved: ClassVar[dict[str, str]] = {
         "reweight": "moved to an experimental command: run `drivekd experimental distill-reweight --config {config}`",
-        "train.tag_attention_weight": TAG_ATTENTION_MOVED,
-        "train.tag_attention_layer": TAG_ATTENTION_MOVED,
+        "train.tag_attention_weight": TAG_ATTENTION_IS_SFT,
+        "train.tag_attention_layer": TAG_ATTENTION_IS_SFT,
     }
 
     model: ModelConfig = Field(description="the student")

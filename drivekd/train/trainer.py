@@ -363,7 +363,7 @@ class Trainer:
     @torch.no_grad()
     def ranks_identical(self) -> bool:
         """Whether every process holds the same weights (a DDP sanity check, logged at the end)."""
-        params = list(self.backend.model.parameters())
+        params = [*self.backend.model.parameters(), *(self.extra.parameters() if self.extra is not None else [])]
         sums = torch.stack([p.double().sum() for p in params] + [p.double().abs().sum() for p in params])
         gathered = self.accelerator.gather(sums.to(self.accelerator.device)[None])
         return bool((gathered == gathered[0]).all())
@@ -408,6 +408,12 @@ class Trainer:
                 if self.before_step is not None:
                     for k, v in self.before_step(acc, pos.step).items():
                         window[k] = window.get(k, 0.0) + v * cfg.grad_accum  # weighted like per-micro-batch figures
+                if self.extra is not None and acc.num_processes > 1:
+                    # DDP averages the wrapped model's gradients only; these are averaged here (where a
+                    # gradient strategy already averaged them, averaging equal values changes nothing)
+                    for p in self.extra.parameters():
+                        if p.grad is not None:
+                            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(
                         [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
