@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     # drivekd is imported here, so that importing this file costs nothing
     from drivekd.distill.calibrate import initial_losses
     from drivekd.train.config import DistillConfig, load_config
+    from drivekd.train.order import calibration_sample
     from drivekd.train.sft import load_model, load_training_data
-    from drivekd.train.trainer import calibration_sample
 
     cfg = load_config(DistillConfig, args.config, args.overrides)
     student = load_model(cfg.model)

@@ -571,7 +571,7 @@ def test_calibrated_weights_make_each_signal_start_at_its_share_of_ce(tmp_path, 
             0.2 * result["initial_losses"]["ce"], rel=1e-5
         )
     # measured again with the calibrated recipe on the same random sample: every signal starts at 0.2 x CE
-    from drivekd.train.trainer import calibration_sample
+    from drivekd.train.order import calibration_sample
 
     student = load_model(cfg.model)
     train, _, _ = load_training_data(cfg.data, student)

@@ -471,7 +471,7 @@ def test_the_last_validation_is_logged_once(tmp_path, data_dir):
 
 # ---- loss weights as shares, measured in every run -------------------------------------------------
 def test_calibration_measures_a_random_sample_of_the_training_data(data_dir):
-    from drivekd.train.trainer import calibration_sample
+    from drivekd.train.order import calibration_sample
 
     backend = load_model(load_config_sft(data_dir).model)
     train = load_training_data(load_config_sft(data_dir).data, backend)[0]

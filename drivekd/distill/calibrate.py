@@ -5,7 +5,7 @@ Attention-map distances at weight 1 are orders of magnitude below the CE, hidden
 are of its order (docs/results.md): one fixed weight means nothing across signals, models and data.
 So a recipe states shares, and every distillation run measures each loss at weight 1 with its own
 teachers (live or cached) and its own untrained student on a random sample of its training data
-(`train.trainer.calibration_sample`), before step 1. The run folder keeps the measurement (`calibration.json`); a resumed run reads it back
+(`train.order.calibration_sample`), before step 1. The run folder keeps the measurement (`calibration.json`); a resumed run reads it back
 instead of measuring again, so it continues bit-exactly.
 """
 
@@ -151,8 +151,8 @@ def run_calibrate(
     """Write the config's recipe with measured absolute weights to `out`; returns it and the
     measurement. `share` overrides every signal's; otherwise each signal's own share is used."""
     from drivekd.distill.recipe import check_recipe
+    from drivekd.train.order import calibration_sample
     from drivekd.train.sft import load_model, load_training_data
-    from drivekd.train.trainer import calibration_sample
 
     if share is not None and not (math.isfinite(share) and share > 0):
         raise DriveKDError(f"--share must be a positive number, got {share}")

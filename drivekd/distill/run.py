@@ -13,9 +13,10 @@ from drivekd.distill.engine import Distiller
 from drivekd.distill.recipe import check_recipe
 from drivekd.errors import DriveKDError
 from drivekd.train.config import DistillConfig, dump_config
+from drivekd.train.order import calibration_sample
 from drivekd.train.run_folder import RunFolder, run_identity, samples_digest
 from drivekd.train.sft import load_model, load_training_data
-from drivekd.train.trainer import Trainer, calibration_sample
+from drivekd.train.trainer import Trainer
 
 
 def run_distill(config: DistillConfig, *, resume: bool = False, distiller_class: type[Distiller] = Distiller) -> Path:

@@ -1,0 +1,36 @@
+"""The order samples are trained in: each epoch's seeded permutation (optionally grouped by length),
+and the random sample a run measures its loss shares on. Alike on every process and on resume."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from drivekd.data.sample import Sample
+from drivekd.train.config import TrainConfig
+
+
+def epoch_order(
+    n_samples: int, seed: int, epoch: int, global_batch: int, lengths: Sequence[int] | None = None
+) -> list[int]:
+    """The sample order of one epoch: a permutation seeded by (seed, epoch); with `lengths` (group by
+    length), as HF Trainer's group_by_length: sorted within windows of 50 batches so a batch pads
+    little, then whole batches shuffled, the short last batch last (batches are cut at fixed offsets)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_samples, generator=g).tolist()
+    if lengths is None:
+        return order
+    gb, window = global_batch, global_batch * 50
+    grouped = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lengths.__getitem__)]
+    full = len(grouped) // gb
+    batches = [grouped[b * gb : (b + 1) * gb] for b in torch.randperm(full, generator=g).tolist()]
+    return [i for batch in batches for i in batch] + grouped[full * gb :]
+
+
+def calibration_sample(samples: Sequence[Sample], config: TrainConfig, batches: int) -> list[Sample]:
+    """`batches` micro-batches' worth of training samples drawn at random by the run's seeded
+    permutation, alike on every rank: a representative sample (a file sorted by capability, or the
+    length-uniform batches of group_by_length, would not be) on which loss shares are measured."""
+    order = epoch_order(len(samples), config.seed, 0, config.micro_batch_size)
+    return [samples[i] for i in order[: batches * config.micro_batch_size]]
