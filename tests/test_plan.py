@@ -298,3 +298,26 @@ def test_plan_and_distiller_capture_the_same_student_layers(data_dir, recipe):
     assert planned == {"maps": sorted(full), "text_rows": sorted(rows)}
     if recipe == "drive-kd":  # the paper's recipe on a 4-layer student: 0..2 whole, the text rows of none else
         assert planned == {"maps": [0, 1, 2], "text_rows": []}
+
+
+def test_the_plan_gives_the_cache_size_cache_teacher_would_estimate(data_dir):
+    from drivekd.data.formats import load_split
+    from drivekd.distill.cache import estimate_bytes
+    from drivekd.distill.recipe import load_recipe
+
+    plan = P.plan(_distill(data_dir, recipe="drive-kd"), P.Inputs(tokens=300, images=2))
+    cache = plan.cache
+    assert cache is not None and cache["tokens"] == 300
+    assert cache["samples"] == len(load_split(data_dir, "train")) + len(load_split(data_dir, "val"))
+    teacher, student = (
+        P.arch("tiny-internvl-teacher", "null", (96, 96)),
+        P.arch("tiny-internvl-student", "null", (96, 96)),
+    )
+    bound = {n: s.bind(n, student.layers, teacher.layers) for n, s in load_recipe("drive-kd").items()}
+    widths = dict.fromkeys(bound, teacher.hidden)
+    visual = plan.step["visual_tokens"]
+    for storage, per_sample in cache["bytes_per_sample"].items():
+        assert per_sample == estimate_bytes(bound, [300], [visual], widths, student.vocab, storage) > 0
+        assert cache["bytes"][storage] == per_sample * cache["samples"]
+    assert cache["bytes_per_sample"]["fp8"] * 2 == cache["bytes_per_sample"]["fp16"]
+    assert P.plan(_sft(data_dir), P.Inputs(tokens=300)).cache is None

@@ -126,10 +126,22 @@ def render(p: Any, config_path: str, device_memory: float) -> str:
     )
     for t in p.teachers:
         where = "on the device" if t["on_device"] else "not loaded (teacher.cache)"
+        if t.get("device_map") is not None:
+            where = f"spread by teacher.device_map={t['device_map']} (the table counts its weights on one device)"
         lines.append(
             f"teacher {t['name']} ({_count(t['parameters'])} parameters, {t['layers']} LM layers, {t['dtype']}) "
             f"for {', '.join(t['signals'])}: {where}"
         )
+    if p.cache is not None:
+        c = p.cache
+        size = ", ".join(f"{_m(b)} {s}" for s, b in c["bytes_per_sample"].items())
+        total = (
+            f"; {c['samples']:,} train and val samples: at most "
+            + ", ".join(f"{_m(b)} {s}" for s, b in c["bytes"].items())
+            if c["bytes"] is not None
+            else ""
+        )
+        lines.append(f"teacher cache (drivekd cache-teacher): {size} a sample at {c['tokens']} tokens{total}")
     per_device = "per device, " if s["gpus"] > 1 else ""
     lines.append(
         f"batch {per_device}{s['micro_batch']} x {s['tokens']} tokens ({s['images']} image(s) x "

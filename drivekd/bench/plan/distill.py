@@ -20,6 +20,7 @@ from drivekd.bench.plan.formulas import (
 from drivekd.bench.plan.model import Arch, arch
 from drivekd.bench.plan.phases import LOSSES, SAVED, TARGETS, TEACHER, TRANSIENT
 from drivekd.bench.plan.units import DTYPE_BYTES
+from drivekd.distill.cache import STORAGES, estimate_bytes
 
 
 def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int], notes: list[str]) -> dict[str, Any]:
@@ -77,7 +78,10 @@ def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int]
     teacher_weights = 0
     if cached:
         parts["teacher cache reads"] = (cache_reads(step, elements), TARGETS)
-        notes.append("teacher.cache: no teacher on the device; cache shards stay in host memory (at most 4 GiB)")
+        notes.append(
+            "teacher.cache: no teacher on the device; each sample's targets are read from the memory-mapped "
+            "shards, the next micro-batch's while this one trains"
+        )
     elif signals:
         live = 0
         for ckpt, t in teachers.items():
@@ -103,10 +107,14 @@ def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int]
             "layers": t.layers,
             "dtype": config.teacher.dtype,
             "on_device": not cached,
+            "device_map": None if cached else config.teacher.device_map,
             "signals": [name for name in signals if teacher_of[name] == ckpt],
         }
         for ckpt, t in teachers.items()
     ]
+    # what `drivekd cache-teacher` would write per sample at the planned length (the same estimate it prints)
+    widths = {name: teachers[teacher_of[name]].hidden for name in bound}
+    per_sample = {s: estimate_bytes(bound, [step.tokens], [step.visual], widths, student.vocab, s) for s in STORAGES}
     return {
         "teachers": info,
         "captured": {"maps": sorted(whole), "text_rows": sorted(text_rows - whole)},  # the student's layers
@@ -114,4 +122,5 @@ def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int]
         "parts": parts,
         "losses": 1 + len(signals),  # CE and each signal
         "projection_params": projection_params,
+        "cache_bytes_per_sample": per_sample if signals else None,
     }

@@ -54,6 +54,21 @@ def peek_data(data: Any) -> tuple[int, tuple[int, int]] | None:
     return max(len(s.images) for s in samples), size
 
 
+def count_samples(data: Any) -> int | None:
+    """The training and validation samples a teacher cache of this data holds; None when the data
+    cannot be read here."""
+    from drivekd.data.formats import load_samples, load_split
+
+    path = Path(data.path)
+    try:
+        if path.is_dir():
+            splits = [load_split(path, s, data.image_roots) for s in (data.train_split, data.val_split)]
+            return sum(len(s) for s in splits)
+        return len(load_samples(path, data.format, data.image_roots))
+    except (DriveKDError, OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Inputs:
     """What the plan is asked for, beyond the config."""

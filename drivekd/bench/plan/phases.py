@@ -28,6 +28,8 @@ class Plan:
     budget: int
     fits: bool
     fsdp: dict[str, Any] | None = None
+    # a distillation's teacher cache at the planned length: bytes per sample per storage, the data's samples
+    cache: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     advice: list[dict[str, Any]] = field(default_factory=list)
 

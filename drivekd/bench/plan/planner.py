@@ -30,7 +30,7 @@ from drivekd.bench.plan.formulas import (
     vision_tower,
     weights,
 )
-from drivekd.bench.plan.inputs import Inputs, peek_data
+from drivekd.bench.plan.inputs import Inputs, count_samples, peek_data
 from drivekd.bench.plan.model import DEFAULT_IMAGE, Arch, arch
 from drivekd.bench.plan.phases import BACKWARD, RESIDENT, SAVED, TRANSIENT, Plan, phases_of
 from drivekd.bench.plan.units import DTYPE_BYTES, GiB
@@ -193,6 +193,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         peak=peak,
         budget=budget,
         fits=peak <= budget,
+        cache=_cache(d["cache_bytes_per_sample"], config, step.tokens) if d and d["cache_bytes_per_sample"] else None,
         notes=notes,
     )
     if inputs.gpus > 1:
@@ -237,3 +238,14 @@ def _fsdp(p: Plan, student: Arch, s_bytes: int, gpus: int) -> dict[str, Any]:
     phases = phases_of(parts, counted)
     peak = phases[RESIDENT] + max(v for k, v in phases.items() if k != RESIDENT)
     return {"gpus": gpus, "parts": parts, "counted": counted, "phases": phases, "peak": peak}
+
+
+def _cache(per_sample: dict[str, int], config: Any, tokens: int) -> dict[str, Any]:
+    """The teacher cache of the config's data if every sample had the planned length (an upper bound)."""
+    samples = count_samples(config.data)
+    return {
+        "tokens": tokens,
+        "samples": samples,
+        "bytes_per_sample": per_sample,
+        "bytes": {s: b * samples for s, b in per_sample.items()} if samples is not None else None,
+    }
