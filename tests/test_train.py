@@ -235,6 +235,13 @@ def test_shipped_configs_validate():
     for path in sorted([*shipped.glob("sft-*.yaml"), *shipped.glob("pretrain-*.yaml")]):
         cfg = load_config(SFTConfig, path)
         assert cfg.train.output_dir and cfg.model.name
+    from drivekd.train.config import DistillConfig
+
+    distill = sorted(shipped.glob("distill-*.yaml"))
+    assert len(distill) >= 2
+    for path in distill:
+        cfg = load_config(DistillConfig, path)
+        assert cfg.teacher.of("perception") and cfg.recipe
 
 
 @pytest.mark.integration
