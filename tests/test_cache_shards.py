@@ -227,3 +227,45 @@ def test_an_fp8_cache_is_half_the_bytes_and_read_back_through_its_scales(one_pro
         want, got = exact.tensors(sample_id, f"reasoning/{k}").float(), lossy.tensors(sample_id, f"reasoning/{k}")
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert float((got - want).abs().max()) <= float(want.abs().max()) / 16 + 1e-3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("student", "teacher", "recipe", "storage"),
+    [
+        ("tiny-internvl-student", "checkpoint", "drive-kd", "fp16"),
+        ("tiny-internvl-student", "checkpoint", "ce-hidden", "fp8"),
+        ("tiny-qwen25vl-student", "tiny-qwen25vl-teacher", "drive-kd", "fp16"),
+        ("tiny-qwen25vl-student", "tiny-qwen25vl-teacher", "ce-kl", "fp16"),
+    ],
+)
+def test_a_frames_prefix_stored_once_reads_back_bit_for_bit(
+    tmp_path, data_dir, teacher_dir, student, teacher, recipe, storage
+):
+    from drivekd.distill.cache import TeacherCache
+    from drivekd.distill.run import run_cache_teacher
+    from drivekd.train.config import DistillConfig, load_config
+
+    raw = yaml.safe_load(_config(tmp_path, data_dir, teacher_dir).read_text())
+    raw.update(model={"name": student}, recipe=recipe)
+    raw["teacher"] = str(teacher_dir) if teacher == "checkpoint" else teacher
+    raw["train"]["micro_batch_size"] = 3  # frames of about 8 questions span batches: padding differs
+    file = tmp_path / "c.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    cfg = load_config(DistillConfig, file)
+    made = {
+        share: run_cache_teacher(cfg, tmp_path / f"share-{share}", storage=storage, share_prefixes=share, echo=print)
+        for share in (True, False)
+    }
+    shared, whole = TeacherCache(made[True]), TeacherCache(made[False])
+    assert not whole.manifest["prefixes"] and len(shared.manifest["prefixes"]) >= len(whole.manifest["index"]) // 2
+    names = {
+        k.split("/", 1)[1].split("#")[0] for f in made[False].glob("shard-*.safetensors") for k in load_file(str(f))
+    }
+    assert names
+    for sample_id in whole.manifest["index"]:
+        for key in names:
+            a, b = shared.tensors(sample_id, key), whole.tensors(sample_id, key)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (sample_id, key)
+    size = [sum(f.stat().st_size for f in made[s].glob("shard-*.safetensors")) for s in (True, False)]
+    assert size[0] < size[1]

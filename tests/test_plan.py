@@ -316,8 +316,20 @@ def test_the_plan_gives_the_cache_size_cache_teacher_would_estimate(data_dir):
     bound = {n: s.bind(n, student.layers, teacher.layers) for n, s in load_recipe("drive-kd").items()}
     widths = dict.fromkeys(bound, teacher.hidden)
     visual = plan.step["visual_tokens"]
-    for storage, per_sample in cache["bytes_per_sample"].items():
-        assert per_sample == estimate_bytes(bound, [300], [visual], widths, student.vocab, storage) > 0
-        assert cache["bytes"][storage] == per_sample * cache["samples"]
-    assert cache["bytes_per_sample"]["fp8"] * 2 == cache["bytes_per_sample"]["fp16"]
+    frames = len({tuple(im.path for im in s.images) for split in ("train", "val") for s in load_split(data_dir, split)})
+    assert cache["frames"] == frames and cache["questions_per_frame"] == pytest.approx(cache["samples"] / frames)
+    q = cache["questions_per_frame"]
+    for storage, whole in cache["bytes_per_sample_unshared"].items():
+        assert whole == estimate_bytes(bound, [300], [visual], widths, student.vocab, storage) > 0
+        shared = cache["bytes_per_sample"][storage]
+        assert shared == estimate_bytes(
+            bound, [300], [visual], widths, student.vocab, storage, prefixes=[visual], questions_per_frame=q
+        )
+        assert 0 < shared < whole and cache["bytes"][storage] == shared * cache["samples"]
+    assert cache["bytes_per_sample_unshared"]["fp8"] * 2 == cache["bytes_per_sample_unshared"]["fp16"]
+    # by hand for one whole-map pair: T x T, less the V x V prefix block but its share of it
+    one = {"r": load_recipe("drive-kd")["reasoning"].bind("r", student.layers, teacher.layers)}
+    pairs = len(one["r"].pairs)
+    got = estimate_bytes(one, [300], [visual], {"r": 1}, 1, "fp16", prefixes=[visual], questions_per_frame=4.0)
+    assert got == int(2 * pairs * (300 * 300 - visual * visual * (1 - 1 / 4)))
     assert P.plan(_sft(data_dir), P.Inputs(tokens=300)).cache is None

@@ -49,6 +49,12 @@ import click
     help="Also run one real training step of the config on this CPU (fresh process) and compare its peak "
     "with the plan for that batch. Small configs only: it loads the model, data and teacher cache.",
 )
+@click.option(
+    "--questions-per-frame",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Questions about each frame, for the teacher cache's size with shared prefixes [default: the data's].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.argument("overrides", nargs=-1)
 def plan(
@@ -59,6 +65,7 @@ def plan(
     images: int | None,
     device: str,
     measure: bool,
+    questions_per_frame: float | None,
     as_json: bool,
     overrides: tuple[str, ...],
 ) -> None:
@@ -71,7 +78,14 @@ def plan(
     from drivekd.bench.plan_measure import measure_step
 
     config = load_any_config(config_path, overrides)
-    inputs = Inputs(tokens=tokens, images=images, gpus=gpus, device=device, device_memory_gb=device_memory)
+    inputs = Inputs(
+        tokens=tokens,
+        images=images,
+        gpus=gpus,
+        device=device,
+        device_memory_gb=device_memory,
+        questions_per_frame=questions_per_frame,
+    )
     result = make_plan(config, inputs)
     measured = measure_step(config) if measure else None
     if as_json:
@@ -135,6 +149,10 @@ def render(p: Any, config_path: str, device_memory: float) -> str:
     if p.cache is not None:
         c = p.cache
         size = ", ".join(f"{_m(b)} {s}" for s, b in c["bytes_per_sample"].items())
+        size += (
+            f" (each frame's {s['visual_tokens']}-token image prefix stored once for {c['questions_per_frame']:.1f} "
+            f"questions; {_m(c['bytes_per_sample_unshared']['fp16'])} fp16 without)"
+        )
         total = (
             f"; {c['samples']:,} train and val samples: at most "
             + ", ".join(f"{_m(b)} {s}" for s, b in c["bytes"].items())

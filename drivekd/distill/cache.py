@@ -62,8 +62,8 @@ def decode(read: Any, key: str, storage: str) -> torch.Tensor:
 
 # the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
 # and the student's depth; images by their whole content; the teacher's dtype; each sample's token
-# count. /6: the manifest says how values are stored (`storage`) and which process wrote each shard
-FORMAT = "drivekd-teacher-cache/6"
+# count. /7: a frame's prefix rows stored once (`prefixes`), values' storage, each shard's writer
+FORMAT = "drivekd-teacher-cache/7"
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -186,6 +186,7 @@ def write_cache(
     ranks: Ranks | None = None,
     echo: Any = print,
     storage: str = "fp16",
+    share_prefixes: bool = True,
 ) -> dict[str, Any]:
     """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder.
 
@@ -204,6 +205,7 @@ def write_cache(
         "teacher_depths": {n: teachers.depth(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "storage": storage,
+        "prefix_sharing": share_prefixes,
     }
     # what the shards' bytes depend on besides the header: which samples, batched how
     planned = {**header, "batch_size": batch_size, "shards": [[samples[i].id for i in shard] for shard in plan]}
@@ -223,16 +225,25 @@ def write_cache(
         echo(f"resuming {work}: {len(mine) - len(todo)} of this process's {len(mine)} shards are written")
     bar = progress.bar(total=sum(len(plan[n]) for n in todo), desc="cache", unit="sample", disable=ranks.rank != 0)
     for number in todo:
-        _write_shard(teachers, signals, [samples[i] for i in plan[number]], work, number, batch_size, ranks, storage)
+        samples_of = [samples[i] for i in plan[number]]
+        _write_shard(teachers, signals, samples_of, work, number, batch_size, ranks, storage, share_prefixes)
         bar.update(len(plan[number]))
     bar.close()
     ranks.wait()
-    manifest: dict[str, Any] = {**header, "world_size": ranks.world_size, "shards": {}, "index": {}, "lengths": {}}
+    manifest: dict[str, Any] = {
+        **header,
+        "world_size": ranks.world_size,
+        "shards": {},
+        "index": {},
+        "lengths": {},
+        "prefixes": {},  # sample id -> [frame prefix key, its tokens, its text tokens], where shared
+    }
     if ranks.rank == 0:
         for number in range(len(plan)):
             written = json.loads((work / shard_name(number)).with_suffix(".json").read_text(encoding="utf-8"))
             manifest["shards"][shard_name(number)] = {"rank": written["rank"], "samples": len(written["lengths"])}
             manifest["lengths"].update(written["lengths"])
+            manifest["prefixes"].update(written["prefixes"])
             manifest["index"].update(dict.fromkeys(written["lengths"], shard_name(number)))
         # the plan and the shards' records stay in the cache: its account of what was written by whom
         with atomic_file(work / "manifest.json") as tmp:
@@ -245,6 +256,17 @@ def write_cache(
     return manifest
 
 
+def frame_prefix(ids: torch.Tensor, visual: torch.Tensor, images: Sequence[str]) -> tuple[str, int, int]:
+    """A sample's frame prefix: everything up to its last visual token (the preamble and every camera's
+    tokens, alike for every question about the frame), as (content key, tokens, text tokens among
+    them). Attention is causal, so every target row of these positions is the same for all of them."""
+    where = visual.nonzero()
+    length = int(where[-1]) + 1 if len(where) else 0
+    h = hashlib.sha256(ids[:length].cpu().numpy().tobytes())
+    h.update("\n".join(images).encode())
+    return h.hexdigest()[:24], length, int((~visual[:length]).sum())
+
+
 def _write_shard(
     teachers: Any,
     signals: dict[str, Signal],
@@ -254,29 +276,79 @@ def _write_shard(
     batch_size: int,
     ranks: Ranks,
     storage: str,
+    share_prefixes: bool = True,
 ) -> None:
-    """One shard's tensors, then its record (the rank that wrote it, each sample's tokens): a shard
-    whose record exists is complete."""
+    """One shard's tensors, then its record (the rank that wrote it, each sample's tokens and frame
+    prefix): a shard whose record exists is complete.
+
+    With `share_prefixes`, a frame's prefix rows are stored once (`prefix:<key>/...`) and each sample
+    stores only its rows after them. A sample whose own stored prefix rows are not bit for bit the
+    stored ones keeps its whole targets, so what is read back is exactly what is stored unshared."""
     student = teachers.student
     shard: dict[str, torch.Tensor] = {}
     lengths: dict[str, int] = {}
+    prefixes: dict[str, list[Any]] = {}
     for i in range(0, len(chunk_samples), batch_size):
         chunk = chunk_samples[i : i + batch_size]
         batch = student.build_batch(chunk).to(student.device)
         targets = teachers.targets(batch)
         counts = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
-        for name, sig in signals.items():
-            for k, target in enumerate(targets[name]):
-                for b, sample in enumerate(chunk):
-                    visual = batch.visual_mask[b, : counts[b]]
-                    value = sig.stored(target[b], counts[b], visual)
-                    for suffix, stored in encode(value, storage).items():
-                        shard[f"{sample.id}/{name}/{k}{suffix}"] = stored
-        lengths.update({sample.id: counts[b] for b, sample in enumerate(chunk)})
+        for b, sample in enumerate(chunk):
+            visual = batch.visual_mask[b, : counts[b]]
+            values = {
+                f"{name}/{k}": sig.stored(target[b], counts[b], visual)
+                for name, sig in signals.items()
+                for k, target in enumerate(targets[name])
+            }
+            key, rows, text_rows = frame_prefix(batch.inputs["input_ids"][b], visual, [im.path for im in sample.images])
+            split = _shared_split(signals, values, rows, text_rows, key, shard, storage) if share_prefixes else None
+            for name_k, value in values.items():
+                kept = value if split is None else value[split[name_k] :]
+                for suffix, stored in encode(kept, storage).items():
+                    shard[f"{sample.id}/{name_k}{suffix}"] = stored
+            if split is not None:
+                prefixes[sample.id] = [key, rows, text_rows]
+            lengths[sample.id] = counts[b]
     with atomic_file(work / shard_name(number)) as tmp:
         save_file(shard, str(tmp))
     with atomic_file((work / shard_name(number)).with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({"rank": ranks.rank, "world_size": ranks.world_size, "lengths": lengths}))
+        record = {"rank": ranks.rank, "world_size": ranks.world_size, "lengths": lengths, "prefixes": prefixes}
+        tmp.write_text(json.dumps(record))
+
+
+def _shared_split(
+    signals: dict[str, Signal],
+    values: dict[str, torch.Tensor],
+    rows: int,
+    text_rows: int,
+    key: str,
+    shard: dict[str, torch.Tensor],
+    storage: str,
+) -> dict[str, int] | None:
+    """Rows of each stored target that the frame's prefix holds, storing the prefix when it is the
+    frame's first; None when the sample cannot share it (nothing after the prefix, or its prefix rows
+    differ from the stored ones by a bit)."""
+    split, heads = {}, {}
+    for name_k, value in values.items():
+        sig = signals[name_k.split("/")[0]]
+        r = text_rows if sig.text_rows_only else rows
+        if r == 0 or value.shape[0] <= r:
+            return None
+        head = value[:r]
+        if sig.square:  # a causal map's prefix rows are zero right of the prefix: kept as (r, r)
+            if bool(head[:, r:].any()):
+                return None
+            head = head[:, :r]
+        split[name_k], heads[name_k] = r, encode(head, storage)
+    first = f"prefix:{key}/{next(iter(values))}" not in shard
+    for name_k, encoded in heads.items():
+        for suffix, stored in encoded.items():
+            name = f"prefix:{key}/{name_k}{suffix}"
+            if first:
+                shard[name] = stored
+            elif not torch.equal(shard[name].view(torch.uint8), stored.view(torch.uint8)):
+                return None
+    return split
 
 
 def estimate_bytes(
@@ -286,14 +358,23 @@ def estimate_bytes(
     widths: dict[str, int],
     vocab: int,
     storage: str = "fp16",
+    *,
+    prefixes: Sequence[int] | None = None,
+    questions_per_frame: float = 1.0,
 ) -> int:
     """The cache's size in bytes with `storage`, from token counts alone (before any teacher runs; fp8's
-    per-row scales, 4 bytes a row, left out)."""
-    total = 0
+    per-row scales, 4 bytes a row, left out). With `prefixes` (each sample's frame-prefix tokens, its
+    visual tokens among them), a frame's prefix rows count once per `questions_per_frame` questions:
+    they hold what the targets would store for a sample as long as its prefix."""
+    total = 0.0
     for name, b in bound.items():
-        for n, v in zip(lengths, visual, strict=True):
-            total += BYTES_PER_VALUE[storage] * len(b.pairs) * b.signal.stored_elements(n, v, widths[name], vocab)
-    return total
+        for i, (n, v) in enumerate(zip(lengths, visual, strict=True)):
+            elements = b.signal.stored_elements(n, v, widths[name], vocab)
+            if prefixes is not None:
+                head = b.signal.stored_elements(prefixes[i], v, widths[name], vocab)
+                elements -= head * (1 - 1 / questions_per_frame)
+            total += BYTES_PER_VALUE[storage] * len(b.pairs) * elements
+    return int(total)
 
 
 def cache_format(folder: str | Path) -> str | None:
@@ -366,4 +447,11 @@ class TeacherCache:
             raise DriveKDError(f"{self.folder}: sample {sample_id} is not in the cache")
         with self._lock:
             handle = self._shard(file)
-            return decode(handle.get_tensor, f"{sample_id}/{key}", self.storage)
+            own = decode(handle.get_tensor, f"{sample_id}/{key}", self.storage)
+            shared = self.manifest["prefixes"].get(sample_id)
+            if shared is None:
+                return own
+            head = decode(handle.get_tensor, f"prefix:{shared[0]}/{key}", self.storage)
+        if head.shape[1] < own.shape[1]:  # a causal map's prefix rows: zero right of the prefix
+            head = torch.nn.functional.pad(head, (0, own.shape[1] - head.shape[1]))
+        return torch.cat([head, own])

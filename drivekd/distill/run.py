@@ -73,6 +73,7 @@ def run_cache_teacher(
     echo: Callable[[str], None] = print,
     shard_samples: int | None = None,
     storage: str = "fp16",
+    share_prefixes: bool = True,
 ) -> Path:
     """Write the teacher targets of the run's train and val samples; returns the cache folder. Under
     `torchrun` the processes split the shards between them, each on its own device."""
@@ -115,5 +116,6 @@ def run_cache_teacher(
         ranks=ranks,
         echo=say,
         storage=storage,
+        share_prefixes=share_prefixes,
     )
     return target

@@ -23,7 +23,14 @@ from drivekd.bench.plan.units import DTYPE_BYTES
 from drivekd.distill.cache import STORAGES, estimate_bytes
 
 
-def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int], notes: list[str]) -> dict[str, Any]:
+def distill_parts(
+    config: Any,
+    student: Arch,
+    step: Step,
+    image: tuple[int, int],
+    notes: list[str],
+    questions_per_frame: float | None = None,
+) -> dict[str, Any]:
     """Teachers, captured maps, signal losses and targets of a distillation config: parts as
     {name: (bytes, where it counts)}."""
     from drivekd.distill.recipe import check_recipe
@@ -115,6 +122,21 @@ def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int]
     # what `drivekd cache-teacher` would write per sample at the planned length (the same estimate it prints)
     widths = {name: teachers[teacher_of[name]].hidden for name in bound}
     per_sample = {s: estimate_bytes(bound, [step.tokens], [step.visual], widths, student.vocab, s) for s in STORAGES}
+    # each frame's prefix (at least its visual tokens) stored once for `questions` questions
+    questions = questions_per_frame or 1.0
+    shared = {
+        s: estimate_bytes(
+            bound,
+            [step.tokens],
+            [step.visual],
+            widths,
+            student.vocab,
+            s,
+            prefixes=[step.visual],
+            questions_per_frame=questions,
+        )
+        for s in STORAGES
+    }
     return {
         "teachers": info,
         "captured": {"maps": sorted(whole), "text_rows": sorted(text_rows - whole)},  # the student's layers
@@ -123,4 +145,6 @@ def distill_parts(config: Any, student: Arch, step: Step, image: tuple[int, int]
         "losses": 1 + len(signals),  # CE and each signal
         "projection_params": projection_params,
         "cache_bytes_per_sample": per_sample if signals else None,
+        "cache_bytes_per_sample_shared": shared if signals else None,
+        "questions_per_frame": questions,
     }

@@ -54,19 +54,22 @@ def peek_data(data: Any) -> tuple[int, tuple[int, int]] | None:
     return max(len(s.images) for s in samples), size
 
 
-def count_samples(data: Any) -> int | None:
-    """The training and validation samples a teacher cache of this data holds; None when the data
-    cannot be read here."""
+def count_samples(data: Any) -> tuple[int, int] | None:
+    """The training and validation samples a teacher cache of this data holds, and their frames (the
+    distinct image sets their questions are about); None when the data cannot be read here."""
     from drivekd.data.formats import load_samples, load_split
 
     path = Path(data.path)
     try:
         if path.is_dir():
-            splits = [load_split(path, s, data.image_roots) for s in (data.train_split, data.val_split)]
-            return sum(len(s) for s in splits)
-        return len(load_samples(path, data.format, data.image_roots))
+            samples = [
+                s for split in (data.train_split, data.val_split) for s in load_split(path, split, data.image_roots)
+            ]
+        else:
+            samples = load_samples(path, data.format, data.image_roots)
     except (DriveKDError, OSError, ValueError):
         return None
+    return len(samples), len({tuple(im.path for im in s.images) for s in samples})
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,4 @@ class Inputs:
     device_memory_gb: float = 80.0
     image: tuple[int, int] | None = None  # (width, height); None: read from the data
     padded: bool | None = None  # the batch holds padding (a mask reaches SDPA); None: when micro batch > 1
+    questions_per_frame: float | None = None  # of a teacher cache with shared prefixes; None: from the data

@@ -73,7 +73,9 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     if sum(by_part.values()) == 0:
         raise DriveKDError(f"{config.model.name}: no trainable parameters: everything is frozen")
     vision_graph = by_part["vision"] > 0
-    d = distill_parts(config, student, step, image, notes) if distill else None
+    counted_data = count_samples(config.data) if distill else None
+    questions = inputs.questions_per_frame or (counted_data[0] / max(counted_data[1], 1) if counted_data else None)
+    d = distill_parts(config, student, step, image, notes, questions) if distill else None
     extra = d["projection_params"] if d else 0  # hidden-state projection heads, trained beside the model
     trainable = sum(by_part.values()) + extra
     largest = max(student.largest_tensor, extra)
@@ -193,7 +195,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         peak=peak,
         budget=budget,
         fits=peak <= budget,
-        cache=_cache(d["cache_bytes_per_sample"], config, step.tokens) if d and d["cache_bytes_per_sample"] else None,
+        cache=_cache(d, counted_data, step.tokens) if d and d["cache_bytes_per_sample"] else None,
         notes=notes,
     )
     if inputs.gpus > 1:
@@ -240,12 +242,17 @@ def _fsdp(p: Plan, student: Arch, s_bytes: int, gpus: int) -> dict[str, Any]:
     return {"gpus": gpus, "parts": parts, "counted": counted, "phases": phases, "peak": peak}
 
 
-def _cache(per_sample: dict[str, int], config: Any, tokens: int) -> dict[str, Any]:
-    """The teacher cache of the config's data if every sample had the planned length (an upper bound)."""
-    samples = count_samples(config.data)
+def _cache(d: dict[str, Any], counted: tuple[int, int] | None, tokens: int) -> dict[str, Any]:
+    """The teacher cache of the config's data if every sample had the planned length (an upper bound),
+    each frame's prefix stored once or per question."""
+    samples = counted[0] if counted else None
+    per_sample, shared = d["cache_bytes_per_sample"], d["cache_bytes_per_sample_shared"]
     return {
         "tokens": tokens,
         "samples": samples,
-        "bytes_per_sample": per_sample,
-        "bytes": {s: b * samples for s, b in per_sample.items()} if samples is not None else None,
+        "frames": counted[1] if counted else None,
+        "questions_per_frame": d["questions_per_frame"],
+        "bytes_per_sample": shared,
+        "bytes_per_sample_unshared": per_sample,
+        "bytes": {s: b * samples for s, b in shared.items()} if samples is not None else None,
     }
