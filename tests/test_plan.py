@@ -331,5 +331,5 @@ def test_the_plan_gives_the_cache_size_cache_teacher_would_estimate(data_dir):
     one = {"r": load_recipe("drive-kd")["reasoning"].bind("r", student.layers, teacher.layers)}
     pairs = len(one["r"].pairs)
     got = estimate_bytes(one, [300], [visual], {"r": 1}, 1, "fp16", prefixes=[visual], questions_per_frame=4.0)
-    assert got == int(2 * pairs * (300 * 300 - visual * visual * (1 - 1 / 4)))
+    assert got == int(2 * pairs * ((300 - visual) * 300 + visual * visual / 4))  # rows after it, its block / 4
     assert P.plan(_sft(data_dir), P.Inputs(tokens=300)).cache is None

@@ -230,14 +230,17 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
 
 
 def _cached_bytes(cache_dir: Path, sample_id: str) -> int:
-    """Bytes of one sample's targets in a teacher cache (the shards also hold the warm-up sample)."""
+    """Bytes of one sample's targets in a teacher cache (the shards also hold the warm-up sample), its
+    frame's prefix rows included: what one question of a frame costs on its own."""
     from safetensors import safe_open
 
+    shared = json.loads((cache_dir / "manifest.json").read_text(encoding="utf-8"))["prefixes"].get(sample_id)
+    mine = {sample_id} | ({f"prefix:{shared[0]}"} if shared else set())
     total = 0
     for shard in cache_dir.glob("shard-*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                if key.split("/")[0] == sample_id:
+                if key.split("/")[0] in mine:
                     t = f.get_slice(key)
                     total += math.prod(t.get_shape()) * 2  # stored as fp16
     return total

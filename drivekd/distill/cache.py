@@ -2,7 +2,9 @@
 
 Layout of a cache folder: `manifest.json` (fingerprint, teacher depths, shard index) and
 `shard-00000.safetensors`, ... with tensors keyed `<sample id>/<signal>/<k>` (fp16; or, with the
-lossy `fp8` storage, float8 e4m3 values scaled row by row, the scales under `<key>#scale`), trimmed to the
+lossy `fp8` storage, float8 e4m3 values scaled row by row, the scales under `<key>#scale`). A frame's
+prefix rows (`prefix:<content key>/<signal>/<k>`) are stored once and each question's tensors hold
+its rows after them (`frame_prefix`); otherwise a sample's targets are trimmed to the
 sample's length. `attn_tv` keeps only the text->vision block (everything else is masked out of its
 loss); `attn_full` / `attn_group` one (window-mean) map per matched student layer; `hidden` the
 (window-mean) hidden states; `logit_kl` the logits. A cache whose teacher weights,
@@ -308,6 +310,8 @@ def _write_shard(
                     shard[f"{sample.id}/{name_k}{suffix}"] = stored
             if split is not None:
                 prefixes[sample.id] = [key, rows, text_rows]
+            else:  # (a repeated id whose first copy shared: its whole targets replaced those)
+                prefixes.pop(sample.id, None)
             lengths[sample.id] = counts[b]
     with atomic_file(work / shard_name(number)) as tmp:
         save_file(shard, str(tmp))
@@ -370,9 +374,13 @@ def estimate_bytes(
     for name, b in bound.items():
         for i, (n, v) in enumerate(zip(lengths, visual, strict=True)):
             elements = b.signal.stored_elements(n, v, widths[name], vocab)
-            if prefixes is not None:
-                head = b.signal.stored_elements(prefixes[i], v, widths[name], vocab)
-                elements -= head * (1 - 1 / questions_per_frame)
+            if prefixes is not None:  # as `_shared_split` stores them
+                r = prefixes[i]
+                if b.signal.square:  # the prefix block (r x r) once, the question's rows at full width
+                    elements = (n - r) * n + r * r / questions_per_frame
+                else:
+                    head = b.signal.stored_elements(r, v, widths[name], vocab)
+                    elements -= head * (1 - 1 / questions_per_frame)
             total += BYTES_PER_VALUE[storage] * len(b.pairs) * elements
     return int(total)
 

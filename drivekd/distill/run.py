@@ -93,14 +93,26 @@ def run_cache_teacher(
     teachers = LiveTeachers(
         signals, teacher_of, student, dtype=config.teacher.dtype, probe=samples, placement=config.teacher.placement()
     )
-    size = estimate_bytes(
-        teachers.bound,
-        [student.token_lengths(s) for s in samples],
-        [sum(student.visual_tokens(s)) for s in samples],
-        {n: teachers.width(n) for n in signals},
-        student.vocab_size,
-        storage,
-    )
+    lengths = [student.token_lengths(s) for s in samples]
+    visual = [sum(student.visual_tokens(s)) for s in samples]
+    widths = {n: teachers.width(n) for n in signals}
+    size = estimate_bytes(teachers.bound, lengths, visual, widths, student.vocab_size, storage)
+    if share_prefixes:  # each frame's prefix (at least its visual tokens) once for its questions
+        frames = len({tuple(im.path for im in s.images) for s in samples})
+        whole = size
+        size = estimate_bytes(
+            teachers.bound,
+            lengths,
+            visual,
+            widths,
+            student.vocab_size,
+            storage,
+            prefixes=visual,
+            questions_per_frame=len(samples) / max(frames, 1),
+        )
+        say(
+            f"{len(samples)} questions about {frames} frames: each frame's prefix stored once ({whole / 2**20:.1f} MiB without)"
+        )
     say(
         f"teacher cache for {len(samples)} samples, signals {', '.join(signals)}: about {size / 2**20:.1f} MiB "
         f"({storage}) -> {target}" + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")

@@ -56,15 +56,17 @@ def peek_data(data: Any) -> tuple[int, tuple[int, int]] | None:
 
 def count_samples(data: Any) -> tuple[int, int] | None:
     """The training and validation samples a teacher cache of this data holds, and their frames (the
-    distinct image sets their questions are about); None when the data cannot be read here."""
+    distinct image sets their questions are about); None when the data cannot be read here. The
+    config's `capability`, `limit` and `mix` are not applied: the counts are the files'."""
     from drivekd.data.formats import load_samples, load_split
 
     path = Path(data.path)
+    samples = []
     try:
         if path.is_dir():
-            samples = [
-                s for split in (data.train_split, data.val_split) for s in load_split(path, split, data.image_roots)
-            ]
+            samples += load_split(path, data.train_split, data.image_roots)
+            if data.val_split and (path / f"{data.val_split}.jsonl").is_file():
+                samples += load_split(path, data.val_split, data.image_roots)
         else:
             samples = load_samples(path, data.format, data.image_roots)
     except (DriveKDError, OSError, ValueError):
