@@ -33,16 +33,23 @@ def test_its_section_and_the_fields_it_replaced(tmp_path):
         load_config(TagAttentionSFTConfig, _write(tmp_path, {"tag_attention_weight": 1.0}))
     with pytest.raises(DriveKDError, match=r"tag_attention.weight: Input should be greater than 0"):
         load_config(TagAttentionSFTConfig, _write(tmp_path, tag_attention={"weight": 0}))
-    # the product configs refuse the old fields, naming the command; distillation never read them
-    for cls, fields in ((SFTConfig, {}), (DistillConfig, {"teacher": "T"})):
-        for key in ("tag_attention_weight", "tag_attention_layer"):
-            file = _write(tmp_path, {key: 1}, **fields)
-            with pytest.raises(DriveKDError) as info:
-                load_config(cls, file)
-            assert str(info.value) == (
-                f"{file}: `train.{key}` moved to an experimental SFT command: run `drivekd experimental "
-                f"sft-tag-attention --config {file}` with the section `tag_attention: {{weight, layer}}`"
-            )
+    # the product configs refuse the old fields: SFT naming the command, distillation (which never
+    # read them) saying it has no such loss rather than pointing at a command that refuses its file
+    for key in ("tag_attention_weight", "tag_attention_layer"):
+        file = _write(tmp_path, {key: 1})
+        with pytest.raises(DriveKDError) as info:
+            load_config(SFTConfig, file)
+        assert str(info.value) == (
+            f"{file}: `train.{key}` moved to an experimental SFT command: run `drivekd experimental "
+            f"sft-tag-attention --config {file}` with the section `tag_attention: {{weight, layer}}`"
+        )
+        file = _write(tmp_path, {key: 1}, teacher="T")
+        with pytest.raises(DriveKDError) as info:
+            load_config(DistillConfig, file)
+        assert str(info.value) == (
+            f"{file}: `train.{key}` is an SFT loss (now the experimental `drivekd experimental "
+            "sft-tag-attention`); a distillation run has no tag-attention loss"
+        )
 
 
 @pytest.mark.integration
