@@ -22,12 +22,10 @@ from pathlib import Path
 
 
 def hash_whole(path: Path) -> str:
-    """The cache's rule: SHA-256 of the whole file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The cache's rule: SHA-256 of the whole file (`drivekd.digest`, what `data_identity` calls)."""
+    from drivekd.digest import sha256_of
+
+    return sha256_of(path)
 
 
 def hash_head(path: Path, size: int = 64 << 10) -> str:

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from drivekd.digest import sha256_of
 from drivekd.errors import DriveKDError
-from drivekd.study.bases import BaseBuilder, install, load_builds, sha256_of
+from drivekd.study.bases import BaseBuilder, install, load_builds
 
 pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
 

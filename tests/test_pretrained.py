@@ -7,9 +7,10 @@ import pytest
 
 from drivekd.data.drivesim.generate import GenerateConfig, generate
 from drivekd.data.formats import load_split
+from drivekd.digest import sha256_of
 from drivekd.distill.teachers import check_same_layout
 from drivekd.models.loading import PRETRAINED, load_backend, pretrained_card, pretrained_path
-from drivekd.study.bases import BASE_SEEDS, check_score, load_builds, sha256_of
+from drivekd.study.bases import BASE_SEEDS, check_score, load_builds
 
 pytestmark = pytest.mark.integration  # CLI in subprocesses, builds and studies end to end
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from drivekd.cli.train import _stamp
+from drivekd.cli.train import train_from_config
 from drivekd.experimental.config import ReweightDistillConfig, TagAttentionSFTConfig
 from drivekd.train.config import reference
 
@@ -26,13 +26,8 @@ def distill_reweight(config_path: Path, resume: bool, overrides: tuple[str, ...]
     """`drivekd distill` with online loss reweighting: the loss weights follow the gradient norms
     (section `reweight`, docs/method.md §4)."""
     from drivekd.experimental.reweight import run_distill_reweight
-    from drivekd.train.config import load_config
 
-    config = load_config(ReweightDistillConfig, config_path, overrides)
-    before = _stamp(config.train.output_dir)
-    final = run_distill_reweight(config, resume=resume)
-    wrote = before is None or _stamp(config.train.output_dir) != before
-    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
+    train_from_config(ReweightDistillConfig, run_distill_reweight, config_path, overrides, resume)
 
 
 @experimental.command(
@@ -44,10 +39,5 @@ def distill_reweight(config_path: Path, resume: bool, overrides: tuple[str, ...]
 def sft_tag_attention(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     """`drivekd sft` with the tag-attention loss beside the CE (section `tag_attention`)."""
     from drivekd.experimental.tag_attention import run_sft_tag_attention
-    from drivekd.train.config import load_config
 
-    config = load_config(TagAttentionSFTConfig, config_path, overrides)
-    before = _stamp(config.train.output_dir)
-    final = run_sft_tag_attention(config, resume=resume)
-    wrote = before is None or _stamp(config.train.output_dir) != before
-    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
+    train_from_config(TagAttentionSFTConfig, run_sft_tag_attention, config_path, overrides, resume)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,14 +20,9 @@ from drivekd.train.config import DistillConfig, SFTConfig, reference
 @click.argument("overrides", nargs=-1)
 def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     """Fine-tune a VLM on answers (cross-entropy). OVERRIDES are KEY=VALUE, e.g. train.lr=1e-4."""
-    from drivekd.train.config import load_config
     from drivekd.train.sft import run_sft
 
-    config = load_config(SFTConfig, config_path, overrides)
-    before = _stamp(config.train.output_dir)
-    final = run_sft(config, resume=resume)
-    wrote = before is None or _stamp(config.train.output_dir) != before
-    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
+    train_from_config(SFTConfig, run_sft, config_path, overrides, resume)
 
 
 @click.command(context_settings={"ignore_unknown_options": True}, epilog=reference(DistillConfig))
@@ -37,13 +34,8 @@ def sft(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
 def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None:
     """Distil teachers into a student: CE plus the recipe's signals, combined by the gradient strategy."""
     from drivekd.distill.run import run_distill
-    from drivekd.train.config import load_config
 
-    config = load_config(DistillConfig, config_path, overrides)
-    before = _stamp(config.train.output_dir)
-    final = run_distill(config, resume=resume)
-    wrote = before is None or _stamp(config.train.output_dir) != before
-    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
+    train_from_config(DistillConfig, run_distill, config_path, overrides, resume)
 
 
 @click.command(name="cache-teacher", context_settings={"ignore_unknown_options": True}, epilog=reference(DistillConfig))
@@ -123,6 +115,20 @@ def calibrate(config_path: Path, out: Path, share: float | None, batches: int, o
         weight = result["weights"].get(name)
         click.echo(f"{name:>16}  initial loss {loss:.4g}" + (f"  weight {weight:.6g}" if weight is not None else ""))
     click.echo(f"wrote {path}")
+
+
+def train_from_config(
+    cls: type[Any], run: Callable[..., Path], config_path: Path, overrides: tuple[str, ...], resume: bool
+) -> None:
+    """Load a `cls` config, train it with `run`, and say whether final weights were written (a finished
+    run resumed at the same config has nothing to do)."""
+    from drivekd.train.config import load_config
+
+    config = load_config(cls, config_path, overrides)
+    before = _stamp(config.train.output_dir)
+    final = run(config, resume=resume)
+    wrote = before is None or _stamp(config.train.output_dir) != before
+    click.echo(f"saved {final}" if wrote else f"nothing to do: {final.parent} is finished at this config")
 
 
 def _stamp(output_dir: str) -> float | None:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from drivekd import progress
 from drivekd.atomic import atomic_file
 from drivekd.data.sample import Sample
+from drivekd.digest import sha256_of, update_with_file
 from drivekd.distill.signals import BoundSignal, Signal
 from drivekd.errors import DriveKDError
 from drivekd.models.backend import VLMBackend
@@ -84,9 +85,7 @@ def checkpoint_digest(spec: str) -> str:
     for file in [path / "config.json", *weights]:
         if file.is_file():
             h.update(file.name.encode())
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            update_with_file(h, file)
     return h.hexdigest()[:16]
 
 
@@ -129,11 +128,7 @@ def data_identity(samples: Sequence[Sample]) -> list[Any]:
 
     def image(path: str) -> tuple[str, str]:
         if path not in seen:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            seen[path] = h.hexdigest()[:32]
+            seen[path] = sha256_of(path)[:32]
         return os.path.relpath(path, root), seen[path]
 
     return [(s.id, s.question, s.answer, [image(im.path) for im in s.images]) for s in samples]

@@ -10,7 +10,6 @@ and write `card.json` beside them; `drivekd models install-base` copies the resu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -22,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from drivekd.atomic import atomic_dir, write_json
+from drivekd.digest import sha256_of
 from drivekd.domains import Fraction, NonNegativeInt
 from drivekd.errors import DriveKDError
-from drivekd.train.config import SFTConfig, first_error, validate_config
+from drivekd.train.config import SFTConfig, validate_config
 from drivekd.train.run_folder import RunFolder, Timings, claim_folder
 from drivekd.yamlfile import merged, read_yaml
 
@@ -91,11 +91,7 @@ def load_builds(path: Path = BASES_FILE, variant: str | None = None) -> dict[str
 def _parse_build(name: str, spec: dict[str, Any], path: Path) -> BaseBuild:
     datasets = {}
     for dname, d in spec["datasets"].items():
-        try:
-            datasets[dname] = DatasetSpec(name=dname, **d)
-        except ValidationError as e:
-            err, loc, more = first_error(e)
-            raise DriveKDError(f"{path}: {name}: dataset {dname}: {loc}: {err['msg']}{more}") from None
+        datasets[dname] = validate_config(DatasetSpec, {"name": dname, **d}, f"{path}: {name}: dataset {dname}")
     for dname, d in datasets.items():
         if d.drill is not None and d.drill not in datasets:
             raise DriveKDError(f"{path}: {name}: dataset {dname!r} drills unknown dataset {d.drill!r}")
@@ -128,14 +124,6 @@ def stage_config_class(raw: dict[str, Any]) -> type[SFTConfig]:
     from drivekd.experimental.config import TagAttentionSFTConfig
 
     return TagAttentionSFTConfig if "tag_attention" in raw else SFTConfig
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class BaseBuilder:

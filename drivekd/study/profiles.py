@@ -9,11 +9,11 @@ read.
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drivekd.domains import NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from drivekd.errors import DriveKDError, closest
-from drivekd.train.config import CombineConfig, DistillConfig, first_error
+from drivekd.train.config import CombineConfig, DistillConfig, validate_config
 from drivekd.yamlfile import read_yaml
 
 HERE = Path(__file__).parent
@@ -55,18 +55,10 @@ class Variant(BaseModel):
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict[str, Variant]:
     raw = read_yaml(path) or {}
-    out = {}
-    for name, fields in raw.items():
-        try:
-            out[name] = Variant(name=name, **(fields or {}))
-        except ValidationError as e:
-            err, loc, more = first_error(e)
-            if err["type"] == "extra_forbidden":
-                close = closest(loc, Variant.model_fields)
-                hint = f" (did you mean `{close}`?)" if close else ""
-                raise DriveKDError(f"{path}: variant {name!r}: unknown field `{loc}`{hint}") from None
-            raise DriveKDError(f"{path}: variant {name!r}: {loc}: {err['msg']}{more}") from None
-    return out
+    return {
+        name: validate_config(Variant, {"name": name, **(fields or {})}, f"{path}: variant {name!r}")
+        for name, fields in raw.items()
+    }
 
 
 VARIANTS = load_variants()
@@ -145,17 +137,7 @@ def _parse(raw: Any, source: Path, name: str) -> Profile:
             raise DriveKDError(f"{source}: {name}: extends {base!r}, not a shipped profile ({', '.join(_SHIPPED_RAW)})")
         raw = {**_SHIPPED_RAW[base], **raw}
     raw.setdefault("name", name)
-    for key in raw:
-        if key not in Profile.model_fields:
-            close = closest(key, Profile.model_fields)
-            hint = f" (did you mean `{close}`?)" if close else ""
-            raise DriveKDError(f"{source}: {name}: unknown field `{key}`{hint}")
-    try:
-        return Profile.model_validate(raw)
-    except ValidationError as e:
-        err, loc, more = first_error(e)
-        msg = err["msg"].removeprefix("Value error, ")
-        raise DriveKDError(f"{source}: {name}: {loc + ': ' if loc else ''}{msg}{more}") from None
+    return validate_config(Profile, raw, f"{source}: {name}")
 
 
 _SHIPPED_RAW: dict[str, dict[str, Any]] = read_yaml(PROFILES_FILE)

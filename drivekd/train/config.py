@@ -292,12 +292,14 @@ class TeacherConfig(_Strict):
     cache: str | None = Field(
         None, description="a `drivekd cache-teacher` folder: targets read from it, no teacher loaded"
     )
-    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
-        None,
-        description="spread each live teacher over devices, CPU memory and disk (a teacher larger than one "
-        "device): accelerate's placement, or {module name: device}; None: on the student's device",
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, NonNegativeInt | str] | None = (
+        Field(
+            None,
+            description="spread each live teacher over devices, CPU memory and disk (a teacher larger than one "
+            "device): accelerate's placement, or {module name: device}; None: on the student's device",
+        )
     )
-    max_memory: dict[int | str, Annotated[str, Field(pattern=MEMORY)]] | None = Field(
+    max_memory: dict[NonNegativeInt | str, Annotated[str, Field(pattern=MEMORY)]] | None = Field(
         None, description='with device_map: the most each device may hold, e.g. {0: "70GiB", cpu: "200GiB"}'
     )
     offload_folder: str | None = Field(
