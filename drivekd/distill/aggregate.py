@@ -10,6 +10,10 @@ Gramian weightings); this aggregator applies one to a model. Two ways to the Gra
   bf16), the Gram matrix in fp32 block by block, the combination written parameter by parameter into
   the gradients and reduced across processes here. Projecting once per step (`project_per="step"`:
   G of gradients summed over micro-batches and averaged over ranks, cross terms included) needs it.
+  With a sharded model (FSDP) each backward leaves every rank its shard of the rank-averaged task
+  gradient: the buffer holds those shards (k x P/N), G is the sum over the ranks of the partial k x k
+  products (k^2 numbers of traffic), every rank takes the same coefficients from it and combines its
+  own shards. This is the projection of the global batch's gradients, as one process would make it.
 
 Around either: amortisation (coefficients recomputed every N optimiser steps, `sum_i w_i L_i` in
 between), the AGP order drawn from (seed, step), the logged statistics. It is given the optimiser
@@ -25,6 +29,7 @@ from accelerate import Accelerator
 
 from drivekd.distill.combine import combination_coefficients, gradient_stats
 from drivekd.distill.gramian import ParameterGramian
+from drivekd.train.fsdp import as_gradient_of, is_sharded, local, sum_over_ranks
 
 # Called with the loss names and the fp64 Gram matrix whenever coefficients are computed (each
 # loss's gradient norm is the square root of its diagonal entry).
@@ -98,7 +103,7 @@ class GradientAggregator:
         if every and self.coefficients is not None and step % every != 0:
             self._forget_taps()
             accelerator.backward(sum(float(w) * losses[n] for w, n in zip(self.coefficients, names, strict=True)))
-            if accelerator.num_processes > 1 and self.gramian is None:
+            if accelerator.num_processes > 1 and self.gramian is None and not self._sharded():
                 for p in self.params():
                     if p.grad is not None:
                         p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
@@ -114,7 +119,11 @@ class GradientAggregator:
             else:
                 self._pending[1].add_(stacked)
             return {}
-        return self._combine(names, stacked, accelerator, step)
+        return self._combine(names, stacked, accelerator, step, reduced=self._sharded())
+
+    def _sharded(self) -> bool:
+        """A sharded model's backward leaves rank-averaged shards (FSDP): nothing left to reduce here."""
+        return any(is_sharded(p) for p in self.params())
 
     def _forget_taps(self) -> None:
         if self.gramian is not None:
@@ -126,9 +135,11 @@ class GradientAggregator:
         straight into the row (the parameters' `.grad` point into it meanwhile), so not even one
         whole gradient exists beside it; a bf16 buffer for fp32 weights copies each gradient in."""
         params = self.params()
-        total = sum(p.numel() for p in params)
+        total = sum(local(p).numel() for p in params)
         dtype = self.buffer_dtype or params[0].dtype
-        stacked = torch.empty((len(losses), total), dtype=dtype, device=params[0].device)
+        stacked = torch.empty((len(losses), total), dtype=dtype, device=local(params[0]).device)
+        if any(is_sharded(p) for p in params):
+            return self._sharded_task_gradients(losses, params, stacked)
         in_place = all(p.dtype == dtype for p in params)
         earlier = [p.grad for p in params]  # accumulated over earlier micro-batches: kept aside
         try:
@@ -153,14 +164,72 @@ class GradientAggregator:
                 p.grad = g
         return stacked
 
+    def _sharded_task_gradients(
+        self, losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter], stacked: torch.Tensor
+    ) -> torch.Tensor:
+        """Under FSDP: each task's backward (FSDP reduce-scatters it) leaves this rank's shard of the
+        rank-averaged gradient, copied into the row. Whole parameters beside the sharded model (projection
+        heads) are averaged here, so every column of the buffer is the global batch's."""
+        earlier = [p.grad for p in params]
+        # FSDP gathers a unit's weights for the backward when a gradient reaches the unit's output; an
+        # attention-map loss enters its layer through the map captured inside it. Adding 0 x every loss
+        # sends a (zero) gradient along every output all the losses reach, so each pass gathers what
+        # it needs, in order; it changes no gradient.
+        touch_all = 0.0 * sum(losses.values())
+        try:
+            for i, loss in enumerate(losses.values()):
+                for p in params:
+                    p.grad = None
+                # no `inputs=`: FSDP's hooks write the reduced shards onto the sharded parameters, which
+                # the graph only reaches through their gathered copies
+                torch.autograd.backward(loss + touch_all, retain_graph=i < len(losses) - 1)
+                for p, piece in zip(params, self._rows(stacked[i], params), strict=True):
+                    piece.zero_() if p.grad is None else piece.copy_(local(p.grad))
+        finally:
+            for p, g in zip(params, earlier, strict=True):
+                p.grad = g
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1:
+            for p, piece in zip(params, self._columns(stacked, params), strict=True):
+                if not is_sharded(p):
+                    piece.copy_(sum_over_ranks(piece.contiguous()) / world)
+        return stacked
+
     @staticmethod
     def _rows(row: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        """The pieces of one buffer row shaped like each parameter (views, no copy)."""
+        """The pieces of one buffer row shaped like each parameter (this rank's part of a sharded one;
+        views, no copy)."""
         pieces, offset = [], 0
         for p in params:
-            pieces.append(row[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+            part = local(p)
+            pieces.append(row[offset : offset + part.numel()].view_as(part))
+            offset += part.numel()
         return pieces
+
+    @staticmethod
+    def _columns(stacked: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """Each parameter's (k, n) block of columns of the buffer (views)."""
+        blocks, offset = [], 0
+        for p in params:
+            n = local(p).numel()
+            blocks.append(stacked[:, offset : offset + n])
+            offset += n
+        return blocks
+
+    def _gram(self, stacked: torch.Tensor) -> torch.Tensor:
+        """G of the task gradients in the buffer; of a sharded model's, the partial products of this
+        rank's shards summed over the ranks, plus the whole parameters' counted once."""
+        params = self.params()
+        if not any(is_sharded(p) for p in params):
+            return gram_matrix(stacked).double()
+        k = stacked.shape[0]
+        shards = torch.zeros(k, k, dtype=torch.float64, device=stacked.device)
+        whole = torch.zeros(k, k, dtype=torch.float64, device=stacked.device)
+        for p, block in zip(params, self._columns(stacked, params), strict=True):
+            for start in range(0, block.shape[1], GRAM_CHUNK):
+                piece = block[:, start : start + GRAM_CHUNK].float()
+                (shards if is_sharded(p) else whole).add_((piece @ piece.T).double())
+        return sum_over_ranks(shards) + whole
 
     # ---- once per optimiser step ----------------------------------------------------------------
     def before_step(self, accelerator: Accelerator, step: int) -> dict[str, float]:
@@ -170,25 +239,24 @@ class GradientAggregator:
             return {}
         names, stacked = self._pending
         self._pending = None
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and not self._sharded():
             stacked = accelerator.reduce(stacked, reduction="mean")
         return self._combine(names, stacked, accelerator, step, reduced=True)
 
     def _combine(
         self, names: list[str], stacked: torch.Tensor, accelerator: Accelerator, step: int, *, reduced: bool = False
     ) -> dict[str, float]:
-        w, stats = self._coefficients(names, gram_matrix(stacked).double(), step)
+        w, stats = self._coefficients(names, self._gram(stacked), step)
         # the combination parameter by parameter, in fp32 and into its gradient: no P-sized vector
         # beside the buffer
         w32 = w.to(device=stacked.device, dtype=torch.float32)
-        offset = 0
-        for p in self.params():
-            n = p.numel()
-            piece = (w32 @ stacked[:, offset : offset + n].float()).view_as(p).to(p.dtype)
+        params = self.params()
+        for p, block in zip(params, self._columns(stacked, params), strict=True):
+            piece = (w32 @ block.float()).view_as(local(p)).to(p.dtype)
             if accelerator.num_processes > 1 and not reduced:
                 piece = accelerator.reduce(piece, reduction="mean")
+            piece = as_gradient_of(p, piece)
             p.grad = piece if p.grad is None else p.grad.add_(piece)
-            offset += n
         return stats
 
     def _coefficients(self, names: list[str], gram: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -287,8 +287,9 @@ class VLMBackend(abc.ABC):
         new = out[:, batch.inputs["input_ids"].shape[1] :]
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
-    def save(self, directory: str | Path) -> None:
-        """HF format: loads back with plain transformers (model, tokenizer, image processor)."""
-        self.model.save_pretrained(directory, safe_serialization=True)
+    def save(self, directory: str | Path, model: PreTrainedModel | None = None) -> None:
+        """HF format: loads back with plain transformers (model, tokenizer, image processor). `model`:
+        written instead of the backend's own (a whole copy of a sharded one)."""
+        (model or self.model).save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)

@@ -132,6 +132,12 @@ class TrainConfig(_Strict):
     min_lr_ratio: Fraction = Field(0.0, description="the cosine decay's floor, as a fraction of lr")
     max_grad_norm: PositiveFloat | None = Field(1.0, description="gradient clipping; None: off")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast on GPUs")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="how processes share the student: ddp (each holds the whole model, gradients averaged) or "
+        "fsdp (FSDP2: each holds 1/N of the weights, gradients and optimiser state; sharded checkpoints). "
+        "The weights after N steps are the same either way, up to rounding",
+    )
     seed: NonNegativeInt = Field(0, description="data order, dropout and AGP's projection order")
     log_every: PositiveInt = Field(10, description="optimiser steps per metrics.jsonl line")
     eval_every: PositiveInt | None = Field(
@@ -147,6 +153,15 @@ class TrainConfig(_Strict):
         None, description="optimiser steps between checkpoints; None: at the end only"
     )
     keep_last: PositiveInt = Field(2, description="checkpoints kept (at least the latest)")
+
+    @model_validator(mode="after")
+    def _sharding(self) -> TrainConfig:
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "train.mixed_precision: fp16 with train.distributed: fsdp needs a sharded loss scaler drivekd does "
+                "not have; use bf16"
+            )
+        return self
 
 
 TAG_ATTENTION_MOVED = (
@@ -404,6 +419,11 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
+        if self.train.distributed == "fsdp" and self.combine.gram == "modules" and self.combine.strategy != "sum":
+            raise ValueError(
+                "combine.gram: modules with train.distributed: fsdp: the module taps need whole parameters; use "
+                "gram: buffer (under FSDP its buffer holds each rank's shards only)"
+            )
         if self.train.val_other_images and self.teacher.cache:
             raise ValueError(
                 f"train.val_other_images with teacher.cache {self.teacher.cache}: cached targets belong to each "

@@ -35,6 +35,7 @@ from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample, image_blind_control
 from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
+from drivekd.train import fsdp
 from drivekd.train.config import TrainConfig
 from drivekd.train.order import epoch_order
 from drivekd.train.run_folder import RunFolder
@@ -121,6 +122,9 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         acc = self.accelerator
+        self.sharded = config.distributed == "fsdp"
+        if self.sharded:
+            fsdp.shard(backend.model, backend.language_model.layers, acc.device, config.mixed_precision)
         params = [p for p in backend.model.parameters() if p.requires_grad]
         if extra_modules is not None:
             params += [p for p in extra_modules.parameters() if p.requires_grad]
@@ -131,8 +135,14 @@ class Trainer:
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, min(config.warmup_steps, self.total_steps), self.total_steps, min_lr_rate=config.min_lr_ratio
         )
-        # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped.
-        self.model, self.optimizer, self.scheduler = acc.prepare(backend.model, optimizer, scheduler)
+        # The scheduler is not handed to accelerate: its wrapper steps a schedule once per process at
+        # every optimiser step (it assumes the schedule was sized for one process's batches), which
+        # would run this run's schedule (sized in optimiser steps) N times too fast under torchrun.
+        self.scheduler = scheduler
+        if self.sharded:  # sharded in place: the model is its own wrapper
+            self.model, self.optimizer = backend.model, optimizer
+        else:  # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped
+            self.model, self.optimizer = acc.prepare(backend.model, optimizer)
         self.position = Position()
         self.log_window: dict = {"sums": {}, "n": 0}
 
@@ -196,12 +206,19 @@ class Trainer:
         acc = self.accelerator
         target = self.ckpt_dir / f"step-{self.position.step:07d}"
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            with atomic_dir(target, overwrite=True) as tmp:
-                save_model(self.backend.model, str(tmp / "model.safetensors"))
+        # every process writes its shards of a sharded model into rank 0's temporary folder, which
+        # rank 0 renames into place once all are written
+        with atomic_dir(target, overwrite=True) if acc.is_main_process else contextlib.nullcontext() as tmp:
+            if self.sharded:
+                tmp = fsdp.broadcast_path(tmp)
+                fsdp.save_sharded(self.model, self.optimizer, tmp / "sharded")
+                acc.wait_for_everyone()
+            if acc.is_main_process:
+                if not self.sharded:
+                    save_model(self.backend.model, str(tmp / "model.safetensors"))
+                    torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 if self.extra is not None and len(list(self.extra.parameters())):
                     save_model(self.extra, str(tmp / "extra.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
                 if torch.cuda.is_available():
@@ -211,6 +228,7 @@ class Trainer:
                     torch.save(self.stateful.state_dict(), tmp / "objective_state.pt")
                 state = {**vars(self.position), "log_window": self.log_window}
                 (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if acc.is_main_process:
             for old in self.checkpoints()[: -self.config.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -226,10 +244,18 @@ class Trainer:
         if not found:
             return False
         latest = found[-1]
-        load_model(self.backend.model, str(latest / "model.safetensors"))
+        if self.sharded != (latest / "sharded").is_dir():
+            written, now = ("fsdp", "ddp") if (latest / "sharded").is_dir() else ("ddp", "fsdp")
+            raise DriveKDError(
+                f"{latest}: written with train.distributed: {written}, this run has {now}; resume it as it was written"
+            )
+        if self.sharded:
+            fsdp.load_sharded(self.model, self.optimizer, latest / "sharded")
+        else:
+            load_model(self.backend.model, str(latest / "model.safetensors"))
+            self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
         if (latest / "extra.safetensors").is_file() and self.extra is not None:
             load_model(self.extra, str(latest / "extra.safetensors"))
-        self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
         if self.stateful is not None:
             self.stateful.load_state_dict(torch.load(latest / "objective_state.pt", weights_only=True))
@@ -319,10 +345,10 @@ class Trainer:
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}  # per metric: a batch may not report every metric
         rank, ranks = self.accelerator.process_index, self.accelerator.num_processes
-        self._accumulate(self.val_samples[rank::ranks], "", totals, counts, max_length=self.max_length)
+        self._accumulate(self.val_samples, rank, ranks, "", totals, counts, max_length=self.max_length)
         if self.val_other_images:
             # Another scene's images may expand to more visual tokens (dynamic resolution): no length cap.
-            self._accumulate(self.val_other_images[rank::ranks], "_other_images", totals, counts, max_length=None)
+            self._accumulate(self.val_other_images, rank, ranks, "_other_images", totals, counts, max_length=None)
         self.model.train()
         keys = sorted(totals)
         if ranks > 1:  # a rank whose batches never reported a metric still reduces it
@@ -340,15 +366,26 @@ class Trainer:
 
     def _accumulate(
         self,
-        samples: list[Sample],
+        every: list[Sample],
+        rank: int,
+        ranks: int,
         suffix: str,
         totals: dict[str, float],
         counts: dict[str, int],
         *,
         max_length: int | None,
     ) -> None:
+        """Add this process's share of `every` (samples rank, rank + ranks, ...) to the sums."""
         size = self.config.micro_batch_size
-        for i in range(0, len(samples), size):
+        samples = every[rank::ranks]
+        starts = list(range(0, len(samples), size))
+        if self.sharded:
+            # a sharded forward is collective: every process runs as many batches as the busiest, the
+            # extra ones on a sample it then leaves out of the sums
+            busiest = math.ceil(math.ceil(len(every) / ranks) / size)
+            for _ in range(busiest - len(starts)):
+                self.val_objective(self.model, self.backend.build_batch(every[:1], max_length=max_length).to(self.accelerator.device))
+        for i in starts:
             batch = self.backend.build_batch(samples[i : i + size], max_length=max_length)
             # a batch's CE is its mean over answer tokens, so batches weigh by their answer tokens and the
             # set's CE is the same whatever the batch size; other metrics are per-sample means
@@ -365,6 +402,9 @@ class Trainer:
     def ranks_identical(self) -> bool:
         """Whether every process holds the same weights (a DDP sanity check, logged at the end)."""
         params = [*self.backend.model.parameters(), *(self.extra.parameters() if self.extra is not None else [])]
+        params = [p for p in params if not fsdp.is_sharded(p)]  # shards differ by design
+        if not params:
+            return True
         sums = torch.stack([p.double().sum() for p in params] + [p.double().abs().sum() for p in params])
         gathered = self.accelerator.gather(sums.to(self.accelerator.device)[None])
         return bool((gathered == gathered[0]).all())
@@ -396,7 +436,9 @@ class Trainer:
                     if self.prefetch is not None and more and index + 1 < self.batches_per_epoch():
                         self.prefetch([self.train_samples[i].id for i in self._local_indices(order, index + 1)])
                     sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
-                    ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+                    # FSDP reduces every micro-batch: skipping it would hold whole, unsharded gradients
+                    skip_sync = not sync and not self.sharded
+                    ctx = acc.no_sync(self.model) if skip_sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
                         losses = self.objective(self.model, batch)
                         scaled = {k: v / cfg.grad_accum for k, v in losses.items()}
@@ -416,9 +458,11 @@ class Trainer:
                         if p.grad is not None:
                             p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
                 if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
-                    )
+                    trained = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    if self.sharded:
+                        fsdp.clip_grad_norm(trained, cfg.max_grad_norm)
+                    else:
+                        acc.clip_grad_norm_(trained, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -463,9 +507,10 @@ class Trainer:
     def save_final(self) -> Path:
         target = self.run_dir / "final"
         self.accelerator.wait_for_everyone()
+        whole = fsdp.full_model_state(self.model) if self.sharded else None  # every process takes part
         if self.accelerator.is_main_process:
             with atomic_dir(target, overwrite=True) as tmp:
-                self.backend.save(tmp)
+                self.backend.save(tmp, fsdp.whole_copy(self.model, whole) if whole is not None else None)
         self.accelerator.wait_for_everyone()
         return target
 

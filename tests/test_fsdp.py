@@ -1,0 +1,150 @@
+"""A sharded student (`train.distributed: fsdp`, FSDP2) on 2 CPU processes: the same weights as one
+process with the same global batch, the learning-rate schedule of one process, and exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from drivekd.errors import DriveKDError
+from drivekd.train.config import DistillConfig, load_config
+
+from .conftest import run_torchrun
+
+
+@pytest.fixture(scope="module")
+def even_data(tmp_path_factory):
+    """16 training samples whose answers all have the same tokens, and 7 validation samples.
+
+    CE is a mean over a micro-batch's answer tokens: with answers of different lengths, the mean of two
+    processes' means is not one process's mean over both halves (under DDP as under FSDP), so one length
+    makes the comparison exact. 16 = 2 processes x 2 samples x 2 accumulated micro-batches x 2 steps an
+    epoch; 7 validation samples split 4 + 3 across the processes (a sharded forward is collective, so
+    the process with fewer runs a discarded batch)."""
+    from drivekd.data.drivesim.generate import GenerateConfig, generate
+
+    out = tmp_path_factory.mktemp("fsdp") / "data"
+    generate(out, GenerateConfig(scenes=8, seed=21))
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()][:16]
+    assert len(rows) == 16
+    for row in rows:
+        row["answer"] = "Final: {A}"
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len((out / "val.jsonl").read_text().splitlines()) == 7
+    return out
+
+
+def _config(tmp_path, data, teacher_dir, name, **train):
+    raw = {
+        "model": {"name": "tiny-internvl-student"},
+        "teacher": str(teacher_dir),
+        "recipe": "drive-kd",
+        "combine": {"strategy": "agp", "project_per": "step"},
+        "data": {"path": str(data)},
+        "train": {
+            "output_dir": str(tmp_path / name),
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "max_steps": 8,
+            **train,
+        },
+    }
+    file = tmp_path / f"{name}.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    return file
+
+
+def _weights(run):
+    return load_file(run / "final" / "model.safetensors")
+
+
+def _learning_rates(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in lines if "lr" in r]
+
+
+@pytest.mark.integration
+def test_fsdp_and_ddp_agp_per_step_equal_one_process_with_the_same_global_batch(tmp_path, even_data, teacher_dir):
+    from drivekd.distill.run import run_distill
+
+    # one process: 4 samples a micro-batch, the two processes' 2 + 2
+    run_distill(load_config(DistillConfig, _config(tmp_path, even_data, teacher_dir, "one", micro_batch_size=4)))
+    for name, distributed, port in (("fsdp", "fsdp", 29561), ("ddp", "ddp", 29562)):
+        r = run_torchrun(
+            "distill",
+            "--config",
+            str(_config(tmp_path, even_data, teacher_dir, name, distributed=distributed)),
+            port=port,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, sharded, replicated = (_weights(tmp_path / n) for n in ("one", "fsdp", "ddp"))
+    assert one.keys() == sharded.keys() == replicated.keys()  # the gathered model saves as the plain one
+    for other in (sharded, replicated):
+        worst = max(float((one[k].double() - other[k].double()).abs().max()) for k in one)
+        assert worst <= 1e-5, worst
+    # the schedule is one process's: accelerate's scheduler wrapper would step it once per process
+    assert _learning_rates(tmp_path / "fsdp") == _learning_rates(tmp_path / "one") == _learning_rates(tmp_path / "ddp")
+    assert len(_learning_rates(tmp_path / "one")) == 8 and _learning_rates(tmp_path / "one")[-1] == 0.0
+    # the sharded run's checkpoint holds each process's shards, beside the whole-model files
+    assert (tmp_path / "fsdp" / "final" / "config.json").is_file()
+    metrics = (tmp_path / "fsdp" / "metrics.jsonl").read_text()
+    assert '"val_ce"' in metrics and '"ranks_identical": true' in metrics
+
+
+@pytest.mark.integration
+def test_fsdp_run_killed_after_a_checkpoint_resumes_bit_identically(tmp_path, even_data, teacher_dir):
+    whole = _config(tmp_path, even_data, teacher_dir, "whole", distributed="fsdp", max_steps=6, save_every=2)
+    r = run_torchrun("distill", "--config", str(whole), port=29563)
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = _config(tmp_path, even_data, teacher_dir, "killed", distributed="fsdp", max_steps=6, save_every=2)
+    run = tmp_path / "killed"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564"]
+    proc = subprocess.Popen(
+        [*launch, "-m", "drivekd", "distill", "--config", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "step-0000002").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes, mid-run
+    proc.wait()
+    assert not (run / "final").exists(), "the run finished before it could be killed"
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert (checkpoint / "sharded" / ".metadata").is_file()
+    assert {p.name for p in (checkpoint / "sharded").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    r = run_torchrun("distill", "--config", str(killed), "--resume", port=29565)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(tmp_path / "whole"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_config_mistakes_are_found_when_the_config_is_read(tmp_path, even_data, teacher_dir):
+    fp16 = _config(tmp_path, even_data, teacher_dir, "fp16", distributed="fsdp", mixed_precision="fp16")
+    with pytest.raises(DriveKDError, match=r"fp16 with train\.distributed: fsdp"):
+        load_config(DistillConfig, fp16)
+    modules = _config(tmp_path, even_data, teacher_dir, "modules", distributed="fsdp")
+    with pytest.raises(DriveKDError, match=r"gram: modules with train\.distributed: fsdp"):
+        load_config(DistillConfig, modules, ["combine.gram=modules", "combine.project_per=micro_batch"])
+
+
+@pytest.mark.integration
+def test_a_run_resumes_only_under_the_sharding_it_was_written_with(tmp_path, even_data, teacher_dir):
+    cfg = _config(tmp_path, even_data, teacher_dir, "run", max_steps=1, save_every=1, micro_batch_size=4, grad_accum=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = [sys.executable, "-m", "drivekd", "distill", "--config", str(cfg)]
+    assert subprocess.run(first, capture_output=True, text=True, env=env).returncode == 0
+    r = subprocess.run([*first, "--resume", "train.distributed=fsdp"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "train.distributed" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
