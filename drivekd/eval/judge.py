@@ -117,6 +117,9 @@ class JudgeConfig:
     retries: int = 3
     backoff_s: float = 1.0
     workers: int = 4
+    # a protocol's own judge settings (the DriveLM challenge asks with its system message at 0.6)
+    system_prompt: str = SYSTEM_PROMPT
+    temperature: float = 0.0
 
 
 @dataclass
@@ -172,7 +175,9 @@ class Judge:
                 continue  # a line cut short when a previous run was killed
 
     def key(self, prompt: str) -> str:
-        return hashlib.sha256(json.dumps([self.config.model, SYSTEM_PROMPT, prompt]).encode()).hexdigest()
+        c = self.config
+        asked = [c.model, c.system_prompt, prompt] + ([] if c.temperature == 0 else [c.temperature])
+        return hashlib.sha256(json.dumps(asked).encode()).hexdigest()
 
     def judge(self, prompt: str) -> Verdict:
         """Score one prompt: from the cache, or by asking (with retries)."""
@@ -197,8 +202,11 @@ class Judge:
         body = json.dumps(
             {
                 "model": self.config.model,
-                "temperature": 0,
-                "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+                "temperature": self.config.temperature,
+                "messages": [
+                    {"role": "system", "content": self.config.system_prompt},
+                    {"role": "user", "content": prompt},
+                ],
             }
         ).encode()
         headers = {"Content-Type": "application/json"}

@@ -4,6 +4,12 @@ Each metric keeps the tokenisation of the implementation it reproduces, so numbe
 with papers that used those tools: BLEU uses mteval-v13a tokenisation and keeps case, ROUGE-L
 lowercases and keeps only [a-z0-9] runs, CIDEr lowercases and drops punctuation (coco-caption runs
 the Java PTBTokenizer first; ours is a regex approximation of it, see `cider_tokenize`).
+
+The DriveLM challenge scores with coco-caption itself (BLEU-1..4, ROUGE-L, CIDEr-D on PTB tokens).
+`ptb_tokenize`, `coco_bleu`, `coco_rouge_l` and `cider_d_tokens` are its Java-free counterparts: the
+three scorers give coco-caption's numbers to rounding on the same tokens (tested against pycocoevalcap),
+and `ptb_tokenize` approximates Stanford's PTBTokenizer as coco-caption runs it (lowercased, its
+punctuation list removed), so the only gap left without Java is where the tokenisation differs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,34 @@ _13A_RULES = (
 )
 _ROUGE_NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _CIDER_WORD = re.compile(r"\w+(?:[.'\-]\w+)*")
+
+# coco-caption drops these tokens after PTB tokenisation. The bracket names never match: the tokenizer
+# runs with -lowerCase, so `(` comes out as `-lrb-` and stays, as it does in the challenge's numbers.
+COCO_PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# PTB splits these words into two tokens ("gonna" -> "gon na").
+_PTB_SPLIT_WORDS = {"gonna": ("gon", "na"), "wanna": ("wan", "na"), "gotta": ("got", "ta")}
+# A lone letter with a period ("A. Going ahead") stays one token unless a word that usually starts a
+# sentence follows, then the period ends the sentence ("plan B. The car" -> "b"): as Stanford's lexer does.
+_SENTENCE_STARTERS = frozenset(
+    "a an and but he i if in it its she so that the then there these they this we what when you".split()
+)
+_PTB_TOKEN = re.compile(
+    r"""
+    (?P<initials>(?:[A-Za-z]\.){2,})                       # U.S. e.g. p.m. keep their periods
+    | (?P<letter>[A-Za-z]\.)(?=\s+(?P<next>\w+)|\s*$)      # a lone letter with a period, decided below
+    | (?P<number>[-+]?\d*(?:[.,:]\d+)+(?:/\d+)?|[-+]?\d+/\d+|[-+]\d+)  # 24.1  3,000  ,812.5,505.0 (after a tag's camera)  1/2
+    | (?P<negation>n't)(?![A-Za-z])
+    | (?P<clitic>'(?:s|re|ve|ll|d|m))(?![A-Za-z])
+    | (?P<abbrev>(?:mr|mrs|ms|dr|st|fig|cf|etc|vs|ave|rd|jr|sr|inc|corp|ltd|jan|feb|aug|sept|oct|nov|dec)\.)
+    | (?P<word>@?\w+(?:[-./]\w+)*)                          # cam_front  e-mail  m/s  world.next
+    | (?P<dots>\.\.\.|--)
+    | (?P<other>\S)
+    """,
+    re.VERBOSE | re.IGNORECASE,
+)
 
 
 def tokenize_13a(line: str) -> list[str]:
@@ -154,6 +188,92 @@ def cider_tokenize(text: str) -> list[str]:
     return _CIDER_WORD.findall(text.lower())
 
 
+def ptb_tokenize(text: str) -> list[str]:
+    """Stanford PTBTokenizer as coco-caption runs it (-lowerCase, then `COCO_PUNCTUATION` dropped), in regex.
+
+    Covers what driving answers contain: object tags (`<c1,CAM_FRONT,812.5,505.0>` -> `< c1 cam_front
+    ,812.5,505.0 >`), clitics (`vehicle's` -> `vehicle 's`, `isn't` -> `is n't`), numbers with `.,:/`,
+    hyphenated words, brackets as `-lrb-`-style names, common abbreviations (`Mr.`, `St.`, `Fig.`, `etc.`)
+    keeping their period. Not covered: the rest of PTB's abbreviation list (`approx.` happens to lose
+    its period in PTB too), its SGML and URL rules; tests/test_drivelm_score.py measures what is left.
+    """
+    text = re.sub(r"(\w)(n't)(?![A-Za-z])", r"\1 \2", text, flags=re.IGNORECASE)
+    tokens: list[str] = []
+    for match in _PTB_TOKEN.finditer(text):
+        kind, token = match.lastgroup, match.group(0)
+        if match.group("letter") is not None:
+            kind = "letter"
+            token = match.group("letter")
+            following = match.group("next")
+            # A period that ends the sentence is dropped, unless the letter is the whole text ("B." stays "b.").
+            ends = (following is None and bool(tokens)) or (
+                following is not None and following.lower() in _SENTENCE_STARTERS
+            )
+            if ends:
+                tokens.append(token[0])
+                continue
+        elif kind == "word" and token.lower() in _PTB_SPLIT_WORDS:
+            tokens.extend(_PTB_SPLIT_WORDS[token.lower()])
+            continue
+        elif kind == "other":
+            token = _PTB_BRACKETS.get(token, token)
+            if token in ('"', "\u201c", "\u201d"):
+                continue  # PTB turns quotes into `` and '', both dropped
+        tokens.append(token)
+    return [t for t in (t.lower() for t in tokens) if t not in COCO_PUNCTUATION]
+
+
+def coco_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> list[float]:
+    """Corpus BLEU-1..4 (0-1) as coco-caption's BleuScorer: tokens as given, clipped counts, the reference
+    length closest to each candidate (ties to the shorter), no smoothing but its 1e-15 / 1e-9 guards."""
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
+    tiny, small = 1e-15, 1e-9
+    test_len = ref_len = 0
+    guess = [0] * MAX_ORDER
+    correct = [0] * MAX_ORDER
+    for cand, refs in zip(candidates, references, strict=True):
+        ref_max: Counter[tuple[str, ...]] = Counter()
+        for ref in refs:
+            for gram, count in _ngrams(ref, MAX_ORDER).items():
+                ref_max[gram] = max(ref_max[gram], count)
+        test_len += len(cand)
+        ref_len += min((abs(len(r) - len(cand)), len(r)) for r in refs)[1]
+        for k in range(MAX_ORDER):
+            guess[k] += max(0, len(cand) - k)
+        for gram, count in _ngrams(cand, MAX_ORDER).items():
+            correct[len(gram) - 1] += min(ref_max.get(gram, 0), count)
+    scores = []
+    product = 1.0
+    for k in range(MAX_ORDER):
+        product *= float(correct[k] + tiny) / (guess[k] + small)
+        scores.append(product ** (1.0 / (k + 1)))
+    ratio = (test_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
+def coco_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> float:
+    """Mean ROUGE-L (0-1) as coco-caption's Rouge: LCS F-measure with beta 1.2, best precision and best
+    recall over the references taken separately."""
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
+    if not candidates:
+        return 0.0
+    beta = 1.2
+    total = 0.0
+    for cand, refs in zip(candidates, references, strict=True):
+        # coco splits on " ", so an empty text is one empty token: length 1, never a zero division.
+        cand_len = max(1, len(cand))
+        lcs = [_lcs_length(ref, cand) for ref in refs]
+        precision = max(x / cand_len for x in lcs)
+        recall = max(x / max(1, len(ref)) for x, ref in zip(lcs, refs, strict=True))
+        if precision != 0 and recall != 0:
+            total += (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+    return total / len(candidates)
+
+
 def _cider_vector(
     counts: Counter[tuple[str, ...]], doc_freq: Counter[tuple[str, ...]], log_docs: float
 ) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
@@ -178,12 +298,21 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> t
     corpus of one item scores 0), clipped cosine similarity, Gaussian length penalty with sigma 6,
     averaged over n-gram orders and references, times 10.
     """
+    return cider_d_tokens(
+        [cider_tokenize(c) for c in candidates], [[cider_tokenize(r) for r in rs] for rs in references]
+    )
+
+
+def cider_d_tokens(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+) -> tuple[float, list[float]]:
+    """`cider_d` on texts already tokenised (by `ptb_tokenize` or coco-caption's PTBTokenizer)."""
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
     if not candidates:
         return 0.0, []
-    cands = [_ngrams(cider_tokenize(c), MAX_ORDER) for c in candidates]
-    refs = [[_ngrams(cider_tokenize(r), MAX_ORDER) for r in rs] for rs in references]
+    cands = [_ngrams(c, MAX_ORDER) for c in candidates]
+    refs = [[_ngrams(r, MAX_ORDER) for r in rs] for rs in references]
     doc_freq: Counter[tuple[str, ...]] = Counter()
     for rs in refs:
         doc_freq.update({gram for r in rs for gram in r})
