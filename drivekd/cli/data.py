@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -298,14 +299,38 @@ def card(directory: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG file to write.")
 @click.option("--scenes", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option(
+    "--corruption",
+    default=None,
+    metavar="NAME[:SEVERITY]|all[:SEVERITY]",
+    help="Instead: the first sample's first camera clean and under this corruption (all: every one), "
+    "as `drivekd eval --corruption` shows it.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="With --corruption: its seed.")
 @_format
 @_image_root
-def sheet(path: Path, out: Path, scenes: int, fmt: str | None, image_roots: tuple[str, ...]) -> None:
+def sheet(
+    path: Path,
+    out: Path,
+    scenes: int,
+    corruption: str | None,
+    seed: int,
+    fmt: str | None,
+    image_roots: tuple[str, ...],
+) -> None:
     """Draw a contact sheet: each scene's cameras side by side, tagged objects circled, one question."""
     from drivekd.data.contact_sheet import save_contact_sheet
 
+    settings = _sheet_settings(corruption, seed) if corruption is not None else None
     samples = load_samples(path, fmt, image_roots)
     validate_samples(samples).raise_if_bad(str(path))
+    if settings is not None:
+        from drivekd.data.contact_sheet import corruption_sheet
+
+        with atomic_file(out) as tmp:
+            corruption_sheet(samples[0], settings).save(tmp, format="PNG", optimize=True)
+        click.echo(f"wrote {out}: sample {samples[0].id}, {len(settings)} corruption(s)")
+        return
     bad_tags = save_contact_sheet(samples, out, scenes)
     if bad_tags:
         (sample_id, tag), n = bad_tags[0], len(bad_tags)
@@ -315,6 +340,16 @@ def sheet(path: Path, out: Path, scenes: int, fmt: str | None, image_roots: tupl
             err=True,
         )
     click.echo(f"wrote {out}")
+
+
+def _sheet_settings(spec: str, seed: int) -> list[Any]:
+    """`all[:SEVERITY]`: every corruption at that severity; otherwise one, as `drivekd eval` reads it."""
+    from drivekd.eval.corruptions import CORRUPTIONS, parse_corruption
+
+    name, colon, level = spec.partition(":")
+    if name == "all":
+        return [parse_corruption(f"{c}{colon}{level}", seed=seed) for c in CORRUPTIONS]
+    return [parse_corruption(spec, seed=seed)]
 
 
 @data.command()

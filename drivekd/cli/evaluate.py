@@ -32,6 +32,19 @@ def split_file(data_path: Path, split: str, option: str = "--split", file_hint: 
     return file
 
 
+def _corruption_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """`list` prints the corruptions and ends the command; a bad name or severity is refused here,
+    eagerly, before the other options are even checked and long before a model loads."""
+    if value is None:
+        return None
+    from drivekd.eval.corruptions import listing, parse_corruption
+
+    if value.strip() == "list":
+        click.echo(listing())
+        ctx.exit(0)
+    return parse_corruption(value)
+
+
 def eval_samples(data_path: Path, split: str | None, image_roots: Sequence[str] = ()) -> tuple[list[Any], str]:
     """The samples `drivekd eval` predicts, and what they are (for messages).
 
@@ -68,6 +81,24 @@ def eval_samples(data_path: Path, split: str | None, image_roots: Sequence[str] 
     help="Image-blind control: show every sample another scene's cameras. Scores that barely move mean "
     "the model answers from the text alone.",
 )
+@click.option(
+    "--corruption",
+    "corruption",
+    default=None,
+    is_eager=True,
+    callback=_corruption_option,
+    metavar="NAME[:SEVERITY]|list",
+    help="DriveBench robustness setting: corrupt every image on the fly (severity 1-5, default 3). "
+    "`--corruption list` prints the 15 names, their groups and what each does.",
+)
+@click.option(
+    "--corruption-seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the corruptions' randomness (with the sample id and image: the same pixels every run).",
+)
+@click.option("--text-only", is_flag=True, help="DriveBench's text-only setting: the questions without their images.")
 def evaluate(
     model_path: str,
     data_path: Path,
@@ -81,13 +112,28 @@ def evaluate(
     device: str,
     image_roots: tuple[str, ...],
     other_images: bool,
+    corruption: Any,
+    corruption_seed: int,
+    text_only: bool,
 ) -> None:
     """Greedy-decode answers (KV cache, batched) and write one JSON line per sample."""
+    import dataclasses
+
     from drivekd.data.sample import image_blind_control, normalize_capability
     from drivekd.data.validate import validate_samples
+    from drivekd.eval.corruptions import InputSetting
     from drivekd.eval.predict import predict
     from drivekd.models.loading import LoadOptions, load_backend
 
+    if text_only and other_images:
+        raise DataError("--text-only shows no images, so --other-images has none to swap: choose one")
+    setting = (
+        InputSetting(text_only=True, corruption=corruption.corruption if corruption else None)
+        if text_only
+        else dataclasses.replace(corruption, seed=corruption_seed)
+        if corruption
+        else None
+    )
     samples, what = eval_samples(data_path, split, image_roots)
     pool = samples  # --other-images: any scene of the data may lend its images, not only the selected ones
     if capability:
@@ -109,9 +155,10 @@ def evaluate(
                 err=True,
             )
     backend = load_backend(model_path, LoadOptions(dtype=dtype, device=device))
-    stats = predict(backend, samples, out, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    stats = predict(backend, samples, out, batch_size=batch_size, max_new_tokens=max_new_tokens, setting=setting)
     click.echo(
         f"wrote {stats['samples']} predictions to {out} in {stats['seconds']:.1f} s ({stats['samples_per_s']:.2f} samples/s)"
+        + ("" if setting is None else f", setting {setting.label}")
         + (
             ""
             if not other_images

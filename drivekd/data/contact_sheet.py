@@ -67,3 +67,30 @@ def save_contact_sheet(samples: Sequence[Sample], out: Path, scenes: int) -> lis
     with atomic_file(out) as tmp:
         contact_sheet(samples, scenes, bad_tags=bad_tags).save(tmp, format="PNG")
     return bad_tags
+
+
+def corruption_sheet(
+    sample: Sample, settings: Sequence[object], columns: int = 4, label_height: int = 24
+) -> Image.Image:
+    """The first camera of `sample` clean and under each robustness setting (drivekd/eval/corruptions.py),
+    in a grid, each tile labelled with its setting and group. A setting that draws whether it strikes
+    (camera_crash, frame_lost) and spares this image says so under the tile."""
+    from drivekd.eval.corruptions import InputSetting, corrupt_image
+
+    with Image.open(sample.images[0].path) as im:
+        clean = im.convert("RGB")
+    tiles: list[tuple[Image.Image, str]] = [(clean, f"clean ({sample.images[0].camera})")]
+    for setting in settings:
+        assert isinstance(setting, InputSetting)
+        shown = corrupt_image(clean, setting, sample, 0)
+        spared = " - spared here" if shown.tobytes() == clean.tobytes() else ""
+        tiles.append((shown, f"{setting.label}{spared}\n{setting.group}"))
+    w, h = clean.size
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (w * columns, (h + label_height) * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (tile, label) in enumerate(tiles):
+        x, y = (k % columns) * w, (k // columns) * (h + label_height)
+        sheet.paste(tile, (x, y))
+        draw.multiline_text((x + 3, y + h + 1), label, fill=(0, 0, 0), spacing=0)
+    return sheet

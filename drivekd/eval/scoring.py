@@ -87,6 +87,7 @@ class Prediction:
     facts: dict[str, Any] = field(default_factory=dict)
     question: str | None = None
     where: str = ""
+    setting: str | None = None  # the robustness setting it was answered under (`fog:3`); None: clean inputs
 
     @property
     def is_choice(self) -> bool:
@@ -148,7 +149,16 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     if not out:
         # Scored, it would show "–" everywhere and exit 0: a failed or filtered-out run looking like a result.
         raise DataError(f"{file}: no predictions (the file is empty); expected one JSON object per line")
+    settings = sorted({str(p.setting) for p in out})
+    if len(settings) > 1:
+        counts = ", ".join(f"{sum(str(p.setting) == s for p in out)} {'clean' if s == 'None' else repr(s)}" for s in settings)
+        raise DataError(f"{file}: answers under different input settings in one file ({counts}); score each setting apart")
     return out
+
+
+def file_setting(preds: Sequence[Prediction]) -> str | None:
+    """The input setting a file's answers were made under (read_predictions makes them agree)."""
+    return preds[0].setting if preds else None
 
 
 def _prediction(item: Any, where: str) -> Prediction:
@@ -197,6 +207,9 @@ def _prediction(item: Any, where: str) -> Prediction:
     if not isinstance(facts, dict):
         raise DataError(f"{where}: field 'facts' must be a JSON object")
     question = item.get("question")
+    setting = item.get("setting")
+    if setting is not None and (not isinstance(setting, str) or not setting):
+        raise DataError(f"{where}: field 'setting' must be a non-empty string (e.g. 'fog:3'), got {setting!r}")
     return Prediction(
         id=str(item["id"]),
         capability=normalize_capability(item["capability"], where=f"{where}: field 'capability'"),
@@ -208,6 +221,7 @@ def _prediction(item: Any, where: str) -> Prediction:
         facts=facts,
         question=question if isinstance(question, str) else None,
         where=where,
+        setting=setting,
     )
 
 
@@ -285,7 +299,7 @@ def letter_bias(items: Sequence[ItemScore]) -> dict[str, Any] | None:
     }
 
 
-def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
+def summarize(file: str, items: Sequence[ItemScore], setting: str | None = None) -> dict[str, Any]:
     """The per-file result: see `score_file`."""
     groups: dict[tuple[str, str], list[ItemScore]] = {}
     for i in items:
@@ -316,6 +330,7 @@ def summarize(file: str, items: Sequence[ItemScore]) -> dict[str, Any]:
         language = {"bleu4": None, "rougeL": None, "cider": None}
     return {
         "file": file,
+        "setting": setting,
         "samples": len(items),
         "capabilities": caps,
         "average": _r(_mean([caps[c] for c in over])),  # type: ignore[misc]
@@ -337,7 +352,7 @@ def score_file(path: str | Path) -> dict[str, Any]:
     keys of `normalize_question_type`. An empty file is a DataError, as any other unusable input.
     """
     preds = read_predictions(path)
-    return summarize(str(path), score_items(preds))
+    return summarize(str(path), score_items(preds), file_setting(preds))
 
 
 # ---------------------------------------------------------------- markdown
@@ -352,7 +367,9 @@ def _cell(value: Any, digits: int = 2) -> str:
 def _column_names(results: Sequence[dict[str, Any]]) -> list[str]:
     stems = [Path(r["file"]).stem for r in results]
     # Same stem in two folders (runs/a/test.jsonl, runs/b/test.jsonl): show the paths instead.
-    return [s if stems.count(s) == 1 else r["file"] for s, r in zip(stems, results, strict=True)]
+    names = [s if stems.count(s) == 1 else r["file"] for s, r in zip(stems, results, strict=True)]
+    # answers to corrupted or image-less inputs say so in their column, whatever the file is called
+    return [n if r.get("setting") is None else f"{n} [{r['setting']}]" for n, r in zip(names, results, strict=True)]
 
 
 def render_markdown(results: Sequence[dict[str, Any]]) -> str:

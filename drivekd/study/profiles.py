@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drivekd.domains import NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from drivekd.errors import DriveKDError, closest
+from drivekd.eval.corruptions import CORRUPTIONS, DEFAULT_SEVERITY, InputSetting
 from drivekd.train.config import CombineConfig, DistillConfig, validate_config
 from drivekd.yamlfile import read_yaml
 
@@ -65,6 +66,42 @@ VARIANTS = load_variants()
 Split = tuple[OpenFraction, OpenFraction, OpenFraction]
 
 
+class Robustness(BaseModel):
+    """DriveBench's robustness settings in a study (profiles.yaml says what each field is for)."""
+
+    model_config = _STRICT
+    corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
+    severity: Annotated[int, Field(ge=1, le=5)] = DEFAULT_SEVERITY
+    text_only: bool = True
+    samples: PositiveInt = 256
+    seed: NonNegativeInt = 0
+
+    @field_validator("corruptions", mode="before")
+    @classmethod
+    def _all_or_listed(cls, value: Any) -> Any:
+        return tuple(CORRUPTIONS) if value == "all" else value
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name not in CORRUPTIONS:
+                close = closest(name, CORRUPTIONS)
+                raise ValueError(f"unknown corruption {name!r}" + (f" (did you mean {close!r}?)" if close else ""))
+        if len(set(value)) != len(value):
+            raise ValueError("a corruption is named twice")
+        return value
+
+    def settings(self) -> dict[str, InputSetting]:
+        """Each setting by the file stem of its predictions (`fog-3`, `text_only`)."""
+        out = {
+            f"{name}-{self.severity}": InputSetting(name, self.severity, seed=self.seed) for name in self.corruptions
+        }
+        if self.text_only:
+            out["text_only"] = InputSetting(text_only=True, seed=self.seed)
+        return out
+
+
 class Profile(BaseModel):
     """A study's data, models, budgets and variants (profiles.yaml says what each field is for)."""
 
@@ -86,6 +123,7 @@ class Profile(BaseModel):
     eval_max_new_tokens: PositiveInt = 96
     eval_batch_size: PositiveInt = 64
     mechanism_samples: PositiveInt = 256
+    robustness: Robustness | None = None
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -119,8 +157,11 @@ class Profile(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """Everything results depend on (written to study.json, compared on resume)."""
+        fields = self.model_dump(mode="json")
+        if fields["robustness"] is None:  # so a study begun before the field existed still resumes
+            del fields["robustness"]
         return {
-            **self.model_dump(mode="json"),
+            **fields,
             "format": FORMAT,
             "variant_definitions": {v: VARIANTS[v].definition() for v in self.variants},
             "student_training": STUDENT,  # student.yaml edited: the study's students train otherwise

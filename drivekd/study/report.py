@@ -16,6 +16,7 @@ from typing import Any
 
 from drivekd.atomic import atomic_file
 from drivekd.data.sample import CAPABILITIES
+from drivekd.errors import DataError
 
 COLUMNS = (*CAPABILITIES, "average")
 REFERENCES = ("teacher", "majority")  # rows that are not student variants
@@ -31,6 +32,7 @@ def _score(path: Path) -> dict[str, Any] | None:
         **{c: result["capabilities"].get(c) for c in CAPABILITIES},
         "average": result["average"],
         "average_over": result["average_over"],
+        "setting": result["setting"],
         "items": result["samples"],
         "types": {normalize_question_type(t): v["score"] for t, v in result["by_question_type"].items()},
     }
@@ -117,7 +119,57 @@ def collect(out: Path) -> dict[str, Any]:
         variants.append(row)
     mechanism_file = out / "mechanism.json"
     mechanism = json.loads(mechanism_file.read_text(encoding="utf-8")) if mechanism_file.is_file() else None
-    return {"settings": settings, "variants": variants, "mechanism": mechanism}
+    return {"settings": settings, "variants": variants, "mechanism": mechanism, "robustness": robustness(out, settings)}
+
+
+def robustness(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """DriveBench's robustness table: per model (the teacher, each variant's first seed), the test Avg
+    on the robustness subset clean, per corruption, per group (the mean of its corruptions' Avgs) and
+    text-only. Empty unless the profile asked for it."""
+    from drivekd.eval.corruptions import CORRUPTIONS, GROUPS
+
+    config = settings.get("robustness")
+    if not config:
+        return []
+    models = [("teacher", out / "preds" / "teacher" / "robust")]
+    models += [(f"{v}/seed-{settings['seeds'][0]}", out / "preds" / v / f"seed-{settings['seeds'][0]}" / "robust")
+               for v in settings["variants"]]  # fmt: skip
+    rows = []
+    for name, folder in models:
+        if not folder.is_dir():
+            continue
+
+        def avg(stem: str, folder: Path = folder) -> float | None:
+            file = folder / f"{stem}.jsonl"
+            score = _score(file)
+            if score is None:
+                return None
+            # the answers must have been made under the setting the file's name says
+            expected = None if stem == "clean" else stem if stem == "text_only" else stem.replace("-", ":", 1)
+            if score["setting"] != expected and not str(score["setting"]).startswith(f"{expected}:"):
+                raise DataError(f"{file}: answers made under setting {score['setting']!r}, the file name says {expected!r}")
+            return score["average"]
+
+        per = {c: avg(f"{c}-{config['severity']}") for c in config["corruptions"]}
+        groups: dict[str, Any] = {}
+        for group in GROUPS:
+            names = [c for c in config["corruptions"] if CORRUPTIONS[c].group == group]
+            done = [per[c] for c in names if per[c] is not None]
+            groups[group] = {
+                "average": statistics.fmean(done) if done else None,
+                "of": len(done),
+                "named": len(names),
+            }
+        rows.append(
+            {
+                "model": name,
+                "clean": avg("clean"),
+                "text_only": avg("text_only") if config["text_only"] else None,
+                "corruptions": per,
+                "groups": groups,
+            }
+        )
+    return rows
 
 
 def _final_val_ce(metrics: Path) -> float | None:
@@ -326,6 +378,7 @@ def write_report(out: Path) -> Path:
         lines += [f"- `{name}` seed {f['seed']}: {f['error']}" for name, f in failed]
     lines += ["", "![per-capability scores](scores.png)", ""]
     lines += _per_type(variants)
+    lines += _robustness_lines(results["robustness"], settings)
     lines += _mechanism(variants, results["mechanism"])
     if has_curves:
         lines += ["## Training curves", "", "![training curves](curves.png)", ""]
@@ -348,6 +401,42 @@ def write_report(out: Path) -> Path:
     report = out / "report.md"
     _write(report, "\n".join(lines) + "\n")
     return report
+
+
+def _robustness_lines(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+    from drivekd.eval.corruptions import GROUPS
+
+    if not rows:
+        return []
+    config = settings["robustness"]
+
+    def cell(value: float | None, note: str = "") -> str:
+        return "–" if value is None else f"{value:.1f}{note}"
+
+    def group_cell(g: dict[str, Any]) -> str:
+        if g["named"] == 0:
+            return "–"
+        return cell(g["average"], "" if g["of"] == g["named"] else f" ({g['of']} of {g['named']})")
+
+    lines = [
+        "## Robustness (DriveBench's settings)",
+        "",
+        f"Test Avg on {config['samples']} test questions spread over the split, clean, under each corruption "
+        f"group at severity {config['severity']} (the mean of its corruptions' Avgs; `drivekd eval --corruption "
+        "list` says what each does) and text-only (no images). Students: each variant's first seed. A column "
+        "near clean means the model does not use what the setting took away; text-only near clean means it "
+        "answers from the question alone.",
+        "",
+        "| model | clean | " + " | ".join(GROUPS) + " | text-only |",
+        "|---|---:|" + "---:|" * len(GROUPS) + "---:|",
+    ]
+    for row in rows:
+        groups = " | ".join(group_cell(row["groups"][g]) for g in GROUPS)
+        lines.append(f"| {row['model']} | {cell(row['clean'])} | {groups} | {cell(row['text_only'])} |")
+    lines += ["", "Per corruption (Avg): " + "; ".join(
+        f"{row['model']}: " + ", ".join(f"{c} {cell(v)}" for c, v in row["corruptions"].items()) for row in rows
+    ), ""]  # fmt: skip
+    return lines
 
 
 def _per_type(variants: list[dict[str, Any]]) -> list[str]:

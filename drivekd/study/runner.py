@@ -41,6 +41,9 @@ from drivekd.train.run_folder import RunFolder, Timings, claim_folder
 SPLITS = ("val", "test")
 # The image-blind control: the test split with every sample shown another scene's cameras.
 CONTROL = "test-other-images"
+# DriveBench's robustness settings (profile `robustness`): `robust/SETTING` splits, on a subset of test
+ROBUST = "robust/"
+ROBUST_CLEAN = ROBUST + "clean"
 HEARTBEAT_S = 60.0  # how often a study running parallel jobs says what is running
 TEACHER_SIDE = "teacher side"
 
@@ -169,14 +172,15 @@ class Study:
                     for run in runs
                     if not RunFolder(cfg.run_dir(run)).finished
                 ]
-                for split in (*SPLITS, CONTROL):
+                robust = self.robust_splits() if seed == self.profile.seeds[0] else []
+                for split in (*SPLITS, CONTROL, *robust):
                     if not self.pred_file(name, seed, split).is_file():
                         steps.append(Step(f"eval {runs[0].row} {split}", partial(self.evaluate_students, runs, split)))
                 after = TEACHER_SIDE if runs[0].variant.distills else None
                 chains.append(Chain(runs[0].row, tuple(steps), after=after, row=runs[0].row))
         teacher = [  # no choice is made on the teacher's val score
             Step(f"eval teacher {split}", partial(self.evaluate_teacher, split))
-            for split in ("test", CONTROL)
+            for split in ("test", CONTROL, *self.robust_splits())
             if not self.pred_file("teacher", None, split).is_file()
         ]
         majority = [
@@ -313,10 +317,34 @@ class Study:
     def pred_file(self, name: str, seed: int | None, split: str) -> Path:
         return self.out / "preds" / name / (f"seed-{seed}" if seed is not None else "") / f"{split}.jsonl"
 
+    def robust_splits(self) -> list[str]:
+        """The robustness table's prediction files (none unless the profile asks for it): the clean
+        subset first, which only selects the test predictions' records, then one per setting."""
+        robustness = self.profile.robustness
+        return [] if robustness is None else [ROBUST_CLEAN, *(ROBUST + key for key in robustness.settings())]
+
+    def robust_samples(self) -> list[Any]:
+        """The test questions the robustness settings are scored on: `samples` of them at even steps
+        through the split, so they spread over its scenes (the split is written scene by scene)."""
+        from drivekd.data.formats import load_split
+
+        test = load_split(self.data, "test")
+        wanted = min(self.profile.robustness.samples if self.profile.robustness else len(test), len(test))
+        return [test[i * len(test) // wanted] for i in range(wanted)]
+
+    def setting_of(self, split: str) -> Any:
+        """The robustness setting a `robust/KEY` split is predicted under (None: as given)."""
+        robustness = self.profile.robustness
+        if robustness is None or not split.startswith(ROBUST) or split == ROBUST_CLEAN:
+            return None
+        return robustness.settings()[split.removeprefix(ROBUST)]
+
     def split_samples(self, split: str) -> list[Any]:
         from drivekd.data.formats import load_split
         from drivekd.data.sample import image_blind_control
 
+        if split.startswith(ROBUST):
+            return self.robust_samples()
         if split == CONTROL:
             # other scenes' images from any split (the test split of a small study may hold one scene);
             # test first, so its scenes lend to each other as far as they can
@@ -333,26 +361,44 @@ class Study:
     def evaluate_students(self, runs: list[StudentRun], split: str) -> None:
         from drivekd.eval.predict import write_records
 
+        first = runs[0]
+        if split == ROBUST_CLEAN:
+            self._clean_subset(first.variant.name, first.seed)
+            return
         samples = self.split_samples(split)
         parts = []
         for run in runs:
             mine = [s for s in samples if run.capability in (None, s.capability)]
-            parts.append(self._predict(self.configs.run_dir(run) / "final", mine))
-        first = runs[0]
+            parts.append(self._predict(self.configs.run_dir(run) / "final", mine, self.setting_of(split)))
         write_records([r for p in parts for r in p], self.pred_file(first.variant.name, first.seed, split))
 
-    def _predict(self, model: Path, samples: list[Any]) -> list[dict[str, Any]]:
+    def _predict(self, model: Path, samples: list[Any], setting: Any = None) -> list[dict[str, Any]]:
         from drivekd.eval.predict import generate_records
         from drivekd.models.loading import load_backend
 
         backend = load_backend(str(model))
         p = self.profile
-        return generate_records(backend, samples, batch_size=p.eval_batch_size, max_new_tokens=p.eval_max_new_tokens)[0]
+        return generate_records(
+            backend, samples, batch_size=p.eval_batch_size, max_new_tokens=p.eval_max_new_tokens, setting=setting
+        )[0]
+
+    def _clean_subset(self, name: str, seed: int | None) -> None:
+        """The robustness table's clean column: the test predictions of the robustness subset, so that
+        every column is scored on the same questions (no second clean pass)."""
+        from drivekd.eval.predict import write_records
+
+        ids = {s.id for s in self.robust_samples()}
+        lines = self.pred_file(name, seed, "test").read_text(encoding="utf-8").splitlines()
+        records = [r for r in map(json.loads, lines) if r["id"] in ids]
+        write_records(records, self.pred_file(name, seed, ROBUST_CLEAN))
 
     def evaluate_teacher(self, split: str) -> None:
         from drivekd.eval.predict import write_records
 
-        records = self._predict(self.teacher, self.split_samples(split))
+        if split == ROBUST_CLEAN:
+            self._clean_subset("teacher", None)
+            return
+        records = self._predict(self.teacher, self.split_samples(split), self.setting_of(split))
         write_records(records, self.pred_file("teacher", None, split))
 
     def majority(self, split: str) -> None:
