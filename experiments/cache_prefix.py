@@ -1,6 +1,6 @@
-"""What storing each frame's prefix once saves: a teacher cache of a config's data written with and
-without prefix sharing, bytes per question of each, and how many questions shared their frame's
-prefix (the others keep their whole targets: their prefix rows differed by a bit).
+"""What storing each frame's prefix once and running it once saves: a teacher cache of a config's data
+written with prefix sharing and reuse and without either, bytes and teacher seconds per question of
+each, and how many questions shared their frame's prefix (the others keep their whole targets).
 
     python experiments/cache_prefix.py --config runs/quick/runs/multi-agp/seed-0/config.yaml [--storage fp16]
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     args = parser.parse_args(argv)
 
+    from drivekd.bench.cache import cache_figures
     from drivekd.distill.run import run_cache_teacher
     from drivekd.train.config import DistillConfig, load_config
 
@@ -32,21 +33,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for share in (True, False):
             start = time.perf_counter()
+            # today's layout without sharing is also today's teacher work: every question run whole
             folder = run_cache_teacher(
-                config, Path(tmp) / str(share), storage=args.storage, share_prefixes=share, echo=lambda _: None
+                config,
+                Path(tmp) / str(share),
+                storage=args.storage,
+                share_prefixes=share,
+                reuse_prefix=share,
+                echo=lambda _: None,
             )
-            seconds = time.perf_counter() - start
-            manifest = json.loads((folder / "manifest.json").read_text())
-            questions = len(manifest["index"])
-            size = sum(f.stat().st_size for f in folder.glob("shard-*.safetensors"))
-            frames = {v[0] for v in manifest["prefixes"].values()}
-            result["shared" if share else "unshared"] = {
-                "questions": questions,
-                "bytes_per_question": size / questions,
-                "questions_sharing": len(manifest["prefixes"]),
-                "frames": len(frames),
-                "seconds": seconds,
-            }
+            result["shared" if share else "unshared"] = cache_figures(folder) | {"seconds": time.perf_counter() - start}
     result["ratio"] = result["shared"]["bytes_per_question"] / result["unshared"]["bytes_per_question"]
     print(json.dumps(result, indent=1))
     return result

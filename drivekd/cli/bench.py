@@ -204,3 +204,116 @@ def scale(
     results = bench_scale(out, pairs, cameras, phases or PHASES, device=device, echo=click.echo)
     click.echo(table(results))
     _emit(results, json_out)
+
+
+@bench.command(name="cache")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (and nothing else) on stdout.")
+@click.option(
+    "--pair",
+    type=click.Choice(["internvl", "qwen"]),
+    default="internvl",
+    show_default=True,
+    help="internvl: the shipped DriveSim teacher and student base (InternVL3 architecture); qwen: the tiny "
+    "Qwen2.5-VL presets. With --real-shapes: InternVL3-1B student, -2B teacher; Qwen2.5-VL-3B, -7B.",
+)
+@click.option("--cameras", type=click.IntRange(min=1), default=2, show_default=True, help="Images per frame.")
+@click.option("--questions-per-frame", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--frames", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Questions per teacher batch.")
+@click.option(
+    "--real-shapes",
+    is_flag=True,
+    help="The pair's published shapes with random weights (a GPU's work; checkpoints kept in --work).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda (the teacher in bf16).")
+@click.option(
+    "--lossy-questions",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Questions whose losses and gradients compare each storage with the live teacher.",
+)
+@click.option("--lossy-batch", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Write the timed caches (with and without reuse) this many times in turn, keeping each one's fastest.",
+)
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where --real-shapes keeps its random-weight checkpoints [default: a temporary folder].",
+)
+@click.option("--out", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+def cache(
+    as_json: bool,
+    pair: str,
+    cameras: int,
+    questions_per_frame: int,
+    frames: int,
+    batch: int,
+    real_shapes: bool,
+    device: str,
+    lossy_questions: int,
+    lossy_batch: int,
+    repeats: int,
+    work: Path | None,
+    json_out: Path | None,
+) -> None:
+    """Teacher-cache bytes and teacher seconds per question, with each frame's prefix run once and stored
+    once and without (every question whole), and each lossy storage's error against the live teacher,
+    on a synthetic dataset of FRAMES frames with CAMERAS images and Q questions each."""
+    import sys
+
+    from drivekd.bench.cache import bench_cache
+
+    # progress on stderr: with --json, stdout holds the JSON object alone
+    result = bench_cache(
+        pair,
+        cameras=cameras,
+        questions_per_frame=questions_per_frame,
+        frames=frames,
+        real=real_shapes,
+        device=device,
+        batch=batch,
+        lossy_questions=lossy_questions,
+        lossy_batch=lossy_batch,
+        repeats=repeats,
+        work=work,
+        echo=lambda line: click.echo(line, err=True),
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        click.echo(
+            f"{result['student']} <- {result['teacher']}, {cameras} cameras, {questions_per_frame} questions a frame, "
+            f"{result['tokens_per_question']:.0f} tokens a question ({result['visual_tokens_per_frame']} visual), "
+            f"{result['device']}"
+        )
+        click.echo("| cache | MiB a question | teacher s a question |\n|---|---:|---:|")
+        click.echo(
+            f"| prefix run and stored once | {result['bytes_per_question'] / 2**20:.3f} | "
+            f"{result['teacher_seconds_per_question']:.4f} |"
+        )
+        click.echo(
+            f"| every question whole | {result['bytes_per_question_unshared'] / 2**20:.3f} | "
+            f"{result['teacher_seconds_per_question_without_reuse']:.4f} |"
+        )
+        for storage, row in result["lossy"].items():
+            click.echo(
+                f"{storage}: {row['bytes_per_question'] / 2**20:.3f} MiB a question, loss error <= "
+                f"{row['loss_rel_error']:.2e}, gradient cosine >= {row['grad_cosine']:.6f}"
+            )
+    _emit_quietly(result, json_out)
+
+
+def _emit_quietly(result: dict, json_out: Path | None) -> None:
+    if json_out is not None:
+        from drivekd.atomic import atomic_file
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")

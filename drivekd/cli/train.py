@@ -57,9 +57,22 @@ def distill(config_path: Path, resume: bool, overrides: tuple[str, ...]) -> None
     show_default=True,
     help="fp8: float8 values scaled row by row, about half the bytes, lossy (its measured error: docs/results.md).",
 )
+@click.option(
+    "--prefix-reuse/--no-prefix-reuse",
+    default=True,
+    show_default=True,
+    help="Run each frame's prefix (preamble and images) once and its questions after its KV cache (the "
+    "targets equal the whole forward's up to the teacher dtype's rounding: measured within 1e-5 of the largest "
+    "value in fp32); --no-prefix-reuse runs every question whole.",
+)
 @click.argument("overrides", nargs=-1)
 def cache_teacher(
-    config_path: Path, out: Path | None, shard_samples: int | None, storage: str, overrides: tuple[str, ...]
+    config_path: Path,
+    out: Path | None,
+    shard_samples: int | None,
+    storage: str,
+    prefix_reuse: bool,
+    overrides: tuple[str, ...],
 ) -> None:
     """Run the teachers once and store the recipe's targets (fp16 safetensors); `distill` with
     `teacher.cache=DIR` then loads no teacher. Run it again after a kill to finish it; under
@@ -68,7 +81,9 @@ def cache_teacher(
     from drivekd.train.config import load_config
 
     config = load_config(DistillConfig, config_path, overrides)
-    target = run_cache_teacher(config, out, echo=click.echo, shard_samples=shard_samples, storage=storage)
+    target = run_cache_teacher(
+        config, out, echo=click.echo, shard_samples=shard_samples, storage=storage, reuse_prefix=prefix_reuse
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {target}")
 

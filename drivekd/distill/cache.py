@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +185,7 @@ def write_cache(
     echo: Any = print,
     storage: str = "fp16",
     share_prefixes: bool = True,
+    reuse_prefix: bool = True,
 ) -> dict[str, Any]:
     """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder.
 
@@ -191,7 +193,8 @@ def write_cache(
     any number of processes writes the same tensors: process r writes shards r, r + N, ... Shards
     are written into `.NAME.partial/` beside the cache, each file renamed into place when complete; a
     killed run, run again with the same config, redoes only the shards it had not finished. The
-    finished folder then takes the place of `out` (the old one moved aside first, then removed)."""
+    finished folder then takes the place of `out` (the old one moved aside first, then removed).
+    `reuse_prefix`: each frame's prefix runs once, its questions after its KV cache (`_write_shard`)."""
     ranks = ranks or Ranks()
     student = teachers.student
     plan = shard_plan(samples, shard_samples)
@@ -203,6 +206,9 @@ def write_cache(
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "storage": storage,
         "prefix_sharing": share_prefixes,
+        # the targets' rounding depends on it (the prefix's matrix products have other shapes), so a
+        # run resumed with the other setting starts over
+        "prefix_reuse": reuse_prefix,
     }
     # what the shards' bytes depend on besides the header: which samples, batched how
     planned = {**header, "batch_size": batch_size, "shards": [[samples[i].id for i in shard] for shard in plan]}
@@ -223,7 +229,9 @@ def write_cache(
     bar = progress.bar(total=sum(len(plan[n]) for n in todo), desc="cache", unit="sample", disable=ranks.rank != 0)
     for number in todo:
         samples_of = [samples[i] for i in plan[number]]
-        _write_shard(teachers, signals, samples_of, work, number, batch_size, ranks, storage, share_prefixes)
+        _write_shard(
+            teachers, signals, samples_of, work, number, batch_size, ranks, storage, share_prefixes, reuse_prefix
+        )
         bar.update(len(plan[number]))
     bar.close()
     ranks.wait()
@@ -234,6 +242,8 @@ def write_cache(
         "index": {},
         "lengths": {},
         "prefixes": {},  # sample id -> [frame prefix key, its tokens, its text tokens], where shared
+        "teacher_seconds": 0.0,  # the teachers' forward passes, summed over shards (and processes)
+        "after_prefix": 0,  # questions the teacher ran after their frame's prefix's KV cache
     }
     if ranks.rank == 0:
         for number in range(len(plan)):
@@ -242,6 +252,8 @@ def write_cache(
             manifest["lengths"].update(written["lengths"])
             manifest["prefixes"].update(written["prefixes"])
             manifest["index"].update(dict.fromkeys(written["lengths"], shard_name(number)))
+            manifest["teacher_seconds"] += written["teacher_seconds"]
+            manifest["after_prefix"] += written["after_prefix"]
         # the plan and the shards' records stay in the cache: its account of what was written by whom
         with atomic_file(work / "manifest.json") as tmp:
             tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -264,6 +276,25 @@ def frame_prefix(ids: torch.Tensor, visual: torch.Tensor, images: Sequence[str])
     return h.hexdigest()[:24], length, int((~visual[:length]).sum())
 
 
+def prefix_groups(student: VLMBackend, samples: Sequence[Sample]) -> tuple[list[list[int]], list[int]]:
+    """Which samples the teacher can run after a shared prefix: groups (indices, in order of first
+    appearance) of two or more samples whose token ids agree up to their last visual token, with
+    the same images and tokens after it; and the others (no images, or a prefix no other sample has),
+    which run whole. Token ids come from the tokenizer alone (no pixels are read)."""
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    for i, sample in enumerate(samples):
+        ids = student.token_ids(sample)
+        visual = [p for p, t in enumerate(ids) if t == student.visual_token_id]
+        length = visual[-1] + 1 if visual else 0
+        if length == 0 or len(ids) <= length:
+            by_key[("whole", i)] = [i]
+            continue
+        by_key.setdefault((tuple(ids[:length]), tuple(im.path for im in sample.images)), []).append(i)
+    groups = [g for g in by_key.values() if len(g) > 1]
+    alone = sorted(i for g in by_key.values() if len(g) == 1 for i in g)
+    return groups, alone
+
+
 def _write_shard(
     teachers: Any,
     signals: dict[str, Signal],
@@ -274,9 +305,15 @@ def _write_shard(
     ranks: Ranks,
     storage: str,
     share_prefixes: bool = True,
+    reuse_prefix: bool = True,
 ) -> None:
     """One shard's tensors, then its record (the rank that wrote it, each sample's tokens and frame
-    prefix): a shard whose record exists is complete.
+    prefix, the teacher's seconds): a shard whose record exists is complete.
+
+    With `reuse_prefix`, the teacher runs each frame's prefix (preamble and images) once and the
+    questions about it after its KV cache (`LiveTeachers.run_prefix`), in batches of `batch_size`;
+    a sample whose prefix no other sample shares runs whole, as all do without it. The targets are
+    the whole forward's to rounding (tests/test_cache_reuse.py).
 
     With `share_prefixes`, a frame's prefix rows are stored once (`prefix:<key>/...`) and each sample
     stores only its rows after them. A sample whose own stored prefix rows are not bit for bit the
@@ -285,10 +322,30 @@ def _write_shard(
     shard: dict[str, torch.Tensor] = {}
     lengths: dict[str, int] = {}
     prefixes: dict[str, list[Any]] = {}
-    for i in range(0, len(chunk_samples), batch_size):
-        chunk = chunk_samples[i : i + batch_size]
+    groups, alone = prefix_groups(student, chunk_samples) if reuse_prefix else ([], list(range(len(chunk_samples))))
+    # (samples, the group whose prefix they run after, or None: whole); a group's prefix runs before its first batch
+    work_list: list[tuple[list[int], int | None]] = []
+    for g, group in enumerate(groups):
+        work_list += [(group[i : i + batch_size], g) for i in range(0, len(group), batch_size)]
+    work_list += [(alone[i : i + batch_size], None) for i in range(0, len(alone), batch_size)]
+    teacher_s = 0.0
+    prefix, prefix_of = None, None
+    for indices, group_number in work_list:
+        chunk = [chunk_samples[i] for i in indices]
         batch = student.build_batch(chunk).to(student.device)
-        targets = teachers.targets(batch)
+        start = time.perf_counter()
+        if group_number is None:
+            targets = teachers.targets(batch)
+        else:
+            if group_number != prefix_of:
+                prefix = None  # the previous frame's KV cache freed before this one's is made
+                _, rows, _ = frame_prefix(batch.inputs["input_ids"][0], batch.visual_mask[0], [])
+                prefix = teachers.run_prefix(student.build_batch(chunk[:1]).to(student.device), rows)
+                prefix_of = group_number
+            targets = teachers.targets(batch, prefix)
+        if batch.inputs["input_ids"].is_cuda:  # the clock stops when the device's queued work is done
+            torch.cuda.synchronize(batch.inputs["input_ids"].device)
+        teacher_s += time.perf_counter() - start
         counts = [int(n) for n in batch.inputs["attention_mask"].sum(1).tolist()]
         for b, sample in enumerate(chunk):
             visual = batch.visual_mask[b, : counts[b]]
@@ -311,7 +368,14 @@ def _write_shard(
     with atomic_file(work / shard_name(number)) as tmp:
         save_file(shard, str(tmp))
     with atomic_file((work / shard_name(number)).with_suffix(".json")) as tmp:
-        record = {"rank": ranks.rank, "world_size": ranks.world_size, "lengths": lengths, "prefixes": prefixes}
+        record = {
+            "rank": ranks.rank,
+            "world_size": ranks.world_size,
+            "lengths": lengths,
+            "prefixes": prefixes,
+            "teacher_seconds": teacher_s,
+            "after_prefix": sum(len(g) for g in groups),
+        }
         tmp.write_text(json.dumps(record))
 
 

@@ -74,6 +74,7 @@ def run_cache_teacher(
     shard_samples: int | None = None,
     storage: str = "fp16",
     share_prefixes: bool = True,
+    reuse_prefix: bool = True,
 ) -> Path:
     """Write the teacher targets of the run's train and val samples; returns the cache folder. Under
     `torchrun` the processes split the shards between them, each on its own device."""
@@ -117,7 +118,7 @@ def run_cache_teacher(
         f"teacher cache for {len(samples)} samples, signals {', '.join(signals)}: about {size / 2**20:.1f} MiB "
         f"({storage}) -> {target}" + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")
     )
-    write_cache(
+    manifest = write_cache(
         teachers,
         signals,
         teacher_of,
@@ -129,5 +130,10 @@ def run_cache_teacher(
         echo=say,
         storage=storage,
         share_prefixes=share_prefixes,
+        reuse_prefix=reuse_prefix,
+    )
+    say(
+        f"teacher forward passes: {manifest['teacher_seconds']:.1f} s; {manifest['after_prefix']} of {len(samples)} "
+        "questions ran after their frame's prefix (its KV cache)"
     )
     return target

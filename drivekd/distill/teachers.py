@@ -6,13 +6,16 @@ batch) and say each signal's teacher depth and width, so the distiller never ask
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from drivekd.data.sample import Sample
 from drivekd.distill.cache import TeacherCache, fingerprint
@@ -34,6 +37,21 @@ class TeacherSource(Protocol):
 
     # the samples of a batch `targets` will be asked for next (read ahead where there is anything to read)
     def prefetch(self, sample_ids: Sequence[str]) -> None: ...
+
+
+@dataclass
+class SharedPrefix:
+    """The first tokens several samples share (a frame's preamble and images), run once by
+    `LiveTeachers.run_prefix`: per teacher checkpoint, what its signals read of these rows and its
+    KV cache."""
+
+    ids: torch.Tensor  # (P,) the prefix's token ids
+    internals: dict[str, Internals]
+    caches: dict[str, Any]  # per checkpoint, its KV cache of the prefix (a transformers Cache)
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
 
 
 class LiveTeachers:
@@ -70,20 +88,31 @@ class LiveTeachers:
     def width(self, name: str) -> int:
         return self.models[self.teacher_of[name]].hidden_size
 
+    def _needs(self, ckpt: str) -> tuple[set[int], set[int], bool, bool, int | None]:
+        """What a checkpoint's signals read: layers captured whole, layers captured for their text rows,
+        hidden states, logits, and how many layers must run (None: all, for the logits)."""
+        mine = [b for n, b in self.bound.items() if self.teacher_of[n] == ckpt]
+        full, rows = captured_layers(mine, "teacher")
+        hidden = any(b.reads == "hidden" for b in mine)
+        logits = any(b.reads == "logits" for b in mine)
+        deepest = max([0, *(t for b in mine for t in b.teacher_layers)])
+        # hidden_states[k + 1] is layer k's raw output only while a later layer runs (the last is
+        # normed), so hidden signals keep one layer more
+        keep = None if logits else deepest + (2 if hidden else 1)
+        return full, rows, hidden, logits, keep
+
     @torch.no_grad()
-    def internals(self, batch: Batch) -> dict[str, Internals]:
-        """Per checkpoint, what its signals read from one forward pass."""
+    def internals(self, batch: Batch, prefix: SharedPrefix | None = None) -> dict[str, Internals]:
+        """Per checkpoint, what its signals read from one forward pass. With `prefix` (the batch's
+        samples' common first tokens, run once by `run_prefix`), only the tokens after it run, against
+        its KV cache, and its rows are copied in: the same internals as the whole forward's, to
+        rounding (the matrix products have other shapes)."""
+        if prefix is not None:
+            return {ckpt: self._after_prefix(ckpt, batch, prefix) for ckpt in self.models}
         out = {}
         row_index, _ = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
         for ckpt, teacher in self.models.items():
-            mine = [b for n, b in self.bound.items() if self.teacher_of[n] == ckpt]
-            full, rows = captured_layers(mine, "teacher")
-            hidden = any(b.reads == "hidden" for b in mine)
-            logits = any(b.reads == "logits" for b in mine)
-            deepest = max([0, *(t for b in mine for t in b.teacher_layers)])
-            # hidden_states[k + 1] is layer k's raw output only while a later layer runs (the last is
-            # normed), so hidden signals keep one layer more
-            keep = None if logits else deepest + (2 if hidden else 1)
+            full, rows, hidden, logits, keep = self._needs(ckpt)
             with capture(teacher, full, row_layers=rows, row_index=row_index) as maps:
                 result = teacher.forward(batch, logits=logits, hidden_states=hidden, layers=keep)
             out[ckpt] = Internals(
@@ -95,8 +124,86 @@ class LiveTeachers:
             )
         return out
 
-    def targets(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
-        internals = self.internals(batch)
+    @torch.no_grad()
+    def run_prefix(self, batch: Batch, length: int) -> SharedPrefix:
+        """Run every teacher once on the first `length` tokens of a one-sample batch (a frame's
+        preamble and images, alike for each question about it), keeping what its signals read of
+        those rows and its KV cache, for `internals(..., prefix=)` to continue from."""
+        internals, caches = {}, {}
+        valid = batch.inputs["attention_mask"][:, :length]
+        row_index, _ = text_rows(valid, batch.visual_mask[:, :length])
+        for ckpt, teacher in self.models.items():
+            full, rows, hidden, logits, keep = self._needs(ckpt)
+            with capture(teacher, full, row_layers=rows, row_index=row_index) as maps:
+                result = teacher.run(
+                    teacher.prefix_inputs(batch, length),
+                    logits=logits,
+                    hidden_states=hidden,
+                    layers=keep,
+                    past_key_values=DynamicCache(),
+                )
+            internals[ckpt] = Internals(
+                dict(maps),
+                result.hidden_states if hidden else None,
+                result.logits if logits else None,
+                dict(maps.rows),
+                row_index,
+            )
+            caches[ckpt] = result.past_key_values
+        return SharedPrefix(batch.inputs["input_ids"][0, :length].clone(), internals, caches)
+
+    def _after_prefix(self, ckpt: str, batch: Batch, prefix: SharedPrefix) -> Internals:
+        """One checkpoint's internals of a right-padded batch whose samples all start with `prefix`:
+        the tokens after it run against a per-sample copy of its KV cache, and its rows are joined in."""
+        teacher, head = self.models[ckpt], prefix.internals[ckpt]
+        full, rows, hidden, logits, keep = self._needs(ckpt)
+        p, (size, width) = prefix.length, batch.inputs["input_ids"].shape
+        if width <= p or not torch.equal(
+            batch.inputs["input_ids"][:, :p].cpu(), prefix.ids[None].expand(size, -1).cpu()
+        ):
+            raise ValueError("every sample of the batch must start with the prefix and go on after it")
+        cache = copy.deepcopy(prefix.caches[ckpt])
+        for layer in cache.layers:  # one copy of the prefix's keys and values per sample
+            layer.batch_repeat_interleave(size)
+        valid = batch.inputs["attention_mask"][:, p:]
+        tail_index, _ = text_rows(valid, batch.visual_mask[:, p:])
+        with capture(teacher, full, row_layers=rows, row_index=tail_index) as maps:
+            result = teacher.run(
+                teacher.suffix_inputs(batch, p), logits=logits, hidden_states=hidden, layers=keep, past_key_values=cache
+            )
+        # The whole forward's layout: a prefix row's keys are the prefix (zero after it, causal); a
+        # later row's are the prefix and the tokens up to it, which the run after the cache computed.
+        joined_maps = {}
+        for layer, tail in maps.items():
+            m = tail.new_zeros(size, width, width)
+            m[:, :p, :p] = head.maps[layer]
+            m[:, p:] = tail
+            joined_maps[layer] = m
+        joined_rows = {}
+        for layer, tail in maps.rows.items():
+            r = head.rows[layer].shape[1]
+            m = tail.new_zeros(size, r + tail.shape[1], width)
+            m[:, :r, :p] = head.rows[layer]
+            m[:, r:] = tail
+            joined_rows[layer] = m
+        assert head.row_index is not None
+        row_index = torch.cat([head.row_index.expand(size, -1).to(tail_index.device), p + tail_index], 1)
+
+        def along_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a.expand(size, *a.shape[1:]).to(b.device), b], 1)
+
+        return Internals(
+            joined_maps,
+            tuple(along_tokens(a, b) for a, b in zip(head.hidden, result.hidden_states, strict=True))
+            if hidden and head.hidden is not None
+            else None,
+            along_tokens(head.logits, result.logits) if logits and head.logits is not None else None,
+            joined_rows,
+            row_index,
+        )
+
+    def targets(self, batch: Batch, prefix: SharedPrefix | None = None) -> dict[str, list[torch.Tensor]]:
+        internals = self.internals(batch, prefix)
         device = batch.inputs["input_ids"].device  # a teacher spread over devices ends on its last one
         return {
             name: [t.to(device) for t in b.targets(internals[self.teacher_of[name]])] for name, b in self.bound.items()

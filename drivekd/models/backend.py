@@ -112,6 +112,20 @@ class VLMBackend(abc.ABC):
         """One forward pass over `batch`. `logits=False` skips the LM head (`last_hidden_state` instead);
         `layers=N` runs only the first N LM layers (a teacher whose signals stop early), which only
         makes sense without logits."""
+        return self.run(batch.inputs, logits=logits, hidden_states=hidden_states, layers=layers)
+
+    def run(
+        self,
+        inputs: dict[str, torch.Tensor],
+        *,
+        logits: bool = True,
+        hidden_states: bool = False,
+        layers: int | None = None,
+        past_key_values: Any = None,
+    ) -> Any:
+        """`forward` on model inputs; with `past_key_values` (a KV cache of the sequence's first
+        tokens, see `prefix_inputs` / `suffix_inputs`) the inputs are the tokens after them and the
+        cache is extended in place and returned as the result's `past_key_values`."""
         if layers is not None and logits:
             raise ValueError("a truncated forward has no logits")
         lm = self.language_model
@@ -120,9 +134,42 @@ class VLMBackend(abc.ABC):
             lm.layers = full[:layers]
         try:
             model = self.model if logits else self.model.model
-            return model(**batch.inputs, output_hidden_states=hidden_states)
+            extra = {} if past_key_values is None else {"past_key_values": past_key_values, "use_cache": True}
+            return model(**inputs, output_hidden_states=hidden_states, **extra)
         finally:
             lm.layers = full
+
+    # ---- a shared prefix run once, its KV cache reused -----------------------------------------
+    # Inputs with one value per token (cut at a prefix's end); the others (pixels, image grids) are
+    # per image and belong to the prefix, which holds every image.
+    sequence_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+
+    def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Every token's rotary position as the model's own forward places it; None where that is the
+        token's index (plain 1-D rotary), which a forward after a KV cache continues by itself."""
+        return None
+
+    def prefix_inputs(self, batch: Batch, length: int) -> dict[str, torch.Tensor]:
+        """The inputs of a one-sample batch's first `length` tokens, which hold all its images."""
+        inputs = {k: v[:, :length] if k in self.sequence_inputs else v for k, v in batch.inputs.items()}
+        positions = self.position_ids(batch.inputs)
+        if positions is not None:
+            inputs["position_ids"] = positions[..., :length]
+        return inputs
+
+    def suffix_inputs(self, batch: Batch, length: int) -> dict[str, torch.Tensor]:
+        """The inputs of a right-padded batch's tokens after its samples' common first `length` tokens
+        (no image among them), to run against those tokens' KV cache: the attention mask spans the
+        whole sequence, and the positions continue the whole sequence's (Qwen2.5-VL's 3-D M-RoPE ones,
+        which the images shift, computed from the whole batch)."""
+        if not bool(batch.inputs["attention_mask"][:, :length].all()):
+            raise ValueError("a suffix batch needs its samples' prefix unpadded (right padding)")
+        inputs = {k: batch.inputs[k][:, length:] for k in self.sequence_inputs if k != "attention_mask"}
+        inputs["attention_mask"] = batch.inputs["attention_mask"]
+        positions = self.position_ids(batch.inputs)
+        if positions is not None:
+            inputs["position_ids"] = positions[..., length:]
+        return inputs
 
     @property
     def device(self) -> torch.device:
@@ -236,6 +283,13 @@ class VLMBackend(abc.ABC):
         """Visual tokens of one image of this size (reads no pixels)."""
         return self.image_inputs([Image.new("RGB", (width, height))])[1][0]
 
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """What a sharded model gathers one at a time: each language-model layer. The rest (vision
+        tower, projector, embeddings, head) is the root unit, which every forward runs: a unit of its
+        own for the vision tower would be skipped by a process whose micro-batch has no image while
+        another's has one, and the processes' collectives would no longer pair up."""
+        return list(self.language_model.layers)
+
     def part_of(self, parameter_name: str) -> str:
         """ "projector", "vision" or "llm": which part of the VLM a parameter belongs to."""
         name = f".{parameter_name}."
@@ -253,6 +307,12 @@ class VLMBackend(abc.ABC):
         if key not in self._length_cache:
             self._length_cache[key] = self._token_lengths(sample)
         return self._length_cache[key]
+
+    def token_ids(self, sample: Sample) -> list[int]:
+        """The token ids `build_batch` gives a sample (prompt, then answer); images are only opened
+        for their size."""
+        prompt = self.tokenizer(self.prompt_text(sample, self.visual_tokens(sample)), add_special_tokens=False)
+        return list(prompt.input_ids) + self._answer_tokens(sample.answer)[0]
 
     def visual_tokens(self, sample: Sample) -> list[int]:
         """Visual tokens of each of the sample's images; images are only opened for their size."""

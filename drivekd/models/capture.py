@@ -136,7 +136,9 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
 def _additive(
     mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """(B or 1, 1, q, k) additive mask from an SDPA boolean mask, or the causal one when it is None."""
+    """(B or 1, 1, q, k) additive mask from an SDPA boolean mask, or the causal one when it is None.
+    After a KV cache (q < k) the queries are the last q positions: query i sees keys up to k - q + i,
+    so a map captured there holds exactly the rows of the whole sequence's map after the cache."""
     if mask is None:
         keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)[None, None]
     elif mask.dtype == torch.bool:

@@ -37,6 +37,20 @@ class Qwen25VLBackend(VLMBackend):
         # transformers 5 needs the text/image type of every position for the 3-D rotary index.
         return {"mm_token_type_ids": (input_ids == self.visual_token_id).int()}
 
+    sequence_inputs = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+    def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        # M-RoPE: an image's tokens take 3-D (time, row, column) positions and the text after it
+        # continues from the largest, so a token's position is not its index
+        model = self.model.model
+        positions, _ = model.get_rope_index(
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=inputs["attention_mask"],
+        )
+        return positions
+
 
 def tiny_config(
     vocab_size: int, token_ids: dict[str, int], *, text: dict[str, Any], vision: dict[str, Any], patch: int
