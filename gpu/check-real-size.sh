@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The real-size check on one GPU: the GPU-marked tests; one distillation step at real size (an
 # InternVL3-1B-shaped student, an InternVL3-8B-shaped teacher, random weights, 6 cameras at 448 px:
-# SFT, teacher cache, sum / agp / amortised agp with the cached and the live teacher, eager vs
-# text-row capture); `bench infer` on both shapes in bf16 beside the paper's deployment columns.
+# SFT, teacher cache, sum / agp / amortised agp with the cached and the live teacher, SFT and AGP with
+# the student sharded by FSDP2 (one process: the path at real size), eager vs
+# text-row capture); `bench cache` at the InternVL3-1B/2B shapes (6 cameras, 20 questions a frame);
+# `bench infer` on both shapes in bf16 beside the paper's deployment columns.
 #   device run, carry [".whl"]:  bash gpu/check-real-size.sh
-# Results come back in $OUT (machine.txt, tests.log, scale.log, scale.json, infer.log, infer.json).
+# Results come back in $OUT (machine.txt, tests.log, cache.json, cache.log, scale.log, scale.json,
+# infer.log, infer.json).
 # PAIR=tiny SMALL=tiny-internvl-student LARGE=tiny-internvl-teacher DEVICE=cpu runs it here (the
 # tests run it so, with fewer PHASES); BUDGET_S keeps what finished coming back if time runs out.
 set -uo pipefail
@@ -14,9 +17,11 @@ DEVICE=${DEVICE:-cuda}
 PAIR=${PAIR:-internvl-8b}
 CAMERAS=${CAMERAS:-6}
 WORK=${WORK:-runs/gpu-real}
-PHASES=${PHASES:-sft cache sum-cached agp-cached agp-bf16-cached agp-reuse-cached agp-live sum-live capture-none capture-eager capture-rows}
+PHASES=${PHASES:-sft cache sum-cached agp-cached agp-bf16-cached agp-reuse-cached sft-fsdp agp-fsdp-cached agp-live sum-live capture-none capture-eager capture-rows}
 REPEATS=${REPEATS:-3}
 TESTS=${TESTS:-tests/test_gpu.py}
+CACHE_PAIR=${CACHE_PAIR:-internvl}
+CACHE_QUESTIONS=${CACHE_QUESTIONS:-20}
 SMALL=${SMALL:-$WORK/scale/models/internvl3-1b}
 LARGE=${LARGE:-$WORK/scale/models/internvl3-8b}
 start=$SECONDS
@@ -31,12 +36,21 @@ if [ "$TESTS" != none ]; then
 fi
 echo "tests: $((SECONDS - start)) s" | tee -a "$OUT/tests.log"
 
-# 2. real-size steps, each phase in its own process (writes the checkpoints bench infer reads)
+# 2. the teacher cache at real shapes (InternVL3-1B student, -2B teacher, random weights): bytes and
+# teacher seconds per question with each frame's prefix run and stored once and without, fp8's error
+# (on a CPU: the shipped tiny pair). Before the scale phases, which may use up the budget.
+timeout "$(left)" "$PYTHON" -m drivekd bench cache --json $([ "$DEVICE" = cpu ] || echo --real-shapes) \
+    --pair "$CACHE_PAIR" --cameras "$CAMERAS" --questions-per-frame "$CACHE_QUESTIONS" --frames 1 \
+    --lossy-questions 2 --lossy-batch 1 --device "$DEVICE" --work "$WORK/cache-bench" \
+    >"$OUT/cache.json" 2>"$OUT/cache.log" || status=1
+echo "cache: $((SECONDS - start)) s" | tee -a "$OUT/cache.log"
+
+# 3. real-size steps, each phase in its own process (writes the checkpoints bench infer reads)
 timeout "$(left)" "$PYTHON" -m drivekd bench scale --out "$WORK/scale" --pair "$PAIR" --cameras "$CAMERAS" \
     --device "$DEVICE" $(printf -- "--phase %s " $PHASES) --json "$OUT/scale.json" >"$OUT/scale.log" 2>&1 || status=1
 echo "scale: $((SECONDS - start)) s" | tee -a "$OUT/scale.log"
 
-# 3. deployment figures, bf16, batch 1, on the 6-camera prompt
+# 4. deployment figures, bf16, batch 1, on the 6-camera prompt
 timeout "$(left)" "$PYTHON" -m drivekd bench infer --models "$SMALL" --models "$LARGE" --device "$DEVICE" \
     --dtype "$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)" --data "$WORK/scale/data/$PAIR-${CAMERAS}cam" \
     --new-tokens 64 --repeats "$REPEATS" --json "$OUT/infer.json" >"$OUT/infer.log" 2>&1 || status=1

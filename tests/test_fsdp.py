@@ -41,11 +41,11 @@ def even_data(tmp_path_factory):
     return out
 
 
-def _config(tmp_path, data, teacher_dir, name, **train):
+def _config(tmp_path, data, teacher_dir, name, recipe="drive-kd", **train):
     raw = {
         "model": {"name": "tiny-internvl-student"},
         "teacher": str(teacher_dir),
-        "recipe": "drive-kd",
+        "recipe": recipe,
         "combine": {"strategy": "agp", "project_per": "step"},
         "data": {"path": str(data)},
         "train": {
@@ -103,10 +103,18 @@ def test_fsdp_and_ddp_agp_per_step_equal_one_process_with_the_same_global_batch(
 
 @pytest.mark.integration
 def test_fsdp_run_killed_after_a_checkpoint_resumes_bit_identically(tmp_path, even_data, teacher_dir):
-    whole = _config(tmp_path, even_data, teacher_dir, "whole", distributed="fsdp", max_steps=6, save_every=2)
+    # attention maps and a hidden-state signal: the student's hidden width differs from the teacher's,
+    # so a projection head trains beside the sharded model, whole on every process, and is checkpointed
+    recipe = tmp_path / "maps-and-hidden.yaml"
+    recipe.write_text(
+        "perception: {kind: attn_tv, layer: 0}\nreasoning: {kind: attn_group, layers: [0, -2]}\n"
+        "planning: {kind: hidden, layer: -2}\n"
+    )
+    options = {"recipe": str(recipe), "distributed": "fsdp", "max_steps": 6, "save_every": 2}
+    whole = _config(tmp_path, even_data, teacher_dir, "whole", **options)
     r = run_torchrun("distill", "--config", str(whole), port=29563)
     assert r.returncode == 0, r.stderr[-3000:]
-    killed = _config(tmp_path, even_data, teacher_dir, "killed", distributed="fsdp", max_steps=6, save_every=2)
+    killed = _config(tmp_path, even_data, teacher_dir, "killed", **options)
     run = tmp_path / "killed"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564"]
     proc = subprocess.Popen(
@@ -129,6 +137,9 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_bit_identically(tmp_path, ev
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(tmp_path / "whole"), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (checkpoint / "extra.safetensors").exists()  # the head is in the sharded checkpoint
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("coef/planning" in m for m in metrics)  # AGP combined the head's gradient too
 
 
 def test_fsdp_config_mistakes_are_found_when_the_config_is_read(tmp_path, even_data, teacher_dir):
@@ -148,3 +159,21 @@ def test_a_run_resumes_only_under_the_sharding_it_was_written_with(tmp_path, eve
     assert subprocess.run(first, capture_output=True, text=True, env=env).returncode == 0
     r = subprocess.run([*first, "--resume", "train.distributed=fsdp"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "train.distributed" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_several_processes_train_whole_global_batches_only():
+    from drivekd.train.order import batches_in_epoch
+
+    assert batches_in_epoch(7, 4, 1) == (2, 0)  # one process trains the short last batch
+    # two processes: the last 3 would split 2 + 1 (the lone sample weighing double) and 5 would leave
+    # one process a single sample against the other's none
+    assert batches_in_epoch(7, 4, 2) == (1, 3)
+    assert batches_in_epoch(9, 4, 2) == (2, 1)
+    assert batches_in_epoch(8, 4, 2) == (2, 0)
+    assert batches_in_epoch(3, 4, 2) == (0, 3)  # the trainer refuses this: no whole batch
+
+
+def test_fsdp_with_lora_is_refused_when_the_config_is_read(tmp_path, even_data, teacher_dir):
+    cfg = _config(tmp_path, even_data, teacher_dir, "lora", distributed="fsdp")
+    with pytest.raises(DriveKDError, match=r"model\.lora with train\.distributed: fsdp"):
+        load_config(DistillConfig, cfg, ["model.lora={r: 4, target_modules: [q_proj]}"])

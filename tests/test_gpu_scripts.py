@@ -75,16 +75,21 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
         "LARGE": "tiny-internvl-teacher",
         "DEVICE": "cpu",
         "CAMERAS": "2",
-        "PHASES": "sft cache agp-cached agp-reuse-cached capture-none capture-eager capture-rows",
+        "PHASES": "sft cache agp-cached agp-reuse-cached agp-fsdp-cached capture-none capture-eager capture-rows",
         "REPEATS": "1",
         "TESTS": "none",
+        "CACHE_QUESTIONS": "3",
     }
     run = _script("check-real-size.sh", env=env)
     assert run.returncode == 0, run.stdout + (out / "scale.log").read_text()[-2000:]
-    names = ["infer.json", "infer.log", "machine.txt", "scale.json", "scale.log", "tests.log"]
+    names = ["cache.json", "cache.log", "infer.json", "infer.log", "machine.txt", "scale.json", "scale.log"]
+    names.append("tests.log")
     assert sorted(p.name for p in out.iterdir()) == names  # at most 8 files come back
+    cache = json.loads((out / "cache.json").read_text())  # `bench cache --json`: one object, the tiny pair here
+    assert (cache["shapes"], cache["cameras"], cache["questions_per_frame"]) == ("tiny", 2, 3)
+    assert cache["bytes_per_question"] < cache["bytes_per_question_unshared"] and "fp8" in cache["lossy"]
     scale = json.loads((out / "scale.json").read_text())["runs"]["tiny-2cam"]
-    assert {"sft", "cache", "agp-cached", "agp-reuse-cached", "capture-eager", "capture-rows"} <= set(scale)
+    assert {"sft", "cache", "agp-cached", "agp-reuse-cached", "agp-fsdp-cached", "capture-eager", "capture-rows"} <= set(scale)
     assert all("error" not in scale[p] for p in scale if p != "ratios")
     assert scale["capture-rows"]["map_shape"][1] < scale["capture-eager"]["map_shape"][1]  # text rows only
     assert "agp amortised every 8 (cached) / sft" in scale["ratios"]

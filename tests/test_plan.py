@@ -177,6 +177,24 @@ def test_fsdp_divides_weights_gradients_optimiser_and_buffers(data_dir):
     assert P.plan(_distill(data_dir)).parts["activations: language model"] == p.parts["activations: language model"]
 
 
+def test_fsdp_gathers_the_root_unit_and_one_unit_at_a_time_as_drivekd_shards(data_dir):
+    from drivekd.models.loading import load_backend
+
+    backend = load_backend("tiny-internvl-student")
+    units = [sum(p.numel() for p in u.parameters()) for u in backend.fsdp_units()]  # what the trainer shards
+    total = sum(p.numel() for p in backend.model.parameters())
+    a = P.arch("tiny-internvl-student")
+    assert a.unit == max(units) and a.root == total - sum(units) > 0
+    p = P.plan(_distill(data_dir, train={"distributed": "fsdp"}), P.Inputs(gpus=2))
+    assert p.fsdp["parts"]["FSDP gathered units"] == (2 * a.root + 3 * a.unit) * 4  # fp32
+    # a config that shards is judged by its sharded figure, and is not advised to shard
+    tight = P.plan(
+        _distill(data_dir, train={"distributed": "fsdp"}),
+        P.Inputs(gpus=2, device="cpu", device_memory_gb=(p.fsdp["peak"] + p.peak) / 2 / P.GiB),
+    )
+    assert tight.fits and tight.fsdp["peak"] < tight.budget < tight.peak
+
+
 def test_cached_teacher_has_no_teacher_weights_and_live_ones_count_once(data_dir):
     cached = P.plan(_distill(data_dir))
     assert "teacher weights" not in cached.parts and "teacher cache reads" in cached.parts
@@ -208,7 +226,7 @@ def test_fit_and_advice_ranked_by_bytes_saved(data_dir):
     assert saves == sorted(saves, reverse=True)
     fields = {k for a in tight.advice for k in a["fields"]}
     assert {"model.freeze_vision", "model.lora", "model.dtype", "teacher.cache", "train.micro_batch_size"} <= fields
-    assert "launch" in fields  # FSDP
+    assert "launch" in fields and "train.distributed" in fields  # FSDP
     assert "combine.buffer_dtype" in fields
     for a in tight.advice:
         if a["peak"] is not None:

@@ -43,6 +43,8 @@ STEP_PHASES = (
     "agp-reuse-cached",
     "sum-live",
     "agp-live",
+    "sft-fsdp",  # the student sharded by FSDP2 (train.distributed: fsdp), one process: the path at real size
+    "agp-fsdp-cached",
 )
 CAPTURE_PHASES = ("capture-none", "capture-eager", "capture-rows")  # none: the same pass, no map kept
 PHASES = STEP_PHASES + CAPTURE_PHASES
@@ -124,6 +126,10 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
     cache_dir = Path(root) / "cache" / f"{pair}-{cameras}cam"
     student_options = LoadOptions(dtype="float32", freeze_vision=True, device=device)
     student = load_backend(str(paths["student"]), student_options)
+    if "fsdp" in phase.split("-"):
+        from drivekd.train import fsdp
+
+        fsdp.shard(student.model, student.fsdp_units(), torch.device(device), "bf16" if cuda else "no")
     samples = load_split(paths["data"], "train")
     warm, batch = (student.build_batch([s], max_length=8192).to(device) for s in samples)
     figures: dict[str, Any] = {
@@ -160,7 +166,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
             times.append(time.perf_counter() - start)
         return times[-1]
 
-    if phase == "sft":
+    if phase in ("sft", "sft-fsdp"):
         from drivekd.train.sft import cross_entropy
 
         figures["step_s"] = step(lambda b: accelerator.backward(cross_entropy(student.model, b)["ce"]))
@@ -170,7 +176,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         figures["step_s"] = time.perf_counter() - start
         figures["cache_bytes_per_sample"] = _cached_bytes(cache_dir, samples[-1].id)  # the timed sample's
     elif phase in STEP_PHASES:
-        strategy, *rest = phase.split("-")
+        strategy, *rest = (part for part in phase.split("-") if part != "fsdp")
         live = rest[-1] == "live"
         if not live and not (cache_dir / "manifest.json").is_file():
             raise RuntimeError(f"phase {phase} needs the cache phase first")

@@ -199,8 +199,11 @@ def render(p: Any, config_path: str, device_memory: float) -> str:
     )
     budget = f"{_m(p.budget)} usable" + (" after the CUDA context and allocator slack" if s["device"] == "cuda" else "")
     verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"{verdict} in {device_memory:g} GiB per device ({budget}): peak {p.peak / p.budget:.0%} of it")
-    if fsdp is not None:
+    sharded = fsdp is not None and st.get("distributed") == "fsdp"
+    peak = fsdp["peak"] if sharded else p.peak
+    how = f" (train.distributed: fsdp, x{fsdp['gpus']})" if sharded else ""
+    lines.append(f"{verdict} in {device_memory:g} GiB per device{how} ({budget}): peak {peak / p.budget:.0%} of it")
+    if fsdp is not None and not sharded:
         lines.append(
             f"with FSDP x{fsdp['gpus']}: peak {_m(fsdp['peak'])}, {'fits' if fsdp['peak'] <= p.budget else 'does NOT fit'}"
         )

@@ -136,7 +136,9 @@ class TrainConfig(_Strict):
         "ddp",
         description="how processes share the student: ddp (each holds the whole model, gradients averaged) or "
         "fsdp (FSDP2: each holds 1/N of the weights, gradients and optimiser state; sharded checkpoints). "
-        "The weights after N steps are the same either way, up to rounding",
+        "With sum, or AGP projected per step, the weights after N steps are the same either way, up to "
+        "rounding; AGP projected per micro-batch projects each process's gradients under ddp and the global "
+        "micro-batch's under fsdp",
     )
     seed: NonNegativeInt = Field(0, description="data order, dropout and AGP's projection order")
     log_every: PositiveInt = Field(10, description="optimiser steps per metrics.jsonl line")
@@ -185,6 +187,19 @@ class SFTConfig(_Strict):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SFTConfig:
+        check_sharding(self.model, self.train)
+        return self
+
+
+def check_sharding(model: ModelConfig, train: TrainConfig) -> None:
+    if train.distributed == "fsdp" and model.lora is not None:
+        raise ValueError(
+            "model.lora with train.distributed: fsdp: a sharded peft model is not saved or resumed by drivekd yet; "
+            "use train.distributed: ddp (LoRA's trained parameters are few, so each process holding them is cheap)"
+        )
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -419,6 +434,7 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
+        check_sharding(self.model, self.train)
         if self.train.distributed == "fsdp" and self.combine.gram == "modules" and self.combine.strategy != "sum":
             raise ValueError(
                 "combine.gram: modules with train.distributed: fsdp: the module taps need whole parameters; use "

@@ -1,7 +1,7 @@
 """A sharded student (`train.distributed: fsdp`), on PyTorch's FSDP2 (`fully_shard`).
 
 Each language-model layer is one FSDP unit and the rest of the model (vision tower, projector,
-embeddings, head) the root unit: a rank holds 1/N of every parameter, of its gradient and of the
+embeddings, head, final norm) the root unit (`VLMBackend.fsdp_units` says why): a rank holds 1/N of every parameter, of its gradient and of the
 optimiser state, and gathers a layer's weights only while the layer runs. After a backward, a
 parameter's `.grad` is this rank's shard of the gradient averaged over the ranks (FSDP's
 reduce-scatter), so everything that reads gradients works on shards: the gradient combiner's Gram
@@ -56,9 +56,9 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def shard(
-    model: torch.nn.Module, layers: Iterable[torch.nn.Module], device: torch.device, mixed_precision: str
+    model: torch.nn.Module, units: Iterable[torch.nn.Module], device: torch.device, mixed_precision: str
 ) -> None:
-    """Shard `model` in place: each of `layers` its own unit, the rest the root unit. With bf16 the
+    """Shard `model` in place: each of `units` its own unit, the rest the root unit. With bf16 the
     gathered weights compute in bf16 and gradients are reduced in fp32 (the sharded master weights and
     optimiser state stay in the weights' dtype)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -71,8 +71,8 @@ def shard(
         if mixed_precision == "bf16"
         else MixedPrecisionPolicy()
     )
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     # the root too is released after its forward (FSDP keeps it gathered by default): while gathered,
     # `model.parameters()` yields the gathered copies, and whatever reads parameters between the forward
     # and the backward (the gradient combiner) must see the sharded ones that receive the gradients
@@ -131,16 +131,30 @@ def whole_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.
     return plain
 
 
-def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Model and optimiser state, each rank writing its own shards into `folder` (every rank calls it)."""
+def _trained(model: torch.nn.Module, extra: torch.nn.Module | None) -> torch.nn.Module:
+    """Everything the optimiser steps, under one module, so each of its parameters has a name (the
+    projection heads trained beside the model, whole on every rank, included)."""
+    parts = {"model": model}
+    if extra is not None and any(True for _ in extra.parameters()):
+        parts["extra"] = extra
+    return torch.nn.ModuleDict(parts)
+
+
+def save_sharded(
+    model: torch.nn.Module, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer, folder: Path
+) -> None:
+    """Weights and optimiser state, each rank writing its own shards into `folder` (every rank calls
+    it); whole tensors (the projection heads and their state) are written once."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(_trained(model, extra), optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
-def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load_sharded(
+    model: torch.nn.Module, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer, folder: Path
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -148,10 +162,24 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folde
         raise DriveKDError(
             f"{folder}: not a sharded checkpoint (no .metadata); was it written with train.distributed: fsdp?"
         )
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    trained = _trained(model, extra)
+    model_state, optimizer_state = get_state_dict(trained, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(trained, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def check_sharded(model: torch.nn.Module) -> None:
+    """Between a forward and its backward every parameter of a sharded model must be its shard: the
+    gradient combiner reads the parameters there, and a gathered copy would take its gradient in the
+    shard's place. A torch whose FSDP keeps the root unit gathered after its forward fails here rather
+    than combine the wrong gradients."""
+    gathered = [name for name, p in model.named_parameters() if not is_sharded(p)]
+    if gathered:
+        raise DriveKDError(
+            f"FSDP kept {len(gathered)} parameters gathered after the forward (e.g. {gathered[0]}); this torch "
+            f"({torch.__version__}) does not release the root unit, which train.distributed: fsdp needs"
+        )
 
 
 def broadcast_path(path: Path | None) -> Path:

@@ -3,6 +3,7 @@ and the random sample a run measures its loss shares on. Alike on every process 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,16 @@ def epoch_order(
     full = len(grouped) // gb
     batches = [grouped[b * gb : (b + 1) * gb] for b in torch.randperm(full, generator=g).tolist()]
     return [i for batch in batches for i in batch] + grouped[full * gb :]
+
+
+def batches_in_epoch(n_samples: int, global_batch: int, processes: int) -> tuple[int, int]:
+    """(global batches an epoch is cut into, samples an epoch leaves out). One process trains the short
+    last batch. Several drop it: split across them, its samples would not weigh as one process weighs
+    them (each process's loss is the mean over its own share, and the shares are averaged), and a
+    process could be left with no sample at all, stalling the others at the next collective."""
+    if processes == 1:
+        return math.ceil(n_samples / global_batch), 0
+    return n_samples // global_batch, n_samples % global_batch
 
 
 def calibration_sample(samples: Sequence[Sample], config: TrainConfig, batches: int) -> list[Sample]:

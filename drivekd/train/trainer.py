@@ -37,7 +37,7 @@ from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.train import fsdp
 from drivekd.train.config import TrainConfig
-from drivekd.train.order import epoch_order
+from drivekd.train.order import batches_in_epoch, epoch_order
 from drivekd.train.run_folder import RunFolder
 
 # An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
@@ -124,12 +124,25 @@ class Trainer:
         acc = self.accelerator
         self.sharded = config.distributed == "fsdp"
         if self.sharded:
-            fsdp.shard(backend.model, backend.language_model.layers, acc.device, config.mixed_precision)
+            fsdp.shard(backend.model, backend.fsdp_units(), acc.device, config.mixed_precision)
         params = [p for p in backend.model.parameters() if p.requires_grad]
         if extra_modules is not None:
             params += [p for p in extra_modules.parameters() if p.requires_grad]
         if not params:
             raise DriveKDError("no trainable parameters: everything is frozen")
+        batches, left_out = batches_in_epoch(len(self.train_samples), self.global_batch, acc.num_processes)
+        if batches == 0:
+            raise DriveKDError(
+                f"{len(self.train_samples)} training samples make no whole global batch of {self.global_batch} "
+                f"(train.micro_batch_size {config.micro_batch_size} x {acc.num_processes} processes)"
+            )
+        if left_out and acc.is_main_process:
+            print(
+                f"warning: {left_out} of {len(self.train_samples)} training samples are left out of each epoch (a "
+                f"different {left_out} each epoch): {acc.num_processes} processes train whole global batches of "
+                f"{self.global_batch} only",
+                file=sys.stderr,
+            )
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
         self.total_steps = self._total_steps()
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -152,7 +165,7 @@ class Trainer:
         return self.config.micro_batch_size * self.accelerator.num_processes
 
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train_samples) / self.global_batch)
+        return batches_in_epoch(len(self.train_samples), self.global_batch, self.accelerator.num_processes)[0]
 
     def _total_steps(self) -> int:
         if self.config.max_steps is not None:
@@ -211,14 +224,14 @@ class Trainer:
         with atomic_dir(target, overwrite=True) if acc.is_main_process else contextlib.nullcontext() as tmp:
             if self.sharded:
                 tmp = fsdp.broadcast_path(tmp)
-                fsdp.save_sharded(self.model, self.optimizer, tmp / "sharded")
+                fsdp.save_sharded(self.model, self.extra, self.optimizer, tmp / "sharded")
                 acc.wait_for_everyone()
             if acc.is_main_process:
                 if not self.sharded:
                     save_model(self.backend.model, str(tmp / "model.safetensors"))
                     torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                if self.extra is not None and len(list(self.extra.parameters())):
-                    save_model(self.extra, str(tmp / "extra.safetensors"))
+                if self.extra is not None and len(list(self.extra.parameters())) and not self.sharded:
+                    save_model(self.extra, str(tmp / "extra.safetensors"))  # a sharded checkpoint holds them
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
                 if torch.cuda.is_available():
@@ -250,7 +263,7 @@ class Trainer:
                 f"{latest}: written with train.distributed: {written}, this run has {now}; resume it as it was written"
             )
         if self.sharded:
-            fsdp.load_sharded(self.model, self.optimizer, latest / "sharded")
+            fsdp.load_sharded(self.model, self.extra, self.optimizer, latest / "sharded")
         else:
             load_model(self.backend.model, str(latest / "model.safetensors"))
             self.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
@@ -441,6 +454,8 @@ class Trainer:
                     ctx = acc.no_sync(self.model) if skip_sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
                         losses = self.objective(self.model, batch)
+                        if self.sharded:
+                            fsdp.check_sharded(self.model)
                         scaled = {k: v / cfg.grad_accum for k, v in losses.items()}
                         extra = self.backward(scaled, acc, pos.step)
                     for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, **extra}.items():

@@ -100,8 +100,8 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
         sharded = plan(config, dataclasses.replace(inputs, gpus=gpus), advise=False).fsdp
         assert sharded is not None
         if sharded["peak"] <= current.budget or gpus == 16:
-            launch = f"accelerate launch --use_fsdp --num_processes {gpus}"
-            options.append((f"FSDP across {gpus} GPUs", {"launch": launch}, lambda p=sharded["peak"]: p))
+            fields = {"train.distributed": "fsdp", "launch": f"torchrun --nproc-per-node {gpus}"}
+            options.append((f"FSDP across {gpus} GPUs", fields, lambda p=sharded["peak"]: p))
             break
     rows = []
     for change, fields, peak_fn in options:

@@ -190,5 +190,7 @@ def ddp_buckets(trainable: int, dtype_bytes: int, gpus: int) -> int:
 
 
 def fsdp_gather(a: Arch, dtype_bytes: int) -> int:
-    # FSDP all-gathers one unit's full weights and prefetches the next
-    return 2 * a.unit * dtype_bytes
+    # the root unit's weights are gathered for the whole forward and backward, and its whole gradient
+    # is reduce-scattered at the backward's end; a decoder layer is gathered with the
+    # next one prefetched, and its whole gradient lives until its reduce-scatter
+    return (2 * a.root + 3 * a.unit) * dtype_bytes

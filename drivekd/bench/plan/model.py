@@ -46,7 +46,8 @@ class Arch:
     patch_values: int  # pixel values the patch embedding reads per vision token
     largest_tensor: int  # elements of the largest parameter
     head: int  # parameters of the LM head (its gradient is the first a backward pass makes)
-    unit: int  # parameters of the largest FSDP unit: one decoder layer, or the embedding
+    unit: int  # parameters of the largest FSDP unit: one decoder layer
+    root: int  # parameters of the FSDP root unit (vision tower, projector, embeddings, head, norm)
 
     @property
     def parameters(self) -> int:
@@ -122,8 +123,7 @@ def arch(spec: str, lora_json: str = "null", image: tuple[int, int] = DEFAULT_IM
     for name, p in model.named_parameters():
         params[backend.part_of(name)] += p.numel()
         largest = max(largest, p.numel())
-    layer = sum(p.numel() for p in backend.language_model.layers[0].parameters())
-    unit = max(layer, model.get_input_embeddings().weight.numel())
+    units = [sum(p.numel() for p in u.parameters()) for u in backend.fsdp_units()]
     visual = backend.visual_token_count(*image)
     if backend.family == "internvl":
         side = vision.image_size[0] // vision.patch_size[0]
@@ -161,7 +161,8 @@ def arch(spec: str, lora_json: str = "null", image: tuple[int, int] = DEFAULT_IM
         patch_values=patch_values,
         largest_tensor=largest,
         head=text.vocab_size * text.hidden_size,
-        unit=unit,
+        unit=max(units),
+        root=sum(params.values()) - sum(units) - (sum(lora.values()) if lora else 0),
     )
 
 

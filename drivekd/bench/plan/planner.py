@@ -161,6 +161,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         kind="distill" if distill else "sft",
         student={
             "name": config.model.name,
+            "distributed": config.train.distributed,
             "family": student.family,
             "dtype": config.model.dtype,
             "parameters": student.parameters,
@@ -201,10 +202,13 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     if inputs.gpus > 1:
         result.fsdp = _fsdp(result, student, s_bytes, inputs.gpus)
         notes.append(
-            f"--gpus {inputs.gpus}: under DDP every device holds the figures above (micro batch {step.batch} per "
-            f"device); FSDP shards weights, gradients, optimiser state and AGP buffers {inputs.gpus} ways "
-            "(drivekd's projection strategies have not been run under FSDP)"
+            f"--gpus {inputs.gpus}: under DDP (train.distributed: ddp) every device holds the figures above "
+            f"(micro batch {step.batch} per device); under train.distributed: fsdp weights, gradients, optimiser "
+            f"state and AGP buffers are sharded {inputs.gpus} ways; the root unit (vision tower, projector, "
+            "embeddings, head) is gathered through the forward and again through the backward"
         )
+    if result.fsdp is not None and config.train.distributed == "fsdp":
+        result.fits = result.fsdp["peak"] <= budget  # the config shards: its figure is FSDP's
     if agp and config.combine.amortize_every:
         notes.append(
             "combine.amortize_every does not lower the peak: every N-th step still builds the (k, P) buffer. "
@@ -232,11 +236,11 @@ SHARDED = (
 
 def _fsdp(p: Plan, student: Arch, s_bytes: int, gpus: int) -> dict[str, Any]:
     """The same step with weights, gradients, optimiser state and AGP buffers sharded `gpus` ways, plus
-    the gathered layers; DDP's buckets are gone."""
+    the gathered units; DDP's buckets are gone."""
     parts = {k: v // gpus if k in SHARDED else v for k, v in p.parts.items() if k != "DDP gradient buckets"}
     counted = {k: p.counted[k] for k in parts}
-    parts["FSDP gathered layers"] = fsdp_gather(student, s_bytes)
-    counted["FSDP gathered layers"] = [SAVED, *(ph for ph in ("backward end", "vision forward") if ph in p.phases)]
+    parts["FSDP gathered units"] = fsdp_gather(student, s_bytes)
+    counted["FSDP gathered units"] = [SAVED, *(ph for ph in ("backward end", "vision forward") if ph in p.phases)]
     phases = phases_of(parts, counted)
     peak = phases[RESIDENT] + max(v for k, v in phases.items() if k != RESIDENT)
     return {"gpus": gpus, "parts": parts, "counted": counted, "phases": phases, "peak": peak}
