@@ -177,3 +177,12 @@ def test_fsdp_with_lora_is_refused_when_the_config_is_read(tmp_path, even_data, 
     cfg = _config(tmp_path, even_data, teacher_dir, "lora", distributed="fsdp")
     with pytest.raises(DriveKDError, match=r"model\.lora with train\.distributed: fsdp"):
         load_config(DistillConfig, cfg, ["model.lora={r: 4, target_modules: [q_proj]}"])
+
+
+def test_a_short_last_step_averages_the_micro_batches_it_has():
+    from drivekd.train.order import micro_batches_in_step
+
+    # 5 micro-batches an epoch, 2 a step: steps of 2, 2 and 1; the last one's gradient is its one
+    # micro-batch's, not half of it
+    assert [micro_batches_in_step(start, 5, 2) for start in (0, 2, 4)] == [2, 2, 1]
+    assert micro_batches_in_step(0, 5, 8) == 5

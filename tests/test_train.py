@@ -375,3 +375,24 @@ def load_model_like(model: dict):
 
     preset = "tiny-qwen25vl-student" if "qwen" in model["name"].lower() else "tiny-internvl-student"
     return load_backend(preset, LoadOptions(freeze_vision=True, lora=model["lora"]))
+
+
+def test_an_epochs_short_last_step_is_the_mean_of_its_micro_batches(tmp_path, data_dir):
+    cfg = load_config(SFTConfig, _config(tmp_path, data_dir, micro_batch_size=3, grad_accum=2, max_steps=2))
+    backend = load_model(cfg.model)
+    train, _, _ = load_training_data(cfg.data.model_copy(update={"limit": 7}), backend)
+    assert len(train) == 7  # 3 micro-batches an epoch: a step of 2, then a step of 1
+
+    def one(model, batch):  # a loss worth 1 whatever the batch, so the scale it is given shows
+        return {"ce": 1.0 + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)}
+
+    seen = []
+
+    def backward(losses, accelerator, step):
+        seen.append((step, round(float(losses["ce"].detach()), 6)))
+        accelerator.backward(losses["ce"])
+        return {}
+
+    trainer = Trainer(cfg.train, backend, train, [], one, backward=backward)
+    trainer.train()
+    assert seen == [(0, 0.5), (0, 0.5), (1, 1.0)]

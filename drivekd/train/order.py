@@ -39,6 +39,13 @@ def batches_in_epoch(n_samples: int, global_batch: int, processes: int) -> tuple
     return n_samples // global_batch, n_samples % global_batch
 
 
+def micro_batches_in_step(batch_in_epoch: int, batches_per_epoch: int, grad_accum: int) -> int:
+    """Micro-batches the optimiser step starting at `batch_in_epoch` accumulates: `grad_accum`, or what
+    is left of the epoch. A step's gradient is the mean over them, so a short last step is not a
+    smaller one (dividing its few micro-batches by `grad_accum` would scale its gradient down)."""
+    return min(grad_accum, batches_per_epoch - batch_in_epoch)
+
+
 def calibration_sample(samples: Sequence[Sample], config: TrainConfig, batches: int) -> list[Sample]:
     """`batches` micro-batches' worth of training samples drawn at random by the run's seeded
     permutation, alike on every rank: a representative sample (a file sorted by capability, or the

@@ -37,7 +37,7 @@ from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.train import fsdp
 from drivekd.train.config import TrainConfig
-from drivekd.train.order import batches_in_epoch, epoch_order
+from drivekd.train.order import batches_in_epoch, epoch_order, micro_batches_in_step
 from drivekd.train.run_folder import RunFolder
 
 # An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
@@ -440,15 +440,14 @@ class Trainer:
             order = self.epoch_order(pos.epoch)
             batches = self._batches(order, pos.epoch, pos.batch_in_epoch)
             while pos.batch_in_epoch < self.batches_per_epoch() and pos.step < self.total_steps:
-                for micro in range(cfg.grad_accum):
+                in_step = micro_batches_in_step(pos.batch_in_epoch, self.batches_per_epoch(), cfg.grad_accum)
+                for micro in range(in_step):
                     index = pos.batch_in_epoch + micro
-                    if index >= self.batches_per_epoch():
-                        break
                     batch = next(batches).to(acc.device)
-                    more = micro + 1 < cfg.grad_accum or pos.step + 1 < self.total_steps  # a next one in this run
+                    more = micro + 1 < in_step or pos.step + 1 < self.total_steps  # a next one in this run
                     if self.prefetch is not None and more and index + 1 < self.batches_per_epoch():
                         self.prefetch([self.train_samples[i].id for i in self._local_indices(order, index + 1)])
-                    sync = micro == cfg.grad_accum - 1 or index == self.batches_per_epoch() - 1
+                    sync = micro == in_step - 1
                     # FSDP reduces every micro-batch: skipping it would hold whole, unsharded gradients
                     skip_sync = not sync and not self.sharded
                     ctx = acc.no_sync(self.model) if skip_sync else contextlib.nullcontext()
@@ -456,16 +455,17 @@ class Trainer:
                         losses = self.objective(self.model, batch)
                         if self.sharded:
                             fsdp.check_sharded(self.model)
-                        scaled = {k: v / cfg.grad_accum for k, v in losses.items()}
+                        # the step's gradient is the mean over its micro-batches, an epoch's short last step too
+                        scaled = {k: v / in_step for k, v in losses.items()}
                         extra = self.backward(scaled, acc, pos.step)
                     for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, **extra}.items():
                         window[k] = window.get(k, 0.0) + v
                     window_n += 1
                     window_samples += len(batch) * acc.num_processes
-                pos.batch_in_epoch = min(pos.batch_in_epoch + cfg.grad_accum, self.batches_per_epoch())
+                pos.batch_in_epoch += in_step
                 if self.before_step is not None:
                     for k, v in self.before_step(acc, pos.step).items():
-                        window[k] = window.get(k, 0.0) + v * cfg.grad_accum  # weighted like per-micro-batch figures
+                        window[k] = window.get(k, 0.0) + v * in_step  # weighted like per-micro-batch figures
                 if self.extra is not None and acc.num_processes > 1:
                     # DDP averages the wrapped model's gradients only; these are averaged here (where a
                     # gradient strategy already averaged them, averaging equal values changes nothing)
