@@ -3,7 +3,8 @@
 Tiny InternVL student, a batch of >= 8 samples padded to >= 256 tokens, cached teacher targets
 (and the live teacher for comparison). Median of several timed steps after a warm-up; the ratios
 divide by the SFT step measured in the same run. Projection strategies are timed on both Gram paths
-(`combine.gram`): `modules` (the default) under their own name, `buffer` with a `[buffer]` suffix.
+(`combine.gram`): the default path (`CombineConfig`'s) under their own name, the other with its name as
+a suffix (`agp[modules]`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import torch
 from accelerate import Accelerator
 
 STRATEGIES = ("sum", "pcgrad", "agp")
-GRAM_PATHS = ("modules", "buffer")
+
+
+def gram_paths() -> tuple[str, ...]:
+    """The Gram paths, the default first (the unsuffixed figures are what a config gets by default)."""
+    from drivekd.train.config import CombineConfig
+
+    default = CombineConfig().gram
+    return (default, *(p for p in ("buffer", "modules") if p != default))
 
 
 def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amortize_every: int = 8) -> dict[str, Any]:
@@ -78,11 +86,13 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
 
             return step
 
-        def make(strategy: str, *, cached: bool = True, amortize: int | None = None, gram: str = "buffer") -> Distiller:
+        def make(strategy: str, *, cached: bool = True, amortize: int | None = None, gram: str | None = None) -> Distiller:
             cfg = config.model_copy(
                 update={
                     "teacher": config.teacher.model_copy(update={"cache": str(cache) if cached else None}),
-                    "combine": CombineConfig(strategy=strategy, amortize_every=amortize, gram=gram),
+                    "combine": CombineConfig(
+                        strategy=strategy, amortize_every=amortize, **({"gram": gram} if gram else {})
+                    ),
                 }
             )
             distiller = Distiller(cfg, student, train)
@@ -106,12 +116,13 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
 
         sft_s = timed(sft)
         figures: dict[str, float] = {}
+        paths = gram_paths()
         for s in STRATEGIES:
-            for gram in GRAM_PATHS if s != "sum" else GRAM_PATHS[:1]:
-                name = s if gram == GRAM_PATHS[0] else f"{s}[{gram}]"
+            for gram in paths if s != "sum" else paths[:1]:
+                name = s if gram == paths[0] else f"{s}[{gram}]"
                 figures[name] = measured(make(s, gram=gram), lambda d: timed(distill_step(d)))
-        for gram in GRAM_PATHS:
-            name = "agp-amortized" if gram == GRAM_PATHS[0] else f"agp-amortized[{gram}]"
+        for gram in paths:
+            name = "agp-amortized" if gram == paths[0] else f"agp-amortized[{gram}]"
             figures[name] = measured(make("agp", amortize=amortize_every, gram=gram), amortized)
         live_s = measured(make("agp", cached=False), lambda d: timed(distill_step(d)))
     return {
