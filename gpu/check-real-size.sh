@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real-size check on one GPU: the GPU-marked tests; one distillation step at real size (an
 # InternVL3-1B-shaped student, an InternVL3-8B-shaped teacher, random weights, 6 cameras at 448 px:
-# SFT, teacher cache, sum / agp / amortised agp with the cached and the live teacher, SFT and AGP with
+# SFT, teacher cache, sum / agp / amortised agp with the cached and the live teacher, exact AGP without
+# the gradient buffer (combine.gram: modules), SFT and AGP with
 # the student sharded by FSDP2 (one process: the path at real size), eager vs
 # text-row capture); `bench cache` at the InternVL3-1B/2B shapes (6 cameras, 20 questions a frame);
 # `bench infer` on both shapes in bf16 beside the paper's deployment columns.
@@ -17,7 +18,7 @@ DEVICE=${DEVICE:-cuda}
 PAIR=${PAIR:-internvl-8b}
 CAMERAS=${CAMERAS:-6}
 WORK=${WORK:-runs/gpu-real}
-PHASES=${PHASES:-sft cache sum-cached agp-cached agp-bf16-cached agp-reuse-cached sft-fsdp agp-fsdp-cached agp-live sum-live capture-none capture-eager capture-rows}
+PHASES=${PHASES:-sft cache sum-cached agp-cached agp-bf16-cached agp-reuse-cached agp-modules-cached sft-fsdp agp-fsdp-cached agp-live sum-live capture-none capture-eager capture-rows}
 REPEATS=${REPEATS:-3}
 TESTS=${TESTS:-tests/test_gpu.py}
 CACHE_PAIR=${CACHE_PAIR:-internvl}

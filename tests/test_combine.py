@@ -251,3 +251,20 @@ def test_task_gradients_land_in_the_buffer_and_earlier_gradients_are_kept():
         tol = 1e-6 if dtype is None else 1e-2
         assert all(torch.allclose(stacked[i].float(), want[i], atol=tol) for i in range(3))
         assert all(p.grad is g and torch.all(g == 0.5) for p, g in zip(params, earlier, strict=True))
+
+
+@pytest.mark.parametrize("strategy", ["agp", "agp-stage1", "agp-stage2", "agp-normalized"])
+def test_a_signal_absent_from_the_batch_is_no_task(strategy):
+    # `mixing: identity` and a batch without planning questions: the planning loss and its gradient
+    # are exactly zero. AGP must give what it gives without that signal, not count the anchor again.
+    g = torch.randn(3, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    present = g @ g.T
+    names = ["ce", "perception", "reasoning"]
+    absent = torch.zeros(4, 4, dtype=torch.float64)
+    absent[:3, :3] = present
+    order = ["perception", "reasoning"]
+    with_zero = combination_coefficients(absent, [*names, "planning"], strategy, order=[*order, "planning"])
+    without = combination_coefficients(present, names, strategy, order=order)
+    assert torch.allclose(with_zero[:3], without) and with_zero[3] == 0
+    stats = gradient_stats(absent, [*names, "planning"])
+    assert stats["conflict_rate"] == gradient_stats(present, names)["conflict_rate"]

@@ -221,6 +221,17 @@ def test_torchrun_agp_ranks_end_identical(tmp_path, data_dir, teacher_dir):
 
 
 @pytest.mark.integration
+def test_torchrun_ce_only_distillation_averages_the_processes_gradients(tmp_path, data_dir, teacher_dir):
+    # no signal: one loss and one ordinary backward, which must go through DDP's wrapper (the default
+    # projection strategy would otherwise run the plain model and never reduce)
+    train = {"max_steps": 2, "micro_batch_size": 2}
+    cfg = _cfg(tmp_path, data_dir, teacher_dir, recipe="ce", train=train)
+    r = run_torchrun("distill", "--config", str(cfg), port=29548)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"step": 2, "ranks_identical": True} in _metrics(tmp_path / "run")
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(("strategy", "gram"), [("sum", "buffer"), ("agp", "modules")])
 def test_torchrun_projection_heads_are_averaged_like_the_model(tmp_path, data_dir, teacher_dir, strategy, gram):
     # hidden-state signals train projection heads beside the student, outside DDP's wrapper: with a
@@ -243,6 +254,24 @@ def test_amortised_agp_recomputes_every_n_steps(tmp_path, data_dir, teacher_dir)
     run_distill(cfg)
     rows = [m for m in _metrics(tmp_path / "run") if "ce" in m]
     assert [("coef/ce" in r) for r in rows] == [True, False, True, False]
+    # one log line over the 4 steps: the coefficients' mean over the 2 steps that computed them (an
+    # amortised step reports none, and is no zero in their mean)
+    over4 = load_config(
+        DistillConfig,
+        _cfg(
+            tmp_path / "b",
+            data_dir,
+            teacher_dir,
+            combine={"amortize_every": 2},
+            data={"limit": 4},
+            train={"max_steps": 4, "log_every": 4},
+        ),
+    )
+    run_distill(over4)
+    (line,) = [m for m in _metrics(tmp_path / "b" / "run") if "ce" in m]
+    for key in ("coef/ce", "coef/reasoning", "conflict_rate"):
+        assert line[key] == pytest.approx((rows[0][key] + rows[2][key]) / 2, rel=1e-9, abs=1e-12), key
+    assert line["ce"] == pytest.approx(sum(r["ce"] for r in rows) / 4, rel=1e-9)  # every step reports CE
 
 
 @pytest.mark.integration

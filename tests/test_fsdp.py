@@ -146,6 +146,9 @@ def test_fsdp_config_mistakes_are_found_when_the_config_is_read(tmp_path, even_d
     fp16 = _config(tmp_path, even_data, teacher_dir, "fp16", distributed="fsdp", mixed_precision="fp16")
     with pytest.raises(DriveKDError, match=r"fp16 with train\.distributed: fsdp"):
         load_config(DistillConfig, fp16)
+    # a projection strategy's per-loss gradients bypass the fp16 loss scaler (any sharding)
+    with pytest.raises(DriveKDError, match=r"fp16 with combine\.strategy: agp"):
+        load_config(DistillConfig, _config(tmp_path, even_data, teacher_dir, "fp16agp", mixed_precision="fp16"))
     modules = _config(tmp_path, even_data, teacher_dir, "modules", distributed="fsdp")
     with pytest.raises(DriveKDError, match=r"gram: modules with train\.distributed: fsdp"):
         load_config(DistillConfig, modules, ["combine.gram=modules", "combine.project_per=micro_batch"])
@@ -186,3 +189,13 @@ def test_a_short_last_step_averages_the_micro_batches_it_has():
     # micro-batch's, not half of it
     assert [micro_batches_in_step(start, 5, 2) for start in (0, 2, 4)] == [2, 2, 1]
     assert micro_batches_in_step(0, 5, 8) == 5
+
+
+def test_epochs_train_every_micro_batch_of_every_epoch():
+    from drivekd.train.order import steps_for_epochs
+
+    # 10 micro-batches an epoch, 4 a step: steps of 4, 4 and 2 (it was 10 // 4 = 2 steps, 8 of 10 batches)
+    assert steps_for_epochs(1, 10, 4) == 3 and steps_for_epochs(3, 10, 4) == 9
+    assert steps_for_epochs(2, 5, 2) == 6
+    assert steps_for_epochs(1.5, 10, 4) == 3 + 2  # half an epoch: 5 micro-batches, steps of 4 and 1
+    assert steps_for_epochs(2.0, 7, 1) == 14 and steps_for_epochs(0.01, 7, 1) == 1

@@ -379,3 +379,13 @@ def test_a_students_config_file_trains_it_by_hand(study, tmp_path):
     r = run_cli("distill", "--config", str(config), "--resume")
     assert r.returncode == 0, r.stderr
     assert "nothing to do" in (r.stdout + r.stderr)
+
+
+def test_the_mechanism_table_takes_the_first_seeds_students_exactly():
+    from drivekd.study.report import _mechanism
+
+    variants = [{"name": "ce", "average": 30.0, "other_images_average": 29.0}]
+    mechanism = {"ce/seed-1": {"mean_ratio": 2.0}, "ce/seed-11": {"mean_ratio": 9.0}, "teacher": {"mean_ratio": 3.0}}
+    table = "\n".join(_mechanism(variants, mechanism, first_seed=1))
+    row = next(line for line in table.splitlines() if line.startswith("| ce |"))
+    assert row.endswith("| 2.00 |") and "9.00" not in table  # seed-11 ends like seed-1 and is not it

@@ -41,6 +41,7 @@ STEP_PHASES = (
     "agp-cached",
     "agp-bf16-cached",
     "agp-reuse-cached",
+    "agp-modules-cached",  # combine.gram: modules, exact AGP without the (k, P) gradient buffer
     "sum-live",
     "agp-live",
     "sft-fsdp",  # the student sharded by FSDP2 (train.distributed: fsdp), one process: the path at real size
@@ -184,6 +185,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
             strategy=strategy,
             buffer_dtype="bfloat16" if "bf16" in rest else None,
             amortize_every=AMORTIZE_EVERY if "reuse" in rest else None,
+            gram="modules" if "modules" in rest else "buffer",
         )
         cfg = config.model_copy(
             update={
@@ -317,6 +319,7 @@ def collect(out: Path) -> dict[str, Any]:
             for phase in ok:
                 if phase in STEP_PHASES and phase not in ("sft", "cache"):
                     ratios[f"{phase} / sft"] = ok[phase]["step_s"] / sft
+                    ratios[f"{phase} peak / sft peak"] = _peak(ok[phase]) / max(_peak(ok["sft"]), 1)
             if "agp-cached" in ok and "agp-reuse-cached" in ok:
                 amortised = (ok["agp-cached"]["step_s"] + (AMORTIZE_EVERY - 1) * ok["agp-reuse-cached"]["step_s"]) / (
                     AMORTIZE_EVERY

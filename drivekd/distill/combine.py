@@ -86,7 +86,10 @@ def combination_coefficients(
     if anchor not in index:
         raise ValueError(f"anchor {anchor!r} is not among the gradients {list(names)}")
     g_s = basis[index[anchor]]
-    distill = [n for n in names if n != anchor]
+    # a distillation loss whose gradient is exactly zero (its signal weighs nothing on this batch's
+    # capabilities, e.g. `mixing: identity` without that capability) is no task: it would add the
+    # anchor once more (u_c = g_s + 0)
+    distill = [n for n in names if n != anchor and gram[index[n], index[n]] > 0]
     tasks = _ordered(distill, None if order is None else [n for n in order if n != anchor], generator)
     if not tasks:
         return g_s
@@ -133,7 +136,8 @@ def gradient_stats(gram: torch.Tensor, names: Sequence[str]) -> dict[str, float]
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             out[f"cos/{names[i]}~{names[j]}"] = float(cos[i, j])
-            pairs += 1
-            conflicts += int(gram[i, j] < 0)
+            if gram[i, i] > 0 and gram[j, j] > 0:  # a zero gradient neither conflicts nor agrees
+                pairs += 1
+                conflicts += int(gram[i, j] < 0)
     out["conflict_rate"] = conflicts / pairs if pairs else 0.0
     return out

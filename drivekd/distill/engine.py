@@ -124,8 +124,9 @@ class Distiller:
             raise RuntimeError("the signals' loss weights are not set: calibrate first (distill/calibrate.py)")
         plain_ce = plain_ce or unit_weights
         # A projection strategy's aggregator takes per-loss gradients of the plain model and reduces
-        # the combination itself; `sum` keeps the (possibly DDP-wrapped) model and DDP's reduction.
-        model = model if self.aggregator.reduces_through_ddp else self.student.model
+        # the combination itself; `sum`, and a recipe with no signal (one loss: one ordinary backward),
+        # keep the (possibly DDP-wrapped) model and DDP's reduction.
+        model = model if self.aggregator.reduces_through_ddp or not self.signals else self.student.model
         needs_hidden = any(s.needs_hidden for s in self.signals.values())
         full, rows = self.captured_student_layers()
         row_index, row_valid = text_rows(batch.inputs["attention_mask"], batch.visual_mask)

@@ -379,7 +379,7 @@ def write_report(out: Path) -> Path:
     lines += ["", "![per-capability scores](scores.png)", ""]
     lines += _per_type(variants)
     lines += _robustness_lines(results["robustness"], settings)
-    lines += _mechanism(variants, results["mechanism"])
+    lines += _mechanism(variants, results["mechanism"], settings["seeds"][0])
     if has_curves:
         lines += ["## Training curves", "", "![training curves](curves.png)", ""]
     lines += ["## Teacher pre-study", ""]
@@ -457,7 +457,7 @@ def _per_type(variants: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
-def _mechanism(variants: list[dict[str, Any]], mechanism: dict[str, Any] | None) -> list[str]:
+def _mechanism(variants: list[dict[str, Any]], mechanism: dict[str, Any] | None, first_seed: int) -> list[str]:
     """Does each model read the images, and where does it look when it answers about an object?"""
     out = [
         "## Mechanism: reading the image, looking at the object",
@@ -472,7 +472,10 @@ def _mechanism(variants: list[dict[str, Any]], mechanism: dict[str, Any] | None)
         "|---|---:|---:|---:|---:|",
     ]
     attention = {
-        k.split("/seed-")[0]: v for k, v in (mechanism or {}).items() if k.endswith(("seed-0", "teacher", "base"))
+        # the first seed's students (a suffix match would take seed-10 for seed-0), the teacher and the base
+        k.split("/seed-")[0]: v
+        for k, v in (mechanism or {}).items()
+        if k.endswith((f"/seed-{first_seed}", "teacher", "base"))
     }
     names = [v["name"] for v in variants if v["name"] != "majority"]
     for name in [*names, *(k for k in attention if k not in names)]:

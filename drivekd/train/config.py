@@ -435,6 +435,12 @@ class DistillConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
         check_sharding(self.model, self.train)
+        if self.train.mixed_precision == "fp16" and self.combine.strategy != "sum":
+            raise ValueError(
+                f"train.mixed_precision: fp16 with combine.strategy: {self.combine.strategy}: the per-loss gradients "
+                "a projection strategy takes bypass the fp16 loss scaler, so every step's gradient would be divided "
+                "by the loss scale; use bf16 (no scaler), or strategy sum"
+            )
         if self.train.distributed == "fsdp" and self.combine.gram == "modules" and self.combine.strategy != "sum":
             raise ValueError(
                 "combine.gram: modules with train.distributed: fsdp: the module taps need whole parameters; use "

@@ -46,6 +46,14 @@ def micro_batches_in_step(batch_in_epoch: int, batches_per_epoch: int, grad_accu
     return min(grad_accum, batches_per_epoch - batch_in_epoch)
 
 
+def steps_for_epochs(epochs: float, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimiser steps that train `epochs` passes: an epoch is ceil(batches / grad_accum) steps (its
+    last one short when grad_accum does not divide it), and a fraction of an epoch is cut the same way."""
+    whole, fraction = divmod(epochs, 1.0)
+    per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    return max(1, int(whole) * per_epoch + math.ceil(math.ceil(fraction * batches_per_epoch) / grad_accum))
+
+
 def calibration_sample(samples: Sequence[Sample], config: TrainConfig, batches: int) -> list[Sample]:
     """`batches` micro-batches' worth of training samples drawn at random by the run's seeded
     permutation, alike on every rank: a representative sample (a file sorted by capability, or the

@@ -37,7 +37,7 @@ from drivekd.errors import DataError, DriveKDError
 from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
 from drivekd.train import fsdp
 from drivekd.train.config import TrainConfig
-from drivekd.train.order import batches_in_epoch, epoch_order, micro_batches_in_step
+from drivekd.train.order import batches_in_epoch, epoch_order, micro_batches_in_step, steps_for_epochs
 from drivekd.train.run_folder import RunFolder
 
 # An objective calls the (possibly DDP-wrapped) model it is given, so gradients synchronise.
@@ -157,7 +157,7 @@ class Trainer:
         else:  # backend.model stays the plain model (generation, saving); self.model may be DDP-wrapped
             self.model, self.optimizer = acc.prepare(backend.model, optimizer)
         self.position = Position()
-        self.log_window: dict = {"sums": {}, "n": 0}
+        self.log_window: dict = {"sums": {}, "counts": {}, "n": 0}
 
     # ---- data order ------------------------------------------------------------------------
     @property
@@ -170,8 +170,7 @@ class Trainer:
     def _total_steps(self) -> int:
         if self.config.max_steps is not None:
             return self.config.max_steps
-        micro = math.ceil(self.config.epochs * self.batches_per_epoch())
-        return max(1, micro // self.config.grad_accum)
+        return steps_for_epochs(self.config.epochs, self.batches_per_epoch(), self.config.grad_accum)
 
     def epoch_order(self, epoch: int) -> list[int]:
         lengths = self._token_lengths() if self.config.group_by_length else None
@@ -433,6 +432,9 @@ class Trainer:
         )
         # loss sums since the last log line: restored on resume, so that line averages the same steps
         window: dict[str, float] = dict(self.log_window["sums"])
+        # each figure's mean is over the micro-batches (or steps) that reported it: an amortised AGP
+        # step reports no coefficients, and is no zero in their mean
+        counts: dict[str, int] = dict(self.log_window.get("counts") or dict.fromkeys(window, self.log_window["n"]))
         window_n, window_samples, window_start = int(self.log_window["n"]), 0, time.perf_counter()
         last: dict[str, float] = {}
         validated: tuple[int, dict[str, float]] = (-1, {})
@@ -460,12 +462,14 @@ class Trainer:
                         extra = self.backward(scaled, acc, pos.step)
                     for k, v in {**{k: float(v.detach()) for k, v in losses.items()}, **extra}.items():
                         window[k] = window.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
                     window_n += 1
                     window_samples += len(batch) * acc.num_processes
                 pos.batch_in_epoch += in_step
                 if self.before_step is not None:
                     for k, v in self.before_step(acc, pos.step).items():
-                        window[k] = window.get(k, 0.0) + v * in_step  # weighted like per-micro-batch figures
+                        window[k] = window.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
                 if self.extra is not None and acc.num_processes > 1:
                     # DDP averages the wrapped model's gradients only; these are averaged here (where a
                     # gradient strategy already averaged them, averaging equal values changes nothing)
@@ -485,7 +489,7 @@ class Trainer:
                 bar.update(1)
                 if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    last = {k: v / max(window_n, 1) for k, v in window.items()}
+                    last = {k: v / counts[k] for k, v in window.items()}
                     record = {
                         "step": pos.step,
                         "epoch": pos.epoch,
@@ -499,12 +503,12 @@ class Trainer:
                         lr=f"{record['lr']:.2e}",
                         sps=f"{record['samples_per_s']:.1f}",
                     )
-                    window, window_n, window_samples, window_start = {}, 0, 0, time.perf_counter()
+                    window, counts, window_n, window_samples, window_start = {}, {}, 0, 0, time.perf_counter()
                 if cfg.eval_every and pos.step % cfg.eval_every == 0:
                     validated = (pos.step, self.validate())
                     self._log({"step": pos.step, **validated[1]})
                 if cfg.save_every and pos.step % cfg.save_every == 0:
-                    self.log_window = {"sums": dict(window), "n": window_n}
+                    self.log_window = {"sums": dict(window), "counts": dict(counts), "n": window_n}
                     self.save_checkpoint()
             if pos.batch_in_epoch >= self.batches_per_epoch():
                 pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
