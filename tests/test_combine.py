@@ -268,3 +268,19 @@ def test_a_signal_absent_from_the_batch_is_no_task(strategy):
     assert torch.allclose(with_zero[:3], without) and with_zero[3] == 0
     stats = gradient_stats(absent, [*names, "planning"])
     assert stats["conflict_rate"] == gradient_stats(present, names)["conflict_rate"]
+
+
+def test_amortised_coefficients_are_not_kept_when_a_signal_was_absent():
+    # coefficients computed on a batch without planning give planning weight 0: reused for the next
+    # amortised steps they would switch planning off, so the next step computes its own
+    from drivekd.distill.aggregate import GradientAggregator
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 3)
+    params = list(model.parameters())
+    agg = GradientAggregator(lambda: params, "agp", anchor="ce", amortize_every=4)
+    absent = {**_losses(model, torch.randn(4, 5)), "planning": 0.0 * model(torch.randn(4, 5)).sum()}
+    assert agg.backward(absent, _Single(), 0) != {} and agg.coefficients is None
+    model.zero_grad(set_to_none=True)
+    stats = agg.backward(_losses(model, torch.randn(4, 5)), _Single(), 1)
+    assert "coef/planning" in stats and stats["coef/planning"] > 0 and agg.coefficients is not None

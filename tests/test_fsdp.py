@@ -197,5 +197,27 @@ def test_epochs_train_every_micro_batch_of_every_epoch():
     # 10 micro-batches an epoch, 4 a step: steps of 4, 4 and 2 (it was 10 // 4 = 2 steps, 8 of 10 batches)
     assert steps_for_epochs(1, 10, 4) == 3 and steps_for_epochs(3, 10, 4) == 9
     assert steps_for_epochs(2, 5, 2) == 6
-    assert steps_for_epochs(1.5, 10, 4) == 3 + 2  # half an epoch: 5 micro-batches, steps of 4 and 1
+    assert steps_for_epochs(1.5, 10, 4) == 3 + 2  # half an epoch: 5 micro-batches, in 2 steps of 4
     assert steps_for_epochs(2.0, 7, 1) == 14 and steps_for_epochs(0.01, 7, 1) == 1
+    # no float residue: 1.6 x 5 micro-batches is 8 (divmod(1.6, 1.0) leaves 0.6000000000000001)
+    assert steps_for_epochs(1.6, 5, 1) == 8 and steps_for_epochs(0.3, 10, 1) == 3
+
+
+def test_the_samples_several_processes_leave_out_are_drawn_anew_each_epoch():
+    from drivekd.train.order import epoch_order
+
+    lengths = list(range(100, 110))  # sample i has length 100 + i: 8 and 9 are the longest
+    dropped = []
+    for epoch in range(6):
+        order = epoch_order(10, 0, epoch, 4, lengths, left_out=2)
+        assert len(order) == 8 and len(set(order)) == 8
+        dropped.append(frozenset(range(10)) - set(order))
+    # a length-sorted order's short last batch would be the longest two, every epoch
+    assert len(set(dropped)) > 1 and any(d != {8, 9} for d in dropped)
+
+
+def test_a_model_whose_parameters_are_not_shards_is_refused_between_forward_and_backward():
+    from drivekd.train.fsdp import check_sharded
+
+    with pytest.raises(DriveKDError, match=r"FSDP kept 2 parameters gathered after the forward \(e\.g\. weight\)"):
+        check_sharded(torch.nn.Linear(2, 2))

@@ -277,8 +277,10 @@ def test_gram_modules_refuses_what_it_cannot_do_at_config_load(tmp_path):
 
 
 def test_bench_step_names_the_default_gram_path_without_a_suffix():
-    from drivekd.bench.step import gram_paths
+    from drivekd.bench.step import figure_name, gram_paths
     from drivekd.train.config import CombineConfig
 
     # `agp` in `drivekd bench step` is what a config gets by default; the other path is `agp[NAME]`
     assert gram_paths()[0] == CombineConfig().gram == "buffer" and set(gram_paths()) == {"buffer", "modules"}
+    assert figure_name("agp", "buffer") == "agp" and figure_name("agp", "modules") == "agp[modules]"
+    assert figure_name("agp-amortized", "modules") == "agp-amortized[modules]"

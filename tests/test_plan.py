@@ -351,3 +351,19 @@ def test_the_plan_gives_the_cache_size_cache_teacher_would_estimate(data_dir):
     got = estimate_bytes(one, [300], [visual], {"r": 1}, 1, "fp16", prefixes=[visual], questions_per_frame=4.0)
     assert got == int(2 * pairs * ((300 - visual) * 300 + visual * visual / 4))  # rows after it, its block / 4
     assert P.plan(_sft(data_dir), P.Inputs(tokens=300)).cache is None
+
+
+def test_advice_for_a_sharded_config_is_judged_by_its_sharded_figure_and_offers_nothing_it_refuses(data_dir):
+    config = _distill(data_dir, micro=4, teacher={"cache": None}, train={"distributed": "fsdp"})
+    roomy = P.plan(config, P.Inputs(gpus=2, device="cpu", device_memory_gb=80))
+    tight = P.plan(config, P.Inputs(gpus=2, device="cpu", device_memory_gb=0.6 * roomy.fsdp["peak"] / P.GiB))
+    assert not tight.fits
+    fields = {k for a in tight.advice for k in a["fields"]}
+    assert "model.lora" not in fields  # LoRA with fsdp is refused when the config is read
+    for a in tight.advice:
+        if a["peak"] is not None:
+            assert a["saves"] == tight.fsdp["peak"] - a["peak"]
+    lora_cfg = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    lora = _distill(data_dir, micro=4, teacher={"cache": None}, model={"name": "tiny-internvl-student", "lora": lora_cfg})
+    lean = P.plan(lora, P.Inputs(device="cpu", device_memory_gb=0.01))
+    assert not any("train.distributed" in a["fields"] for a in lean.advice)  # LoRA is not offered fsdp

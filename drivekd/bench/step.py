@@ -29,6 +29,11 @@ def gram_paths() -> tuple[str, ...]:
     return (default, *(p for p in ("buffer", "modules") if p != default))
 
 
+def figure_name(strategy: str, gram: str) -> str:
+    """`agp` for the default Gram path, `agp[modules]` for the other."""
+    return strategy if gram == gram_paths()[0] else f"{strategy}[{gram}]"
+
+
 def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amortize_every: int = 8) -> dict[str, Any]:
     from drivekd.data.drivesim.generate import GenerateConfig, generate
     from drivekd.data.formats import load_split
@@ -119,10 +124,9 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
         paths = gram_paths()
         for s in STRATEGIES:
             for gram in paths if s != "sum" else paths[:1]:
-                name = s if gram == paths[0] else f"{s}[{gram}]"
-                figures[name] = measured(make(s, gram=gram), lambda d: timed(distill_step(d)))
+                figures[figure_name(s, gram)] = measured(make(s, gram=gram), lambda d: timed(distill_step(d)))
         for gram in paths:
-            name = "agp-amortized" if gram == paths[0] else f"agp-amortized[{gram}]"
+            name = figure_name("agp-amortized", gram)
             figures[name] = measured(make("agp", amortize=amortize_every, gram=gram), amortized)
         live_s = measured(make("agp", cached=False), lambda d: timed(distill_step(d)))
     return {

@@ -266,7 +266,9 @@ class GradientAggregator:
         # AGP's shuffled order is drawn from (seed, step): reproducible across resumes and ranks
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         w = combination_coefficients(gram, names, self.strategy, anchor=self.anchor, generator=generator)
-        self.coefficients = w
+        # coefficients that left out a signal absent from this batch (zero gradient, weight 0) would
+        # switch it off for the amortised steps after: kept only when every loss had a gradient
+        self.coefficients = w if bool((gram.diagonal() > 0).all()) else None
         stats = gradient_stats(gram, names)
         stats.update({f"coef/{n}": float(x) for n, x in zip(names, w, strict=True)})
         return w, stats

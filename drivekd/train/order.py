@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
@@ -13,13 +14,21 @@ from drivekd.train.config import TrainConfig
 
 
 def epoch_order(
-    n_samples: int, seed: int, epoch: int, global_batch: int, lengths: Sequence[int] | None = None
+    n_samples: int,
+    seed: int,
+    epoch: int,
+    global_batch: int,
+    lengths: Sequence[int] | None = None,
+    left_out: int = 0,
 ) -> list[int]:
     """The sample order of one epoch: a permutation seeded by (seed, epoch); with `lengths` (group by
     length), as HF Trainer's group_by_length: sorted within windows of 50 batches so a batch pads
-    little, then whole batches shuffled, the short last batch last (batches are cut at fixed offsets)."""
+    little, then whole batches shuffled, the short last batch last (batches are cut at fixed offsets).
+    `left_out` samples are drawn out of the epoch at random before any grouping (not the longest, as
+    the short last batch of a length-sorted order would be), a different few each epoch."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n_samples, generator=g).tolist()
+    order = order[: n_samples - left_out]
     if lengths is None:
         return order
     gb, window = global_batch, global_batch * 50
@@ -48,10 +57,12 @@ def micro_batches_in_step(batch_in_epoch: int, batches_per_epoch: int, grad_accu
 
 def steps_for_epochs(epochs: float, batches_per_epoch: int, grad_accum: int) -> int:
     """Optimiser steps that train `epochs` passes: an epoch is ceil(batches / grad_accum) steps (its
-    last one short when grad_accum does not divide it), and a fraction of an epoch is cut the same way."""
-    whole, fraction = divmod(epochs, 1.0)
-    per_epoch = math.ceil(batches_per_epoch / grad_accum)
-    return max(1, int(whole) * per_epoch + math.ceil(math.ceil(fraction * batches_per_epoch) / grad_accum))
+    last one short when grad_accum does not divide it). A fraction of an epoch is its micro-batches
+    (rounded up) in steps of grad_accum: the last of those steps is a whole one, so it may train a
+    few micro-batches past the fraction, never past the epoch's end."""
+    micro = math.ceil(Fraction(str(epochs)) * batches_per_epoch)  # 1.6 x 5 is 8, not 8.000000000000002
+    whole, rest = divmod(micro, batches_per_epoch)
+    return max(1, whole * math.ceil(batches_per_epoch / grad_accum) + math.ceil(rest / grad_accum))
 
 
 def calibration_sample(samples: Sequence[Sample], config: TrainConfig, batches: int) -> list[Sample]:

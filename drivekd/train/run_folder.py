@@ -24,7 +24,7 @@ from drivekd.data.sample import Sample
 from drivekd.errors import DriveKDError
 
 RECORD = "run.json"
-RECORD_VERSION = 3  # 3: the experimental fields left the product configs
+RECORD_VERSION = 4  # 4: steps per epoch (grad_accum, several processes) and sharded checkpoints changed; 3: the experimental fields left the product configs
 # fields that change neither the weights nor the metrics of the run
 NO_EFFECT = frozenset(
     {"train.save_every", "train.keep_last", "train.loader_workers", "train.log_every", "train.eval_every"}

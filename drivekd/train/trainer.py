@@ -174,7 +174,9 @@ class Trainer:
 
     def epoch_order(self, epoch: int) -> list[int]:
         lengths = self._token_lengths() if self.config.group_by_length else None
-        return epoch_order(len(self.train_samples), self.config.seed, epoch, self.global_batch, lengths)
+        n, processes = len(self.train_samples), self.accelerator.num_processes
+        left_out = batches_in_epoch(n, self.global_batch, processes)[1]
+        return epoch_order(n, self.config.seed, epoch, self.global_batch, lengths, left_out)
 
     def _token_lengths(self) -> list[int]:
         return [self.backend.token_lengths(s) for s in self.train_samples]  # the backend remembers them

@@ -20,6 +20,11 @@ def _with(config: BaseModel, section: str, **changes: Any) -> BaseModel:
     return config.model_copy(update={section: getattr(config, section).model_copy(update=changes)})
 
 
+def figure(p: Plan) -> int:
+    """The peak a plan is judged by: the sharded one for a config that sets train.distributed: fsdp."""
+    return p.fsdp["peak"] if p.fsdp is not None and p.student.get("distributed") == "fsdp" else p.peak
+
+
 def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, Any]]:
     """What to change when the plan does not fit, each change planned again, ranked by bytes saved."""
     # imported here, not at the top: the planner imports this module to call `advice`
@@ -31,7 +36,9 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
     options: list[tuple[str, dict[str, Any], Callable[[], int | None]]] = []
 
     def peak_of(changed: BaseModel) -> Callable[[], int]:
-        return lambda: plan(changed, inputs, advise=False).peak
+        return lambda: figure(plan(changed, inputs, advise=False))
+
+    sharded_now = config.train.distributed == "fsdp"  # LoRA is refused with it
 
     if not m.lora and current.student["trainable_by_part"]["vision"] > 0:
         options.append(
@@ -51,7 +58,7 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
                 peak_of(_with(config, "model", lora=only_lm)),
             )
         )
-    if not m.lora:
+    if not m.lora and not sharded_now:
         lora = _with(config, "model", lora=LORA_ADVICE)
         options.append(
             ("LoRA on the language model's attention projections", {"model.lora": LORA_ADVICE}, peak_of(lora))
@@ -84,7 +91,7 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
     micro, accum = config.train.micro_batch_size, config.train.grad_accum
     for smaller in (k for k in range(micro - 1, 0, -1) if micro % k == 0):
         candidate = _with(config, "train", micro_batch_size=smaller, grad_accum=accum * micro // smaller)
-        peak = plan(candidate, inputs, advise=False).peak
+        peak = figure(plan(candidate, inputs, advise=False))
         if peak <= current.budget or smaller == 1:
             options.append(
                 (
@@ -94,7 +101,11 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
                 )
             )
             break
-    for gpus in (2, 4, 8, 16):
+    # what the config reader refuses with fsdp is not offered it
+    may_shard = not m.lora and config.train.mixed_precision != "fp16"
+    if distill and config.combine.gram == "modules" and config.combine.strategy != "sum":
+        may_shard = False
+    for gpus in (2, 4, 8, 16) if may_shard else ():
         if gpus <= inputs.gpus and gpus != 16:
             continue
         sharded = plan(config, dataclasses.replace(inputs, gpus=gpus), advise=False).fsdp
@@ -106,7 +117,7 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
     rows = []
     for change, fields, peak_fn in options:
         peak = peak_fn()
-        saves = None if peak is None else current.peak - peak
+        saves = None if peak is None else figure(current) - peak
         fits = None if peak is None else peak <= current.budget
         rows.append({"change": change, "fields": fields, "saves": saves, "peak": peak, "fits": fits})
     rows.sort(key=lambda r: -1 if r["saves"] is None else -r["saves"])
