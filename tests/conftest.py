@@ -149,3 +149,13 @@ def drivelm_file(tmp_path: Path) -> Path:
     png(tmp_path / "nuscenes/samples/CAM_FRONT/x.jpg")
     png(tmp_path / "nuscenes/samples/CAM_BACK/y.jpg")
     return f
+
+
+def reply_chat(handler, content: str) -> None:
+    """Answer an OpenAI-compatible chat request (on a stub server's handler) with `content`."""
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -27,6 +27,8 @@ from drivekd.eval.drivelm import (
     score_drivelm,
 )
 
+from .conftest import reply_chat
+
 FIXTURE = Path(__file__).parent / "fixtures" / "drivelm"
 QA = FIXTURE / "test_eval.json"
 CHALLENGE_PREDS = FIXTURE / "output.json"
@@ -291,12 +293,7 @@ class ScoreStub(BaseHTTPRequestHandler):
         assert body["messages"][0] == {"role": "system", "content": JUDGE_SYSTEM_PROMPT}
         assert body["temperature"] == JUDGE_TEMPERATURE == 0.6
         content = self.table[body["messages"][-1]["content"]]
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_chat(self, content)
 
     def log_message(self, *args):
         pass

@@ -19,6 +19,8 @@ from drivekd.eval.judge import (
 )
 from drivekd.eval.scoring import Prediction
 
+from .conftest import reply_chat
+
 
 class Stub(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint on loopback that replays scripted behaviours, one per request."""
@@ -39,12 +41,7 @@ class Stub(BaseHTTPRequestHandler):
         content = {"ok": "Correctness 50/50 ...\nTotal Score: 85", "noscore": "Looks fine to me."}.get(
             mode, "Total Score: 85"
         )
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_chat(self, content)
 
     def log_message(self, *args):
         pass

@@ -115,13 +115,7 @@ class LiveTeachers:
             full, rows, hidden, logits, keep = self._needs(ckpt)
             with capture(teacher, full, row_layers=rows, row_index=row_index) as maps:
                 result = teacher.forward(batch, logits=logits, hidden_states=hidden, layers=keep)
-            out[ckpt] = Internals(
-                dict(maps),
-                result.hidden_states if hidden else None,
-                result.logits if logits else None,
-                dict(maps.rows),
-                row_index,
-            )
+            out[ckpt] = _internals(maps, result, hidden, logits, row_index)
         return out
 
     @torch.no_grad()
@@ -142,13 +136,7 @@ class LiveTeachers:
                     layers=keep,
                     past_key_values=DynamicCache(),
                 )
-            internals[ckpt] = Internals(
-                dict(maps),
-                result.hidden_states if hidden else None,
-                result.logits if logits else None,
-                dict(maps.rows),
-                row_index,
-            )
+            internals[ckpt] = _internals(maps, result, hidden, logits, row_index)
             caches[ckpt] = result.past_key_values
         return SharedPrefix(batch.inputs["input_ids"][0, :length].clone(), internals, caches)
 
@@ -299,6 +287,17 @@ class CachedTeachers:
                     shape = (width, *per_sample[0].shape[1:])
                 out[name].append(_pad(per_sample, shape).to(device))
         return out
+
+
+def _internals(maps: Any, result: Any, hidden: bool, logits: bool, row_index: torch.Tensor) -> Internals:
+    """What one teacher forward captured, as the signals read it."""
+    return Internals(
+        dict(maps),
+        result.hidden_states if hidden else None,
+        result.logits if logits else None,
+        dict(maps.rows),
+        row_index,
+    )
 
 
 def _pad(items: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

@@ -39,7 +39,6 @@ takes `exact` when Java and pycocoevalcap are there.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from drivekd.data.readers.json_source import JsonLines, file_content, read_json
 from drivekd.errors import DataError, DriveKDError
 from drivekd.eval import metrics
 
@@ -107,7 +107,7 @@ class JudgeLike(Protocol):
 def read_qa(path: str | Path) -> list[Question]:
     """The questions of a challenge QA file in the challenge's order; DataError on any malformed entry."""
     file = Path(path)
-    data = _load_json(file)
+    data = read_json(file)  # a scene written twice is refused, not silently merged into one
     if not isinstance(data, dict):
         raise DataError(f"{file}: a DriveLM QA file is one JSON object keyed by scene id, got {type(data).__name__}")
     out: list[Question] = []
@@ -162,28 +162,12 @@ def _question(item: Any, scene: str, frame: str, name: str, k: int, i: int, wher
     )
 
 
-def _load_json(file: Path) -> Any:
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{file}: cannot read: {e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from e
-
-
 def read_answers(path: str | Path) -> dict[str, tuple[str, str | None, str]]:
     """`{id: (answer, reference or None, where)}` from a challenge prediction file or drivekd JSONL."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{file}: cannot read: {e}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None  # several lines: JSONL
+    data = file_content(file)
+    if isinstance(data, JsonLines):  # drivekd's prediction records
+        data = None
     if isinstance(data, dict) and "results" in data:
         data = data["results"]  # the challenge's submission.json wraps output.json
     if isinstance(data, list):

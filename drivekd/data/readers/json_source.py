@@ -19,7 +19,7 @@ def file_content(file: Path) -> Any:
     one object per line), else the one JSON value the file holds."""
     if file.suffix == ".jsonl" or _is_json_lines(file):
         return _json_lines(file)
-    return _parse_json(file)
+    return read_json(file)
 
 
 def _is_json_lines(file: Path) -> bool:
@@ -56,9 +56,11 @@ def _json_lines(file: Path) -> JsonLines:
     return out
 
 
-def _parse_json(file: Path) -> Any:
+def read_json(file: Path) -> Any:
+    """The one JSON value `file` holds (a byte-order mark allowed); DataError on malformed JSON or an
+    object that repeats a key."""
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{file}: cannot read: {e}") from e
     try:
