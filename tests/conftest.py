@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -45,6 +46,24 @@ def run_torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL a launcher and every process under it, and wait until all are gone. torchrun starts
+    each worker in a session of its own, so killing the launcher's process group leaves the workers
+    running on: they would go on writing the run folder beside a resumed run. Returns how many
+    processes it killed."""
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    family = [*launcher.children(recursive=True), launcher]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"still running after SIGKILL: {[p.pid for p in alive]}"
+    return len(family)
 
 
 @pytest.fixture(scope="module")
