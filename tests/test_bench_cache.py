@@ -42,8 +42,14 @@ def test_bench_cache_prints_one_json_object_with_consistent_figures():
     assert result["visual_tokens_per_frame"] == 36 and result["tokens_per_question"] > 36
     # reuse changes the targets by rounding only (fp16 storage: an ulp of the largest value at most)
     assert result["reuse_target_difference"]["max_rel"] <= 2**-10
+    # zstd (lossless) stores fewer bytes than the values hold; the unshared layout is written uncompressed
+    assert result["bytes_per_question"] < 0.9 * result["bytes_per_question_uncompressed"]
+    assert result["caches"]["whole"]["compression"] == "none" and result["caches"]["reused"]["compression"] == "zstd"
+    assert result["caches"]["whole"]["bytes_per_question_uncompressed"] <= result["bytes_per_question_unshared"]
     fp8 = result["lossy"]["fp8"]
-    assert 0.45 < fp8["bytes_per_question"] / result["bytes_per_question"] < 0.6  # one byte a value, not two
+    uncompressed = fp8["bytes_per_question_uncompressed"] / result["bytes_per_question_uncompressed"]
+    assert 0.45 < uncompressed < 0.6  # one byte a value, not two
+    assert fp8["bytes_per_question"] < fp8["bytes_per_question_uncompressed"]
     assert set(fp8["signals"]) == {"perception", "reasoning", "planning"}
     for row in (fp8, result["fp16_against_exact"]):
         assert 0.0 <= row["loss_rel_error"] < 0.05

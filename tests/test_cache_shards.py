@@ -209,8 +209,62 @@ def test_fp8_storage_rounds_each_row_to_its_own_scale_and_fp16_is_exact():
     assert bool((back[2] == 0).all()) and float(back[3].max()) > 0
 
 
+@pytest.mark.parametrize("storage", ["fp16", "fp8"])
+def test_zstd_gives_back_every_stored_byte_and_shape(storage):
+    from drivekd.distill.cache import compress, decode, encode
+
+    torch.manual_seed(0)
+    maps = torch.softmax(torch.randn(3, 40, 40) * 4, -1).tril()  # attention-like: peaked rows, causal zeros
+    shard = {}
+    for i, value in enumerate([maps, torch.zeros(0, 40), torch.rand(7)]):  # an empty and a 1-d tensor too
+        shard |= {f"s{i}/x/0{suffix}": t for suffix, t in encode(value, storage).items()}
+    packed = compress(shard)
+    for key, stored in shard.items():
+        if key.endswith("#scale"):  # fp8's scales are kept as they are
+            assert packed[key] is stored
+            continue
+        assert packed[key].dtype == torch.uint8 and packed[f"{key}#shape"].tolist() == list(stored.shape)
+        plain, unpacked = decode(shard.__getitem__, key, storage), decode(packed.__getitem__, key, storage, "zstd")
+        assert unpacked.dtype == plain.dtype and unpacked.shape == plain.shape
+        assert torch.equal(unpacked.view(torch.uint8), plain.contiguous().view(torch.uint8))  # bit for bit
+    big = "s0/x/0"
+    assert packed[big].numel() < 0.8 * shard[big].numel() * shard[big].element_size()
+
+
+@pytest.mark.integration
+def test_a_zstd_cache_reads_back_what_an_uncompressed_one_holds_in_fewer_bytes(one_process, tmp_path):
+    from drivekd.bench.cache import uncompressed_bytes
+    from drivekd.distill.cache import TeacherCache
+    from drivekd.distill.run import run_cache_teacher
+    from drivekd.train.config import DistillConfig, load_config
+
+    config, one = one_process  # written by `drivekd cache-teacher` with its default, zstd
+    plain = run_cache_teacher(load_config(DistillConfig, config), tmp_path / "plain", compression="none")
+    packed, unpacked = TeacherCache(one), TeacherCache(plain)
+    assert (packed.manifest["compression"], unpacked.manifest["compression"]) == ("zstd", "none")
+    keys = {k.split("/", 1)[1] for k in load_file(str(next(plain.glob("shard-*.safetensors")))) if "#" not in k}
+    assert keys
+    for sample_id in unpacked.manifest["index"]:
+        for key in keys:
+            a, b = packed.tensors(sample_id, key), unpacked.tensors(sample_id, key)
+            assert a.dtype == b.dtype == torch.float16 and torch.equal(a, b), (sample_id, key)
+    size = [sum(f.stat().st_size for f in d.glob("shard-*.safetensors")) for d in (one, plain)]
+    assert size[0] < 0.85 * size[1], size
+    # the values before compression are the uncompressed cache's, whose files are little else
+    assert uncompressed_bytes(one) == uncompressed_bytes(plain) <= size[1]
+
+
+def test_cache_teachers_choices_are_the_caches_own():
+    from drivekd.cli.train import cache_teacher
+    from drivekd.distill.cache import COMPRESSIONS, STORAGES
+
+    choices = {p.name: tuple(p.type.choices) for p in cache_teacher.params if p.name in ("storage", "compression")}
+    assert choices == {"storage": STORAGES, "compression": COMPRESSIONS}
+
+
 @pytest.mark.integration
 def test_an_fp8_cache_is_half_the_bytes_and_read_back_through_its_scales(one_process, tmp_path, capsys):
+    from drivekd.bench.cache import uncompressed_bytes
     from drivekd.distill.cache import TeacherCache
     from drivekd.distill.run import run_cache_teacher
     from drivekd.train.config import DistillConfig, load_config
@@ -220,7 +274,7 @@ def test_an_fp8_cache_is_half_the_bytes_and_read_back_through_its_scales(one_pro
     fp8 = run_cache_teacher(cfg, tmp_path / "fp8", storage="fp8", echo=lambda _: None)
     exact, lossy = TeacherCache(one), TeacherCache(fp8)
     assert lossy.manifest["storage"] == "fp8" and exact.manifest["storage"] == "fp16"
-    sizes = [sum(f.stat().st_size for f in d.glob("shard-*.safetensors")) for d in (one, fp8)]
+    sizes = [uncompressed_bytes(d) for d in (one, fp8)]  # the values, before both caches' zstd
     assert 0.45 < sizes[1] / sizes[0] < 0.6, sizes
     sample_id = next(iter(exact.manifest["index"]))
     for k in range(3):

@@ -2,9 +2,10 @@
 
 A synthetic driving dataset (FRAMES frames of N random camera images, Q questions of different
 lengths about each, DriveSim-style prompts) and the drive-kd recipe's cache written three ways by the
-same loaded teacher: as `cache-teacher` writes it (each frame's prefix run once and stored once), as
-it did before (every question run whole and stored whole), and with the lossy fp8 storage. Bytes are
-the shard files' per question; teacher seconds are the teacher's forward passes per question. Each
+same loaded teacher: as `cache-teacher` writes it (each frame's prefix run once and stored once,
+zstd-compressed), as it did before (every question run whole and stored whole, uncompressed), and with
+the lossy fp8 storage (compressed). Bytes are the shard files' per question (and the values' before
+compression); teacher seconds are the teacher's forward passes per question. Each
 lossy storage's signal losses and gradients are compared with the live teacher's exact targets on
 the first questions (`lossy_errors`, shared with experiments/cache_lossy.py).
 
@@ -16,6 +17,7 @@ shapes with random weights (InternVL3-1B student, -2B teacher; Qwen2.5-VL-3B, -7
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -98,20 +100,45 @@ def make_frames(out: Path, frames: int, cameras: int, questions: int, side: int)
 
 
 def cache_figures(folder: Path) -> dict[str, Any]:
-    """A written cache's size and cost: questions, bytes per question (the shard files), questions
-    sharing their frame's stored prefix, frames, teacher seconds (per question too)."""
+    """A written cache's size and cost: questions, bytes per question (the shard files, and the values
+    before compression), questions sharing their frame's stored prefix, frames, teacher seconds (per
+    question too)."""
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     questions = len(manifest["index"])
     size = sum(f.stat().st_size for f in folder.glob("shard-*.safetensors"))
     return {
         "questions": questions,
         "bytes_per_question": size / questions,
+        "bytes_per_question_uncompressed": uncompressed_bytes(folder) / questions,
+        "compression": manifest["compression"],
         "questions_sharing": len(manifest["prefixes"]),
         "frames": len({v[0] for v in manifest["prefixes"].values()}),
         "questions_after_prefix": manifest["after_prefix"],
         "teacher_seconds": manifest["teacher_seconds"],
         "teacher_seconds_per_question": manifest["teacher_seconds"] / questions,
     }
+
+
+def uncompressed_bytes(folder: Path) -> int:
+    """The bytes of a cache's stored tensors as they were before compression (a compressed value tensor
+    counted by its recorded shape)."""
+    from safetensors import safe_open
+
+    from drivekd.distill.cache import BYTES_PER_VALUE, ITEM_BYTES
+
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    per_value = BYTES_PER_VALUE[manifest["storage"]]
+    total = 0
+    for shard in folder.glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            keys = set(f.keys())
+            for key in keys:
+                if key.endswith("#shape"):
+                    total += math.prod(f.get_tensor(key).tolist()) * per_value
+                elif f"{key}#shape" not in keys:  # stored as it is
+                    tensor = f.get_slice(key)
+                    total += math.prod(tensor.get_shape()) * ITEM_BYTES[tensor.get_dtype()]
+    return total
 
 
 def lossy_errors(
@@ -313,18 +340,18 @@ def _bench_cache(
             "visual_tokens_per_frame": int(one.visual_mask.sum()),
         }
         caches: dict[str, Path] = {}
-        ways = {  # name: (storage, prefix run once and reused, prefix stored once)
-            "whole": ("fp16", False, False),
-            "reused": ("fp16", True, True),
-            **{storage: (storage, True, True) for storage in LOSSY_STORAGES},
+        ways = {  # name: (storage, prefix run once and reused, prefix stored once, compression)
+            "whole": ("fp16", False, False, "none"),  # the layout before prefix sharing and compression
+            "reused": ("fp16", True, True, "zstd"),  # cache-teacher's defaults
+            **{storage: (storage, True, True, "zstd") for storage in LOSSY_STORAGES},
         }
         figures: dict[str, dict[str, Any]] = {}
         # the timed ways in turn, `repeats` times, each keeping its fastest (a shared machine's load
         # comes and goes); the lossy ways once, for their bytes and targets
         order = [w for _ in range(repeats) for w in ("whole", "reused")] + list(LOSSY_STORAGES)
         for way in order:
-            storage, reuse, share = ways[way]
-            echo(f"[cache] writing the {way} cache ({storage}) ...")
+            storage, reuse, share, compression = ways[way]
+            echo(f"[cache] writing the {way} cache ({storage}, {compression}) ...")
             caches[way] = Path(tmp) / f"cache-{way}"
             start = time.perf_counter()
             write_cache(
@@ -339,6 +366,7 @@ def _bench_cache(
                 storage=storage,
                 share_prefixes=share,
                 reuse_prefix=reuse,
+                compression=compression,
             )
             got = cache_figures(caches[way]) | {"write_seconds": time.perf_counter() - start}
             if way not in figures or got["teacher_seconds"] < figures[way]["teacher_seconds"]:
@@ -346,6 +374,7 @@ def _bench_cache(
         reused, whole = figures["reused"], figures["whole"]
         result |= {
             "bytes_per_question": reused["bytes_per_question"],
+            "bytes_per_question_uncompressed": reused["bytes_per_question_uncompressed"],
             "bytes_per_question_unshared": whole["bytes_per_question"],
             "teacher_seconds_per_question": reused["teacher_seconds_per_question"],
             "teacher_seconds_per_question_without_reuse": whole["teacher_seconds_per_question"],
@@ -368,7 +397,12 @@ def _bench_cache(
         )
         result["fp16_against_exact"] = errors["fp16"]
         result["lossy"] = {
-            s: {"bytes_per_question": figures[s]["bytes_per_question"], **errors[s]} for s in LOSSY_STORAGES
+            s: {
+                "bytes_per_question": figures[s]["bytes_per_question"],
+                "bytes_per_question_uncompressed": figures[s]["bytes_per_question_uncompressed"],
+                **errors[s],
+            }
+            for s in LOSSY_STORAGES
         }
         result["caches"] = figures
         result["lossy_questions"] = min(lossy_questions, len(samples))

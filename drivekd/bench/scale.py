@@ -242,15 +242,17 @@ def _cached_bytes(cache_dir: Path, sample_id: str) -> int:
     frame's prefix rows included: what one question of a frame costs on its own."""
     from safetensors import safe_open
 
+    from drivekd.distill.cache import ITEM_BYTES
+
     shared = json.loads((cache_dir / "manifest.json").read_text(encoding="utf-8"))["prefixes"].get(sample_id)
     mine = {sample_id} | ({f"prefix:{shared[0]}"} if shared else set())
     total = 0
     for shard in cache_dir.glob("shard-*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                if key.split("/")[0] in mine:
+                if key.split("/")[0] in mine:  # as stored: compressed values and their shapes
                     t = f.get_slice(key)
-                    total += math.prod(t.get_shape()) * 2  # stored as fp16
+                    total += math.prod(t.get_shape()) * ITEM_BYTES[t.get_dtype()]
     return total
 
 

@@ -295,16 +295,18 @@ def cache(
         )
         click.echo("| cache | MiB a question | teacher s a question |\n|---|---:|---:|")
         click.echo(
-            f"| prefix run and stored once | {result['bytes_per_question'] / 2**20:.3f} | "
+            f"| prefix run and stored once, zstd | {result['bytes_per_question'] / 2**20:.3f} | "
             f"{result['teacher_seconds_per_question']:.4f} |"
         )
+        click.echo(f"| the same, uncompressed | {result['bytes_per_question_uncompressed'] / 2**20:.3f} | |")
         click.echo(
             f"| every question whole | {result['bytes_per_question_unshared'] / 2**20:.3f} | "
             f"{result['teacher_seconds_per_question_without_reuse']:.4f} |"
         )
         for storage, row in result["lossy"].items():
             click.echo(
-                f"{storage}: {row['bytes_per_question'] / 2**20:.3f} MiB a question, loss error <= "
+                f"{storage}: {row['bytes_per_question'] / 2**20:.3f} MiB a question (zstd; "
+                f"{row['bytes_per_question_uncompressed'] / 2**20:.3f} uncompressed), loss error <= "
                 f"{row['loss_rel_error']:.2e}, gradient cosine >= {row['grad_cosine']:.6f}"
             )
     _emit_quietly(result, json_out)

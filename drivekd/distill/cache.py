@@ -2,7 +2,9 @@
 
 Layout of a cache folder: `manifest.json` (fingerprint, teacher depths, shard index) and
 `shard-00000.safetensors`, ... with tensors keyed `<sample id>/<signal>/<k>` (fp16; or, with the
-lossy `fp8` storage, float8 e4m3 values scaled row by row, the scales under `<key>#scale`). A frame's
+lossy `fp8` storage, float8 e4m3 values scaled row by row, the scales under `<key>#scale`). With
+`zstd` compression (the default, lossless) each value tensor is stored as its zstd-compressed bytes
+(uint8) and its shape under `<key>#shape`. A frame's
 prefix rows (`prefix:<content key>/<signal>/<k>`) are stored once and each question's tensors hold
 its rows after them (`frame_prefix`); otherwise a sample's targets are trimmed to the
 sample's length. `attn_tv` keeps only the text->vision block (everything else is masked out of its
@@ -43,6 +45,41 @@ OPEN_SHARDS = 64  # memory-mapped shard files a reader keeps open
 STORAGES = ("fp16", "fp8")
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 BYTES_PER_VALUE = {"fp16": 2, "fp8": 1}
+VALUE_DTYPE = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+# how the stored values' bytes are written: zstd (lossless; attention maps are mostly tiny values and
+# causal zeros, about a third smaller in fp16 and half in fp8: docs/results.md) or as they are
+COMPRESSIONS = ("zstd", "none")
+ZSTD_LEVEL = 3
+# bytes per element of what a cache's shards hold, by safetensors' dtype names
+ITEM_BYTES = {"F16": 2, "F8_E4M3": 1, "F32": 4, "U8": 1, "I64": 8}
+
+
+def compress(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A shard's tensors as written with zstd: each value tensor as its compressed bytes and its shape
+    (`#shape`); fp8's per-row scales as they are."""
+    import zstandard
+
+    out: dict[str, torch.Tensor] = {}
+    packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one frame per tensor, its size in the header
+    for key, value in shard.items():
+        if key.endswith("#scale"):
+            out[key] = value
+            continue
+        packed = packer.compress(value.contiguous().view(torch.uint8).numpy().tobytes())
+        out[key] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+        out[f"{key}#shape"] = torch.tensor(value.shape, dtype=torch.int64)
+    return out
+
+
+def unpack(read: Any, key: str, storage: str) -> torch.Tensor:
+    """A value tensor written by `compress`, back as stored before compression."""
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompress(read(key).numpy().tobytes())
+    shape = read(f"{key}#shape").tolist()
+    if not raw:  # torch makes no tensor from an empty buffer
+        return torch.empty(shape, dtype=VALUE_DTYPE[storage])
+    return torch.frombuffer(bytearray(raw), dtype=VALUE_DTYPE[storage]).reshape(shape)
 
 
 def encode(value: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
@@ -55,9 +92,9 @@ def encode(value: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     return {"": q.contiguous().cpu(), "#scale": scale.contiguous().cpu()}
 
 
-def decode(read: Any, key: str, storage: str) -> torch.Tensor:
+def decode(read: Any, key: str, storage: str, compression: str = "none") -> torch.Tensor:
     """A stored target back as values (`read(key)` gives a stored tensor)."""
-    stored = read(key)
+    stored = unpack(read, key, storage) if compression == "zstd" else read(key)
     if storage == "fp16":
         return stored
     rows = stored.float().reshape(-1, stored.shape[-1]) * read(f"{key}#scale")[:, None]
@@ -66,8 +103,9 @@ def decode(read: Any, key: str, storage: str) -> torch.Tensor:
 
 # the recipe identified by its signals bound to both models' depths (layer pairs, windows, blocks)
 # and the student's depth; images by their whole content; the teacher's dtype; each sample's token
-# count. /7: a frame's prefix rows stored once (`prefixes`), values' storage, each shard's writer
-FORMAT = "drivekd-teacher-cache/7"
+# count. /7: a frame's prefix rows stored once (`prefixes`), values' storage, each shard's writer.
+# /8: values compressed (`compression`)
+FORMAT = "drivekd-teacher-cache/8"
 
 
 def checkpoint_digest(spec: str) -> str:
@@ -186,6 +224,7 @@ def write_cache(
     storage: str = "fp16",
     share_prefixes: bool = True,
     reuse_prefix: bool = True,
+    compression: str = "zstd",
 ) -> dict[str, Any]:
     """Run live teachers (`teachers.LiveTeachers`) over `samples` and write the cache folder.
 
@@ -205,6 +244,7 @@ def write_cache(
         "teacher_depths": {n: teachers.depth(n) for n in signals},
         "teacher_widths": {n: teachers.width(n) for n in signals},
         "storage": storage,
+        "compression": compression,
         "prefix_sharing": share_prefixes,
         # the targets' rounding depends on it (the prefix's matrix products have other shapes), so a
         # run resumed with the other setting starts over
@@ -230,7 +270,17 @@ def write_cache(
     for number in todo:
         samples_of = [samples[i] for i in plan[number]]
         _write_shard(
-            teachers, signals, samples_of, work, number, batch_size, ranks, storage, share_prefixes, reuse_prefix
+            teachers,
+            signals,
+            samples_of,
+            work,
+            number,
+            batch_size,
+            ranks,
+            storage,
+            share_prefixes,
+            reuse_prefix,
+            compression,
         )
         bar.update(len(plan[number]))
     bar.close()
@@ -306,6 +356,7 @@ def _write_shard(
     storage: str,
     share_prefixes: bool = True,
     reuse_prefix: bool = True,
+    compression: str = "zstd",
 ) -> None:
     """One shard's tensors, then its record (the rank that wrote it, each sample's tokens and frame
     prefix, the teacher's seconds): a shard whose record exists is complete.
@@ -366,7 +417,7 @@ def _write_shard(
                 prefixes.pop(sample.id, None)
             lengths[sample.id] = counts[b]
     with atomic_file(work / shard_name(number)) as tmp:
-        save_file(shard, str(tmp))
+        save_file(compress(shard) if compression == "zstd" else shard, str(tmp))
     with atomic_file((work / shard_name(number)).with_suffix(".json")) as tmp:
         record = {
             "rank": ranks.rank,
@@ -425,8 +476,9 @@ def estimate_bytes(
     prefixes: Sequence[int] | None = None,
     questions_per_frame: float = 1.0,
 ) -> int:
-    """The cache's size in bytes with `storage`, from token counts alone (before any teacher runs; fp8's
-    per-row scales, 4 bytes a row, left out). With `prefixes` (each sample's frame-prefix tokens, its
+    """The cache's size in bytes with `storage` before compression (zstd's saving depends on the
+    teacher's maps), from token counts alone (before any teacher runs; fp8's per-row scales, 4 bytes a
+    row, left out). With `prefixes` (each sample's frame-prefix tokens, its
     visual tokens among them), a frame's prefix rows count once per `questions_per_frame` questions:
     they hold what the targets would store for a sample as long as its prefix."""
     total = 0.0
@@ -468,7 +520,7 @@ class TeacherCache:
             )
         # Shards are memory-mapped and a sample's tensors read alone: a shuffled batch touches several
         # shards, and at real shapes one shard is gigabytes, of which a batch needs a few samples.
-        self.storage = self.manifest["storage"]
+        self.storage, self.compression = self.manifest["storage"], self.manifest["compression"]
         self._open: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # the prefetching thread and the training step read alike
 
@@ -514,11 +566,11 @@ class TeacherCache:
             raise DriveKDError(f"{self.folder}: sample {sample_id} is not in the cache")
         with self._lock:
             handle = self._shard(file)
-            own = decode(handle.get_tensor, f"{sample_id}/{key}", self.storage)
+            own = decode(handle.get_tensor, f"{sample_id}/{key}", self.storage, self.compression)
             shared = self.manifest["prefixes"].get(sample_id)
             if shared is None:
                 return own
-            head = decode(handle.get_tensor, f"prefix:{shared[0]}/{key}", self.storage)
+            head = decode(handle.get_tensor, f"prefix:{shared[0]}/{key}", self.storage, self.compression)
         if head.shape[1] < own.shape[1]:  # a causal map's prefix rows: zero right of the prefix
             head = torch.nn.functional.pad(head, (0, own.shape[1] - head.shape[1]))
         return torch.cat([head, own])

@@ -75,6 +75,7 @@ def run_cache_teacher(
     storage: str = "fp16",
     share_prefixes: bool = True,
     reuse_prefix: bool = True,
+    compression: str = "zstd",
 ) -> Path:
     """Write the teacher targets of the run's train and val samples; returns the cache folder. Under
     `torchrun` the processes split the shards between them, each on its own device."""
@@ -116,7 +117,8 @@ def run_cache_teacher(
         )
     say(
         f"teacher cache for {len(samples)} samples, signals {', '.join(signals)}: about {size / 2**20:.1f} MiB "
-        f"({storage}) -> {target}" + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")
+        f"({storage}{', before zstd' if compression == 'zstd' else ''}) -> {target}"
+        + (f", written by {ranks.world_size} processes" if ranks.world_size > 1 else "")
     )
     manifest = write_cache(
         teachers,
@@ -131,7 +133,11 @@ def run_cache_teacher(
         storage=storage,
         share_prefixes=share_prefixes,
         reuse_prefix=reuse_prefix,
+        compression=compression,
     )
+    if ranks.rank == 0:
+        written = sum(f.stat().st_size for f in target.glob("shard-*.safetensors"))
+        say(f"written: {written / 2**20:.1f} MiB ({written / max(len(samples), 1) / 2**20:.3f} MiB a question)")
     say(
         f"teacher forward passes: {manifest['teacher_seconds']:.1f} s; {manifest['after_prefix']} of {len(samples)} "
         "questions ran after their frame's prefix (its KV cache)"
