@@ -67,6 +67,12 @@ def _weights(run):
     return load_file(run / "final" / "model.safetensors")
 
 
+def _logged(run):
+    """Each logged step's figures (losses, AGP's figures), without the clock's."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in lines if "lr" in r]
+
+
 def _learning_rates(run):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["lr"] for r in lines if "lr" in r]
@@ -91,6 +97,17 @@ def test_fsdp_and_ddp_agp_per_step_equal_one_process_with_the_same_global_batch(
     for other in (sharded, replicated):
         worst = max(float((one[k].double() - other[k].double()).abs().max()) for k in one)
         assert worst <= 1e-5, worst
+    # each log line is the mean over the global batch, not over the main process's half of it
+    logged = {n: _logged(tmp_path / n) for n in ("one", "fsdp", "ddp")}
+    assert len(logged["one"]) == 8 and {"ce", "perception", "reasoning", "planning"} <= logged["one"][0].keys()
+    for name in ("fsdp", "ddp"):
+        for want, got in zip(logged["one"], logged[name], strict=True):
+            assert want.keys() == got.keys()
+            for k in want:
+                # AGP's figures (gradient cosines, coefficients) come from the Gram matrix of gradients
+                # summed in another order: rounding, magnified where a cosine is small
+                tolerance = {"rel": 1e-4, "abs": 1e-6} if "/" not in k else {"abs": 1e-3}
+                assert got[k] == pytest.approx(want[k], **tolerance), (name, want["step"], k)
     # the schedule is one process's: accelerate's scheduler wrapper would step it once per process
     assert _learning_rates(tmp_path / "fsdp") == _learning_rates(tmp_path / "one") == _learning_rates(tmp_path / "ddp")
     assert len(_learning_rates(tmp_path / "one")) == 8 and _learning_rates(tmp_path / "one")[-1] == 0.0

@@ -432,11 +432,16 @@ class Trainer:
         bar = progress.bar(
             total=self.total_steps, initial=pos.step, desc="train", unit="step", disable=not acc.is_main_process
         )
-        # loss sums since the last log line: restored on resume, so that line averages the same steps
-        window: dict[str, float] = dict(self.log_window["sums"])
+        # loss sums since the last log line: restored on resume, so that line averages the same steps.
+        # Each process sums its own micro-batches and a log line sums over processes; a checkpoint
+        # holds those sums over all processes, so one process takes them back, not every one
+        restored = acc.is_main_process
+        window: dict[str, float] = dict(self.log_window["sums"]) if restored else {}
         # each figure's mean is over the micro-batches (or steps) that reported it: an amortised AGP
         # step reports no coefficients, and is no zero in their mean
-        counts: dict[str, int] = dict(self.log_window.get("counts") or dict.fromkeys(window, self.log_window["n"]))
+        counts: dict[str, int] = (
+            dict(self.log_window.get("counts") or dict.fromkeys(window, self.log_window["n"])) if restored else {}
+        )
         window_n, window_samples, window_start = int(self.log_window["n"]), 0, time.perf_counter()
         last: dict[str, float] = {}
         validated: tuple[int, dict[str, float]] = (-1, {})
@@ -491,7 +496,8 @@ class Trainer:
                 bar.update(1)
                 if pos.step % cfg.log_every == 0 or pos.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    last = {k: v / counts[k] for k, v in window.items()}
+                    sums, reported = self._over_processes(window, counts)
+                    last = {k: v / reported[k] for k, v in sums.items()}
                     record = {
                         "step": pos.step,
                         "epoch": pos.epoch,
@@ -510,7 +516,8 @@ class Trainer:
                     validated = (pos.step, self.validate())
                     self._log({"step": pos.step, **validated[1]})
                 if cfg.save_every and pos.step % cfg.save_every == 0:
-                    self.log_window = {"sums": dict(window), "counts": dict(counts), "n": window_n}
+                    sums, reported = self._over_processes(window, counts)
+                    self.log_window = {"sums": sums, "counts": reported, "n": window_n}
                     self.save_checkpoint()
             if pos.batch_in_epoch >= self.batches_per_epoch():
                 pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
@@ -524,6 +531,22 @@ class Trainer:
             if final_val:
                 self._log({"step": pos.step, **final_val})
         return {**last, **final_val}
+
+    def _over_processes(self, sums: dict[str, float], counts: dict[str, int]) -> tuple[dict, dict]:
+        """Logged sums and counts added up over the processes (every process calls it): a log line
+        is the mean over the global batch's micro-batches, not over the main process's share."""
+        if self.accelerator.num_processes == 1:
+            return dict(sums), dict(counts)
+        keys = sorted({k for rank_keys in gather_object([sorted(sums)]) for k in rank_keys})
+        both = torch.tensor(
+            [sums.get(k, 0.0) for k in keys] + [float(counts.get(k, 0)) for k in keys],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        both = self.accelerator.reduce(both, reduction="sum").cpu().tolist()
+        return dict(zip(keys, both[: len(keys)], strict=True)), {
+            k: int(c) for k, c in zip(keys, both[len(keys) :], strict=True)
+        }
 
     def save_final(self) -> Path:
         target = self.run_dir / "final"
