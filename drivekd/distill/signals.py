@@ -182,10 +182,11 @@ class _Attention(Signal):
         """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
         (its group window's mean) matched to `student_layers[k]`."""
         mask = self.loss_mask(positions)
-        losses = [
-            map_distance(self.student_map(student, s), t, mask, self.distance)
-            for s, t in zip(student_layers, targets, strict=True)
-        ]
+        losses = []
+        for s, t in zip(student_layers, targets, strict=True):
+            smap = self.student_map(student, s)
+            weights, count = positions.weights(mask, smap.dtype)
+            losses.append(map_distance(smap, t, weights, self.distance, count))
         return torch.stack(losses).mean(0)
 
 
@@ -420,26 +421,60 @@ class Positions:
     visual: torch.Tensor  # (B, T) bool: visual-token positions
     answer: torch.Tensor  # (B, T) bool: positions whose next token is an answer token (for logits)
     row_valid: torch.Tensor | None = None  # (B, R) bool: which text rows (`text_rows`) are real
+    # a batch's masks are alike for every signal and layer that reads them, and each is a (B, T, T)
+    # tensor (its float weights another): made once per batch
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def text_row_mask(self) -> torch.Tensor:
         """(B, R, T): a real text row against a real visual key, the entries a text->vision loss reads."""
         assert self.row_valid is not None, "text rows need the batch's row_valid"
-        return self.row_valid[:, :, None] & (self.valid & self.visual)[:, None, :]
+        row_valid = self.row_valid
+        return self._memoized("text_rows", lambda: row_valid[:, :, None] & (self.valid & self.visual)[:, None, :])
 
     def pair_mask(self, block: str) -> torch.Tensor:
-        rows = self.valid
-        cols = self.valid
-        if block == "tv":
-            rows = rows & ~self.visual
-            cols = cols & self.visual
-        return rows[:, :, None] & cols[:, None, :]
+        def build() -> torch.Tensor:
+            rows = self.valid
+            cols = self.valid
+            if block == "tv":
+                rows = rows & ~self.visual
+                cols = cols & self.visual
+            return rows[:, :, None] & cols[:, None, :]
+
+        return self._memoized(("pair", block), build)
+
+    def weights(self, mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mask` as `dtype` weights and each sample's number of entries (at least 1), `map_distance`'s
+        `mask` and `count`. Keyed by the mask's identity: the entry holds the mask, so no other tensor
+        can take its id meanwhile."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            m = mask.to(dtype)
+            return mask, m, m.flatten(1).sum(1).clamp_min(1.0)
+
+        _, m, count = self._memoized(("weights", id(mask), dtype), build)
+        return m, count
+
+    def _memoized(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
 
-def map_distance(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, distance: str) -> torch.Tensor:
-    """Per-sample distance between two `(B, T, T)` maps over the `mask` entries."""
+def map_distance(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    distance: str,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample distance between two `(B, T, T)` maps over the `mask` entries (boolean, or weights of
+    the student's dtype: `Positions.weights`, which also gives `count`, the entries per sample)."""
     m = mask.to(student.dtype)
     if distance == "mse":
-        return ((student - teacher.to(student.dtype)) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+        if count is None:
+            count = m.flatten(1).sum(1).clamp_min(1.0)
+        # in place: the square is no saved tensor (pow keeps its input), one (B, T, T) buffer fewer
+        return ((student - teacher.to(student.dtype)) ** 2).mul_(m).flatten(1).sum(1) / count
     s = (student * m).flatten(1)
     t = (teacher.to(student.dtype) * m).flatten(1)
     return 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=1, eps=1e-12)

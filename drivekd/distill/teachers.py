@@ -304,7 +304,7 @@ def _pad(items: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """Place per-sample tensors, trimmed to their length, in the top-left corner of a zero batch tensor."""
     out = torch.zeros((len(items), *shape), dtype=torch.float32)
     for b, t in enumerate(items):
-        out[(b, *(slice(0, n) for n in t.shape))] = t.float()
+        out[(b, *(slice(0, n) for n in t.shape))].copy_(t)  # converts while copying: no fp32 copy of t first
     return out
 
 

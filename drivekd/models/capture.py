@@ -33,6 +33,20 @@ class CapturedMaps(dict):
         super().__init__()
         self.rows: dict[int, torch.Tensor] = {}
         self.row_index = row_index
+        self._additive: tuple[torch.Tensor | None, tuple[object, ...], torch.Tensor] | None = None
+
+    def additive(
+        self, mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """`_additive` of the layer's mask, made once per forward: every layer receives the same mask
+        tensor, and each conversion is a `(B, 1, T, T)` map that a checkpointed layer keeps until its
+        backward. The mask held here cannot be freed, so `is` cannot match a new tensor at its address."""
+        shape = (q_len, k_len, dtype, device)
+        if self._additive is not None and self._additive[0] is mask and self._additive[1] == shape:
+            return self._additive[2]
+        additive = _additive(mask, q_len, k_len, dtype, device)
+        self._additive = (mask, shape, additive)
+        return additive
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,19 @@ def _head_mean(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale
     heads = query.shape[1]
     total = None
     for h in range(heads):
-        logits = torch.matmul(query[:, h], key[:, h // groups].transpose(1, 2)).float() * scale + mask[:, 0].float()
-        probs = torch.softmax(logits, dim=-1)
-        total = probs if total is None else total + probs
+        # in place: no autograd node saves the product, and every (B, R, T) buffer not allocated is one
+        # the allocator need not fault in again at each step's peak
+        logits = torch.matmul(query[:, h], key[:, h // groups].transpose(1, 2)).float()
+        probs = torch.softmax(logits.mul_(scale).add_(mask[:, 0].float()), dim=-1)
+        if total is None:
+            total = probs
+        elif h == 1:
+            total = total + probs  # the first head's probabilities are saved for the softmax's backward
+        else:
+            total.add_(probs)
     assert total is not None
-    return total / heads
+    # a single head's total is its (saved) probabilities: divided out of place
+    return total.div_(heads) if heads > 1 else total / heads
 
 
 def _map(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
@@ -106,8 +128,8 @@ def capture_attention_forward(
         return out
     groups = getattr(module, "num_key_value_groups", 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    mask = _additive(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
     sink, layer = wanted.sink, wanted.layer
+    mask = sink.additive(attention_mask, query.shape[2], key.shape[2], query.dtype, query.device)
     if wanted.per_head:  # every head's map, with the graph (tag attention supervises one head)
         k = _repeat_kv(key, groups)
         logits = torch.matmul(query, k.transpose(2, 3)).float() * scale + mask.float()
