@@ -194,10 +194,10 @@ def test_fp8_storage_rounds_each_row_to_its_own_scale_and_fp16_is_exact():
     value[2] = 0.0  # a row of zeros stays zeros
     value[3] *= 1e-5  # a row far below the others keeps its own precision
     fp16 = encode(value, "fp16")
-    assert set(fp16) == {""} and torch.equal(decode(fp16.__getitem__, "", "fp16"), value.to(torch.float16))
+    assert set(fp16) == {""} and torch.equal(decode(fp16.__getitem__, "", "fp16", "none"), value.to(torch.float16))
     stored = encode(value, "fp8")
     assert stored[""].dtype == torch.float8_e4m3fn and stored["#scale"].shape == (5,)
-    back = decode(lambda key: stored[key.removeprefix("k")], "k", "fp8")
+    back = decode(lambda key: stored[key.removeprefix("k")], "k", "fp8", "none")
     # slow reference: each row divided by (its max / 448), rounded to e4m3, multiplied back
     for r in range(5):
         scale = max(float(value[r].abs().max()), 1e-30) / 448.0
@@ -216,17 +216,22 @@ def test_zstd_gives_back_every_stored_byte_and_shape(storage):
     torch.manual_seed(0)
     maps = torch.softmax(torch.randn(3, 40, 40) * 4, -1).tril()  # attention-like: peaked rows, causal zeros
     shard = {}
-    for i, value in enumerate([maps, torch.zeros(0, 40), torch.rand(7)]):  # an empty and a 1-d tensor too
+    values = [maps, torch.zeros(0, 40), torch.rand(7)]  # an empty and a 1-d tensor too
+    if storage == "fp16":
+        values.append(torch.tensor(0.25))  # and a 0-d one (fp8 scales rows: it has none)
+    for i, value in enumerate(values):
         shard |= {f"s{i}/x/0{suffix}": t for suffix, t in encode(value, storage).items()}
-    packed = compress(shard)
+    packed = compress(dict(shard))
     for key, stored in shard.items():
         if key.endswith("#scale"):  # fp8's scales are kept as they are
             assert packed[key] is stored
             continue
         assert packed[key].dtype == torch.uint8 and packed[f"{key}#shape"].tolist() == list(stored.shape)
-        plain, unpacked = decode(shard.__getitem__, key, storage), decode(packed.__getitem__, key, storage, "zstd")
+        plain = decode(shard.__getitem__, key, storage, "none")
+        unpacked = decode(packed.__getitem__, key, storage, "zstd")
         assert unpacked.dtype == plain.dtype and unpacked.shape == plain.shape
-        assert torch.equal(unpacked.view(torch.uint8), plain.contiguous().view(torch.uint8))  # bit for bit
+        bits = [t.contiguous().reshape(-1).view(torch.uint8) for t in (unpacked, plain)]
+        assert torch.equal(*bits)  # bit for bit
     big = "s0/x/0"
     assert packed[big].numel() < 0.8 * shard[big].numel() * shard[big].element_size()
 
@@ -252,6 +257,16 @@ def test_a_zstd_cache_reads_back_what_an_uncompressed_one_holds_in_fewer_bytes(o
     assert size[0] < 0.85 * size[1], size
     # the values before compression are the uncompressed cache's, whose files are little else
     assert uncompressed_bytes(one) == uncompressed_bytes(plain) <= size[1]
+
+
+def test_an_unknown_storage_or_compression_is_refused_before_any_work(tmp_path):
+    from drivekd.distill.cache import write_cache
+    from drivekd.errors import DriveKDError
+
+    for storage, compression in (("fp16", "zst"), ("bf16", "zstd")):
+        with pytest.raises(DriveKDError, match="expected one of"):
+            write_cache(None, {}, {}, [], tmp_path / "c", storage=storage, compression=compression)
+    assert not list(tmp_path.iterdir())
 
 
 def test_cache_teachers_choices_are_the_caches_own():

@@ -142,6 +142,7 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_bit_identically(tmp_path, ev
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "step-0000002").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
     assert kill_tree(proc) >= 3  # the launcher and both workers, mid-run
     assert not (run / "final").exists(), "the run finished before it could be killed"
     checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]

@@ -83,7 +83,7 @@ def cache_teacher(
     prefix_reuse: bool,
     overrides: tuple[str, ...],
 ) -> None:
-    """Run the teachers once and store the recipe's targets (fp16 safetensors, zstd-compressed); `distill` with
+    """Run the teachers once and store the recipe's targets (safetensors shards); `distill` with
     `teacher.cache=DIR` then loads no teacher. Run it again after a kill to finish it; under
     `torchrun --nproc-per-node N -m drivekd cache-teacher ...` N processes write it together."""
     from drivekd.distill.run import run_cache_teacher

@@ -56,16 +56,18 @@ ITEM_BYTES = {"F16": 2, "F8_E4M3": 1, "F32": 4, "U8": 1, "I64": 8}
 
 def compress(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A shard's tensors as written with zstd: each value tensor as its compressed bytes and its shape
-    (`#shape`); fp8's per-row scales as they are."""
+    (`#shape`); fp8's per-row scales as they are. Takes the tensors out of `shard` one by one, so a
+    shard of real-size maps is not held twice."""
     import zstandard
 
     out: dict[str, torch.Tensor] = {}
     packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one frame per tensor, its size in the header
-    for key, value in shard.items():
+    for key in list(shard):
+        value = shard.pop(key)
         if key.endswith("#scale"):
             out[key] = value
             continue
-        packed = packer.compress(value.contiguous().view(torch.uint8).numpy().tobytes())
+        packed = packer.compress(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         out[key] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
         out[f"{key}#shape"] = torch.tensor(value.shape, dtype=torch.int64)
     return out
@@ -92,7 +94,12 @@ def encode(value: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     return {"": q.contiguous().cpu(), "#scale": scale.contiguous().cpu()}
 
 
-def decode(read: Any, key: str, storage: str, compression: str = "none") -> torch.Tensor:
+def stored_keys(key: str, storage: str, compression: str) -> list[str]:
+    """The stored tensors one target is read back from."""
+    return [key] + [f"{key}#scale"] * (storage == "fp8") + [f"{key}#shape"] * (compression == "zstd")
+
+
+def decode(read: Any, key: str, storage: str, compression: str) -> torch.Tensor:
     """A stored target back as values (`read(key)` gives a stored tensor)."""
     stored = unpack(read, key, storage) if compression == "zstd" else read(key)
     if storage == "fp16":
@@ -234,6 +241,10 @@ def write_cache(
     killed run, run again with the same config, redoes only the shards it had not finished. The
     finished folder then takes the place of `out` (the old one moved aside first, then removed).
     `reuse_prefix`: each frame's prefix runs once, its questions after its KV cache (`_write_shard`)."""
+    if storage not in STORAGES or compression not in COMPRESSIONS:
+        raise DriveKDError(
+            f"cache storage {storage!r} / compression {compression!r}: expected one of {STORAGES} / {COMPRESSIONS}"
+        )
     ranks = ranks or Ranks()
     student = teachers.student
     plan = shard_plan(samples, shard_samples)
@@ -564,13 +575,15 @@ class TeacherCache:
         file = self.manifest["index"].get(sample_id)
         if file is None:
             raise DriveKDError(f"{self.folder}: sample {sample_id} is not in the cache")
-        with self._lock:
+        shared = self.manifest["prefixes"].get(sample_id)
+        names = [f"{sample_id}/{key}"] + ([f"prefix:{shared[0]}/{key}"] if shared is not None else [])
+        with self._lock:  # the stored tensors only: decompressing needs no lock, and the step may wait on it
             handle = self._shard(file)
-            own = decode(handle.get_tensor, f"{sample_id}/{key}", self.storage, self.compression)
-            shared = self.manifest["prefixes"].get(sample_id)
-            if shared is None:
-                return own
-            head = decode(handle.get_tensor, f"prefix:{shared[0]}/{key}", self.storage, self.compression)
+            raw = {k: handle.get_tensor(k) for n in names for k in stored_keys(n, self.storage, self.compression)}
+        own = decode(raw.__getitem__, names[0], self.storage, self.compression)
+        if shared is None:
+            return own
+        head = decode(raw.__getitem__, names[1], self.storage, self.compression)
         if head.shape[1] < own.shape[1]:  # a causal map's prefix rows: zero right of the prefix
             head = torch.nn.functional.pad(head, (0, own.shape[1] - head.shape[1]))
         return torch.cat([head, own])

@@ -434,8 +434,10 @@ class Trainer:
         )
         # loss sums since the last log line: restored on resume, so that line averages the same steps.
         # Each process sums its own micro-batches and a log line sums over processes; a checkpoint
-        # holds those sums over all processes, so one process takes them back, not every one
-        restored = acc.is_main_process
+        # holds those sums over all processes, so one process takes them back, not every one (a
+        # checkpoint from before that, several processes' but holding the main one's sums, gives none)
+        summed = acc.num_processes == 1 or bool(self.log_window.get("over_processes"))
+        restored = acc.is_main_process and summed
         window: dict[str, float] = dict(self.log_window["sums"]) if restored else {}
         # each figure's mean is over the micro-batches (or steps) that reported it: an amortised AGP
         # step reports no coefficients, and is no zero in their mean
@@ -517,7 +519,7 @@ class Trainer:
                     self._log({"step": pos.step, **validated[1]})
                 if cfg.save_every and pos.step % cfg.save_every == 0:
                     sums, reported = self._over_processes(window, counts)
-                    self.log_window = {"sums": sums, "counts": reported, "n": window_n}
+                    self.log_window = {"sums": sums, "counts": reported, "n": window_n, "over_processes": True}
                     self.save_checkpoint()
             if pos.batch_in_epoch >= self.batches_per_epoch():
                 pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
