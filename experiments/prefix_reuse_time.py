@@ -33,42 +33,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from drivekd.bench.cache import REAL_PAIRS, RECIPE, TINY_PAIRS, make_frames
+    from drivekd.bench.cache import load_synthetic
     from drivekd.distill.cache import frame_prefix
-    from drivekd.distill.run import check_recipe
-    from drivekd.distill.teachers import LiveTeachers
-    from drivekd.models.loading import LoadOptions, init_like, real_shapes
-    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
-    from drivekd.train.sft import load_model, load_training_data
 
     torch.set_flush_denormal(True)  # as `bench cache`: denormal maps would time the values, not the work
-    names = (REAL_PAIRS if args.real_shapes else TINY_PAIRS)[args.pair]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if args.real_shapes:
-            work = (args.work or root).resolve()
-            specs = []
-            for name in names:
-                if not (work / name / "config.json").is_file():
-                    init_like(name, work / name, LoadOptions(dtype="bfloat16", seed=0))
-                specs.append(str(work / name))
-            side = int(real_shapes()[names[0]]["vision"].get("image", 448))
-        else:
-            specs, side = list(names), 96
-        data = make_frames(root / "data", 1, args.cameras, args.questions_per_frame, side)
-        config = DistillConfig(
-            model=ModelConfig(name=specs[0], freeze_vision=True),
-            teacher={"name": specs[1], "dtype": "float32"},
-            recipe=RECIPE,
-            data=DataConfig(path=str(data), val_split=None, max_length=32768),
-            train=TrainConfig(output_dir=str(root / "run"), micro_batch_size=args.batch),
+        loaded = load_synthetic(
+            args.pair,
+            real=args.real_shapes,
+            cameras=args.cameras,
+            questions_per_frame=args.questions_per_frame,
+            frames=1,
+            batch=args.batch,
+            tmp=root,
+            models=(args.work or root).resolve(),
         )
-        signals = check_recipe(config)
-        student = load_model(config.model, device="cpu")
-        train, val, _ = load_training_data(config.data, student)
-        samples = train + val
-        teacher_of = {n: str(config.teacher.of(n)) for n in signals}
-        teachers = LiveTeachers(signals, teacher_of, student, dtype="float32", probe=samples)
+        names, student, samples, teachers = loaded.names, loaded.student, loaded.samples, loaded.teachers
 
         def timed(fn: Any) -> float:
             start = time.perf_counter()
@@ -84,7 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timed(lambda i=i: teachers.targets(student.build_batch(samples[i : i + args.batch]), box["prefix"]))
             for i in range(0, len(samples), args.batch)
         ]
-        whole = [timed(lambda i=i: teachers.targets(student.build_batch(samples[i : i + 1]))) for i in range(args.whole)]
+        whole = [
+            timed(lambda i=i: teachers.targets(student.build_batch(samples[i : i + 1]))) for i in range(args.whole)
+        ]
         reused = (prefix_s + sum(after)) / len(samples)
         result = {
             "pair": names,

@@ -21,6 +21,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,70 @@ def make_frames(out: Path, frames: int, cameras: int, questions: int, side: int)
             )
     write_jsonl(samples, out / "train.jsonl")
     return out
+
+
+@dataclass
+class Synthetic:
+    """A pair loaded on `make_frames`' data with the drive-kd recipe: what `bench cache` and the cache
+    experiments measure on."""
+
+    names: tuple[str, str]  # (student, teacher) as the pair names them
+    config: Any  # the DistillConfig
+    signals: dict[str, Any]
+    student: Any
+    samples: list[Any]
+    teacher_of: dict[str, str]
+    teachers: Any  # LiveTeachers
+
+
+def load_synthetic(
+    pair: str,
+    *,
+    real: bool,
+    cameras: int,
+    questions_per_frame: int,
+    frames: int,
+    batch: int,
+    tmp: Path,
+    models: Path,
+    device: str = "cpu",
+    echo: Any = print,
+) -> Synthetic:
+    """The pair (`real`: the published shapes with random weights, initialised into `models/NAME` once
+    and kept there) with its live teacher, on `frames` synthetic frames written under `tmp`."""
+    from drivekd.distill.run import check_recipe
+    from drivekd.distill.teachers import LiveTeachers
+    from drivekd.models.loading import LoadOptions, init_like, real_shapes
+    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+    from drivekd.train.sft import load_model, load_training_data
+
+    names = (REAL_PAIRS if real else TINY_PAIRS)[pair]
+    if real:
+        specs = []
+        for name in names:  # bf16 on disk
+            folder = models / name
+            if not (folder / "config.json").is_file():
+                echo(f"[cache] initialising {name} (random weights) in {folder}")
+                init_like(name, folder, LoadOptions(dtype="bfloat16", seed=0))
+            specs.append(str(folder))
+        side = int(real_shapes()[names[0]]["vision"].get("image", 448))
+    else:
+        specs, side = list(names), 96
+    data = make_frames(tmp / "data", frames, cameras, questions_per_frame, side)
+    config = DistillConfig(
+        model=ModelConfig(name=specs[0], freeze_vision=True),
+        teacher={"name": specs[1], "dtype": "bfloat16" if device.startswith("cuda") else "float32"},
+        recipe=RECIPE,
+        data=DataConfig(path=str(data), val_split=None, max_length=32768),
+        train=TrainConfig(output_dir=str(tmp / "run"), micro_batch_size=batch),
+    )
+    signals = check_recipe(config)
+    student = load_model(config.model, device=device)
+    train, val, _ = load_training_data(config.data, student)
+    samples = train + val
+    teacher_of = {n: str(config.teacher.of(n)) for n in signals}
+    teachers = LiveTeachers(signals, teacher_of, student, dtype=config.teacher.dtype, probe=samples)
+    return Synthetic(names, config, signals, student, samples, teacher_of, teachers)
 
 
 def cache_figures(folder: Path) -> dict[str, Any]:
@@ -283,44 +348,25 @@ def _bench_cache(
     echo: Any,
 ) -> dict[str, Any]:
     from drivekd.distill.cache import Ranks, write_cache
-    from drivekd.distill.run import check_recipe
-    from drivekd.distill.teachers import LiveTeachers
-    from drivekd.models.loading import LoadOptions, init_like, real_shapes
-    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
-    from drivekd.train.sft import load_model, load_training_data
 
-    pairs = REAL_PAIRS if real else TINY_PAIRS
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="drivekd-bench-cache-") as tmp:
         root = (work or Path(tmp)).resolve()
-        names = pairs[pair]
-        if real:
-            # random weights at the published shapes, bf16 on disk, kept in WORK for another run
-            specs = []
-            for name in names:
-                folder = root / "models" / name
-                if not (folder / "config.json").is_file():
-                    echo(f"[cache] initialising {name} (random weights) in {folder}")
-                    init_like(name, folder, LoadOptions(dtype="bfloat16", seed=0))
-                specs.append(str(folder))
-            side = int(real_shapes()[names[0]]["vision"].get("image", 448))
-        else:
-            specs, side = list(names), 96
-        data = make_frames(Path(tmp) / "data", frames, cameras, questions_per_frame, side)
-        config = DistillConfig(
-            model=ModelConfig(name=specs[0], freeze_vision=True),
-            teacher={"name": specs[1], "dtype": "bfloat16" if cuda else "float32"},
-            recipe=RECIPE,
-            data=DataConfig(path=str(data), val_split=None, max_length=32768),
-            train=TrainConfig(output_dir=str(Path(tmp) / "run"), micro_batch_size=batch),
-        )
-        signals = check_recipe(config)
         ranks = Ranks()
-        student = load_model(config.model, device=device if cuda else ranks.device)
-        train, val, _ = load_training_data(config.data, student)
-        samples = train + val
-        teacher_of = {n: str(config.teacher.of(n)) for n in signals}
-        teachers = LiveTeachers(signals, teacher_of, student, dtype=config.teacher.dtype, probe=samples)
+        loaded = load_synthetic(
+            pair,
+            real=real,
+            cameras=cameras,
+            questions_per_frame=questions_per_frame,
+            frames=frames,
+            batch=batch,
+            tmp=Path(tmp),
+            models=root / "models",
+            device=device if cuda else ranks.device,
+            echo=echo,
+        )
+        names, config, signals, student = loaded.names, loaded.config, loaded.signals, loaded.student
+        samples, teacher_of, teachers = loaded.samples, loaded.teacher_of, loaded.teachers
         # first calls are slow (allocations, kernels): one whole batch before anything is timed
         teachers.targets(student.build_batch(samples[: min(batch, len(samples))]).to(student.device))
         one = student.build_batch(samples[:1])
