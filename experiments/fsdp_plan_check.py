@@ -59,6 +59,7 @@ def main(config_path: str | None, make: Path | None, steps: int) -> None:
     from drivekd.bench.plan import Inputs, plan
     from drivekd.bench.plan_measure import LiveTensors
     from drivekd.distill.engine import Distiller
+    from drivekd.models.backend import answer_positions
     from drivekd.train import fsdp
     from drivekd.train.config import DistillConfig, load_config
     from drivekd.train.sft import load_model, load_training_data
@@ -102,7 +103,11 @@ def main(config_path: str | None, make: Path | None, steps: int) -> None:
     rows = [None] * world
     torch.distributed.all_gather_object(rows, measured)
     if rank == 0:
-        at = {"tokens": int(batch.inputs["input_ids"].shape[1]), "images": max(len(s.images) for s in longest)}
+        at = {
+            "tokens": int(batch.inputs["input_ids"].shape[1]),
+            "answer_tokens": int(answer_positions(batch.labels).sum(1).max()),
+            "images": max(len(s.images) for s in longest),
+        }
         print(json.dumps(at))
         for row in rows:
             print(json.dumps(row))

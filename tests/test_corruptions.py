@@ -170,8 +170,12 @@ def test_the_recorded_setting_names_the_seed_and_a_file_of_mixed_settings_is_ref
     result = score_file(fog)
     assert result["setting"] == "fog:3" and "renamed-to-look-clean [fog:3]" in render_markdown([result])
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(json.dumps({**record, "id": "a", "setting": "fog:3"}) + "\n" + json.dumps({**record, "id": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"mixed\.jsonl: answers under different input settings in one file \(1 clean, 1 'fog:3'\)"):
+    mixed.write_text(
+        json.dumps({**record, "id": "a", "setting": "fog:3"}) + "\n" + json.dumps({**record, "id": "b"}) + "\n"
+    )
+    with pytest.raises(
+        DataError, match=r"mixed\.jsonl: answers under different input settings in one file \(1 clean, 1 'fog:3'\)"
+    ):
         read_predictions(mixed)
 
 

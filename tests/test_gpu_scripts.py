@@ -89,7 +89,15 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
     assert (cache["shapes"], cache["cameras"], cache["questions_per_frame"]) == ("tiny", 2, 3)
     assert cache["bytes_per_question"] < cache["bytes_per_question_unshared"] and "fp8" in cache["lossy"]
     scale = json.loads((out / "scale.json").read_text())["runs"]["tiny-2cam"]
-    assert {"sft", "cache", "agp-cached", "agp-reuse-cached", "agp-fsdp-cached", "capture-eager", "capture-rows"} <= set(scale)
+    assert {
+        "sft",
+        "cache",
+        "agp-cached",
+        "agp-reuse-cached",
+        "agp-fsdp-cached",
+        "capture-eager",
+        "capture-rows",
+    } <= set(scale)
     assert all("error" not in scale[p] for p in scale if p != "ratios")
     assert scale["capture-rows"]["map_shape"][1] < scale["capture-eager"]["map_shape"][1]  # text rows only
     assert "agp amortised every 8 (cached) / sft" in scale["ratios"]

@@ -87,6 +87,133 @@ def test_gram_equals_explicit_jacobian_product_with_tied_repeated_and_unused_par
     )
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_taps_give_the_explicit_jacobian_products(tied):
+    """Every Linear and Embedding tapped at its output (threshold 0): `inner` is called twice, `unused`
+    never reaches a loss; a tied embedding/head keeps the parameter taps."""
+    model, ids = _toy()
+    if not tied:
+        model.head.weight = torch.nn.Parameter(model.embed.weight.detach().clone() * 0.7)
+    jac = _jacobian(model, ids)
+    want = jac @ jac.T
+    gramian = ParameterGramian([model], output_taps_from=0)
+    tapped = {name for name, m in model.named_modules() if id(m) in gramian._output_tapped}
+    assert tapped == ({"inner", "unused"} if tied else {"embed", "inner", "unused", "head"})
+    got = gramian.gram(list(_toy_losses(model, ids).values()))
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), (got - want).abs().max()
+    assert all(p.grad is None for p in model.parameters())
+    # outside `gram` the output taps pass gradients through unchanged
+    sum(_toy_losses(model, ids).values()).backward()
+    tapped_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    gramian.remove()
+    model.zero_grad(set_to_none=True)
+    sum(_toy_losses(model, ids).values()).backward()
+    assert all(
+        torch.equal(a, p.grad)
+        for a, p in zip(tapped_grads, [p for p in model.parameters() if p.grad is not None], strict=True)
+    )
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # few rows: <G_i G_j^T, X X^T>; many: G^T X by output blocks
+def test_linear_and_embedding_gram_blocks_equal_their_gradients_products(rows, monkeypatch):
+    from drivekd.distill import gramian as gm
+
+    monkeypatch.setattr(gm, "GRAM_CHUNK", 64)  # several output blocks
+    torch.manual_seed(rows)
+    k, width, out = 4, 16, 37
+    x = torch.randn(rows, width, dtype=torch.float64)
+    g = torch.randn(k, rows, out, dtype=torch.float64)
+    explicit = torch.stack([torch.cat([(g[i].T @ x).reshape(-1), g[i].sum(0)]) for i in range(k)])
+    assert torch.allclose(gm.linear_gram(x, g, bias=True), explicit @ explicit.T, rtol=1e-12)
+    ids = torch.randint(0, 9, (rows,))
+    table = torch.zeros(k, 9, out, dtype=torch.float64)
+    for i in range(k):
+        table[i].index_add_(0, ids, g[i])
+    table[:, 2] = 0  # the padding row takes no gradient
+    flat = table.reshape(k, -1)
+    assert torch.allclose(gm.embedding_gram(ids, g, padding_idx=2), flat @ flat.T, rtol=1e-12)
+
+
+def test_output_taps_never_make_k_gradients_of_a_large_weight(monkeypatch):
+    from drivekd.distill import gramian as gm
+
+    monkeypatch.setattr(gm, "GRAM_CHUNK", 1024)  # the head's gradients a block of 32 output rows at a time
+    torch.manual_seed(2)
+    vocab, width = 4000, 32
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, width), torch.nn.Linear(width, vocab, bias=False))
+    ids = torch.randint(0, vocab, (2, 6))
+
+    def largest(threshold):
+        gramian = ParameterGramian([model], output_taps_from=threshold)
+        logits = model(ids)
+        losses = [logits.logsumexp(-1).mean(), logits[..., 0].mean(), logits.pow(2).mean() * 1e-3, logits[..., 5].sum()]
+        with _Largest() as seen:
+            gram = gramian.gram(losses)
+        gramian.remove()
+        return seen.largest, gram
+
+    tapped, gram_out = largest(0)
+    plain, gram_params = largest(1 << 40)
+    assert plain >= 4 * vocab * width > tapped  # the parameter taps' k gradients of the head, not the output taps'
+    assert torch.allclose(gram_out, gram_params, rtol=1e-5)
+
+
+class Deep(torch.nn.Module):
+    """An untied embedding under twenty layers, a loss on the first layer only (under 1/8 of the
+    tapped values), and a head only that loss reaches: the shallow pass, its cross terms and its own
+    parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(13, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(20))
+        self.low_head = torch.nn.Linear(16, 2)
+        self.head = torch.nn.Linear(16, 13, bias=False)
+
+    def losses(self, ids):
+        h = self.embed(ids)
+        outs = []
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+            outs.append(h)
+        logits = self.head(h)
+        return [
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()),
+            outs[3].pow(2).mean(),
+            self.low_head(outs[0]).pow(2).mean(),  # reaches the embedding, layer 0 and low_head only
+            (outs[-1] - outs[0]).abs().mean(),
+        ]
+
+
+@pytest.mark.parametrize("output_taps", [True, False])
+def test_a_shallow_loss_runs_first_and_its_cross_terms_are_kept(output_taps, monkeypatch):
+    from drivekd.distill import gramian as gm
+
+    torch.manual_seed(3)
+    model = Deep().double()
+    ids = torch.randint(0, 13, (3, 5))
+    params = [p for p in model.parameters()]
+    rows = []
+    for loss in model.losses(ids):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        rows.append(
+            torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+            )
+        )
+    jac = torch.stack(rows)
+    passes = []
+    real_vmap = torch.vmap
+    monkeypatch.setattr(torch, "vmap", lambda f: lambda eye: (passes.append(eye.shape[0]), real_vmap(f)(eye))[1])
+    gramian = ParameterGramian([model], output_taps_from=0 if output_taps else 1 << 40)
+    got = gramian.gram(model.losses(ids))
+    assert passes == [1, 3]  # the low-head loss alone, then the other three
+    assert torch.allclose(got, jac @ jac.T, rtol=1e-12, atol=1e-14), (got - jac @ jac.T).abs().max()
+    passes.clear()
+    monkeypatch.setattr(gm, "SHALLOW_SHARE", 0.0)  # no loss is shallow: one pass, the same matrix
+    assert torch.allclose(gramian.gram(model.losses(ids)), got, rtol=1e-12, atol=1e-14) and passes == [4]
+
+
 def test_outside_gram_the_taps_leave_an_ordinary_backward_unchanged():
     model, ids = _toy()
     sum(_toy_losses(model, ids).values()).backward()
@@ -228,6 +355,52 @@ def test_distiller_gradients_equal_the_buffer_path_through_capture(
             assert got_stats.keys() == want_stats.keys()
             for key in want_stats:
                 assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("shallow_share", [None, 0.9])
+def test_output_taps_on_every_linear_give_the_buffer_paths_gradients_through_capture(
+    shallow_share, data_dir, teacher_dir, tmp_path, monkeypatch
+):
+    """The tiny student's every Linear tapped at its output (its embedding is tied: parameter taps);
+    with a large shallow share the losses that reach less run in a first pass of their own."""
+    from drivekd.data.formats import load_split
+    from drivekd.distill import gramian as gm
+    from drivekd.distill.engine import Distiller
+    from drivekd.models.loading import load_backend
+    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+
+    _exact_buffer_gram(monkeypatch)
+    monkeypatch.setattr(gm, "OUTPUT_TAP_FROM", 0)
+    student = load_backend("tiny-internvl-student")
+    train = load_split(data_dir, "train")
+    config = DistillConfig(
+        model=ModelConfig(name="tiny-internvl-student"),
+        teacher=str(teacher_dir),
+        recipe="drive-kd",
+        data=DataConfig(path=str(data_dir), val_split=None),
+        train=TrainConfig(output_dir=str(tmp_path / "run"), micro_batch_size=4),
+    )
+    d = Distiller(config, student, train)
+    d.set_weights({"perception": 3e4, "reasoning": 1e4, "planning": 1e4})
+    batch = student.build_batch(train[:4])
+    want, want_stats = _distiller_gradients(d, batch, "agp", "buffer")
+    probe = gm.ParameterGramian([student.model])
+    linears = {id(m) for m in student.model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad}
+    head = student.model.get_output_embeddings()
+    assert head.weight is student.model.get_input_embeddings().weight  # tied: parameter taps
+    assert probe._output_tapped == linears - {id(head)} and len(probe._output_tapped) > 20
+    probe.remove()
+    passes = []
+    if shallow_share is not None:
+        monkeypatch.setattr(gm, "SHALLOW_SHARE", shallow_share)
+        real_vmap = torch.vmap
+        monkeypatch.setattr(torch, "vmap", lambda f: lambda eye: (passes.append(eye.shape[0]), real_vmap(f)(eye))[1])
+    got, got_stats = _distiller_gradients(d, batch, "agp", "modules")
+    assert len(passes) == (0 if shallow_share is None else 2) and sum(passes) in (0, 4)
+    scale = max(float(g.abs().max()) for g in want)
+    assert max(float((a - b).abs().max()) for a, b in zip(want, got, strict=True)) <= 1e-4 * scale
+    for key in want_stats:
+        assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-4, abs=1e-6), key
 
 
 class _Largest(torch.utils._python_dispatch.TorchDispatchMode):

@@ -96,6 +96,39 @@ def test_decision_mask_is_the_final_span_and_ce_is_the_answer_token_mean(name, s
 
 
 @pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
+def test_answer_ce_runs_the_head_at_answer_positions_only_and_equals_the_models_own_loss(name, samples):
+    from drivekd.models.backend import answer_cross_entropy, answer_positions
+
+    backend = load_backend(name, LoadOptions(seed=5))
+    batch = backend.build_batch(samples)
+    params = [p for p in backend.model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        backend.model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    own, own_grads = loss_and_grads(lambda: backend.model(**batch.inputs, labels=batch.labels).loss)
+    answers = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+    for all_logits in (False, True):
+        kept = {}
+
+        def ours(all_logits=all_logits, kept=kept):
+            loss, out = answer_cross_entropy(backend.model, batch, all_logits=all_logits)
+            kept["shape"] = tuple(out.logits.shape)
+            return loss
+
+        loss, grads = loss_and_grads(ours)
+        rows = batch.labels.shape if all_logits else (answers,)
+        assert kept["shape"] == (*rows, backend.vocab_size)
+        assert int(answer_positions(batch.labels).sum()) == answers
+        assert loss.item() == pytest.approx(own.item(), rel=1e-6)
+        scale = max(g.abs().max().item() for g in own_grads)
+        assert max((a - b).abs().max().item() for a, b in zip(grads, own_grads, strict=True)) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("name", ["tiny-internvl-student", "tiny-qwen25vl-student"])
 def test_checkpoint_loads_back_with_plain_transformers(name, samples, tmp_path):
     backend = load_backend(name, LoadOptions(seed=3))
     backend.save(tmp_path)

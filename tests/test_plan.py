@@ -195,6 +195,32 @@ def test_fsdp_gathers_the_root_unit_and_one_unit_at_a_time_as_drivekd_shards(dat
     assert tight.fits and tight.fsdp["peak"] < tight.budget < tight.peak
 
 
+def test_the_head_runs_at_the_answer_positions_unless_a_signal_reads_logits(data_dir):
+    vocab = P.arch("tiny-internvl-student").vocab
+    at = P.Inputs(tokens=400, images=2, answer_tokens=10)
+    text = 400 - 2 * P.arch("tiny-internvl-student").visual_tokens
+    assert P.plan(_sft(data_dir), at).parts["activations: logits and log-softmax"] == 4 * 10 * vocab * 4
+    assert P.plan(_sft(data_dir), at).parts["CE backward"] == 4 * 10 * vocab * 8
+    unknown = P.plan(_sft(data_dir), P.Inputs(tokens=400, images=2))  # every text token: an upper bound
+    assert unknown.parts["activations: logits and log-softmax"] == 4 * text * vocab * 4
+    assert any("--answer-tokens" in n for n in unknown.notes)
+    kl = P.plan(_distill(data_dir, recipe="ce-kl"), at)  # logit KL reads every position's logits
+    assert kl.parts["activations: logits and log-softmax"] == 4 * 400 * vocab * 8
+
+
+def test_the_modules_gram_path_plans_no_buffer_and_a_k_fold_transient(data_dir):
+    buffered = P.plan(_distill(data_dir))
+    modules = P.plan(_distill(data_dir, combine={"gram": "modules"}))
+    assert "AGP buffer" in buffered.parts and not any(k.startswith("AGP") for k in modules.parts)
+    tiny = P.arch("tiny-internvl-student")
+    # the tiny student's embedding is tied to its head: parameter taps, the head's k gradients kept
+    # until the embedding's arrive, then their sum
+    assert tiny.gram_held == 3 * tiny.vocab * tiny.hidden
+    assert modules.parts["Gram pass: k of its largest transient"] >= 4 * tiny.gram_held * 4
+    gram = modules.parts["Gram pass: k of its largest transient"]
+    assert modules.peak >= modules.phases["resident"] + gram  # counted in the pass (the tiny tied head's is no saving)
+
+
 def test_cached_teacher_has_no_teacher_weights_and_live_ones_count_once(data_dir):
     cached = P.plan(_distill(data_dir))
     assert "teacher weights" not in cached.parts and "teacher cache reads" in cached.parts
@@ -212,7 +238,7 @@ def test_cached_teacher_has_no_teacher_weights_and_live_ones_count_once(data_dir
 def test_text_rows_make_attn_tv_cheaper_than_full_maps(data_dir):
     tv = P.plan(_distill(data_dir, recipe="perception"), P.Inputs(tokens=400, images=2))
     rows = 400 - 2 * P.arch("tiny-internvl-student").visual_tokens
-    assert tv.parts["teacher cache reads"] == 4 * rows * 400 * 4  # B x R x T fp32
+    assert tv.parts["teacher cache reads"] == 4 * rows * 400 * 2  # B x R x T fp16 (the unreadable cache's default)
 
 
 # ---- fit and advice ---------------------------------------------------------------------------------
@@ -364,6 +390,8 @@ def test_advice_for_a_sharded_config_is_judged_by_its_sharded_figure_and_offers_
         if a["peak"] is not None:
             assert a["saves"] == tight.fsdp["peak"] - a["peak"]
     lora_cfg = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
-    lora = _distill(data_dir, micro=4, teacher={"cache": None}, model={"name": "tiny-internvl-student", "lora": lora_cfg})
+    lora = _distill(
+        data_dir, micro=4, teacher={"cache": None}, model={"name": "tiny-internvl-student", "lora": lora_cfg}
+    )
     lean = P.plan(lora, P.Inputs(device="cpu", device_memory_gb=0.01))
     assert not any("train.distributed" in a["fields"] for a in lean.advice)  # LoRA is not offered fsdp

@@ -2,7 +2,8 @@
 
 Each reference below is the earlier code, kept here as the slow obvious version: head means with a
 fresh tensor per operation, an additive mask per captured layer, loss masks rebuilt (and converted to
-float, and counted) per layer, targets converted before they are padded.
+float, and counted) per layer, targets converted before they are padded, and the attention-map losses
+taken after the forward from kept maps (not inside each layer's forward).
 """
 
 import pytest
@@ -65,6 +66,8 @@ def reference(monkeypatch):
         monkeypatch.setattr(CapturedMaps, "additive", lambda self, *a: _additive(*a))
         monkeypatch.setattr(signals._Attention, "loss", _ref_attention_loss)
         monkeypatch.setattr(teachers, "_pad", _ref_pad)
+        # no map losses inside the forward: the maps are kept and the losses taken after it
+        monkeypatch.setattr(signals.BoundSignal, "map_losses", lambda self, *a: [])
 
     return use
 
@@ -150,7 +153,9 @@ def test_attention_losses_with_shared_masks_equal_the_per_layer_ones(distance):
 
 def test_padded_targets_equal_the_converted_copies():
     items = [torch.randn(4, 6).half(), torch.randn(2, 3).half(), torch.randn(0, 5).half()]
-    assert torch.equal(teachers._pad(items, (5, 7)), _ref_pad(items, (5, 7)))
+    padded = teachers._pad(items, (5, 7))
+    assert padded.dtype == torch.float16  # kept as stored: the losses convert exactly
+    assert torch.equal(padded.float(), _ref_pad(items, (5, 7)))
 
 
 @pytest.mark.parametrize("strategy", ["sum", "agp"])
@@ -196,3 +201,48 @@ def test_distillation_step_equals_the_reference_path(strategy, data_dir, teacher
     assert new[2] == ref[2]  # AGP's coefficients and cosines (empty for sum)
     if strategy == "agp":
         assert any(k.startswith("coef/") for k in new[2])
+
+
+def test_map_losses_inside_the_forward_keep_no_map_for_the_backward(data_dir, teacher_dir, reference):
+    """The tensors the graph saves: with the losses taken inside each captured layer's forward, no
+    `(B, T, T)` tensor; with kept maps (the reference), a map or a loss's difference per captured layer
+    (the `(B, 1, T, T)` float masks SDPA makes of a padded batch's boolean one are alike in both)."""
+    from drivekd.data.formats import load_split
+    from drivekd.distill.engine import Distiller
+    from drivekd.models.loading import load_backend
+    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+
+    student = load_backend("tiny-internvl-student")
+    train = load_split(data_dir, "train")
+    batch = student.build_batch(sorted(train, key=lambda s: -student.token_lengths(s))[:4])
+    b, t = batch.inputs["input_ids"].shape
+    config = DistillConfig(
+        model=ModelConfig(name="tiny-internvl-student"),
+        teacher=str(teacher_dir),
+        recipe="drive-kd",
+        data=DataConfig(path=str(data_dir), val_split=None),
+        train=TrainConfig(output_dir="unused", micro_batch_size=4),
+    )
+
+    def map_sized_saves() -> int:
+        distiller = Distiller(config, student, train)
+        distiller.set_weights(dict.fromkeys(distiller.names, 1.0))
+        saved: dict[int, int] = {}
+
+        def pack(x):
+            if tuple(x.shape) == (b, t, t):  # a head-mean map, a loss's difference or its mask
+                saved[x.untyped_storage().data_ptr()] = x.numel()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            losses = distiller.objective(student.model, batch)
+        full, _ = distiller.captured_student_layers()
+        del losses
+        return len(saved), len(full)
+
+    fused, layers = map_sized_saves()
+    reference()
+    kept, _ = map_sized_saves()
+    assert layers >= 3
+    assert fused == 0
+    assert kept >= layers

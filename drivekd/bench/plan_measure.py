@@ -75,6 +75,7 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
     state allocated as after a first step; then `steps` real training steps and the peak RSS they add."""
     from accelerate import Accelerator
 
+    from drivekd.models.backend import answer_positions
     from drivekd.train.config import DistillConfig, SFTConfig
     from drivekd.train.sft import cross_entropy, load_model, load_training_data
 
@@ -130,6 +131,7 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
     model_bytes = sum(p.numel() * p.element_size() for p in student.model.parameters())
     return {
         "tokens": int(batch.inputs["input_ids"].shape[1]),
+        "answer_tokens": int(answer_positions(batch.labels).sum(1).max()),
         "images": max(len(s.images) for s in samples),
         "padded": bool((batch.inputs["attention_mask"] == 0).any()),
         "micro_batch": len(samples),
@@ -166,7 +168,13 @@ def measure_step(config: BaseModel, steps: int = 1, *, pin_malloc: bool = True) 
         )
     except IsolatedFailure as e:
         raise DriveKDError(f"the measured step failed: {e}") from e
-    at = Inputs(tokens=measured["tokens"], images=measured["images"], device="cpu", padded=measured["padded"])
+    at = Inputs(
+        tokens=measured["tokens"],
+        answer_tokens=measured["answer_tokens"],
+        images=measured["images"],
+        device="cpu",
+        padded=measured["padded"],
+    )
     predicted = plan(config, at, advise=False)
     # weights, optimiser state (and a live teacher) are in the baseline: the step adds the rest
     resident = measured["weights"] + measured["optimiser_state"] + predicted.parts.get("teacher weights", 0)

@@ -91,7 +91,9 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
 
             return step
 
-        def make(strategy: str, *, cached: bool = True, amortize: int | None = None, gram: str | None = None) -> Distiller:
+        def make(
+            strategy: str, *, cached: bool = True, amortize: int | None = None, gram: str | None = None
+        ) -> Distiller:
             cfg = config.model_copy(
                 update={
                     "teacher": config.teacher.model_copy(update={"cache": str(cache) if cached else None}),

@@ -31,6 +31,13 @@ import click
     "--tokens", type=click.IntRange(min=1), default=None, help="Tokens per sample [default: data.max_length]."
 )
 @click.option(
+    "--answer-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Answer tokens of the longest sample: the positions the LM head runs at for the CE "
+    "[default: every text token, an upper bound].",
+)
+@click.option(
     "--images",
     type=click.IntRange(min=0),
     default=None,
@@ -62,6 +69,7 @@ def plan(
     gpus: int,
     device_memory: float,
     tokens: int | None,
+    answer_tokens: int | None,
     images: int | None,
     device: str,
     measure: bool,
@@ -80,6 +88,7 @@ def plan(
     config = load_any_config(config_path, overrides)
     inputs = Inputs(
         tokens=tokens,
+        answer_tokens=answer_tokens,
         images=images,
         gpus=gpus,
         device=device,

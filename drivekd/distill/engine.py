@@ -27,7 +27,7 @@ from drivekd.distill.recipe import ANCHOR, load_recipe, mixing_matrix
 from drivekd.distill.signals import Internals, Positions, captured_layers
 from drivekd.distill.teachers import CachedTeachers, LiveTeachers, TeacherSource
 from drivekd.errors import DriveKDError
-from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
+from drivekd.models.backend import Batch, VLMBackend, answer_cross_entropy, answer_positions
 from drivekd.models.capture import capture, text_rows
 from drivekd.train.config import DistillConfig
 
@@ -128,27 +128,43 @@ class Distiller:
         # keep the (possibly DDP-wrapped) model and DDP's reduction.
         model = model if self.aggregator.reduces_through_ddp or not self.signals else self.student.model
         needs_hidden = any(s.needs_hidden for s in self.signals.values())
+        needs_logits = any(s.needs_logits for s in self.signals.values())
         full, rows = self.captured_student_layers()
         row_index, row_valid = text_rows(batch.inputs["attention_mask"], batch.visual_mask)
-        with capture(self.student, full, row_layers=rows, row_index=row_index) as smaps:
-            out = model(**batch.inputs, labels=batch.labels, output_hidden_states=needs_hidden)
+        labels = batch.labels
+        assert labels is not None
+        pos = Positions(batch.inputs["attention_mask"].bool(), batch.visual_mask, answer_positions(labels), row_valid)
+        # the targets come first: the attention-map losses are taken inside the student's forward, each
+        # at its layer (models/capture.py), so no captured map outlives its layer
+        targets = self.teachers.targets(batch) if self.signals else {}
+        consumers: dict[tuple[int, str], list] = {}
+        slots: dict[str, list[tuple[tuple[int, str], int]]] = {}
+        for name, bound in self.bound.items():
+            if bound.reads in ("maps", "text_rows"):
+                for key, pair_loss in bound.map_losses(targets[name], pos, full, row_index):
+                    slots.setdefault(name, []).append((key, len(consumers.setdefault(key, []))))
+                    consumers[key].append(pair_loss)
+        with capture(self.student, full, row_layers=rows, row_index=row_index, losses=consumers) as smaps:
+            ce, out = answer_cross_entropy(model, batch, all_logits=needs_logits, output_hidden_states=needs_hidden)
         weighted = self.loss_weights()
-        losses = {ANCHOR: out.loss if plain_ce else weighted[ANCHOR] * out.loss}
+        losses = {ANCHOR: ce if plain_ce else weighted[ANCHOR] * ce}
         if not self.signals:
             return losses
-        labels = batch.labels
-        answer = torch.zeros_like(labels, dtype=torch.bool)
-        answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        pos = Positions(batch.inputs["attention_mask"].bool(), batch.visual_mask, answer, row_valid)
         caps = torch.tensor([CAPABILITIES.index(c) for c in batch.capabilities], device=labels.device)
         weights = self.mixing.to(labels.device)[caps]  # (B, signals)
         student = Internals(
-            dict(smaps), out.hidden_states if needs_hidden else None, out.logits, dict(smaps.rows), row_index
+            dict(smaps),
+            out.hidden_states if needs_hidden else None,
+            out.logits if needs_logits else None,
+            dict(smaps.rows),
+            row_index,
         )
-        targets = self.teachers.targets(batch)
         for j, (name, bound) in enumerate(self.bound.items()):
             projection = self.projections[name] if name in self.projections else None
-            per_sample = bound.loss(student, targets[name], pos, projection)
+            if name in slots:  # the mean over its matched layers, as `bound.loss` takes it
+                per_sample = torch.stack([smaps.losses[key][i] for key, i in slots[name]]).mean(0)
+            else:
+                per_sample = bound.loss(student, targets[name], pos, projection)
             weight = 1.0 if unit_weights else weighted[name]
             losses[name] = weight * (weights[:, j] * per_sample).mean()
         if not plain_ce and torch.is_grad_enabled() and self._weak.watching:  # training's first batches

@@ -11,6 +11,17 @@ weights twice) and `J_p J_p^T` is added to the fp64 Gram matrix, after which the
 most one parameter's k gradients exist at a time, plus those of a parameter whose uses have not all
 been reached yet (a tied input/output embedding: the head's, until the embedding's backward).
 
+A large `nn.Linear` or `nn.Embedding` (a vocabulary's embedding or LM head: k of its gradients are
+k x 0.5 GiB at InternVL3-1B's shape, k x 2.3 GiB at 8B's) is tapped at its *output* instead: its
+backward sees the k output cotangents and adds the weight's Gram block from them and the saved input,
+never forming the k weight gradients (a linear layer: `G^T X` a block of output rows at a time, or,
+when the rows are few, `<G_i G_j^T, X X^T>`; an embedding: the cotangents summed per token id).
+
+A loss whose graph is a small part of the model (`SHALLOW_SHARE`; found by walking each loss's graph
+to the taps it reaches) runs first in a pass of its own, which keeps its gradients (their cotangents,
+for output taps); the other losses' pass then adds each parameter's whole block, cross terms
+included. So the batched pass carries no lane that is zero through most of the model.
+
 Outside `gram`, a tap passes its gradient straight to the parameter: an ordinary backward (under DDP,
 with DDP's bucketed reduction) is unchanged. Taps exist only while a forward with gradients runs,
 and only on modules this object hooked (the student and the distiller's projection heads): a
@@ -28,6 +39,15 @@ from typing import Any
 import torch
 
 GRAM_CHUNK = 1 << 18  # columns per fp64 block: k x 256K x 8 bytes (8 MiB for k = 4) at a time
+# a Linear or Embedding whose weight has at least this many values is tapped at its output (below it,
+# k weight gradients cost little and the parameter taps stay on autograd's own backward)
+OUTPUT_TAP_FROM = 1 << 24
+# a loss whose graph reaches at most this share of what all the losses' graphs reach (parameters, and
+# output taps' cotangents; an attention-map loss of the first layer reaches that layer, the projector
+# and the embeddings' cotangents) runs in a pass of its own
+# first and keeps its gradients for the cross terms, so the k-batched pass through the whole model
+# does not carry its zeros above its graph
+SHALLOW_SHARE = 1 / 8
 
 
 class _Site:
@@ -81,11 +101,126 @@ class _Take(torch.autograd.Function):
         return grad.new_zeros(()), None
 
 
+class _OutputSite:
+    """One call of an output-tapped module: the owner, the module's key and its input (kept by the
+    module's own backward anyway)."""
+
+    __slots__ = ("key", "owner", "saved")
+
+    def __init__(self, owner: ParameterGramian, key: int, saved: torch.Tensor) -> None:
+        self.owner, self.key, self.saved = owner, key, saved
+
+
+class _OutputTap(torch.autograd.Function):
+    """Identity on a module's output; in `gram`'s backward it hands the k output cotangents to the
+    owner and passes them on to the module."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(output: torch.Tensor, anchor: torch.Tensor, site: _OutputSite) -> torch.Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.site = inputs[2]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        site: _OutputSite = ctx.site
+        if site.owner.collecting:
+            _TakeOutput.apply(grad, site)
+            return grad, grad.new_zeros(()), None
+        return grad, None, None
+
+
+class _TakeOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(grad: torch.Tensor, site: _OutputSite) -> torch.Tensor:
+        site.owner._take_output(site, grad.unsqueeze(0))
+        return grad.new_zeros(())
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, grad: torch.Tensor, site: _OutputSite) -> tuple[torch.Tensor, None]:
+        dim = in_dims[0]
+        batched = grad.movedim(dim, 0) if dim is not None else grad.unsqueeze(0).expand(info.batch_size, *grad.shape)
+        site.owner._take_output(site, batched)
+        return grad.new_zeros(()), None
+
+
+def _output_tappable(module: torch.nn.Module, threshold: int) -> bool:
+    """A plain Linear or Embedding with a large trainable weight (an Embedding's backward options
+    that change its gradient, sparse or frequency-scaled, keep the parameter taps)."""
+    if type(module) is torch.nn.Embedding:
+        if module.sparse or module.scale_grad_by_freq or module.max_norm is not None:
+            return False
+    elif type(module) is not torch.nn.Linear:
+        return False
+    return module.weight.requires_grad and module.weight.numel() >= threshold
+
+
+def output_tapped(modules: Iterable[torch.nn.Module], threshold: int | None = None) -> list[torch.nn.Module]:
+    """The modules whose weight the Gram pass takes at their output (`OUTPUT_TAP_FROM` values and
+    up). Output taps see one module's uses only: a weight another module also uses (a tied embedding
+    and head) needs the sum of both uses' gradients, so it keeps the parameter taps."""
+    modules = list(modules)
+    threshold = OUTPUT_TAP_FROM if threshold is None else threshold
+    owners: dict[int, int] = defaultdict(int)
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] += 1
+    return [
+        m
+        for m in modules
+        if _output_tappable(m, threshold) and all(owners[id(p)] == 1 for p in m._parameters.values() if p is not None)
+    ]
+
+
+def linear_gram(inputs: torch.Tensor, grads: torch.Tensor, bias: bool) -> torch.Tensor:
+    """fp64 `(k, k)` Gram block of a linear layer's weight (and bias) gradients `G_i^T X`, from its
+    inputs `X` `(n, in)` and the k output cotangents `G` `(k, n, out)`, without the k gradients."""
+    k, n, out = grads.shape
+    width = inputs.shape[1]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=grads.device)
+    if k * n <= width:  # few rows (an LM head at the answer positions): <G_i G_j^T, X X^T>
+        x = inputs.double()
+        g = grads.reshape(k * n, out).double()
+        gram += torch.einsum("iajb,ab->ij", (g @ g.T).view(k, n, k, n), x @ x.T)
+    else:  # the weight gradients a block of output rows at a time
+        rows = max(1, GRAM_CHUNK // width)
+        for start in range(0, out, rows):
+            block = torch.matmul(grads[:, :, start : start + rows].transpose(1, 2), inputs).reshape(k, -1).double()
+            gram += block @ block.T
+    if bias:
+        b = grads.sum(1).double()
+        gram += b @ b.T
+    return gram
+
+
+def embedding_gram(ids: torch.Tensor, grads: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """fp64 `(k, k)` Gram block of an embedding's weight gradients from the looked-up ids `(n,)` and
+    the k output cotangents `(k, n, width)`: each gradient is its cotangents summed per id."""
+    if padding_idx is not None:  # the padding row gets no gradient
+        keep = ids != padding_idx
+        ids, grads = ids[keep], grads[:, keep]
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    k = grads.shape[0]
+    summed = torch.zeros(k, unique.numel(), grads.shape[2], dtype=torch.float64, device=grads.device)
+    summed.index_add_(1, inverse, grads.double())
+    flat = summed.reshape(k, -1)
+    return flat @ flat.T
+
+
 class ParameterGramian:
     """Hooks `roots`' modules that own trainable parameters; `gram(losses)` is the `(k, k)` fp64 Gram
     matrix of the losses' gradients with respect to every tapped parameter."""
 
-    def __init__(self, roots: Iterable[torch.nn.Module]) -> None:
+    def __init__(self, roots: Iterable[torch.nn.Module], *, output_taps_from: int | None = None) -> None:
         self.collecting = False
         self._anchors: dict[torch.device, torch.Tensor] = {}
         self._uses: dict[int, int] = defaultdict(int)  # taps made since the last reset, per parameter
@@ -102,19 +237,31 @@ class ParameterGramian:
             if this is not None:
                 this._pre(module)
 
-        def post(module: torch.nn.Module, args: object, output: object) -> None:
+        def post(module: torch.nn.Module, args: object, output: object) -> object:
             this = owner()
-            if this is not None:
-                this._post(module)
+            return None if this is None else this._post(module, args, output)
 
         seen: set[int] = set()
+        hooked: list[torch.nn.Module] = []
         for root in roots:
             for module in root.modules():
                 if id(module) in seen or not any(p is not None for p in module._parameters.values()):
                     continue
                 seen.add(id(module))
+                hooked.append(module)
                 self._handles.append(module.register_forward_pre_hook(pre))
                 self._handles.append(module.register_forward_hook(post, always_call=True))
+        self._output_tapped = {id(m) for m in output_tapped(hooked, output_taps_from)}
+        self._outputs: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)  # arrived uses
+        self._numel: dict[int, int] = {}
+        # during `gram`: the lanes (loss indices) of the running pass, whether it is the shallow losses'
+        # pass, and what that pass kept for the cross terms
+        self._lanes = torch.zeros(0, dtype=torch.long)
+        self._shallow = torch.zeros(0, dtype=torch.long)
+        self._storing = False
+        self._stored: dict[int, torch.Tensor] = {}
+        self._stored_outputs: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._modules: dict[int, torch.nn.Module] = {id(m): m for m in hooked if id(m) in self._output_tapped}
         self._finalizer = weakref.finalize(self, ParameterGramian._unhook, self._handles)
 
     @staticmethod
@@ -135,24 +282,39 @@ class ParameterGramian:
 
     def _pre(self, module: torch.nn.Module) -> None:
         saved: dict[str, torch.nn.Parameter] = {}
+        if id(module) in self._output_tapped:
+            return
         if torch.is_grad_enabled() and not self.collecting:
             for name, p in module._parameters.items():
                 if p is not None and p.requires_grad and isinstance(p, torch.nn.Parameter):
                     saved[name] = p
                     self._uses[id(p)] += 1
+                    self._numel[id(p)] = p.numel()
                     module._parameters[name] = _Tap.apply(p, self._anchor(p.device), _Site(self, id(p)))  # type: ignore[assignment]
         self._swapped[id(module)].append(saved)
 
-    def _post(self, module: torch.nn.Module) -> None:
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if id(module) in self._output_tapped:
+            if not (torch.is_grad_enabled() and not self.collecting and isinstance(output, torch.Tensor)):
+                return None
+            key = id(module)
+            self._uses[key] += 1
+            self._numel[key] = sum(p.numel() for p in module._parameters.values() if p is not None)
+            site = _OutputSite(self, key, args[0].detach())
+            return _OutputTap.apply(output, self._anchor(output.device), site)
         stack = self._swapped.get(id(module))
         if stack:
             module._parameters.update(stack.pop())
+        return None
 
     def reset(self) -> None:
         """Forget the taps counted so far (after each backward)."""
         self._uses.clear()
         self._arrived.clear()
         self._pending.clear()
+        self._outputs.clear()
+        self._stored.clear()
+        self._stored_outputs.clear()
 
     # ---- backward: the Gram matrix -------------------------------------------------------------
     def _take(self, key: int, grads: torch.Tensor) -> None:
@@ -163,36 +325,144 @@ class ParameterGramian:
         if self._arrived[key] < self._uses.get(key, 0):
             self._pending[key] = flat
             return
-        self._add(flat)
+        self._complete(key, flat)
 
-    def _add(self, flat: torch.Tensor) -> None:
+    def _complete(self, key: int, flat: torch.Tensor) -> None:
+        """A parameter's summed gradients of this pass's lanes: kept (the shallow pass), or its block
+        added, with the shallow pass's rows for it when it kept some."""
+        if self._storing:
+            self._stored[key] = flat
+        elif key in self._stored:
+            self._add(torch.cat([self._stored.pop(key), flat]), torch.cat([self._shallow, self._lanes]))
+        else:
+            self._add(flat, self._lanes)
+
+    def _take_output(self, site: _OutputSite, grads: torch.Tensor) -> None:
+        self._outputs[site.key][id(site)] = (site.saved, grads)
+        if len(self._outputs[site.key]) == self._uses.get(site.key, 0):
+            self._complete_output(site.key)
+
+    def _complete_output(self, key: int) -> None:
+        uses = self._outputs.pop(key)
+        if self._storing:
+            self._stored_outputs[key] = uses
+            return
+        lanes = self._lanes
+        kept = self._stored_outputs.pop(key, None)
+        if kept is not None:  # each use's cotangents: the shallow lanes' (or zeros) above this pass's
+            lanes = torch.cat([self._shallow, self._lanes])
+            joined = {}
+            for site in kept.keys() | uses.keys():
+                low = kept.get(site)
+                high = uses.get(site)
+                saved = (low or high)[0]  # type: ignore[index]
+                like = (high or low)[1]  # type: ignore[index]
+                low_g = low[1] if low else like.new_zeros(len(self._shallow), *like.shape[1:])
+                high_g = high[1] if high else like.new_zeros(len(self._lanes), *like.shape[1:])
+                joined[site] = (saved, torch.cat([low_g, high_g]))
+            uses = joined
+        self._add_output(key, list(uses.values()), lanes)
+
+    def _add_output(self, key: int, uses: list[tuple[torch.Tensor, torch.Tensor]], lanes: torch.Tensor) -> None:
+        """The Gram block of an output-tapped module's weight over every use of it (concatenated along
+        the rows: the weight's gradient is the sum over its uses)."""
+        module = self._modules[key]
+        k = uses[0][1].shape[0]
+        saved = torch.cat([x.reshape(-1) if x.dtype == torch.long else x.reshape(-1, x.shape[-1]) for x, _ in uses])
+        grads = torch.cat([g.reshape(k, -1, g.shape[-1]) for _, g in uses], dim=1)
+        grads = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
+        if isinstance(module, torch.nn.Embedding):
+            block = embedding_gram(saved, grads, module.padding_idx)
+        else:
+            bias = module.bias is not None and module.bias.requires_grad
+            block = linear_gram(saved.to(grads.dtype), grads, bias)
+        self._place(block, lanes)
+
+    def _add(self, flat: torch.Tensor, lanes: torch.Tensor) -> None:
         # fp64 products of column blocks: an fp32 product over millions of columns is off by ~1e-4
-        assert self._gram is not None
+        block = torch.zeros(len(lanes), len(lanes), dtype=torch.float64, device=flat.device)
         for start in range(0, flat.shape[1], GRAM_CHUNK):
-            block = flat[:, start : start + GRAM_CHUNK].double()
-            self._gram += (block @ block.T).to(self._gram.device)
+            piece = flat[:, start : start + GRAM_CHUNK].double()
+            block += piece @ piece.T
+        self._place(block, lanes)
+
+    def _place(self, block: torch.Tensor, lanes: torch.Tensor) -> None:
+        assert self._gram is not None
+        index = lanes.to(self._gram.device)
+        self._gram[index[:, None], index[None, :]] += block.to(self._gram.device)
+
+    def _reach(self, *losses: torch.Tensor) -> int:
+        """The values whose gradients the losses' graphs reach: their tapped parameters, and the outputs
+        of the output-tapped modules they reach (what a shallow pass keeps)."""
+        seen: set[Any] = set()
+        stack = [loss.grad_fn for loss in losses]
+        reached: dict[int, int] = {}  # a parameter's key, or an output tap's site
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            site = getattr(node, "site", None)
+            if isinstance(site, _Site):
+                reached[site.key] = self._numel.get(site.key, 0)
+            elif isinstance(site, _OutputSite):
+                module = self._modules[site.key]
+                width = module.embedding_dim if isinstance(module, torch.nn.Embedding) else module.out_features
+                x = site.saved
+                reached[id(site)] = (x.numel() if x.dtype == torch.long else x.numel() // x.shape[-1]) * width
+            stack.extend(f for f, _ in node.next_functions)
+        return sum(reached.values())
 
     def gram(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """G[i, j] = <grad L_i, grad L_j> over the tapped parameters, fp64 `(k, k)`; the graph is kept
         for the backward that follows."""
         k = len(losses)
-        vector = torch.stack([loss.float() for loss in losses])
         anchors = list(self._anchors.values())
-        self._gram = torch.zeros(k, k, dtype=torch.float64, device=vector.device)
+        device = losses[0].device
+        self._gram = torch.zeros(k, k, dtype=torch.float64, device=device)
         if not anchors:  # nothing was tapped: no trainable parameter was used
             return self._gram
 
-        def differentiate(cotangent: torch.Tensor) -> torch.Tensor:
-            found = torch.autograd.grad(vector, anchors, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
-            return sum((g.to(cotangent.device) for g in found if g is not None), cotangent.sum() * 0)
+        def differentiate(vector: torch.Tensor) -> Any:
+            # only this pass's losses: the engine runs only the nodes their graphs reach
+            def one(cotangent: torch.Tensor) -> torch.Tensor:
+                found = torch.autograd.grad(
+                    vector, anchors, grad_outputs=cotangent, retain_graph=True, allow_unused=True
+                )
+                return sum((g.to(cotangent.device) for g in found if g is not None), cotangent.sum() * 0)
 
+            return one
+
+        live = [i for i in range(k) if losses[i].requires_grad]  # a constant loss has a zero gradient
+        if not live:
+            self._gram = None
+            self.reset()
+            return torch.zeros(k, k, dtype=torch.float64)
+        whole = self._reach(*(losses[i] for i in live))
+        shallow = [i for i in live if self._reach(losses[i]) <= SHALLOW_SHARE * whole]
+        deep = [i for i in live if i not in shallow]
+        passes = [shallow, deep] if shallow and deep else [live]
+        self._shallow = torch.tensor(shallow if len(passes) == 2 else [], dtype=torch.long)
         self.collecting = True
         try:
-            torch.vmap(differentiate)(torch.eye(k, dtype=vector.dtype, device=vector.device))
-            for flat in self._pending.values():  # a use never reached (its output did not matter)
-                self._add(flat)
+            for n, lanes in enumerate(passes):
+                self._lanes = torch.tensor(lanes, dtype=torch.long)
+                self._storing = len(passes) == 2 and n == 0
+                self._arrived.clear()
+                vector = torch.stack([losses[i].float() for i in lanes])
+                torch.vmap(differentiate(vector))(torch.eye(len(lanes), dtype=vector.dtype, device=device))
+                for key, flat in list(self._pending.items()):  # a use never reached (its output did not matter)
+                    del self._pending[key]
+                    self._complete(key, flat)
+                for key in list(self._outputs):
+                    self._complete_output(key)
+            for flat in self._stored.values():  # parameters only the shallow losses reach
+                self._add(flat, self._shallow)
+            for key, uses in self._stored_outputs.items():
+                self._add_output(key, list(uses.values()), self._shallow)
             return self._gram.cpu()
         finally:
             self.collecting = False
+            self._storing = False
             self._gram = None
             self.reset()

@@ -171,6 +171,11 @@ class _Attention(Signal):
         """The map entries the loss reads."""
         return positions.pair_mask(self.block)
 
+    def map_loss(self, smap: torch.Tensor, target: torch.Tensor, positions: Positions) -> torch.Tensor:
+        """One matched layer's per-sample distance; `smap` is the student's map as `student_map` gives it."""
+        weights, count = positions.weights(self.loss_mask(positions), smap.dtype)
+        return map_distance(smap, target, weights, self.distance, count)
+
     def loss(
         self,
         student: Internals,
@@ -181,12 +186,10 @@ class _Attention(Signal):
     ) -> torch.Tensor:
         """Mean over matched layers of the per-sample map distance; `targets[k]` is the teacher map
         (its group window's mean) matched to `student_layers[k]`."""
-        mask = self.loss_mask(positions)
-        losses = []
-        for s, t in zip(student_layers, targets, strict=True):
-            smap = self.student_map(student, s)
-            weights, count = positions.weights(mask, smap.dtype)
-            losses.append(map_distance(smap, t, weights, self.distance, count))
+        losses = [
+            self.map_loss(self.student_map(student, s), t, positions)
+            for s, t in zip(student_layers, targets, strict=True)
+        ]
         return torch.stack(losses).mean(0)
 
 
@@ -356,6 +359,30 @@ class BoundSignal:
     ) -> torch.Tensor:
         """Per-sample loss `(B,)` of the student's internals against the targets."""
         return self.signal.loss(student, targets, positions, [s for s, _ in self.pairs], projection)
+
+    def map_losses(
+        self, targets: list[torch.Tensor], positions: Positions, whole: set[int], row_index: torch.Tensor
+    ) -> list[tuple[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]]:
+        """For a signal reading attention maps: per matched layer, the capture it reads (`(layer, "full")`
+        for a layer captured whole, which `whole` lists, else `(layer, "rows")`) and the function from
+        that capture to the layer's per-sample loss (`loss`, one layer at a time: `models.capture` runs
+        it inside the layer's forward). The signal's loss is their mean."""
+        sig = self.signal
+        assert isinstance(sig, _Attention), f"{sig.kind} reads no attention map"
+        out = []
+        for (layer, _), target in zip(self.pairs, targets, strict=True):
+            full = self.reads == "maps" or layer in whole
+
+            def pair_loss(
+                captured: torch.Tensor, layer: int = layer, target: torch.Tensor = target, full: bool = full
+            ) -> torch.Tensor:
+                view = Internals(
+                    {layer: captured} if full else {}, rows={} if full else {layer: captured}, row_index=row_index
+                )
+                return sig.map_loss(sig.student_map(view, layer), target, positions)
+
+            out.append(((layer, "full" if full else "rows"), pair_loss))
+        return out
 
 
 def captured_layers(bound: Iterable[BoundSignal], side: Literal["student", "teacher"]) -> tuple[set[int], set[int]]:

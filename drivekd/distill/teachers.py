@@ -301,8 +301,11 @@ def _internals(maps: Any, result: Any, hidden: bool, logits: bool, row_index: to
 
 
 def _pad(items: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    """Place per-sample tensors, trimmed to their length, in the top-left corner of a zero batch tensor."""
-    out = torch.zeros((len(items), *shape), dtype=torch.float32)
+    """Place per-sample tensors, trimmed to their length, in the top-left corner of a zero batch tensor
+    of their stored dtype (fp16 targets stay fp16, half an fp32 copy, kept through the step; the
+    losses convert exactly, one layer at a time)."""
+    dtypes = {t.dtype for t in items}
+    out = torch.zeros((len(items), *shape), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
     for b, t in enumerate(items):
         out[(b, *(slice(0, n) for n in t.shape))].copy_(t)  # converts while copying: no fp32 copy of t first
     return out

@@ -151,8 +151,12 @@ def read_predictions(path: str | Path) -> list[Prediction]:
         raise DataError(f"{file}: no predictions (the file is empty); expected one JSON object per line")
     settings = sorted({str(p.setting) for p in out})
     if len(settings) > 1:
-        counts = ", ".join(f"{sum(str(p.setting) == s for p in out)} {'clean' if s == 'None' else repr(s)}" for s in settings)
-        raise DataError(f"{file}: answers under different input settings in one file ({counts}); score each setting apart")
+        counts = ", ".join(
+            f"{sum(str(p.setting) == s for p in out)} {'clean' if s == 'None' else repr(s)}" for s in settings
+        )
+        raise DataError(
+            f"{file}: answers under different input settings in one file ({counts}); score each setting apart"
+        )
     return out
 
 

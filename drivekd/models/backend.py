@@ -47,6 +47,29 @@ class Batch:
         return len(self.sample_ids)
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose next token is an answer token, where the CE is taken."""
+    answer = torch.zeros_like(labels, dtype=torch.bool)
+    answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return answer
+
+
+def answer_cross_entropy(
+    model: torch.nn.Module, batch: Batch, *, all_logits: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, Any]:
+    """The answer tokens' mean next-token CE (the model's own loss with `labels`) and the forward's
+    output. The LM head runs only at the answer-predicting positions (`logits_to_keep`, an `(N, V)`
+    `logits`): full logits are B x T x vocabulary (1 GiB in fp32 for one 6-camera InternVL3 sample)
+    and the CE's forward and backward keep several copies, for the few dozen positions that count.
+    `all_logits` keeps every position's logits `(B, T, V)` (for a signal that reads them)."""
+    assert batch.labels is not None, "the answer CE needs labels"
+    answer = answer_positions(batch.labels)
+    out = model(**batch.inputs, logits_to_keep=0 if all_logits else answer, **kwargs)
+    logits = out.logits[answer] if all_logits else out.logits
+    targets = batch.labels[:, 1:][answer[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits.float(), targets), out
+
+
 class VLMBackend(abc.ABC):
     family: str = ""
     # Parameter-name prefixes of the model's parts (checked projector first: it may sit inside the

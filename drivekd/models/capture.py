@@ -6,12 +6,18 @@ also computes its head-mean map from q and k, one head at a time, and for a stud
 checkpointing (the graph keeps q and k, the backward pass recomputes the softmax). Text->vision
 signals ask for the text rows only: `(B, R, T)` instead of `(B, T, T)`. Padding keys get zero
 probability through the additive mask.
+
+A distiller passes `losses`: per captured (layer, "full" | "rows"), functions from the map to a
+per-sample loss. Such a layer keeps no map: its losses are computed inside the layer's forward, under
+the same checkpoint as the map, so the graph keeps only q and k (not a `(B, T, T)` map and the loss's
+saved difference per layer), and in the backward pass each layer's map gradient is made when the pass
+reaches that layer, not up front for every layer at once (k-fold under the `gram: modules` pass).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,15 +30,24 @@ from drivekd.models.backend import VLMBackend
 
 IMPLEMENTATION = "drivekd_capture"
 
+MapLoss = Callable[[torch.Tensor], torch.Tensor]  # a captured map -> a per-sample loss (B,)
+
 
 class CapturedMaps(dict):
     """Layer -> head-mean map `(B, T, T)` (or `(B, H, T, T)` per head); `rows` holds the layers captured
-    for their text rows only, `(B, R, T)`, at the positions `row_index` `(B, R)` (see `text_rows`)."""
+    for their text rows only, `(B, R, T)`, at the positions `row_index` `(B, R)` (see `text_rows`);
+    `losses` the `(n, B)` losses of the layers captured for their `MapLoss`es (the map not kept)."""
 
-    def __init__(self, row_index: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        row_index: torch.Tensor | None = None,
+        consumers: Mapping[tuple[int, str], Sequence[MapLoss]] | None = None,
+    ) -> None:
         super().__init__()
         self.rows: dict[int, torch.Tensor] = {}
         self.row_index = row_index
+        self.consumers = dict(consumers or {})
+        self.losses: dict[tuple[int, str], torch.Tensor] = {}
         self._additive: tuple[torch.Tensor | None, tuple[object, ...], torch.Tensor] | None = None
 
     def additive(
@@ -111,6 +126,29 @@ def _map(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: floa
     return _head_mean(query, key, mask, scale, groups)
 
 
+def _map_losses(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    groups: int,
+    dtype: torch.dtype,
+    losses: Sequence[MapLoss],
+) -> torch.Tensor:
+    smap = _head_mean(query, key, mask, scale, groups).to(dtype)
+    return torch.stack([loss(smap) for loss in losses])
+
+
+def _fused(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scale: float, groups: int, losses: Sequence[MapLoss]
+) -> torch.Tensor:
+    """`(n, B)`: each loss of the layer's head-mean map; with gradients the map is recomputed in the
+    backward pass, and nothing map-sized outlives the layer's forward."""
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return checkpoint(_map_losses, query, key, mask, scale, groups, query.dtype, losses, use_reentrant=False)
+    return _map_losses(query, key, mask, scale, groups, query.dtype, losses)
+
+
 def capture_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -136,7 +174,11 @@ def capture_attention_forward(
         sink[layer] = torch.softmax(logits, dim=-1).to(query.dtype)
         return out
     if wanted.full:
-        sink[layer] = _map(query, key, mask, scale, groups).to(query.dtype)
+        consumers = sink.consumers.get((layer, "full"))
+        if consumers:
+            sink.losses[(layer, "full")] = _fused(query, key, mask, scale, groups, consumers)
+        else:
+            sink[layer] = _map(query, key, mask, scale, groups).to(query.dtype)
     if wanted.rows:
         index = sink.row_index
         assert index is not None
@@ -145,7 +187,11 @@ def capture_attention_forward(
         q_rows = query.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
         m = mask.expand(b, -1, -1, -1)
         m_rows = m.gather(2, rows[:, None, :, None].expand(b, m.shape[1], rows.shape[1], m.shape[3]))
-        sink.rows[layer] = _map(q_rows, key, m_rows, scale, groups).to(query.dtype)
+        consumers = sink.consumers.get((layer, "rows"))
+        if consumers:
+            sink.losses[(layer, "rows")] = _fused(q_rows, key, m_rows, scale, groups, consumers)
+        else:
+            sink.rows[layer] = _map(q_rows, key, m_rows, scale, groups).to(query.dtype)
     return out
 
 
@@ -190,10 +236,13 @@ def capture(
     per_head: bool = False,
     row_layers: Iterable[int] = (),
     row_index: torch.Tensor | None = None,
+    losses: Mapping[tuple[int, str], Sequence[MapLoss]] | None = None,
 ) -> Iterator[CapturedMaps]:
     """Within the block, forward passes store head-mean maps `(B, T, T)` of `layers` in the yielded dict
     (`per_head`: every head's map, `(B, H, T, T)`), and the maps of `row_layers` for the rows
     `row_index` `(B, R)` only, `(B, R, T)`, in its `rows` (memory grows with R x T, not T x T).
+    `losses` (keys `(layer, "full" | "rows")`, layers resolved) turns those captures into the losses
+    of their maps, in the yielded `losses`, instead of the maps.
 
     The language model switches to the capture implementation for the duration (SDPA elsewhere, and
     for every layer's output), and back to its previous implementation afterwards.
@@ -203,7 +252,7 @@ def capture(
     rows = {resolve_layer(i, len(modules)) for i in row_layers}
     if rows and row_index is None:
         raise ValueError("row_layers need a row_index")
-    sink = CapturedMaps(row_index)
+    sink = CapturedMaps(row_index, losses)
     text_config = backend.model.config.text_config
     previous = text_config._attn_implementation
     for i in full | rows:

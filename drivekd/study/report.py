@@ -147,7 +147,9 @@ def robustness(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
             # the answers must have been made under the setting the file's name says
             expected = None if stem == "clean" else stem if stem == "text_only" else stem.replace("-", ":", 1)
             if score["setting"] != expected and not str(score["setting"]).startswith(f"{expected}:"):
-                raise DataError(f"{file}: answers made under setting {score['setting']!r}, the file name says {expected!r}")
+                raise DataError(
+                    f"{file}: answers made under setting {score['setting']!r}, the file name says {expected!r}"
+                )
             return score["average"]
 
         per = {c: avg(f"{c}-{config['severity']}") for c in config["corruptions"]}

@@ -55,9 +55,7 @@ def ensure_process_group(device: torch.device) -> None:
     )
 
 
-def shard(
-    model: torch.nn.Module, units: Iterable[torch.nn.Module], device: torch.device, mixed_precision: str
-) -> None:
+def shard(model: torch.nn.Module, units: Iterable[torch.nn.Module], device: torch.device, mixed_precision: str) -> None:
     """Shard `model` in place: each of `units` its own unit, the rest the root unit. With bf16 the
     gathered weights compute in bf16 and gradients are reduced in fp32 (the sharded master weights and
     optimiser state stay in the weights' dtype)."""

@@ -15,7 +15,7 @@ from drivekd.data.formats import load_samples, load_split
 from drivekd.data.sample import Sample
 from drivekd.data.validate import validate_samples
 from drivekd.errors import DataError
-from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
+from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend, answer_cross_entropy, answer_positions
 from drivekd.models.loading import LoadOptions, load_backend
 from drivekd.train.config import DataConfig, MixIn, ModelConfig, SFTConfig, dump_config
 from drivekd.train.run_folder import RunFolder, run_identity, samples_digest
@@ -113,19 +113,23 @@ def _mix_in(mix: MixIn, cfg: DataConfig) -> list[Sample]:
 
 
 def cross_entropy(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    return {"ce": model(**batch.inputs, labels=batch.labels).loss}
+    return {"ce": answer_cross_entropy(model, batch)[0]}
 
 
 def answer_metrics(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Validation: plain answer CE, and `decision_acc`, the share of answers whose whole `Final: {...}`
     span is the argmax under teacher forcing (the letter is what scores; CE averages it away)."""
-    out = model(**batch.inputs, labels=batch.labels)
-    metrics: dict[str, Any] = {"ce": out.loss}
+    ce, out = answer_cross_entropy(model, batch)
+    metrics: dict[str, Any] = {"ce": ce}
     if batch.decision_mask is not None:
         spans = batch.decision_mask.any(1)  # answers without a span take no part, whatever their batch
         if bool(spans.any()):
-            mask = batch.decision_mask[:, 1:]
-            hits = ((out.logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~mask).all(1)
+            assert batch.labels is not None
+            answer = answer_positions(batch.labels)  # the rows of `out.logits`, in order
+            wrong = out.logits.argmax(-1) != batch.labels[:, 1:][answer[:, :-1]]
+            misses = torch.zeros_like(answer)
+            misses[answer] = wrong & batch.decision_mask[:, 1:][answer[:, :-1]]
+            hits = ~misses.any(1)
             metrics["decision_acc"] = (hits[spans].float().mean(), int(spans.sum()))
     return metrics
 

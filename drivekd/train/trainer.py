@@ -398,7 +398,9 @@ class Trainer:
             # extra ones on a sample it then leaves out of the sums
             busiest = math.ceil(math.ceil(len(every) / ranks) / size)
             for _ in range(busiest - len(starts)):
-                self.val_objective(self.model, self.backend.build_batch(every[:1], max_length=max_length).to(self.accelerator.device))
+                self.val_objective(
+                    self.model, self.backend.build_batch(every[:1], max_length=max_length).to(self.accelerator.device)
+                )
         for i in starts:
             batch = self.backend.build_batch(samples[i : i + size], max_length=max_length)
             # a batch's CE is its mean over answer tokens, so batches weigh by their answer tokens and the

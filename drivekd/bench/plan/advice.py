@@ -84,6 +84,14 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
                 peak_of(_with(config, "combine", buffer_dtype="bfloat16")),
             )
         )
+    if agp and config.combine.project_per == "micro_batch" and config.train.distributed != "fsdp":
+        options.append(
+            (
+                "AGP's Gram matrix from one k-batched backward, no buffer (exact; slower per exact step)",
+                {"combine.gram": "modules"},
+                peak_of(_with(config, "combine", gram="modules", buffer_dtype=None)),
+            )
+        )
     if agp:
         summed = _with(config, "combine", strategy="sum", amortize_every=None)
         fields: dict[str, Any] = {"combine.strategy": "sum"}

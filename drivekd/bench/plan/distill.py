@@ -18,7 +18,7 @@ from drivekd.bench.plan.formulas import (
     weights,
 )
 from drivekd.bench.plan.model import Arch, arch
-from drivekd.bench.plan.phases import LOSSES, SAVED, TARGETS, TEACHER, TRANSIENT
+from drivekd.bench.plan.phases import LOSSES, SAVED, TEACHER, TRANSIENT
 from drivekd.bench.plan.units import DTYPE_BYTES
 from drivekd.distill.cache import STORAGES, estimate_bytes
 
@@ -77,14 +77,15 @@ def distill_parts(
     if captured:
         parts["captured attention maps"] = (captured_maps(student, step, captured), SAVED)
         parts["captured-map recompute"] = (map_recompute(student, step, captured), TRANSIENT)
-        parts["attention-map losses"] = (map_losses(step, pair_rows), LOSSES)
+        parts["attention-map losses"] = (map_losses(step, pair_rows), SAVED)
     if hidden_pairs:
         parts["hidden-state losses"] = (hidden_losses(student, step, hidden_pairs, hidden_width), LOSSES)
     if kl_vocab:
         parts["logit-KL loss"] = (logit_kl_loss(step, kl_vocab), LOSSES)
     teacher_weights = 0
     if cached:
-        parts["teacher cache reads"] = (cache_reads(step, elements), TARGETS)
+        # read before the student's forward (its map losses are taken inside it), kept until its backward
+        parts["teacher cache reads"] = (cache_reads(step, elements, _cached_value_bytes(config.teacher.cache)), SAVED)
         notes.append(
             "teacher.cache: no teacher on the device; each sample's targets are read from the memory-mapped "
             "shards, the next micro-batch's while this one trains"
@@ -106,7 +107,7 @@ def distill_parts(
             live += live_teacher(t, step, t_bytes, maps, hidden_layers, logits)
             teacher_weights += weights(t.parameters, t_bytes)
         parts["live teacher forward"] = (live, TEACHER)
-        parts["teacher targets"] = (teacher_targets(step, elements, t_bytes), TARGETS)
+        parts["teacher targets"] = (teacher_targets(step, elements, t_bytes), SAVED)
     info = [
         {
             "name": ckpt,
@@ -143,8 +144,22 @@ def distill_parts(
         "teacher_weights": teacher_weights,
         "parts": parts,
         "losses": 1 + len(signals),  # CE and each signal
+        "all_logits": bool(kl_vocab),  # a signal reads logits: the head runs at every position
         "projection_params": projection_params,
         "cache_bytes_per_sample": per_sample if signals else None,
         "cache_bytes_per_sample_shared": shared if signals else None,
         "questions_per_frame": questions,
     }
+
+
+def _cached_value_bytes(folder: str) -> int:
+    """Bytes per target value as the distiller holds them: 2 for an fp16 cache (the default, and what
+    is assumed when the folder cannot be read here), 4 for an fp8 one (dequantised to fp32)."""
+    import json
+    from pathlib import Path
+
+    try:
+        storage = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8")).get("storage", "fp16")
+    except (OSError, ValueError):
+        storage = "fp16"
+    return 2 if storage == "fp16" else 4

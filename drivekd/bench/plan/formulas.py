@@ -18,11 +18,17 @@ class Step:
     visual: int  # visual tokens per sample
     act_bytes: int  # bytes per activation value: the model's dtype, or 2 under bf16/fp16 autocast
     masked: bool  # padding: a mask reaches SDPA (without padding transformers runs plain causal)
+    answers: int | None = None  # answer tokens per sample; None: every text token (an upper bound)
 
     @property
     def text(self) -> int:
         """R: the text rows a text->vision signal reads."""
         return self.tokens - self.visual
+
+    @property
+    def head_rows(self) -> int:
+        """The positions per sample the LM head runs at for the CE: the answer-predicting ones."""
+        return self.text if self.answers is None else min(self.answers, self.text)
 
 
 def weights(parameters: int, dtype_bytes: int) -> int:
@@ -76,14 +82,17 @@ def lm_edges(a: Arch, s: Step) -> int:
     return s.batch * s.tokens * (_rms_norm(a.hidden, s.act_bytes) + s.act_bytes * (a.hidden + 2 * a.head_dim))
 
 
-def logits_and_loss(a: Arch, s: Step, logits_kept: bool) -> int:
-    # CE saves its fp32 log-softmax; the logits stay too while something holds them (the distiller does)
-    return s.batch * s.tokens * a.vocab * (4 + (s.act_bytes if logits_kept else 0))
+def logits_and_loss(a: Arch, s: Step, all_logits: bool) -> int:
+    # the head runs at the answer positions only, and CE saves its fp32 log-softmax; a signal reading
+    # logits (logit KL) makes the head run at every position and keeps the logits for its loss
+    rows = s.tokens if all_logits else s.head_rows
+    return s.batch * rows * a.vocab * (4 + (s.act_bytes if all_logits else 0))
 
 
-def ce_backward(a: Arch, s: Step) -> int:
+def ce_backward(a: Arch, s: Step, all_logits: bool) -> int:
     # CE's backward makes two fp32 gradients of the log-softmax's size (and a 16-bit one for 16-bit logits)
-    return s.batch * s.tokens * a.vocab * (8 + (0 if s.act_bytes == 4 else s.act_bytes))
+    rows = s.tokens if all_logits else s.head_rows
+    return s.batch * rows * a.vocab * (8 + (0 if s.act_bytes == 4 else s.act_bytes))
 
 
 def vision_tower(a: Arch, s: Step, graph: bool) -> int:
@@ -117,11 +126,12 @@ def projector(a: Arch, s: Step, graph: bool) -> int:
 
 
 def captured_maps(a: Arch, s: Step, rows: dict[int, int]) -> int:
-    # a captured student layer keeps its (B, R, T) head-mean map and the additive mask (or its rows) for
-    # the checkpointed recompute; text-row layers also their gathered queries
+    # a captured student layer takes its map losses inside its forward and keeps no map: the checkpoint
+    # keeps q and k (saved by SDPA anyway), the forward's one additive mask, and for a text-row layer
+    # its gathered queries and mask rows
     b = s.act_bytes
-    kept = sum(s.batch * r * s.tokens * 2 * b for r in rows.values())
-    return kept + sum(s.batch * a.heads * r * a.head_dim * b for r in rows.values() if r < s.tokens)
+    mask = s.batch * s.tokens * s.tokens * b if any(r == s.tokens for r in rows.values()) else 0
+    return mask + sum(s.batch * r * (s.tokens + a.heads * a.head_dim) * b for r in rows.values() if r < s.tokens)
 
 
 def map_recompute(a: Arch, s: Step, rows: dict[int, int]) -> int:
@@ -131,8 +141,10 @@ def map_recompute(a: Arch, s: Step, rows: dict[int, int]) -> int:
 
 
 def map_losses(s: Step, pair_rows: list[int]) -> int:
-    # each matched (signal, layer) distance keeps its difference and float mask, plus the boolean mask
-    return sum(s.batch * r * s.tokens * (2 * s.act_bytes + 1) for r in pair_rows)
+    # the losses' masks, boolean and as float weights, made once per batch for each block they read
+    # (the whole map, the text rows), and one layer's map and loss temporaries at a time
+    masks = sum(s.batch * r * s.tokens * (s.act_bytes + 1) for r in set(pair_rows))
+    return masks + 3 * s.batch * max(pair_rows, default=0) * s.tokens * 4
 
 
 def hidden_losses(a: Arch, s: Step, pairs: int, width: int) -> int:
@@ -163,9 +175,25 @@ def agp_combination(losses: int, largest: int, buffer_bytes: int, gram_chunk: in
     return losses * gram_chunk * 4 * upcast + (losses * upcast + 1) * largest * 4
 
 
-def cache_reads(s: Step, elements: list[int]) -> int:
-    # CachedTeachers pads each sample's stored target into one fp32 batch tensor per (signal, matched layer)
-    return sum(s.batch * e * 4 for e in elements)
+def gram_pass(a: Arch, s: Step, losses: int, trainable: int, grad_bytes: int, all_logits: bool) -> int:
+    # `gram: modules`: the k-batched backward holds k of everything one ordinary backward makes at a
+    # time, the largest being the larger of the CE's logit-sized gradients, one decoder layer's
+    # cotangents, and one parameter's k gradients (`Arch.gram_held`); beside it, what a shallow loss's
+    # pass kept for the cross terms (at most SHALLOW_SHARE of what the losses reach: taken of the
+    # trainable parameters)
+    from drivekd.distill.gramian import SHALLOW_SHARE
+
+    rows = s.tokens if all_logits else s.head_rows
+    logits = s.batch * rows * a.vocab * 8
+    layer = s.batch * s.tokens * (3 * a.intermediate + 4 * a.hidden) * s.act_bytes
+    shallow = int(SHALLOW_SHARE * trainable) * grad_bytes
+    return losses * max(logits, layer, a.gram_held * grad_bytes) + shallow
+
+
+def cache_reads(s: Step, elements: list[int], value_bytes: int) -> int:
+    # CachedTeachers pads each sample's stored target into one batch tensor per (signal, matched layer),
+    # fp16 targets as fp16, fp8 ones as their fp32 dequantisation
+    return sum(s.batch * e * value_bytes for e in elements)
 
 
 def live_teacher(t: Arch, s: Step, dtype_bytes: int, maps: dict[int, int], hidden_layers: int, logits: bool) -> int:

@@ -79,6 +79,7 @@ class Inputs:
     """What the plan is asked for, beyond the config."""
 
     tokens: int | None = None  # None: data.max_length
+    answer_tokens: int | None = None  # the longest answer; None: every text token (an upper bound)
     images: int | None = None  # None: read from the data, else 1
     gpus: int = 1
     device: str = "cuda"  # "cpu": the CPU optimiser path and RAM budget (calibration)

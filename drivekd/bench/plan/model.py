@@ -45,6 +45,7 @@ class Arch:
     vision_tokens: int  # the vision tower's sequence per image (patches, and InternViT's class token)
     patch_values: int  # pixel values the patch embedding reads per vision token
     largest_tensor: int  # elements of the largest parameter
+    gram_held: int  # elements the `gram: modules` pass holds k at a time for one parameter (gramian.py)
     head: int  # parameters of the LM head (its gradient is the first a backward pass makes)
     unit: int  # parameters of the largest FSDP unit: one decoder layer
     root: int  # parameters of the FSDP root unit (vision tower, projector, embeddings, head, norm)
@@ -123,6 +124,7 @@ def arch(spec: str, lora_json: str = "null", image: tuple[int, int] = DEFAULT_IM
     for name, p in model.named_parameters():
         params[backend.part_of(name)] += p.numel()
         largest = max(largest, p.numel())
+    gram_held = _gram_held(model)
     units = [sum(p.numel() for p in u.parameters()) for u in backend.fsdp_units()]
     visual = backend.visual_token_count(*image)
     if backend.family == "internvl":
@@ -160,10 +162,32 @@ def arch(spec: str, lora_json: str = "null", image: tuple[int, int] = DEFAULT_IM
         vision_tokens=vision_tokens,
         patch_values=patch_values,
         largest_tensor=largest,
+        gram_held=gram_held,
         head=text.vocab_size * text.hidden_size,
         unit=max(units),
         root=sum(params.values()) - sum(units) - (sum(lora.values()) if lora else 0),
     )
+
+
+def _gram_held(model: torch.nn.Module) -> int:
+    """The most values the `gram: modules` pass holds k-fold for one parameter: parameter-tapped
+    weights hold their k gradients (a weight used by two modules, a tied embedding and head, its
+    first use's until the second arrives, then their sum: three); output-tapped ones a fp64 block."""
+    from drivekd.distill.gramian import GRAM_CHUNK, output_tapped
+
+    modules = [m for m in model.modules() if any(p is not None for p in m._parameters.values())]
+    at_output = {id(m) for m in output_tapped(modules)}
+    uses: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for m in modules:
+        if id(m) in at_output:
+            continue
+        for p in m._parameters.values():
+            if p is not None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+                sizes[id(p)] = p.numel()
+    held = max((n * (1 if uses[key] == 1 else uses[key] + 1) for key, n in sizes.items()), default=0)
+    return max(held, 2 * GRAM_CHUNK if at_output else 0)  # an fp64 block: two fp32 values
 
 
 def _lora_counts(backend: Any, settings: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:

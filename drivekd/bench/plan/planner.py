@@ -21,6 +21,7 @@ from drivekd.bench.plan.formulas import (
     ddp_buckets,
     fsdp_gather,
     gradients,
+    gram_pass,
     lm_edges,
     lm_layers,
     logits_and_loss,
@@ -67,7 +68,12 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     mixed = config.train.mixed_precision
     micro, accum = config.train.micro_batch_size, config.train.grad_accum
     padded = inputs.padded if inputs.padded is not None else micro > 1
-    step = Step(micro, tokens, images, visual, 2 if mixed != "no" else s_bytes, padded)
+    step = Step(micro, tokens, images, visual, 2 if mixed != "no" else s_bytes, padded, inputs.answer_tokens)
+    if inputs.answer_tokens is None:
+        notes.append(
+            f"the LM head's CE rows: every one of the {step.text} text tokens assumed to be an answer token "
+            "(an upper bound; --answer-tokens N sets the longest answer)"
+        )
 
     by_part = student.trainable(config.model)
     if sum(by_part.values()) == 0:
@@ -82,12 +88,16 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     strategy = config.combine.strategy if distill else "sum"
     losses = d["losses"] if d else 1
     agp = strategy != "sum" and losses > 1
+    # the buffer path writes every loss's gradient into a (k, P) buffer; the modules path takes the
+    # Gram matrix from one k-batched backward and ends in an ordinary backward (distill/gramian.py)
+    modules_gram = agp and getattr(config.combine, "gram", "buffer") == "modules"
+    buffered = agp and not modules_gram
     # accumulation keeps earlier micro-batches' gradients through the next pass; otherwise a plain
     # backward makes them as it frees activations (the LM head's first, all of them at its end), and a
     # projection strategy writes them at the combination
     grads_in_pass = accum > 1
     step_phase, vision_phase, backward_end = "optimiser step", "vision forward", "backward end"
-    plain_end = not agp and not grads_in_pass
+    plain_end = not buffered and not grads_in_pass
 
     parts: dict[str, int] = {}
     counted: dict[str, list[str]] = {}
@@ -103,7 +113,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         "gradients",
         gradients(trainable, s_bytes),
         *([SAVED, vision_phase] if grads_in_pass else []),
-        *(["combination"] if agp else []),
+        *(["combination"] if buffered else []),
         *([backward_end] if plain_end else []),
         step_phase,
     )
@@ -125,12 +135,19 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         *([backward_end] if plain_end else []),
     )
     add("activations: language model", lm_layers(student, step) + lm_edges(student, step), SAVED)
-    add("activations: logits and log-softmax", logits_and_loss(student, step, logits_kept=distill), SAVED)
-    add("CE backward", ce_backward(student, step), TRANSIENT)
+    all_logits = bool(d and d["all_logits"])
+    add("activations: logits and log-softmax", logits_and_loss(student, step, all_logits), SAVED)
+    add("CE backward", ce_backward(student, step, all_logits), TRANSIENT)
     for name, (value, where) in (d["parts"] if d else {}).items():
         add(name, value, where)
     add("autocast weight copies", autocast_copies(trainable, s_bytes, mixed), SAVED)
-    if agp:
+    if modules_gram:
+        add(
+            "Gram pass: k of its largest transient",
+            gram_pass(student, step, losses, trainable, s_bytes, all_logits),
+            TRANSIENT,
+        )
+    if buffered:
         from drivekd.distill import aggregate
 
         buffer_bytes = DTYPE_BYTES[getattr(config.combine, "buffer_dtype", None) or config.model.dtype]
@@ -147,7 +164,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         "DDP gradient buckets",
         ddp,
         SAVED,
-        *(["combination"] if agp else []),
+        *(["combination"] if buffered else []),
         *([backward_end] if plain_end else []),
         step_phase,
         *([] if vision_graph else [vision_phase]),
@@ -183,6 +200,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
             "images": step.images,
             "visual_tokens": step.visual,
             "text_tokens": step.text,
+            "answer_tokens": step.head_rows,
             "activation_bytes": step.act_bytes,
             "strategy": strategy,
             "losses": losses,
@@ -209,10 +227,11 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         )
     if result.fsdp is not None and config.train.distributed == "fsdp":
         result.fits = result.fsdp["peak"] <= budget  # the config shards: its figure is FSDP's
-    if agp and config.combine.amortize_every:
+    if buffered and config.combine.amortize_every:
         notes.append(
             "combine.amortize_every does not lower the peak: every N-th step still builds the (k, P) buffer. "
-            "What does: combine.buffer_dtype bfloat16, fewer signals, combine.strategy sum, or FSDP"
+            "What does: combine.gram modules (no buffer), combine.buffer_dtype bfloat16, fewer signals, "
+            "combine.strategy sum, or FSDP"
         )
     if advise and not result.fits:
         result.advice = advice(config, inputs, result)
