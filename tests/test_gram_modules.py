@@ -214,6 +214,35 @@ def test_a_shallow_loss_runs_first_and_its_cross_terms_are_kept(output_taps, mon
     assert torch.allclose(gramian.gram(model.losses(ids)), got, rtol=1e-12, atol=1e-14) and passes == [4]
 
 
+def test_output_taps_with_keyword_inputs_int32_ids_and_a_weight_frozen_after_hooking():
+    torch.manual_seed(6)
+    model = Deep().double()
+    gramian = ParameterGramian([model], output_taps_from=0)
+    model.layers[2].weight.requires_grad_(False)  # frozen after the taps were chosen: not counted
+    ids = torch.randint(0, 13, (3, 5), dtype=torch.int32)
+
+    def losses():
+        h = model.embed(ids)
+        outs = []
+        for layer in model.layers:
+            h = torch.tanh(layer(input=h))  # keyword input
+            outs.append(h)
+        return [model.head(h).pow(2).mean(), outs[4].sum() * 0.1, model.low_head(outs[0]).pow(2).mean()]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for loss in losses():
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        rows.append(
+            torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+            )
+        )
+    jac = torch.stack(rows)
+    got = gramian.gram(losses())
+    assert torch.allclose(got, jac @ jac.T, rtol=1e-12, atol=1e-14), (got - jac @ jac.T).abs().max()
+
+
 def test_outside_gram_the_taps_leave_an_ordinary_backward_unchanged():
     model, ids = _toy()
     sum(_toy_losses(model, ids).values()).backward()

@@ -237,9 +237,9 @@ class ParameterGramian:
             if this is not None:
                 this._pre(module)
 
-        def post(module: torch.nn.Module, args: object, output: object) -> object:
+        def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> object:
             this = owner()
-            return None if this is None else this._post(module, args, output)
+            return None if this is None else this._post(module, args, kwargs, output)
 
         seen: set[int] = set()
         hooked: list[torch.nn.Module] = []
@@ -250,7 +250,7 @@ class ParameterGramian:
                 seen.add(id(module))
                 hooked.append(module)
                 self._handles.append(module.register_forward_pre_hook(pre))
-                self._handles.append(module.register_forward_hook(post, always_call=True))
+                self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
         self._output_tapped = {id(m) for m in output_tapped(hooked, output_taps_from)}
         self._outputs: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)  # arrived uses
         self._numel: dict[int, int] = {}
@@ -280,9 +280,14 @@ class ParameterGramian:
             self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
         return self._anchors[device]
 
+    def _at_output(self, module: torch.nn.Module) -> bool:
+        """Tapped at its output this call: chosen at construction, and its weight still trains (a
+        weight frozen since then falls back to the parameter taps, which skip it)."""
+        return id(module) in self._output_tapped and bool(module.weight.requires_grad)
+
     def _pre(self, module: torch.nn.Module) -> None:
         saved: dict[str, torch.nn.Parameter] = {}
-        if id(module) in self._output_tapped:
+        if self._at_output(module):
             return
         if torch.is_grad_enabled() and not self.collecting:
             for name, p in module._parameters.items():
@@ -293,14 +298,18 @@ class ParameterGramian:
                     module._parameters[name] = _Tap.apply(p, self._anchor(p.device), _Site(self, id(p)))  # type: ignore[assignment]
         self._swapped[id(module)].append(saved)
 
-    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
-        if id(module) in self._output_tapped:
+    def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._at_output(module):
             if not (torch.is_grad_enabled() and not self.collecting and isinstance(output, torch.Tensor)):
                 return None
             key = id(module)
             self._uses[key] += 1
             self._numel[key] = sum(p.numel() for p in module._parameters.values() if p is not None)
-            site = _OutputSite(self, key, args[0].detach())
+            x = (args[0] if args else kwargs["input"]).detach()
+            if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+                # the weight's gradient is taken from the input as autocast casts it for the product
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            site = _OutputSite(self, key, x)
             return _OutputTap.apply(output, self._anchor(output.device), site)
         stack = self._swapped.get(id(module))
         if stack:
@@ -368,7 +377,7 @@ class ParameterGramian:
         the rows: the weight's gradient is the sum over its uses)."""
         module = self._modules[key]
         k = uses[0][1].shape[0]
-        saved = torch.cat([x.reshape(-1) if x.dtype == torch.long else x.reshape(-1, x.shape[-1]) for x, _ in uses])
+        saved = torch.cat([x.reshape(-1) if not x.is_floating_point() else x.reshape(-1, x.shape[-1]) for x, _ in uses])
         grads = torch.cat([g.reshape(k, -1, g.shape[-1]) for _, g in uses], dim=1)
         grads = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
         if isinstance(module, torch.nn.Embedding):
@@ -409,7 +418,7 @@ class ParameterGramian:
                 module = self._modules[site.key]
                 width = module.embedding_dim if isinstance(module, torch.nn.Embedding) else module.out_features
                 x = site.saved
-                reached[id(site)] = (x.numel() if x.dtype == torch.long else x.numel() // x.shape[-1]) * width
+                reached[id(site)] = (x.numel() if not x.is_floating_point() else x.numel() // x.shape[-1]) * width
             stack.extend(f for f, _ in node.next_functions)
         return sum(reached.values())
 
