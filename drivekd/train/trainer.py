@@ -34,7 +34,7 @@ from drivekd import progress
 from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample, image_blind_control
 from drivekd.errors import DataError, DriveKDError
-from drivekd.models.backend import IGNORE_INDEX, Batch, VLMBackend
+from drivekd.models.backend import Batch, VLMBackend, answer_positions
 from drivekd.train import fsdp
 from drivekd.train.config import TrainConfig
 from drivekd.train.order import batches_in_epoch, epoch_order, micro_batches_in_step, steps_for_epochs
@@ -405,7 +405,7 @@ class Trainer:
             batch = self.backend.build_batch(samples[i : i + size], max_length=max_length)
             # a batch's CE is its mean over answer tokens, so batches weigh by their answer tokens and the
             # set's CE is the same whatever the batch size; other metrics are per-sample means
-            tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            tokens = int(answer_positions(batch.labels).sum())
             for k, v in self.val_objective(self.model, batch.to(self.accelerator.device)).items():
                 if isinstance(v, tuple):  # (mean, over how many): a metric of some samples only
                     v, weight = v
