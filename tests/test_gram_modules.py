@@ -90,7 +90,7 @@ def test_gram_equals_explicit_jacobian_product_with_tied_repeated_and_unused_par
 @pytest.mark.parametrize("tied", [True, False])
 def test_output_taps_give_the_explicit_jacobian_products(tied):
     """Every Linear and Embedding tapped at its output (threshold 0): `inner` is called twice, `unused`
-    never reaches a loss; a tied embedding/head keeps the parameter taps."""
+    never reaches a loss, a tied embedding and head are taken together."""
     model, ids = _toy()
     if not tied:
         model.head.weight = torch.nn.Parameter(model.embed.weight.detach().clone() * 0.7)
@@ -98,7 +98,7 @@ def test_output_taps_give_the_explicit_jacobian_products(tied):
     want = jac @ jac.T
     gramian = ParameterGramian([model], output_taps_from=0)
     tapped = {name for name, m in model.named_modules() if id(m) in gramian._output_tapped}
-    assert tapped == ({"inner", "unused"} if tied else {"embed", "inner", "unused", "head"})
+    assert tapped == {"embed", "inner", "unused", "head"}
     got = gramian.gram(list(_toy_losses(model, ids).values()))
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), (got - want).abs().max()
     assert all(p.grad is None for p in model.parameters())
@@ -132,6 +132,11 @@ def test_linear_and_embedding_gram_blocks_equal_their_gradients_products(rows, m
     table[:, 2] = 0  # the padding row takes no gradient
     flat = table.reshape(k, -1)
     assert torch.allclose(gm.embedding_gram(ids, g, padding_idx=2), flat @ flat.T, rtol=1e-12)
+    # one (9, out) weight tied between that embedding and a head over `x2` (5 rows, width out)
+    x2 = torch.randn(5, out, dtype=torch.float64)
+    g2 = torch.randn(k, 5, 9, dtype=torch.float64)
+    tied = (table + torch.stack([g2[i].T @ x2 for i in range(k)])).reshape(k, -1)
+    assert torch.allclose(gm.tied_gram(ids, g, 2, x2, g2), tied @ tied.T, rtol=1e-12)
 
 
 def test_output_taps_never_make_k_gradients_of_a_large_weight(monkeypatch):
@@ -390,8 +395,9 @@ def test_distiller_gradients_equal_the_buffer_path_through_capture(
 def test_output_taps_on_every_linear_give_the_buffer_paths_gradients_through_capture(
     shallow_share, data_dir, teacher_dir, tmp_path, monkeypatch
 ):
-    """The tiny student's every Linear tapped at its output (its embedding is tied: parameter taps);
-    with a large shallow share the losses that reach less run in a first pass of their own."""
+    """The tiny student's every Linear and its embedding tapped at their outputs (the embedding and
+    head are tied: taken together); with a large shallow share the losses that reach less run in a
+    first pass of their own."""
     from drivekd.data.formats import load_split
     from drivekd.distill import gramian as gm
     from drivekd.distill.engine import Distiller
@@ -415,9 +421,9 @@ def test_output_taps_on_every_linear_give_the_buffer_paths_gradients_through_cap
     want, want_stats = _distiller_gradients(d, batch, "agp", "buffer")
     probe = gm.ParameterGramian([student.model])
     linears = {id(m) for m in student.model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad}
-    head = student.model.get_output_embeddings()
-    assert head.weight is student.model.get_input_embeddings().weight  # tied: parameter taps
-    assert probe._output_tapped == linears - {id(head)} and len(probe._output_tapped) > 20
+    head, embedding = student.model.get_output_embeddings(), student.model.get_input_embeddings()
+    assert head.weight is embedding.weight and id(head) in linears  # tied: both taken at their outputs
+    assert probe._output_tapped == linears | {id(embedding)} and len(probe._output_tapped) > 20
     probe.remove()
     passes = []
     if shallow_share is not None:

@@ -15,7 +15,8 @@ A large `nn.Linear` or `nn.Embedding` (a vocabulary's embedding or LM head: k of
 k x 0.5 GiB at InternVL3-1B's shape, k x 2.3 GiB at 8B's) is tapped at its *output* instead: its
 backward sees the k output cotangents and adds the weight's Gram block from them and the saved input,
 never forming the k weight gradients (a linear layer: `G^T X` a block of output rows at a time, or,
-when the rows are few, `<G_i G_j^T, X X^T>`; an embedding: the cotangents summed per token id).
+when the rows are few, `<G_i G_j^T, X X^T>`; an embedding: the cotangents summed per token id; a
+weight tied between the two: both, and their cross terms on the rows the embedding touches).
 
 A loss whose graph is a small part of the model (`SHALLOW_SHARE`; found by walking each loss's graph
 to the taps it reaches) runs first in a pass of its own, which keeps its gradients (their cotangents,
@@ -102,13 +103,13 @@ class _Take(torch.autograd.Function):
 
 
 class _OutputSite:
-    """One call of an output-tapped module: the owner, the module's key and its input (kept by the
-    module's own backward anyway)."""
+    """One call of an output-tapped module: the owner, the weight's key (a tied embedding and head
+    share it), the module and its input (kept by the module's own backward anyway)."""
 
-    __slots__ = ("key", "owner", "saved")
+    __slots__ = ("key", "module", "owner", "saved")
 
-    def __init__(self, owner: ParameterGramian, key: int, saved: torch.Tensor) -> None:
-        self.owner, self.key, self.saved = owner, key, saved
+    def __init__(self, owner: ParameterGramian, key: int, module: torch.nn.Module, saved: torch.Tensor) -> None:
+        self.owner, self.key, self.module, self.saved = owner, key, module, saved
 
 
 class _OutputTap(torch.autograd.Function):
@@ -165,20 +166,33 @@ def _output_tappable(module: torch.nn.Module, threshold: int) -> bool:
 
 def output_tapped(modules: Iterable[torch.nn.Module], threshold: int | None = None) -> list[torch.nn.Module]:
     """The modules whose weight the Gram pass takes at their output (`OUTPUT_TAP_FROM` values and
-    up). Output taps see one module's uses only: a weight another module also uses (a tied embedding
-    and head) needs the sum of both uses' gradients, so it keeps the parameter taps."""
+    up). A weight's block needs the sum of all its uses' gradients: a weight shared by an Embedding
+    and a Linear (a tied embedding and head) is taken at both outputs together; any other sharing
+    keeps the parameter taps."""
     modules = list(modules)
     threshold = OUTPUT_TAP_FROM if threshold is None else threshold
-    owners: dict[int, int] = defaultdict(int)
+    owners: dict[int, list[torch.nn.Module]] = defaultdict(list)
     for module in modules:
         for p in module._parameters.values():
             if p is not None:
-                owners[id(p)] += 1
-    return [
-        m
-        for m in modules
-        if _output_tappable(m, threshold) and all(owners[id(p)] == 1 for p in m._parameters.values() if p is not None)
-    ]
+                owners[id(p)].append(module)
+
+    def alone_or_tied(module: torch.nn.Module) -> bool:
+        for name, p in module._parameters.items():
+            sharing = owners[id(p)] if p is not None else [module]
+            if len(sharing) == 1:
+                continue
+            tied = (
+                name == "weight"
+                and len(sharing) == 2
+                and {type(m) for m in sharing} == {torch.nn.Embedding, torch.nn.Linear}
+            )
+            headless = all(getattr(m, "bias", None) is None for m in sharing)  # `tied_gram` has no bias term
+            if not (tied and headless and all(_output_tappable(m, threshold) for m in sharing)):
+                return False
+        return True
+
+    return [m for m in modules if _output_tappable(m, threshold) and alone_or_tied(m)]
 
 
 def linear_gram(inputs: torch.Tensor, grads: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -202,18 +216,40 @@ def linear_gram(inputs: torch.Tensor, grads: torch.Tensor, bias: bool) -> torch.
     return gram
 
 
-def embedding_gram(ids: torch.Tensor, grads: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
-    """fp64 `(k, k)` Gram block of an embedding's weight gradients from the looked-up ids `(n,)` and
-    the k output cotangents `(k, n, width)`: each gradient is its cotangents summed per id."""
-    if padding_idx is not None:  # the padding row gets no gradient
+def embedding_rows(
+    ids: torch.Tensor, grads: torch.Tensor, padding_idx: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding's k weight gradients on the rows they touch: the distinct looked-up ids `(U,)` and
+    the k output cotangents `(k, n, width)` summed per id, fp64 `(k, U, width)` (the padding row gets
+    no gradient)."""
+    if padding_idx is not None:
         keep = ids != padding_idx
         ids, grads = ids[keep], grads[:, keep]
     unique, inverse = torch.unique(ids, return_inverse=True)
-    k = grads.shape[0]
-    summed = torch.zeros(k, unique.numel(), grads.shape[2], dtype=torch.float64, device=grads.device)
+    summed = torch.zeros(grads.shape[0], unique.numel(), grads.shape[2], dtype=torch.float64, device=grads.device)
     summed.index_add_(1, inverse, grads.double())
-    flat = summed.reshape(k, -1)
+    return unique, summed
+
+
+def embedding_gram(ids: torch.Tensor, grads: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """fp64 `(k, k)` Gram block of an embedding's weight gradients from the looked-up ids `(n,)` and
+    the k output cotangents `(k, n, width)`."""
+    flat = embedding_rows(ids, grads, padding_idx)[1].flatten(1)
     return flat @ flat.T
+
+
+def tied_gram(
+    ids: torch.Tensor, embedded: torch.Tensor, padding_idx: int | None, inputs: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor:
+    """fp64 `(k, k)` Gram block of a weight tied between an embedding (ids `(n,)`, output cotangents
+    `(k, n, width)`) and a head without bias (inputs `(m, width)`, output cotangents `(k, m, vocab)`):
+    <E_i + H_i, E_j + H_j>, the cross terms over the rows the embedding touches (`H` there is
+    `G[:, :, rows]^T X`)."""
+    rows, summed = embedding_rows(ids, embedded, padding_idx)
+    flat = summed.flatten(1)
+    head_rows = torch.einsum("kmr,mw->krw", logits[:, :, rows].double(), inputs.double()).flatten(1)
+    cross = flat @ head_rows.T
+    return flat @ flat.T + linear_gram(inputs, logits, bias=False) + cross + cross.T
 
 
 class ParameterGramian:
@@ -252,7 +288,8 @@ class ParameterGramian:
                 self._handles.append(module.register_forward_pre_hook(pre))
                 self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
         self._output_tapped = {id(m) for m in output_tapped(hooked, output_taps_from)}
-        self._outputs: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)  # arrived uses
+        Use = tuple[torch.nn.Module, torch.Tensor, torch.Tensor]  # the module, its input, the k cotangents
+        self._outputs: dict[int, dict[int, Use]] = defaultdict(dict)  # arrived uses
         self._numel: dict[int, int] = {}
         # during `gram`: the lanes (loss indices) of the running pass, whether it is the shallow losses'
         # pass, and what that pass kept for the cross terms
@@ -260,8 +297,7 @@ class ParameterGramian:
         self._shallow = torch.zeros(0, dtype=torch.long)
         self._storing = False
         self._stored: dict[int, torch.Tensor] = {}
-        self._stored_outputs: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._modules: dict[int, torch.nn.Module] = {id(m): m for m in hooked if id(m) in self._output_tapped}
+        self._stored_outputs: dict[int, dict[int, Use]] = {}
         self._finalizer = weakref.finalize(self, ParameterGramian._unhook, self._handles)
 
     @staticmethod
@@ -302,14 +338,13 @@ class ParameterGramian:
         if self._at_output(module):
             if not (torch.is_grad_enabled() and not self.collecting and isinstance(output, torch.Tensor)):
                 return None
-            key = id(module)
+            key = id(module.weight)  # a tied embedding and head: one weight, one key
             self._uses[key] += 1
-            self._numel[key] = sum(p.numel() for p in module._parameters.values() if p is not None)
             x = (args[0] if args else kwargs["input"]).detach()
             if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
                 # the weight's gradient is taken from the input as autocast casts it for the product
                 x = x.to(torch.get_autocast_dtype(x.device.type))
-            site = _OutputSite(self, key, x)
+            site = _OutputSite(self, key, module, x)
             return _OutputTap.apply(output, self._anchor(output.device), site)
         stack = self._swapped.get(id(module))
         if stack:
@@ -347,7 +382,7 @@ class ParameterGramian:
             self._add(flat, self._lanes)
 
     def _take_output(self, site: _OutputSite, grads: torch.Tensor) -> None:
-        self._outputs[site.key][id(site)] = (site.saved, grads)
+        self._outputs[site.key][id(site)] = (site.module, site.saved, grads)
         if len(self._outputs[site.key]) == self._uses.get(site.key, 0):
             self._complete_output(site.key)
 
@@ -364,27 +399,42 @@ class ParameterGramian:
             for site in kept.keys() | uses.keys():
                 low = kept.get(site)
                 high = uses.get(site)
-                saved = (low or high)[0]  # type: ignore[index]
-                like = (high or low)[1]  # type: ignore[index]
-                low_g = low[1] if low else like.new_zeros(len(self._shallow), *like.shape[1:])
-                high_g = high[1] if high else like.new_zeros(len(self._lanes), *like.shape[1:])
-                joined[site] = (saved, torch.cat([low_g, high_g]))
+                module, saved, like = high or low  # type: ignore[misc]
+                low_g = low[2] if low else like.new_zeros(len(self._shallow), *like.shape[1:])
+                high_g = high[2] if high else like.new_zeros(len(self._lanes), *like.shape[1:])
+                joined[site] = (module, saved, torch.cat([low_g, high_g]))
             uses = joined
         self._add_output(key, list(uses.values()), lanes)
 
-    def _add_output(self, key: int, uses: list[tuple[torch.Tensor, torch.Tensor]], lanes: torch.Tensor) -> None:
-        """The Gram block of an output-tapped module's weight over every use of it (concatenated along
-        the rows: the weight's gradient is the sum over its uses)."""
-        module = self._modules[key]
-        k = uses[0][1].shape[0]
-        saved = torch.cat([x.reshape(-1) if not x.is_floating_point() else x.reshape(-1, x.shape[-1]) for x, _ in uses])
-        grads = torch.cat([g.reshape(k, -1, g.shape[-1]) for _, g in uses], dim=1)
-        grads = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
-        if isinstance(module, torch.nn.Embedding):
-            block = embedding_gram(saved, grads, module.padding_idx)
+    def _add_output(
+        self, key: int, uses: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]], lanes: torch.Tensor
+    ) -> None:
+        """The Gram block of an output-tapped weight over every use of it (concatenated along the rows:
+        the weight's gradient is the sum over its uses), a tied embedding's and head's together."""
+
+        def joined(kind: type) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor] | None:
+            mine = [(m, x, g) for m, x, g in uses if isinstance(m, kind)]
+            if not mine:
+                return None
+            k = mine[0][2].shape[0]
+            x = torch.cat(
+                [x.reshape(-1) if not x.is_floating_point() else x.reshape(-1, x.shape[-1]) for _, x, _ in mine]
+            )
+            g = torch.cat([g.reshape(k, -1, g.shape[-1]) for _, _, g in mine], dim=1)
+            return mine[0][0], x, g if g.dtype in (torch.float32, torch.float64) else g.float()
+
+        embedding, linear = joined(torch.nn.Embedding), joined(torch.nn.Linear)
+        if embedding is not None and linear is not None:  # tied
+            (e, ids, e_grads), (_, x, l_grads) = embedding, linear
+            block = tied_gram(ids, e_grads, e.padding_idx, x.to(l_grads.dtype), l_grads)
+        elif embedding is not None:
+            e, ids, e_grads = embedding
+            block = embedding_gram(ids, e_grads, e.padding_idx)
         else:
+            assert linear is not None
+            module, x, l_grads = linear
             bias = module.bias is not None and module.bias.requires_grad
-            block = linear_gram(saved.to(grads.dtype), grads, bias)
+            block = linear_gram(x.to(l_grads.dtype), l_grads, bias)
         self._place(block, lanes)
 
     def _add(self, flat: torch.Tensor, lanes: torch.Tensor) -> None:
@@ -415,7 +465,7 @@ class ParameterGramian:
             if isinstance(site, _Site):
                 reached[site.key] = self._numel.get(site.key, 0)
             elif isinstance(site, _OutputSite):
-                module = self._modules[site.key]
+                module = site.module
                 width = module.embedding_dim if isinstance(module, torch.nn.Embedding) else module.out_features
                 x = site.saved
                 reached[id(site)] = (x.numel() if not x.is_floating_point() else x.numel() // x.shape[-1]) * width
@@ -467,8 +517,8 @@ class ParameterGramian:
                     self._complete_output(key)
             for flat in self._stored.values():  # parameters only the shallow losses reach
                 self._add(flat, self._shallow)
-            for key, uses in self._stored_outputs.items():
-                self._add_output(key, list(uses.values()), self._shallow)
+            for key, kept in self._stored_outputs.items():
+                self._add_output(key, list(kept.values()), self._shallow)
             return self._gram.cpu()
         finally:
             self.collecting = False
