@@ -340,6 +340,40 @@ def _distiller_gradients(d, batch, strategy, gram, step=5):
     return grads, stats
 
 
+def _tiny_distiller(family, teacher, data_dir, tmp_path):
+    """The tiny student of `family` with a live teacher, the `drive-kd` recipe at weights that put the
+    signals' gradients at CE's scale (so the projections do something), and a batch of 4."""
+    from drivekd.data.formats import load_split
+    from drivekd.distill.engine import Distiller
+    from drivekd.models.loading import load_backend
+    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+
+    student = load_backend(f"tiny-{family}-student")
+    train = load_split(data_dir, "train")
+    config = DistillConfig(
+        model=ModelConfig(name=f"tiny-{family}-student"),
+        teacher=str(teacher),
+        recipe="drive-kd",
+        data=DataConfig(path=str(data_dir), val_split=None),
+        train=TrainConfig(output_dir=str(tmp_path / "run"), micro_batch_size=4),
+    )
+    d = Distiller(config, student, train)
+    d.set_weights({"perception": 3e4, "reasoning": 1e4, "planning": 1e4})
+    return student, d, student.build_batch(train[:4])
+
+
+def _assert_same_gradients(want, got, want_stats, got_stats):
+    # fp32 gradients: the two paths round differently (k backwards and an fp32 combination, or one
+    # backward of sum w_i L_i); 1e-4 of the largest gradient entry is far above that, far below any
+    # coefficient mistake
+    scale = max(float(g.abs().max()) for g in want)
+    worst = max(float((a - b).abs().max()) for a, b in zip(want, got, strict=True))
+    assert worst <= 1e-4 * scale, (worst, scale)
+    assert got_stats.keys() == want_stats.keys()
+    for key in want_stats:
+        assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-4, abs=1e-6), key
+
+
 @pytest.fixture(scope="module")
 def qwen_teacher_dir(tmp_path_factory):
     from drivekd.models.loading import LoadOptions, load_backend
@@ -357,38 +391,13 @@ def test_distiller_gradients_equal_the_buffer_path_through_capture(
     family, strategies, data_dir, teacher_dir, qwen_teacher_dir, tmp_path, monkeypatch
 ):
     """The shipped drive-kd recipe through attention capture (live teacher), tied embeddings included."""
-    from drivekd.data.formats import load_split
-    from drivekd.distill.engine import Distiller
-    from drivekd.models.loading import load_backend
-    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
-
     _exact_buffer_gram(monkeypatch)
-    student = load_backend(f"tiny-{family}-student")
-    train = load_split(data_dir, "train")
-    config = DistillConfig(
-        model=ModelConfig(name=f"tiny-{family}-student"),
-        teacher=str(teacher_dir if family == "internvl" else qwen_teacher_dir),
-        recipe="drive-kd",
-        data=DataConfig(path=str(data_dir), val_split=None),
-        train=TrainConfig(output_dir=str(tmp_path / "run"), micro_batch_size=4),
-    )
-    d = Distiller(config, student, train)
-    # weights that put the signals' gradients at CE's scale, so the projections do something
-    d.set_weights({"perception": 3e4, "reasoning": 1e4, "planning": 1e4})
-    batch = student.build_batch(train[:4])
+    teacher = teacher_dir if family == "internvl" else qwen_teacher_dir
+    _, d, batch = _tiny_distiller(family, teacher, data_dir, tmp_path)
     for strategy in strategies:
         want, want_stats = _distiller_gradients(d, batch, strategy, "buffer")
         got, got_stats = _distiller_gradients(d, batch, strategy, "modules")
-        scale = max(float(g.abs().max()) for g in want)
-        worst = max(float((a - b).abs().max()) for a, b in zip(want, got, strict=True))
-        # fp32 gradients: the two paths round differently (k backwards and an fp32 combination, or one
-        # backward of sum w_i L_i); 1e-4 of the largest gradient entry is far above that, far below any
-        # coefficient mistake
-        assert worst <= 1e-4 * scale, (strategy, worst, scale)
-        if strategy != "sum":
-            assert got_stats.keys() == want_stats.keys()
-            for key in want_stats:
-                assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-4, abs=1e-6), key
+        _assert_same_gradients(want, got, want_stats, got_stats)
 
 
 @pytest.mark.parametrize("shallow_share", [None, 0.9])
@@ -398,26 +407,11 @@ def test_output_taps_on_every_linear_give_the_buffer_paths_gradients_through_cap
     """The tiny student's every Linear and its embedding tapped at their outputs (the embedding and
     head are tied: taken together); with a large shallow share the losses that reach less run in a
     first pass of their own."""
-    from drivekd.data.formats import load_split
     from drivekd.distill import gramian as gm
-    from drivekd.distill.engine import Distiller
-    from drivekd.models.loading import load_backend
-    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 
     _exact_buffer_gram(monkeypatch)
     monkeypatch.setattr(gm, "OUTPUT_TAP_FROM", 0)
-    student = load_backend("tiny-internvl-student")
-    train = load_split(data_dir, "train")
-    config = DistillConfig(
-        model=ModelConfig(name="tiny-internvl-student"),
-        teacher=str(teacher_dir),
-        recipe="drive-kd",
-        data=DataConfig(path=str(data_dir), val_split=None),
-        train=TrainConfig(output_dir=str(tmp_path / "run"), micro_batch_size=4),
-    )
-    d = Distiller(config, student, train)
-    d.set_weights({"perception": 3e4, "reasoning": 1e4, "planning": 1e4})
-    batch = student.build_batch(train[:4])
+    student, d, batch = _tiny_distiller("internvl", teacher_dir, data_dir, tmp_path)
     want, want_stats = _distiller_gradients(d, batch, "agp", "buffer")
     probe = gm.ParameterGramian([student.model])
     linears = {id(m) for m in student.model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad}
@@ -432,10 +426,7 @@ def test_output_taps_on_every_linear_give_the_buffer_paths_gradients_through_cap
         monkeypatch.setattr(torch, "vmap", lambda f: lambda eye: (passes.append(eye.shape[0]), real_vmap(f)(eye))[1])
     got, got_stats = _distiller_gradients(d, batch, "agp", "modules")
     assert len(passes) == (0 if shallow_share is None else 2) and sum(passes) in (0, 4)
-    scale = max(float(g.abs().max()) for g in want)
-    assert max(float((a - b).abs().max()) for a, b in zip(want, got, strict=True)) <= 1e-4 * scale
-    for key in want_stats:
-        assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-4, abs=1e-6), key
+    _assert_same_gradients(want, got, want_stats, got_stats)
 
 
 class _Largest(torch.utils._python_dispatch.TorchDispatchMode):

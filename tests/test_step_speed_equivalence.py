@@ -158,12 +158,10 @@ def test_padded_targets_equal_the_converted_copies():
     assert torch.equal(padded.float(), _ref_pad(items, (5, 7)))
 
 
-@pytest.mark.parametrize("strategy", ["sum", "agp"])
-def test_distillation_step_equals_the_reference_path(strategy, data_dir, teacher_dir, reference):
-    """Bench step's step on the tiny student (live teacher): losses, every gradient and AGP's
-    coefficients bit-equal with the reference paths."""
+def _tiny_step_setup(data_dir, teacher_dir, **combine):
+    """The tiny student, its training samples, bench step's batch (the 4 longest) and a `drive-kd`
+    config with the live tiny teacher."""
     from drivekd.data.formats import load_split
-    from drivekd.distill.engine import Distiller
     from drivekd.models.loading import load_backend
     from drivekd.train.config import CombineConfig, DataConfig, DistillConfig, ModelConfig, TrainConfig
 
@@ -176,8 +174,18 @@ def test_distillation_step_equals_the_reference_path(strategy, data_dir, teacher
         recipe="drive-kd",
         data=DataConfig(path=str(data_dir), val_split=None),
         train=TrainConfig(output_dir="unused", micro_batch_size=4),
-        combine=CombineConfig(strategy=strategy),
+        combine=CombineConfig(**combine),
     )
+    return student, train, batch, config
+
+
+@pytest.mark.parametrize("strategy", ["sum", "agp"])
+def test_distillation_step_equals_the_reference_path(strategy, data_dir, teacher_dir, reference):
+    """Bench step's step on the tiny student (live teacher): losses, every gradient and AGP's
+    coefficients bit-equal with the reference paths."""
+    from drivekd.distill.engine import Distiller
+
+    student, train, batch, config = _tiny_step_setup(data_dir, teacher_dir, strategy=strategy)
     accelerator = Accelerator(cpu=True)
 
     def step():
@@ -207,22 +215,10 @@ def test_map_losses_inside_the_forward_keep_no_map_for_the_backward(data_dir, te
     """The tensors the graph saves: with the losses taken inside each captured layer's forward, no
     `(B, T, T)` tensor; with kept maps (the reference), a map or a loss's difference per captured layer
     (the `(B, 1, T, T)` float masks SDPA makes of a padded batch's boolean one are alike in both)."""
-    from drivekd.data.formats import load_split
     from drivekd.distill.engine import Distiller
-    from drivekd.models.loading import load_backend
-    from drivekd.train.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 
-    student = load_backend("tiny-internvl-student")
-    train = load_split(data_dir, "train")
-    batch = student.build_batch(sorted(train, key=lambda s: -student.token_lengths(s))[:4])
+    student, train, batch, config = _tiny_step_setup(data_dir, teacher_dir)
     b, t = batch.inputs["input_ids"].shape
-    config = DistillConfig(
-        model=ModelConfig(name="tiny-internvl-student"),
-        teacher=str(teacher_dir),
-        recipe="drive-kd",
-        data=DataConfig(path=str(data_dir), val_split=None),
-        train=TrainConfig(output_dir="unused", micro_batch_size=4),
-    )
 
     def map_sized_saves() -> int:
         distiller = Distiller(config, student, train)

@@ -59,6 +59,9 @@ class _Site:
     def __init__(self, owner: ParameterGramian, key: int) -> None:
         self.owner, self.key = owner, key
 
+    def take(self, grads: torch.Tensor) -> None:
+        self.owner._take(self.key, grads)
+
 
 class _Tap(torch.autograd.Function):
     """Identity on the parameter; in `gram`'s backward it hands the (batched) gradient to the owner."""
@@ -83,11 +86,12 @@ class _Tap(torch.autograd.Function):
 
 
 class _Take(torch.autograd.Function):
-    """Called inside the vmapped backward: its `vmap` rule sees the k gradients as one tensor."""
+    """Called inside the vmapped backward: its `vmap` rule sees the k gradients as one tensor and hands
+    them to the site (a parameter's, or an output tap's)."""
 
     @staticmethod
-    def forward(grad: torch.Tensor, site: _Site) -> torch.Tensor:  # unbatched: a single loss
-        site.owner._take(site.key, grad.unsqueeze(0))
+    def forward(grad: torch.Tensor, site: _Site | _OutputSite) -> torch.Tensor:  # unbatched: a single loss
+        site.take(grad.unsqueeze(0))
         return grad.new_zeros(())
 
     @staticmethod
@@ -95,10 +99,10 @@ class _Take(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, grad: torch.Tensor, site: _Site) -> tuple[torch.Tensor, None]:
+    def vmap(info: Any, in_dims: tuple, grad: torch.Tensor, site: _Site | _OutputSite) -> tuple[torch.Tensor, None]:
         dim = in_dims[0]
         batched = grad.movedim(dim, 0) if dim is not None else grad.unsqueeze(0).expand(info.batch_size, *grad.shape)
-        site.owner._take(site.key, batched)
+        site.take(batched)
         return grad.new_zeros(()), None
 
 
@@ -110,6 +114,9 @@ class _OutputSite:
 
     def __init__(self, owner: ParameterGramian, key: int, module: torch.nn.Module, saved: torch.Tensor) -> None:
         self.owner, self.key, self.module, self.saved = owner, key, module, saved
+
+    def take(self, grads: torch.Tensor) -> None:
+        self.owner._take_output(self, grads)
 
 
 class _OutputTap(torch.autograd.Function):
@@ -130,27 +137,9 @@ class _OutputTap(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         site: _OutputSite = ctx.site
         if site.owner.collecting:
-            _TakeOutput.apply(grad, site)
+            _Take.apply(grad, site)
             return grad, grad.new_zeros(()), None
         return grad, None, None
-
-
-class _TakeOutput(torch.autograd.Function):
-    @staticmethod
-    def forward(grad: torch.Tensor, site: _OutputSite) -> torch.Tensor:
-        site.owner._take_output(site, grad.unsqueeze(0))
-        return grad.new_zeros(())
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        pass
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, grad: torch.Tensor, site: _OutputSite) -> tuple[torch.Tensor, None]:
-        dim = in_dims[0]
-        batched = grad.movedim(dim, 0) if dim is not None else grad.unsqueeze(0).expand(info.batch_size, *grad.shape)
-        site.owner._take_output(site, batched)
-        return grad.new_zeros(()), None
 
 
 def _output_tappable(module: torch.nn.Module, threshold: int) -> bool:
@@ -450,11 +439,11 @@ class ParameterGramian:
         index = lanes.to(self._gram.device)
         self._gram[index[:, None], index[None, :]] += block.to(self._gram.device)
 
-    def _reach(self, *losses: torch.Tensor) -> int:
-        """The values whose gradients the losses' graphs reach: their tapped parameters, and the outputs
-        of the output-tapped modules they reach (what a shallow pass keeps)."""
+    def _reached(self, loss: torch.Tensor) -> dict[int, int]:
+        """What `loss`'s graph reaches, with its size: its tapped parameters (by key), and the outputs of
+        the output-tapped calls it reaches (by site; what a shallow pass keeps)."""
         seen: set[Any] = set()
-        stack = [loss.grad_fn for loss in losses]
+        stack = [loss.grad_fn]
         reached: dict[int, int] = {}  # a parameter's key, or an output tap's site
         while stack:
             node = stack.pop()
@@ -470,7 +459,7 @@ class ParameterGramian:
                 x = site.saved
                 reached[id(site)] = (x.numel() if not x.is_floating_point() else x.numel() // x.shape[-1]) * width
             stack.extend(f for f, _ in node.next_functions)
-        return sum(reached.values())
+        return reached
 
     def gram(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """G[i, j] = <grad L_i, grad L_j> over the tapped parameters, fp64 `(k, k)`; the graph is kept
@@ -497,8 +486,9 @@ class ParameterGramian:
             self._gram = None
             self.reset()
             return torch.zeros(k, k, dtype=torch.float64)
-        whole = self._reach(*(losses[i] for i in live))
-        shallow = [i for i in live if self._reach(losses[i]) <= SHALLOW_SHARE * whole]
+        reached = {i: self._reached(losses[i]) for i in live}
+        whole = sum({key: n for found in reached.values() for key, n in found.items()}.values())
+        shallow = [i for i in live if sum(reached[i].values()) <= SHALLOW_SHARE * whole]
         deep = [i for i in live if i not in shallow]
         passes = [shallow, deep] if shallow and deep else [live]
         self._shallow = torch.tensor(shallow if len(passes) == 2 else [], dtype=torch.long)
