@@ -31,6 +31,17 @@ class _Main(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        finally:
+            _end_process_group()
+
+
+def _end_process_group() -> None:
+    """A process of a torchrun launch ends its process group before the interpreter exits: left to
+    interpreter teardown, gloo's threads can abort a process whose run had finished (SIGABRT,
+    "terminate called without an active exception", seen after a resumed FSDP run wrote its model)."""
+    dist = sys.modules.get("torch.distributed")  # not imported by commands that never load torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
