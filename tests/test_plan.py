@@ -395,3 +395,38 @@ def test_advice_for_a_sharded_config_is_judged_by_its_sharded_figure_and_offers_
     )
     lean = P.plan(lora, P.Inputs(device="cpu", device_memory_gb=0.01))
     assert not any("train.distributed" in a["fields"] for a in lean.advice)  # LoRA is not offered fsdp
+
+
+def test_activation_checkpointing_keeps_each_layers_input_and_recomputes_one_layer(data_dir):
+    """Checkpointed, the plan keeps each decoder layer's input and one layer's recompute; the memory it
+    says checkpointing saves is within ±25% of what a measured step saves (live tensors, one fresh
+    process each, the plans at the measured batch's shape)."""
+    from drivekd.bench.plan.advice import _with
+    from drivekd.bench.plan_measure import measure_step
+
+    plain_config = _sft(data_dir, micro=8)
+    config = _with(plain_config, "train", activation_checkpointing=True)
+    measured = {name: measure_step(c) for name, c in (("plain", plain_config), ("checkpointed", config))}
+    plain, checkpointed = measured["plain"]["plan"], measured["checkpointed"]["plan"]
+    a = P.arch("tiny-internvl-student", "null", (8, 8))
+    shape = checkpointed.step
+    step = P.Step(8, shape["tokens"], shape["images"], shape["visual_tokens"], 4, True, shape["answer_tokens"])
+    layers = P.lm_layers(a, step)
+    assert checkpointed.parts["activations: language model"] == a.layers * 8 * step.tokens * a.hidden * 4 + (
+        plain.parts["activations: language model"] - layers
+    )
+    assert checkpointed.parts["a checkpointed decoder layer recomputed"] == layers // a.layers
+    assert checkpointed.parts["activations: vision tower"] < plain.parts["activations: vision tower"]
+    assert shape["activation_checkpointing"] and not plain.step["activation_checkpointing"]
+    saved = measured["plain"]["tensor_total"] - measured["checkpointed"]["tensor_total"]
+    planned = plain.peak - checkpointed.peak
+    assert saved > 0.5 * measured["plain"]["tensor_total"]  # the tiny student's activations are most of it
+    assert 0.75 <= saved / planned <= 1.25, (saved, planned)
+
+
+def test_the_advice_offers_activation_checkpointing_when_it_is_off(data_dir):
+    plain = P.plan(_sft(data_dir, micro=8), P.Inputs(device_memory_gb=0.01))
+    assert not plain.fits
+    offered = {tuple(r["fields"]): r for r in plain.advice}
+    row = offered[("train.activation_checkpointing",)]
+    assert row["saves"] > 0 and row["fields"] == {"train.activation_checkpointing": True}

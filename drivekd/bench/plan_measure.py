@@ -82,6 +82,10 @@ def measure_worker(config_json: str, kind: str, steps: int = 1) -> dict[str, Any
     torch.manual_seed(0)
     config = (DistillConfig if kind == "distill" else SFTConfig).model_validate(json.loads(config_json))
     student = load_model(config.model)
+    if config.train.activation_checkpointing:  # as the trainer does
+        from drivekd.models import checkpointing
+
+        checkpointing.enable(student.model)
     train, val, _ = load_training_data(config.data, student)
     samples = sorted(train, key=lambda s: -student.token_lengths(s))[: config.train.micro_batch_size]
     batch = student.build_batch(samples, max_length=config.data.max_length)

@@ -46,6 +46,8 @@ STEP_PHASES = (
     "agp-live",
     "sft-fsdp",  # the student sharded by FSDP2 (train.distributed: fsdp), one process: the path at real size
     "agp-fsdp-cached",
+    "sft-ac",  # train.activation_checkpointing: every decoder layer recomputed in the backward pass
+    "agp-modules-ac-cached",
 )
 CAPTURE_PHASES = ("capture-none", "capture-eager", "capture-rows")  # none: the same pass, no map kept
 PHASES = STEP_PHASES + CAPTURE_PHASES
@@ -127,6 +129,11 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
     cache_dir = Path(root) / "cache" / f"{pair}-{cameras}cam"
     student_options = LoadOptions(dtype="float32", freeze_vision=True, device=device)
     student = load_backend(str(paths["student"]), student_options)
+    if "ac" in phase.split("-"):
+        from drivekd.models import checkpointing
+
+        student.model.train()  # layers are checkpointed in training mode only
+        checkpointing.enable(student.model)
     if "fsdp" in phase.split("-"):
         from drivekd.train import fsdp
 
@@ -167,7 +174,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
             times.append(time.perf_counter() - start)
         return times[-1]
 
-    if phase in ("sft", "sft-fsdp"):
+    if phase in ("sft", "sft-fsdp", "sft-ac"):
         from drivekd.train.sft import cross_entropy
 
         figures["step_s"] = step(lambda b: accelerator.backward(cross_entropy(student.model, b)["ce"]))
@@ -177,7 +184,7 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         figures["step_s"] = time.perf_counter() - start
         figures["cache_bytes_per_sample"] = _cached_bytes(cache_dir, samples[-1].id)  # the timed sample's
     elif phase in STEP_PHASES:
-        strategy, *rest = (part for part in phase.split("-") if part != "fsdp")
+        strategy, *rest = (part for part in phase.split("-") if part not in ("fsdp", "ac"))
         live = rest[-1] == "live"
         if not live and not (cache_dir / "manifest.json").is_file():
             raise RuntimeError(f"phase {phase} needs the cache phase first")
@@ -322,6 +329,9 @@ def collect(out: Path) -> dict[str, Any]:
                 if phase in STEP_PHASES and phase not in ("sft", "cache"):
                     ratios[f"{phase} / sft"] = ok[phase]["step_s"] / sft
                     ratios[f"{phase} peak / sft peak"] = _peak(ok[phase]) / max(_peak(ok["sft"]), 1)
+                if "ac" in phase.split("-") and phase != "sft-ac" and "sft-ac" in ok:  # both checkpointed
+                    ratios[f"{phase} / sft-ac"] = ok[phase]["step_s"] / ok["sft-ac"]["step_s"]
+                    ratios[f"{phase} peak / sft-ac peak"] = _peak(ok[phase]) / max(_peak(ok["sft-ac"]), 1)
             if "agp-cached" in ok and "agp-reuse-cached" in ok:
                 amortised = (ok["agp-cached"]["step_s"] + (AMORTIZE_EVERY - 1) * ok["agp-reuse-cached"]["step_s"]) / (
                     AMORTIZE_EVERY

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from drivekd.models.checkpointing import recomputing
+
 GRAM_CHUNK = 1 << 18  # columns per fp64 block: k x 256K x 8 bytes (8 MiB for k = 4) at a time
 # a Linear or Embedding whose weight has at least this many values is tapped at its output (below it,
 # k weight gradients cost little and the parameter taps stay on autograd's own backward)
@@ -312,7 +314,9 @@ class ParameterGramian:
 
     def _pre(self, module: torch.nn.Module) -> None:
         saved: dict[str, torch.nn.Parameter] = {}
-        if self._at_output(module):
+        # a checkpointed layer's recompute refills the saved tensors of the first forward's graph, whose
+        # taps hold the gradients; taps made or counted again would wait for gradients that never come
+        if self._at_output(module) or recomputing():
             return
         if torch.is_grad_enabled() and not self.collecting:
             for name, p in module._parameters.items():
@@ -324,6 +328,8 @@ class ParameterGramian:
         self._swapped[id(module)].append(saved)
 
     def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if recomputing():
+            return None
         if self._at_output(module):
             if not (torch.is_grad_enabled() and not self.collecting and isinstance(output, torch.Tensor)):
                 return None

@@ -64,7 +64,9 @@ def answer_cross_entropy(
     `all_logits` keeps every position's logits `(B, T, V)` (for a signal that reads them)."""
     assert batch.labels is not None, "the answer CE needs labels"
     answer = answer_positions(batch.labels)
-    out = model(**batch.inputs, logits_to_keep=0 if all_logits else answer, **kwargs)
+    # no KV cache: a training forward has no use for one, and under activation checkpointing it would
+    # keep every layer's keys and values
+    out = model(**batch.inputs, logits_to_keep=0 if all_logits else answer, use_cache=False, **kwargs)
     logits = out.logits[answer] if all_logits else out.logits
     targets = batch.labels[:, 1:][answer[:, :-1]]
     return torch.nn.functional.cross_entropy(logits.float(), targets), out

@@ -12,17 +12,21 @@ per-sample loss. Such a layer keeps no map: its losses are computed inside the l
 the same checkpoint as the map, so the graph keeps only q and k (not a `(B, T, T)` map and the loss's
 saved difference per layer), and in the backward pass each layer's map gradient is made when the pass
 reaches that layer, not up front for every layer at once (k-fold under the `gram: modules` pass).
+
+A student under activation checkpointing runs a captured layer's forward again in the backward pass,
+after the capture block has closed: `replay` arms the capture again as it was when the layer first ran
+(models/checkpointing.py), so the recompute saves what the first forward saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -63,6 +67,13 @@ class CapturedMaps(dict):
         self._additive = (mask, shape, additive)
         return additive
 
+    def scratch(self) -> CapturedMaps:
+        """An empty sink reading as this one does (rows, consumers, the forward's additive mask): where a
+        checkpointed layer's recompute puts what it captures again (models/checkpointing.py)."""
+        other = CapturedMaps(self.row_index, self.consumers)
+        other._additive = self._additive
+        return other
+
 
 @dataclass(frozen=True)
 class _Wanted:
@@ -74,6 +85,8 @@ class _Wanted:
 
 
 _ACTIVE: dict[int, _Wanted] = {}  # id(attention module) -> what to capture there
+# each capture block open now, innermost last: the model and what its block captures where
+_ARMED: list[tuple[PreTrainedModel, dict[int, _Wanted]]] = []
 
 
 def text_rows(attention_mask: torch.Tensor, visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,14 +266,50 @@ def capture(
     if rows and row_index is None:
         raise ValueError("row_layers need a row_index")
     sink = CapturedMaps(row_index, losses)
-    text_config = backend.model.config.text_config
-    previous = text_config._attn_implementation
-    for i in full | rows:
-        _ACTIVE[id(modules[i])] = _Wanted(sink, i, full=i in full, rows=i in rows, per_head=per_head)
-    backend.model.set_attn_implementation({"text_config": IMPLEMENTATION})
+    wanted = {id(modules[i]): _Wanted(sink, i, full=i in full, rows=i in rows, per_head=per_head) for i in full | rows}
+    with _armed(backend.model, wanted):
+        _ARMED.append((backend.model, wanted))
+        try:
+            yield sink
+        finally:
+            _ARMED.pop()
+
+
+@contextlib.contextmanager
+def _armed(model: PreTrainedModel, wanted: Mapping[int, _Wanted]) -> Iterator[None]:
+    """The language model on the capture implementation and `wanted` active, both as before afterwards."""
+    before = {key: _ACTIVE.get(key) for key in wanted}
+    previous = model.config.text_config._attn_implementation
+    _ACTIVE.update(wanted)
+    model.set_attn_implementation({"text_config": IMPLEMENTATION})
     try:
-        yield sink
+        yield
     finally:
-        for i in full | rows:
-            _ACTIVE.pop(id(modules[i]), None)
-        backend.model.set_attn_implementation({"text_config": previous})
+        for key, old in before.items():
+            if old is None:
+                _ACTIVE.pop(key, None)
+            else:
+                _ACTIVE[key] = old
+        model.set_attn_implementation({"text_config": previous})
+
+
+def armed_now() -> list[tuple[PreTrainedModel, dict[int, _Wanted]]]:
+    """The capture blocks open now (what a checkpointed layer's recompute must arm again)."""
+    return list(_ARMED)
+
+
+@contextlib.contextmanager
+def replay(armed: Sequence[tuple[PreTrainedModel, Mapping[int, _Wanted]]]) -> Iterator[None]:
+    """Capture armed as `armed` (`armed_now()` when a checkpointed layer first ran) for the layer's
+    recompute in the backward pass: the same maps and losses computed in the same order, so the
+    recompute saves what the first forward saved, into scratch sinks the block's own never see."""
+    with contextlib.ExitStack() as stack:
+        scratch: dict[int, CapturedMaps] = {}
+        for model, wanted in armed:
+            again = {}
+            for key, w in wanted.items():
+                if id(w.sink) not in scratch:
+                    scratch[id(w.sink)] = w.sink.scratch()
+                again[key] = replace(w, sink=scratch[id(w.sink)])
+            stack.enter_context(_armed(model, again))
+        yield

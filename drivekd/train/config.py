@@ -140,6 +140,12 @@ class TrainConfig(_Strict):
         "rounding; AGP projected per micro-batch projects each process's gradients under ddp and the global "
         "micro-batch's under fsdp",
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="keep only each decoder layer's input (language model and vision tower) and run the layer "
+        "again in the backward pass: the activations held drop to about one hidden state per layer, for about "
+        "one more forward's time; the gradients are the same as without",
+    )
     seed: NonNegativeInt = Field(0, description="data order, dropout and AGP's projection order")
     log_every: PositiveInt = Field(10, description="optimiser steps per metrics.jsonl line")
     eval_every: PositiveInt | None = Field(

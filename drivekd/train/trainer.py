@@ -34,6 +34,7 @@ from drivekd import progress
 from drivekd.atomic import atomic_dir
 from drivekd.data.sample import Sample, image_blind_control
 from drivekd.errors import DataError, DriveKDError
+from drivekd.models import checkpointing
 from drivekd.models.backend import Batch, VLMBackend, answer_positions
 from drivekd.train import fsdp
 from drivekd.train.config import TrainConfig
@@ -123,6 +124,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         acc = self.accelerator
         self.sharded = config.distributed == "fsdp"
+        if config.activation_checkpointing:
+            checkpointing.enable(backend.model)
         if self.sharded:
             fsdp.shard(backend.model, backend.fsdp_units(), acc.device, config.mixed_precision)
         params = [p for p in backend.model.parameters() if p.requires_grad]

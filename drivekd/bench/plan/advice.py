@@ -74,6 +74,15 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
                 peak_of(_with(config, "teacher", cache="DIR")),
             )
         )
+    if not config.train.activation_checkpointing:
+        options.append(
+            (
+                "activation checkpointing (each layer runs again in the backward pass: about one more forward's "
+                "time, the same gradients)",
+                {"train.activation_checkpointing": True},
+                peak_of(_with(config, "train", activation_checkpointing=True)),
+            )
+        )
     agp = "AGP buffer" in current.parts
     buffer_dtype = config.combine.buffer_dtype if distill else None
     if agp and (buffer_dtype or m.dtype) == "float32":

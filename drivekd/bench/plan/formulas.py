@@ -108,9 +108,19 @@ def vision_tower(a: Arch, s: Step, graph: bool) -> int:
         # RMSNorm (twice), q, k, v, the output, proj input, fp32 rotary copies of q and k; gate, SiLU, up, product
         per_token = 2 * _rms_norm(h, b) + 5 * b * h + 8 * h + 4 * a.vision_heads + 4 * b * i
     lora = a.lora_saved["vision"] * b // a.vision_layers
-    # Qwen2.5-VL's patch embedding (a Conv3d over flattened patches) also keeps its input
-    patches = tokens * a.patch_values * b if a.family != "internvl" else 0
-    return a.vision_layers * tokens * (per_token + lora) + patches
+    return a.vision_layers * tokens * (per_token + lora) + patch_inputs(a, s)
+
+
+def patch_inputs(a: Arch, s: Step) -> int:
+    # Qwen2.5-VL's patch embedding (a Conv3d over flattened patches) keeps its input
+    return s.batch * s.images * a.vision_tokens * a.patch_values * s.act_bytes if a.family != "internvl" else 0
+
+
+def checkpointed(saved: int, layers: int, tokens: int, width: int, act_bytes: int) -> tuple[int, int]:
+    # activation checkpointing: a stack of `layers` decoder layers keeps each layer's input (`tokens` x
+    # `width`) instead of what the layers save (`saved`); the backward pass recomputes one layer at a
+    # time, which then holds its share of `saved` (the second figure)
+    return layers * tokens * width * act_bytes, saved // layers
 
 
 def projector(a: Arch, s: Step, graph: bool) -> int:

@@ -18,6 +18,7 @@ from drivekd.bench.plan.formulas import (
     agp_grad_result,
     autocast_copies,
     ce_backward,
+    checkpointed,
     ddp_buckets,
     fsdp_gather,
     gradients,
@@ -27,6 +28,7 @@ from drivekd.bench.plan.formulas import (
     logits_and_loss,
     optimiser_state,
     optimiser_step,
+    patch_inputs,
     projector,
     vision_tower,
     weights,
@@ -119,13 +121,18 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     )
     if plain_end and by_part["llm"] and student.lora is None:
         add("LM-head gradient", gradients(student.head, s_bytes), TRANSIENT)  # made once CE's backward is done
+    checkpointing = config.train.activation_checkpointing
     if vision_graph:  # the tower's and projector's backward come last, beside nearly every gradient
-        add(
-            "activations: vision tower",
-            vision_tower(student, step, True),
-            SAVED,
-            *([backward_end] if plain_end else []),
-        )
+        saved = vision_tower(student, step, True)
+        if checkpointing:
+            patches = patch_inputs(student, step)
+            per_layer = step.batch * step.images * student.vision_tokens
+            saved, recomputed = checkpointed(
+                saved - patches, student.vision_layers, per_layer, student.vision_hidden, step.act_bytes
+            )
+            saved += patches
+            add("a checkpointed vision layer recomputed", recomputed, TRANSIENT, *([backward_end] if plain_end else []))
+        add("activations: vision tower", saved, SAVED, *([backward_end] if plain_end else []))
     else:
         add("vision tower forward (frozen)", vision_tower(student, step, False), vision_phase)
     add(
@@ -134,7 +141,13 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
         SAVED,
         *([backward_end] if plain_end else []),
     )
-    add("activations: language model", lm_layers(student, step) + lm_edges(student, step), SAVED)
+    layers = lm_layers(student, step)
+    if checkpointing:
+        layers, recomputed = checkpointed(
+            layers, student.layers, step.batch * step.tokens, student.hidden, step.act_bytes
+        )
+        add("a checkpointed decoder layer recomputed", recomputed, TRANSIENT)
+    add("activations: language model", layers + lm_edges(student, step), SAVED)
     all_logits = bool(d and d["all_logits"])
     add("activations: logits and log-softmax", logits_and_loss(student, step, all_logits), SAVED)
     add("CE backward", ce_backward(student, step, all_logits), TRANSIENT)
@@ -202,6 +215,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
             "text_tokens": step.text,
             "answer_tokens": step.head_rows,
             "activation_bytes": step.act_bytes,
+            "activation_checkpointing": checkpointing,
             "strategy": strategy,
             "losses": losses,
             "captured_layers": d["captured"] if d else None,
