@@ -86,6 +86,16 @@ def teacher_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def qwen_teacher_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2.5-VL teacher (seed 7), saved."""
+    from drivekd.models.loading import LoadOptions, load_backend
+
+    out = tmp_path_factory.mktemp("qwen-teacher") / "t"
+    load_backend("tiny-qwen25vl-teacher", LoadOptions(seed=7)).save(out)
+    return out
+
+
 def png(path: Path, colour=(10, 20, 30)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), colour).save(path)

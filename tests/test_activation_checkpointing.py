@@ -12,7 +12,7 @@ from drivekd.models import capture, checkpointing
 from drivekd.train.config import SFTConfig, load_config
 from drivekd.train.sft import run_sft
 
-from .test_gram_modules import _distiller_gradients, _tiny_distiller, qwen_teacher_dir  # noqa: F401
+from .test_gram_modules import _distiller_gradients, _tiny_distiller
 from .test_train import _config as _sft_config
 
 PATHS = (("sum", "buffer"), ("agp", "buffer"), ("agp", "modules"))
@@ -32,7 +32,7 @@ def test_checkpointed_student_gives_the_same_gradients_on_every_gradient_path(
     teacher_dir,
     qwen_teacher_dir,
     tmp_path,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     """The drive-kd recipe (maps captured whole and by text rows, their losses taken inside the layers)
     under `sum`, exact AGP with the task-gradient buffer, and exact AGP from the taps' Gram pass."""
@@ -135,3 +135,41 @@ def test_lora_gradients_are_the_same_under_checkpointing(data_dir):
         grads.append({n: p.grad for n, p in backend.model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and all("lora" in n for n in grads[0]) and len(grads[0]) > 4
     assert all(grads[0][n] is not None and torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_output_taps_under_checkpointing_keep_nothing_and_give_the_same_gradients(
+    data_dir, teacher_dir, tmp_path, monkeypatch
+):
+    """Every Linear and the embedding tapped at their outputs: under checkpointing the taps' inputs are
+    recomputed with the layers (a checkpointed forward keeps no more than without taps), and the
+    Gram pass's gradients are bit-identical to the unchecked path's."""
+    from drivekd.bench.plan_measure import LiveTensors
+    from drivekd.distill import gramian as gm
+    from drivekd.distill.aggregate import GradientAggregator
+
+    monkeypatch.setattr(gm, "OUTPUT_TAP_FROM", 0)
+    student, d, batch = _tiny_distiller("internvl", teacher_dir, data_dir, tmp_path)
+    student.model.train()
+    want = _distiller_gradients(d, batch, "agp", "modules")
+    checkpointing.enable(student.model)
+    got = _distiller_gradients(d, batch, "agp", "modules")
+    assert all(torch.equal(a, b) for a, b in zip(want[0], got[0], strict=True)) and want[1] == got[1]
+
+    def kept_after_forward(taps: bool) -> int:
+        d.aggregator = GradientAggregator(
+            d.trainable,
+            "agp",
+            anchor="ce",
+            seed=1,
+            gram="modules" if taps else "buffer",
+            modules=lambda: [d.student.model, d.projections],
+        )
+        with LiveTensors() as live:
+            losses = d.objective(d.student.model, batch)
+            kept = live.live
+            del losses
+        if d.aggregator.gramian is not None:
+            d.aggregator.gramian.remove()
+        return kept
+
+    assert kept_after_forward(taps=True) <= kept_after_forward(taps=False) + 64 * 1024

@@ -374,15 +374,6 @@ def _assert_same_gradients(want, got, want_stats, got_stats):
         assert got_stats[key] == pytest.approx(want_stats[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.fixture(scope="module")
-def qwen_teacher_dir(tmp_path_factory):
-    from drivekd.models.loading import LoadOptions, load_backend
-
-    out = tmp_path_factory.mktemp("qwen-teacher") / "t"
-    load_backend("tiny-qwen25vl-teacher", LoadOptions(seed=7)).save(out)
-    return out
-
-
 @pytest.mark.parametrize(
     ("family", "strategies"),
     [("internvl", STRATEGIES), ("qwen25vl", ("agp", "pcgrad"))],

@@ -61,7 +61,7 @@ class _Site:
     def __init__(self, owner: ParameterGramian, key: int) -> None:
         self.owner, self.key = owner, key
 
-    def take(self, grads: torch.Tensor) -> None:
+    def take(self, grads: torch.Tensor, saved: torch.Tensor | None) -> None:
         self.owner._take(self.key, grads)
 
 
@@ -92,8 +92,10 @@ class _Take(torch.autograd.Function):
     them to the site (a parameter's, or an output tap's)."""
 
     @staticmethod
-    def forward(grad: torch.Tensor, site: _Site | _OutputSite) -> torch.Tensor:  # unbatched: a single loss
-        site.take(grad.unsqueeze(0))
+    def forward(
+        grad: torch.Tensor, site: _Site | _OutputSite, saved: torch.Tensor | None = None
+    ) -> torch.Tensor:  # unbatched: a single loss
+        site.take(grad.unsqueeze(0), saved)
         return grad.new_zeros(())
 
     @staticmethod
@@ -101,24 +103,28 @@ class _Take(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, grad: torch.Tensor, site: _Site | _OutputSite) -> tuple[torch.Tensor, None]:
+    def vmap(
+        info: Any, in_dims: tuple, grad: torch.Tensor, site: _Site | _OutputSite, saved: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
         dim = in_dims[0]
         batched = grad.movedim(dim, 0) if dim is not None else grad.unsqueeze(0).expand(info.batch_size, *grad.shape)
-        site.take(batched)
+        site.take(batched, saved)
         return grad.new_zeros(()), None
 
 
 class _OutputSite:
     """One call of an output-tapped module: the owner, the weight's key (a tied embedding and head
-    share it), the module and its input (kept by the module's own backward anyway)."""
+    share it), the module and how many rows its input has (the input itself is saved by the tap's
+    autograd node: kept with the module's own, and recomputed with it under activation checkpointing)."""
 
-    __slots__ = ("key", "module", "owner", "saved")
+    __slots__ = ("key", "module", "owner", "rows")
 
-    def __init__(self, owner: ParameterGramian, key: int, module: torch.nn.Module, saved: torch.Tensor) -> None:
-        self.owner, self.key, self.module, self.saved = owner, key, module, saved
+    def __init__(self, owner: ParameterGramian, key: int, module: torch.nn.Module, rows: int) -> None:
+        self.owner, self.key, self.module, self.rows = owner, key, module, rows
 
-    def take(self, grads: torch.Tensor) -> None:
-        self.owner._take_output(self, grads)
+    def take(self, grads: torch.Tensor, saved: torch.Tensor | None) -> None:
+        assert saved is not None
+        self.owner._take_output(self, grads, saved)
 
 
 class _OutputTap(torch.autograd.Function):
@@ -128,20 +134,23 @@ class _OutputTap(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(output: torch.Tensor, anchor: torch.Tensor, site: _OutputSite) -> torch.Tensor:
+    def forward(
+        output: torch.Tensor, anchor: torch.Tensor, saved: torch.Tensor, site: _OutputSite | None
+    ) -> torch.Tensor:
         return output.view_as(output)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.site = inputs[2]
+        ctx.save_for_backward(inputs[2])
+        ctx.site = inputs[3]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        site: _OutputSite = ctx.site
-        if site.owner.collecting:
-            _Take.apply(grad, site)
-            return grad, grad.new_zeros(()), None
-        return grad, None, None
+        site: _OutputSite | None = ctx.site  # None: a checkpointed layer's recompute, whose graph is dropped
+        if site is not None and site.owner.collecting:
+            _Take.apply(grad, site, ctx.saved_tensors[0])
+            return grad, grad.new_zeros(()), None, None
+        return grad, None, None, None
 
 
 def _output_tappable(module: torch.nn.Module, threshold: int) -> bool:
@@ -328,19 +337,26 @@ class ParameterGramian:
         self._swapped[id(module)].append(saved)
 
     def _post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if recomputing():
-            return None
+        replay = recomputing()
         if self._at_output(module):
-            if not (torch.is_grad_enabled() and not self.collecting and isinstance(output, torch.Tensor)):
+            # a recompute taps as the first forward did (which ran outside `gram`), so that its saved
+            # tensors line up with the first forward's, but counts nothing
+            if not (torch.is_grad_enabled() and (replay or not self.collecting) and isinstance(output, torch.Tensor)):
                 return None
-            key = id(module.weight)  # a tied embedding and head: one weight, one key
-            self._uses[key] += 1
             x = (args[0] if args else kwargs["input"]).detach()
             if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
                 # the weight's gradient is taken from the input as autocast casts it for the product
                 x = x.to(torch.get_autocast_dtype(x.device.type))
-            site = _OutputSite(self, key, module, x)
-            return _OutputTap.apply(output, self._anchor(output.device), site)
+            site = None
+            if not replay:
+                key = id(module.weight)  # a tied embedding and head: one weight, one key
+                self._uses[key] += 1
+                site = _OutputSite(
+                    self, key, module, x.numel() if not x.is_floating_point() else x.numel() // x.shape[-1]
+                )
+            return _OutputTap.apply(output, self._anchor(output.device), x, site)
+        if replay:
+            return None
         stack = self._swapped.get(id(module))
         if stack:
             module._parameters.update(stack.pop())
@@ -376,8 +392,8 @@ class ParameterGramian:
         else:
             self._add(flat, self._lanes)
 
-    def _take_output(self, site: _OutputSite, grads: torch.Tensor) -> None:
-        self._outputs[site.key][id(site)] = (site.module, site.saved, grads)
+    def _take_output(self, site: _OutputSite, grads: torch.Tensor, saved: torch.Tensor) -> None:
+        self._outputs[site.key][id(site)] = (site.module, saved, grads)
         if len(self._outputs[site.key]) == self._uses.get(site.key, 0):
             self._complete_output(site.key)
 
@@ -462,8 +478,7 @@ class ParameterGramian:
             elif isinstance(site, _OutputSite):
                 module = site.module
                 width = module.embedding_dim if isinstance(module, torch.nn.Embedding) else module.out_features
-                x = site.saved
-                reached[id(site)] = (x.numel() if not x.is_floating_point() else x.numel() // x.shape[-1]) * width
+                reached[id(site)] = site.rows * width
             stack.extend(f for f, _ in node.next_functions)
         return reached
 
