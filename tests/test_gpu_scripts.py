@@ -27,6 +27,7 @@ def _script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow  # the bases change rarely: `./run.sh test -m slow` before a GPU session
 def test_pack_build_unpack_at_smoke_size(tmp_path):
     pack, work = tmp_path / "pack", tmp_path / "work"
     packed = _script("pack-bases.sh", env={"PACK": str(pack), "WORK": str(work)})
@@ -75,7 +76,8 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
         "LARGE": "tiny-internvl-teacher",
         "DEVICE": "cpu",
         "CAMERAS": "2",
-        "PHASES": "sft cache agp-cached agp-reuse-cached agp-fsdp-cached capture-none capture-eager capture-rows",
+        "PHASES": "sft cache agp-cached agp-reuse-cached agp-fsdp-cached capture-none capture-eager capture-rows "
+        "sft-ac agp-modules-ac-cached",
         "REPEATS": "1",
         "TESTS": "none",
         "CACHE_QUESTIONS": "3",
@@ -101,5 +103,6 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
     assert all("error" not in scale[p] for p in scale if p != "ratios")
     assert scale["capture-rows"]["map_shape"][1] < scale["capture-eager"]["map_shape"][1]  # text rows only
     assert "agp amortised every 8 (cached) / sft" in scale["ratios"]
+    assert "agp-modules-ac-cached peak / sft-ac peak" in scale["ratios"]  # both checkpointed
     assert "capture memory: text rows / eager (over the pass without maps)" in scale["ratios"]
     assert "target for the 1B shape" in (out / "infer.log").read_text()
