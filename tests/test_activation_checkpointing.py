@@ -173,3 +173,40 @@ def test_output_taps_under_checkpointing_keep_nothing_and_give_the_same_gradient
         return kept
 
     assert kept_after_forward(taps=True) <= kept_after_forward(taps=False) + 64 * 1024
+
+
+def test_checkpointing_with_the_modules_gram_pass_under_autocast_is_refused_at_config_load(tmp_path):
+    """Under torch.vmap autocast does not reach composite ops (F.linear, SDPA): a layer recomputed in
+    the batched Gram pass would compute in another precision than its first forward. The same step
+    without checkpointing, or with the buffer path, is allowed."""
+    from drivekd.errors import DriveKDError
+    from drivekd.train.config import DistillConfig, load_config
+
+    def config(**combine):
+        f = tmp_path / "d.yaml"
+        f.write_text(
+            "model: {name: tiny-internvl-student}\nteacher: t\ndata: {path: d}\n"
+            "train: {output_dir: o, activation_checkpointing: true, mixed_precision: bf16}\n"
+            f"combine: {combine}\n".replace("'", "")
+        )
+        return load_config(DistillConfig, f)
+
+    with pytest.raises(DriveKDError, match=r"activation_checkpointing with combine\.gram: modules") as e:
+        config(strategy="agp", gram="modules")
+    assert "\n" not in str(e.value)
+    assert config(strategy="agp", gram="buffer").combine.gram == "buffer"
+    assert config(strategy="sum", gram="modules").combine.strategy == "sum"
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    linear = torch.nn.Linear(8, 8)
+
+    def under_autocast(c):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes.append((linear(q).dtype, (q @ k.transpose(-1, -2)).dtype))
+        return c
+
+    dtypes = []
+    under_autocast(torch.ones(()))
+    torch.vmap(under_autocast)(torch.ones(2))
+    # the reason, as this torch has it: F.linear is cast outside vmap and not inside it
+    assert dtypes[0] == (torch.bfloat16, torch.bfloat16) and dtypes[1][0] == torch.float32

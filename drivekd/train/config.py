@@ -452,6 +452,19 @@ class DistillConfig(_Strict):
                 "combine.gram: modules with train.distributed: fsdp: the module taps need whole parameters; use "
                 "gram: buffer (under FSDP its buffer holds each rank's shards only)"
             )
+        if (
+            self.train.activation_checkpointing
+            and self.train.mixed_precision != "no"
+            and self.combine.gram == "modules"
+            and self.combine.strategy != "sum"
+        ):
+            # measured on CPU bf16: under torch.vmap autocast skips composite ops (F.linear, SDPA), so a
+            # layer recomputed inside the batched pass would not compute what its first forward did
+            raise ValueError(
+                "train.activation_checkpointing with combine.gram: modules under train.mixed_precision: "
+                f"{self.train.mixed_precision}: the Gram pass's batched backward recomputes the layers where "
+                "autocast does not reach every op; use gram: buffer, or mixed_precision: no, or no checkpointing"
+            )
         if self.train.val_other_images and self.teacher.cache:
             raise ValueError(
                 f"train.val_other_images with teacher.cache {self.teacher.cache}: cached targets belong to each "

@@ -74,7 +74,14 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
                 peak_of(_with(config, "teacher", cache="DIR")),
             )
         )
-    if not config.train.activation_checkpointing:
+    # refused with the modules Gram pass under autocast (train/config.py)
+    batched_recompute = (
+        distill
+        and config.combine.gram == "modules"
+        and config.combine.strategy != "sum"
+        and config.train.mixed_precision != "no"
+    )
+    if not config.train.activation_checkpointing and not batched_recompute:
         options.append(
             (
                 "activation checkpointing (each layer runs again in the backward pass: about one more forward's "
