@@ -210,3 +210,14 @@ def test_checkpointing_with_the_modules_gram_pass_under_autocast_is_refused_at_c
     torch.vmap(under_autocast)(torch.ones(2))
     # the reason, as this torch has it: F.linear is cast outside vmap and not inside it
     assert dtypes[0] == (torch.bfloat16, torch.bfloat16) and dtypes[1][0] == torch.float32
+
+
+def test_checkpointed_gradients_are_the_same_under_bf16_autocast(data_dir, teacher_dir, tmp_path):
+    """The recompute runs under the autocast state of the first forward (torch's checkpoint keeps it)."""
+    student, d, batch = _tiny_distiller("internvl", teacher_dir, data_dir, tmp_path)
+    student.model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_stats = _distiller_gradients(d, batch, "agp", "buffer")
+        checkpointing.enable(student.model)
+        got, got_stats = _distiller_gradients(d, batch, "agp", "buffer")
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)) and want_stats == got_stats
