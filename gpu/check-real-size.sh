@@ -3,7 +3,8 @@
 # InternVL3-1B-shaped student, an InternVL3-8B-shaped teacher, random weights, 6 cameras at 448 px:
 # SFT, teacher cache, sum / agp / amortised agp with the cached and the live teacher, exact AGP without
 # the gradient buffer (combine.gram: modules), SFT and AGP with
-# the student sharded by FSDP2 (one process: the path at real size), eager vs
+# the student sharded by FSDP2 (one process: the path at real size), SFT and AGP with every layer
+# checkpointed (train.activation_checkpointing), eager vs
 # text-row capture); `bench cache` at the InternVL3-1B/2B shapes (6 cameras, 20 questions a frame);
 # `bench infer` on both shapes in bf16 beside the paper's deployment columns.
 #   device run, carry [".whl"]:  bash gpu/check-real-size.sh
@@ -18,7 +19,7 @@ DEVICE=${DEVICE:-cuda}
 PAIR=${PAIR:-internvl-8b}
 CAMERAS=${CAMERAS:-6}
 WORK=${WORK:-runs/gpu-real}
-PHASES=${PHASES:-sft cache sum-cached agp-cached agp-bf16-cached agp-reuse-cached agp-modules-cached sft-fsdp agp-fsdp-cached agp-live sum-live capture-none capture-eager capture-rows sft-ac agp-modules-ac-cached}
+PHASES=${PHASES:-sft cache sum-cached agp-cached agp-bf16-cached agp-reuse-cached agp-modules-cached sft-fsdp agp-fsdp-cached agp-live sum-live capture-none capture-eager capture-rows sft-ac agp-ac-cached}
 REPEATS=${REPEATS:-3}
 TESTS=${TESTS:-tests/test_gpu.py}
 CACHE_PAIR=${CACHE_PAIR:-internvl}

@@ -221,3 +221,43 @@ def test_checkpointed_gradients_are_the_same_under_bf16_autocast(data_dir, teach
         checkpointing.enable(student.model)
         got, got_stats = _distiller_gradients(d, batch, "agp", "buffer")
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)) and want_stats == got_stats
+
+
+def test_dropout_in_a_checkpointed_layer_draws_the_same_masks_on_every_path(data_dir, teacher_dir, tmp_path):
+    """The recompute restores the generator state of the first forward; inside the Gram pass's
+    batched backward it draws once for every lane (vmap's randomness "same")."""
+    student, d, batch = _tiny_distiller("internvl", teacher_dir, data_dir, tmp_path)
+    student.model.train()
+    dropouts = [m for n, m in student.model.named_modules() if isinstance(m, torch.nn.Dropout) and "vision" in n]
+    assert dropouts
+    for m in dropouts:
+        m.p = 0.1
+    want = {}
+    for path in PATHS:
+        torch.manual_seed(1)
+        want[path] = _distiller_gradients(d, batch, *path)
+    checkpointing.enable(student.model)
+    for path in PATHS:
+        torch.manual_seed(1)
+        got, got_stats = _distiller_gradients(d, batch, *path)
+        assert all(torch.equal(a, b) for a, b in zip(want[path][0], got, strict=True)), path
+        assert got_stats == want[path][1], path
+
+
+def test_a_checkpointed_forward_never_backpropagated_is_freed(data_dir, teacher_dir, tmp_path):
+    """The recompute's context keeps no reference to the capture block's sink, which holds the
+    graph's losses (a cycle through autograd's nodes would keep the whole graph alive)."""
+    import gc
+
+    from drivekd.bench.plan_measure import LiveTensors
+
+    student, d, batch = _tiny_distiller("internvl", teacher_dir, data_dir, tmp_path)
+    student.model.train()
+    checkpointing.enable(student.model)
+    with LiveTensors() as live:
+        losses = d.objective(d.student.model, batch)
+        assert live.live > 1_000_000
+        del losses
+        gc.collect()
+        assert live.live == 0
+    assert not checkpointing.recomputing() and not capture._ARMED and not capture._ACTIVE

@@ -209,7 +209,9 @@ def test_a_shallow_loss_runs_first_and_its_cross_terms_are_kept(output_taps, mon
     jac = torch.stack(rows)
     passes = []
     real_vmap = torch.vmap
-    monkeypatch.setattr(torch, "vmap", lambda f: lambda eye: (passes.append(eye.shape[0]), real_vmap(f)(eye))[1])
+    monkeypatch.setattr(
+        torch, "vmap", lambda f, **kw: lambda eye: (passes.append(eye.shape[0]), real_vmap(f, **kw)(eye))[1]
+    )
     gramian = ParameterGramian([model], output_taps_from=0 if output_taps else 1 << 40)
     got = gramian.gram(model.losses(ids))
     assert passes == [1, 3]  # the low-head loss alone, then the other three
@@ -414,7 +416,9 @@ def test_output_taps_on_every_linear_give_the_buffer_paths_gradients_through_cap
     if shallow_share is not None:
         monkeypatch.setattr(gm, "SHALLOW_SHARE", shallow_share)
         real_vmap = torch.vmap
-        monkeypatch.setattr(torch, "vmap", lambda f: lambda eye: (passes.append(eye.shape[0]), real_vmap(f)(eye))[1])
+        monkeypatch.setattr(
+            torch, "vmap", lambda f, **kw: lambda eye: (passes.append(eye.shape[0]), real_vmap(f, **kw)(eye))[1]
+        )
     got, got_stats = _distiller_gradients(d, batch, "agp", "modules")
     assert len(passes) == (0 if shallow_share is None else 2) and sum(passes) in (0, 4)
     _assert_same_gradients(want, got, want_stats, got_stats)

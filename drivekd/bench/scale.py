@@ -47,7 +47,8 @@ STEP_PHASES = (
     "sft-fsdp",  # the student sharded by FSDP2 (train.distributed: fsdp), one process: the path at real size
     "agp-fsdp-cached",
     "sft-ac",  # train.activation_checkpointing: every decoder layer recomputed in the backward pass
-    "agp-modules-ac-cached",
+    "agp-ac-cached",
+    "agp-modules-ac-cached",  # refused under mixed precision (a GPU's bf16), as the config is
 )
 CAPTURE_PHASES = ("capture-none", "capture-eager", "capture-rows")  # none: the same pass, no map kept
 PHASES = STEP_PHASES + CAPTURE_PHASES
@@ -153,7 +154,12 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
         teacher={"name": str(paths["teacher"]), "dtype": "bfloat16" if cuda else "float32"},
         recipe=RECIPE,
         data=DataConfig(path=str(paths["data"]), val_split=None, max_length=8192),
-        train=TrainConfig(output_dir=str(Path(root) / "run"), micro_batch_size=1),
+        train=TrainConfig(
+            output_dir=str(Path(root) / "run"),
+            micro_batch_size=1,
+            mixed_precision="bf16" if cuda else "no",
+            activation_checkpointing="ac" in phase.split("-"),
+        ),
     )
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     trainable = [p for p in student.model.parameters() if p.requires_grad]
@@ -194,12 +200,14 @@ def worker(phase: str, root: str, pair: str, cameras: int, device: str = "cpu") 
             amortize_every=AMORTIZE_EVERY if "reuse" in rest else None,
             gram="modules" if "modules" in rest else "buffer",
         )
-        cfg = config.model_copy(
+        changed = config.model_copy(
             update={
                 "combine": combine,
                 "teacher": config.teacher.model_copy(update={"cache": None if live else str(cache_dir)}),
             }
         )
+        cfg = DistillConfig.model_validate(changed.model_dump())  # what the config reader refuses, refused
+
         distiller = Distiller(cfg, student, samples)
         distiller.set_weights(dict.fromkeys(distiller.names, 1.0))  # a step's cost does not depend on them
         if "reuse" in rest:

@@ -520,7 +520,12 @@ class ParameterGramian:
                 self._storing = len(passes) == 2 and n == 0
                 self._arrived.clear()
                 vector = torch.stack([losses[i].float() for i in lanes])
-                torch.vmap(differentiate(vector))(torch.eye(len(lanes), dtype=vector.dtype, device=device))
+                # randomness "same": a checkpointed layer recomputed inside this pass draws its dropout
+                # masks again, from the generator state its first forward had (torch's checkpoint
+                # restores it), the same for every lane
+                torch.vmap(differentiate(vector), randomness="same")(
+                    torch.eye(len(lanes), dtype=vector.dtype, device=device)
+                )
                 for key, flat in list(self._pending.items()):  # a use never reached (its output did not matter)
                     del self._pending[key]
                     self._complete(key, flat)

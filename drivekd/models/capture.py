@@ -294,8 +294,20 @@ def _armed(model: PreTrainedModel, wanted: Mapping[int, _Wanted]) -> Iterator[No
 
 
 def armed_now() -> list[tuple[PreTrainedModel, dict[int, _Wanted]]]:
-    """The capture blocks open now (what a checkpointed layer's recompute must arm again)."""
-    return list(_ARMED)
+    """The capture blocks open now (what a checkpointed layer's recompute must arm again), each sink
+    replaced by an empty one reading as it does: the recompute's context lives in the graph, and a
+    block's own sink holds the graph's losses (a cycle through autograd's nodes, which the garbage
+    collector cannot see, would keep a graph never backpropagated alive)."""
+    armed = []
+    for model, wanted in _ARMED:
+        templates: dict[int, CapturedMaps] = {}
+        again = {}
+        for key, w in wanted.items():
+            if id(w.sink) not in templates:
+                templates[id(w.sink)] = w.sink.scratch()
+            again[key] = replace(w, sink=templates[id(w.sink)])
+        armed.append((model, again))
+    return armed
 
 
 @contextlib.contextmanager

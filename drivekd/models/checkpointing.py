@@ -40,14 +40,15 @@ class _Recompute:
 
     def __enter__(self) -> None:
         global _depth
-        _depth += 1
-        self._replay = capture.replay(self._captured)
-        self._replay.__enter__()
+        replay = capture.replay(self._captured)
+        replay.__enter__()
+        self._replay = replay
+        _depth += 1  # last: nothing above can leave the flag set
 
     def __exit__(self, *exc: Any) -> None:
         global _depth
-        replay, self._replay = self._replay, None  # drops the scratch sink and what the recompute put there
         _depth -= 1
+        replay, self._replay = self._replay, None  # drops the scratch sink and what the recompute put there
         assert replay is not None
         replay.__exit__(*exc)
 

@@ -116,11 +116,12 @@ def patch_inputs(a: Arch, s: Step) -> int:
     return s.batch * s.images * a.vision_tokens * a.patch_values * s.act_bytes if a.family != "internvl" else 0
 
 
-def checkpointed(saved: int, layers: int, tokens: int, width: int, act_bytes: int) -> tuple[int, int]:
+def checkpointed(saved: int, layers: int, tokens: int, width: int, weight_bytes: int) -> tuple[int, int]:
     # activation checkpointing: a stack of `layers` decoder layers keeps each layer's input (`tokens` x
-    # `width`) instead of what the layers save (`saved`); the backward pass recomputes one layer at a
-    # time, which then holds its share of `saved` (the second figure)
-    return layers * tokens * width * act_bytes, saved // layers
+    # `width`, the residual stream: in the weights' dtype, autocast or not) instead of what the layers
+    # save (`saved`); the backward pass recomputes one layer at a time, which then holds its share of
+    # `saved` (the second figure)
+    return layers * tokens * width * weight_bytes, saved // layers
 
 
 def projector(a: Arch, s: Step, graph: bool) -> int:

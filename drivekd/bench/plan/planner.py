@@ -128,7 +128,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
             patches = patch_inputs(student, step)
             per_layer = step.batch * step.images * student.vision_tokens
             saved, recomputed = checkpointed(
-                saved - patches, student.vision_layers, per_layer, student.vision_hidden, step.act_bytes
+                saved - patches, student.vision_layers, per_layer, student.vision_hidden, s_bytes
             )
             saved += patches
             add("a checkpointed vision layer recomputed", recomputed, TRANSIENT, *([backward_end] if plain_end else []))
@@ -143,9 +143,7 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     )
     layers = lm_layers(student, step)
     if checkpointing:
-        layers, recomputed = checkpointed(
-            layers, student.layers, step.batch * step.tokens, student.hidden, step.act_bytes
-        )
+        layers, recomputed = checkpointed(layers, student.layers, step.batch * step.tokens, student.hidden, s_bytes)
         add("a checkpointed decoder layer recomputed", recomputed, TRANSIENT)
     add("activations: language model", layers + lm_edges(student, step), SAVED)
     all_logits = bool(d and d["all_logits"])
