@@ -298,30 +298,26 @@ def armed_now() -> list[tuple[PreTrainedModel, dict[int, _Wanted]]]:
     replaced by an empty one reading as it does: the recompute's context lives in the graph, and a
     block's own sink holds the graph's losses (a cycle through autograd's nodes, which the garbage
     collector cannot see, would keep a graph never backpropagated alive)."""
-    armed = []
-    for model, wanted in _ARMED:
-        templates: dict[int, CapturedMaps] = {}
-        again = {}
-        for key, w in wanted.items():
-            if id(w.sink) not in templates:
-                templates[id(w.sink)] = w.sink.scratch()
-            again[key] = replace(w, sink=templates[id(w.sink)])
-        armed.append((model, again))
-    return armed
+    return [(model, _on_scratch_sinks(wanted)) for model, wanted in _ARMED]
 
 
 @contextlib.contextmanager
 def replay(armed: Sequence[tuple[PreTrainedModel, Mapping[int, _Wanted]]]) -> Iterator[None]:
     """Capture armed as `armed` (`armed_now()` when a checkpointed layer first ran) for the layer's
     recompute in the backward pass: the same maps and losses computed in the same order, so the
-    recompute saves what the first forward saved, into scratch sinks the block's own never see."""
+    recompute saves what the first forward saved, into fresh sinks that go with the recompute."""
     with contextlib.ExitStack() as stack:
-        scratch: dict[int, CapturedMaps] = {}
         for model, wanted in armed:
-            again = {}
-            for key, w in wanted.items():
-                if id(w.sink) not in scratch:
-                    scratch[id(w.sink)] = w.sink.scratch()
-                again[key] = replace(w, sink=scratch[id(w.sink)])
-            stack.enter_context(_armed(model, again))
+            stack.enter_context(_armed(model, _on_scratch_sinks(wanted)))
         yield
+
+
+def _on_scratch_sinks(wanted: Mapping[int, _Wanted]) -> dict[int, _Wanted]:
+    """`wanted` writing into empty sinks that read as its own do (one per sink, shared as before)."""
+    scratch: dict[int, CapturedMaps] = {}
+    again = {}
+    for key, w in wanted.items():
+        if id(w.sink) not in scratch:
+            scratch[id(w.sink)] = w.sink.scratch()
+        again[key] = replace(w, sink=scratch[id(w.sink)])
+    return again
