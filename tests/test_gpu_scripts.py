@@ -76,8 +76,8 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
         "LARGE": "tiny-internvl-teacher",
         "DEVICE": "cpu",
         "CAMERAS": "2",
-        "PHASES": "sft cache agp-cached agp-reuse-cached agp-fsdp-cached capture-none capture-eager capture-rows "
-        "sft-ac agp-modules-ac-cached",
+        # a phase of each kind (the ratios between them: `test_scale_ratios_...`)
+        "PHASES": "sft cache agp-reuse-cached agp-fsdp-cached capture-eager capture-rows sft-ac agp-modules-ac-cached",
         "REPEATS": "1",
         "TESTS": "none",
         "CACHE_QUESTIONS": "3",
@@ -94,7 +94,6 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
     assert {
         "sft",
         "cache",
-        "agp-cached",
         "agp-reuse-cached",
         "agp-fsdp-cached",
         "capture-eager",
@@ -102,7 +101,35 @@ def test_real_size_check_runs_here_at_tiny_size(tmp_path):
     } <= set(scale)
     assert all("error" not in scale[p] for p in scale if p != "ratios")
     assert scale["capture-rows"]["map_shape"][1] < scale["capture-eager"]["map_shape"][1]  # text rows only
-    assert "agp amortised every 8 (cached) / sft" in scale["ratios"]
     assert "agp-modules-ac-cached peak / sft-ac peak" in scale["ratios"]  # both checkpointed
-    assert "capture memory: text rows / eager (over the pass without maps)" in scale["ratios"]
     assert "target for the 1B shape" in (out / "infer.log").read_text()
+
+
+def test_scale_ratios_are_the_issues_targets_from_the_phase_files(tmp_path):
+    """`bench scale`'s ratios from phase files: each step against SFT, checkpointed steps against
+    checkpointed SFT, amortised AGP from its exact and cheap steps, the capture's memory over the pass
+    without maps; a failed phase is left out."""
+    from drivekd.bench.scale import collect
+
+    phases = {
+        "sft": (10.0, 100),
+        "sft-ac": (12.0, 90),
+        "agp-cached": (20.0, 150),
+        "agp-reuse-cached": (11.0, 110),
+        "agp-modules-ac-cached": (24.0, 99),
+        "capture-none": (1.0, 100),
+        "capture-eager": (1.0, 160),
+        "capture-rows": (1.0, 110),
+    }
+    (tmp_path / "phases").mkdir()
+    for phase, (seconds, peak) in phases.items():
+        (tmp_path / "phases" / f"internvl-6cam-{phase}.json").write_text(
+            json.dumps({"step_s": seconds, "peak_rss_bytes": peak})
+        )
+    (tmp_path / "phases" / "internvl-6cam-sum-cached.json").write_text(json.dumps({"error": "killed"}))
+    ratios = collect(tmp_path)["runs"]["internvl-6cam"]["ratios"]
+    assert ratios["agp-cached / sft"] == 2.0 and ratios["agp-cached peak / sft peak"] == 1.5
+    assert ratios["agp-modules-ac-cached / sft-ac"] == 2.0 and ratios["agp-modules-ac-cached peak / sft-ac peak"] == 1.1
+    assert "sft-ac / sft-ac" not in ratios and not any(k.startswith("sum-cached") for k in ratios)
+    assert ratios["agp amortised every 8 (cached) / sft"] == pytest.approx((20 + 7 * 11) / 8 / 10)
+    assert ratios["capture memory: text rows / eager (over the pass without maps)"] == pytest.approx(10 / 60)
