@@ -430,3 +430,9 @@ def test_the_advice_offers_activation_checkpointing_when_it_is_off(data_dir):
     offered = {tuple(r["fields"]): r for r in plain.advice}
     row = offered[("train.activation_checkpointing",)]
     assert row["saves"] > 0 and row["fields"] == {"train.activation_checkpointing": True}
+    # not offered where the config reader refuses it: the modules Gram pass under autocast
+    refused = P.plan(
+        _distill(data_dir, combine={"strategy": "agp", "gram": "modules"}, train={"mixed_precision": "bf16"}),
+        P.Inputs(device_memory_gb=0.01),
+    )
+    assert not refused.fits and not any("train.activation_checkpointing" in r["fields"] for r in refused.advice)

@@ -20,6 +20,17 @@ def _with(config: BaseModel, section: str, **changes: Any) -> BaseModel:
     return config.model_copy(update={section: getattr(config, section).model_copy(update=changes)})
 
 
+def _accepted(config: BaseModel) -> bool:
+    """Whether the config reader takes this changed config (`model_copy` validates nothing)."""
+    from pydantic import ValidationError
+
+    try:
+        type(config).model_validate(config.model_dump())
+    except ValidationError:
+        return False
+    return True
+
+
 def figure(p: Plan) -> int:
     """The peak a plan is judged by: the sharded one for a config that sets train.distributed: fsdp."""
     return p.fsdp["peak"] if p.fsdp is not None and p.student.get("distributed") == "fsdp" else p.peak
@@ -74,20 +85,14 @@ def advice(config: BaseModel, inputs: Inputs, current: Plan) -> list[dict[str, A
                 peak_of(_with(config, "teacher", cache="DIR")),
             )
         )
-    # refused with the modules Gram pass under autocast (train/config.py)
-    batched_recompute = (
-        distill
-        and config.combine.gram == "modules"
-        and config.combine.strategy != "sum"
-        and config.train.mixed_precision != "no"
-    )
-    if not config.train.activation_checkpointing and not batched_recompute:
+    checkpointed = _with(config, "train", activation_checkpointing=True)
+    if not config.train.activation_checkpointing and _accepted(checkpointed):
         options.append(
             (
                 "activation checkpointing (each layer runs again in the backward pass: about one more forward's "
                 "time, the same gradients)",
                 {"train.activation_checkpointing": True},
-                peak_of(_with(config, "train", activation_checkpointing=True)),
+                peak_of(checkpointed),
             )
         )
     agp = "AGP buffer" in current.parts
