@@ -242,3 +242,36 @@ def test_map_losses_inside_the_forward_keep_no_map_for_the_backward(data_dir, te
     assert layers >= 3
     assert fused == 0
     assert kept >= layers
+
+
+@pytest.mark.parametrize("strategy", ["sum", "agp"])
+def test_a_steps_matrix_work_is_one_forward_and_each_losss_own_backward(strategy, data_dir, teacher_dir):
+    """What `drivekd bench step`'s FLOP figures rest on: the buffer path's exact AGP step does the
+    forward, each loss's backward as if it were alone (no pass through another loss's graph, no layer
+    recomputed twice), the Gram and combination products over the P parameters and the coefficients'
+    k x k arithmetic, nothing more; `sum` does the forward and one backward of the summed losses."""
+    from drivekd.bench.step import matrix_flops, own_backward_flops
+    from drivekd.distill.engine import Distiller
+
+    student, train, batch, config = _tiny_step_setup(data_dir, teacher_dir, strategy=strategy)
+    distiller = Distiller(config, student, train)
+    distiller.set_weights(dict.fromkeys(distiller.names, 1.0))
+    params = [p for p in student.model.parameters() if p.requires_grad]
+    accelerator = Accelerator(cpu=True)
+    parts = own_backward_flops(distiller, student.model, batch)
+    step = matrix_flops(lambda: distiller.backward(distiller.objective(student.model, batch), accelerator, 0))
+    student.model.zero_grad(set_to_none=True)
+    assert sorted(parts) == sorted(["forward", "ce", *distiller.names])
+    if strategy == "sum":
+
+        def summed() -> None:
+            torch.autograd.grad(sum(distiller.objective(student.model, batch).values()), params, allow_unused=True)
+
+        assert step == matrix_flops(summed)
+        return
+    own = [n for name, n in parts.items() if name != "forward"]
+    k, total = len(own), sum(p.numel() for p in params)
+    assert min(own) > 0
+    gram_and_combination = 2 * k * k * total + 2 * k * total
+    coefficients = step - (parts["forward"] + sum(own) + gram_and_combination)
+    assert 0 <= coefficients <= 64 * k**3  # AGP's projections: k x k products

@@ -1,10 +1,16 @@
 """`drivekd bench step`: one optimiser step of SFT against three-signal distillation strategies.
 
 Tiny InternVL student, a batch of >= 8 samples padded to >= 256 tokens, cached teacher targets
-(and the live teacher for comparison). Median of several timed steps after a warm-up; the ratios
-divide by the SFT step measured in the same run. Projection strategies are timed on both Gram paths
+(and the live teacher for comparison). Median of several timed steps after a warm-up (amortised AGP:
+of several windows of N steps, one exact step in each); the ratios divide by the SFT step measured in
+the same run. Projection strategies are timed on both Gram paths
 (`combine.gram`): the default path (`CombineConfig`'s) under their own name, the other with its name as
 a suffix (`agp[modules]`).
+
+Beside each time, the step's matrix FLOPs (`matrix_flops`): deterministic where the times are noisy,
+and the floor a step's time ratio cannot go under on hardware that runs matrix products at one
+speed. Exact AGP on the buffer path is one forward and each loss's own backward, so its FLOP ratio
+is what the task gradients cost, whatever the implementation.
 """
 
 from __future__ import annotations
@@ -12,13 +18,40 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 
+if TYPE_CHECKING:
+    from drivekd.distill.engine import Distiller
+    from drivekd.models.backend import Batch
+
 STRATEGIES = ("sum", "pcgrad", "agp")
+
+
+def matrix_flops(fn: Callable[[], object]) -> int:
+    """The matrix FLOPs of one call of `fn` (products, convolutions and attention, as torch's flop
+    counter counts them), with CPU SDPA's fused kernels counted like the GPU ones (torch leaves them
+    out, which would count a distillation step's attention maps and not the layers' own attention)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:  # shapes
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def gram_paths() -> tuple[str, ...]:
@@ -32,6 +65,21 @@ def gram_paths() -> tuple[str, ...]:
 def figure_name(strategy: str, gram: str) -> str:
     """`agp` for the default Gram path, `agp[modules]` for the other."""
     return strategy if gram == gram_paths()[0] else f"{strategy}[{gram}]"
+
+
+def own_backward_flops(distiller: Distiller, model: torch.nn.Module, batch: Batch) -> dict[str, int]:
+    """The matrix FLOPs exact AGP's step is made of: the distillation forward (`forward`) and each
+    loss's backward pass on its own (by loss name)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward() -> dict[str, torch.Tensor]:
+        return distiller.objective(model, batch)
+
+    figures = {"forward": matrix_flops(forward)}
+    for name in list(forward()):
+        total = matrix_flops(lambda name=name: torch.autograd.grad(forward()[name], params, allow_unused=True))
+        figures[name] = total - figures["forward"]
+    return figures
 
 
 def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amortize_every: int = 8) -> dict[str, Any]:
@@ -106,37 +154,55 @@ def bench_step(batch_size: int = 8, min_tokens: int = 256, repeats: int = 5, amo
             distiller.set_weights(dict.fromkeys(distiller.names, 1.0))  # a step's cost does not depend on them
             return distiller
 
-        def measured(distiller: Distiller, fn: Any) -> float:
+        def measured(distiller: Distiller, fn: Any) -> Any:
             try:
                 return fn(distiller)
             finally:  # the modules path's taps stay on the shared student otherwise
                 if distiller.aggregator.gramian is not None:
                     distiller.aggregator.gramian.remove()
 
-        def amortized(distiller: Distiller) -> float:
+        def every_step(distiller: Distiller) -> tuple[float, float]:
+            step = distill_step(distiller)
+            return timed(step), matrix_flops(step)
+
+        def amortized(distiller: Distiller) -> tuple[float, float]:
             step = distill_step(distiller)
             step()
-            start = time.perf_counter()
-            for _ in range(amortize_every):  # one exact AGP step and N-1 cheap ones
-                step()
-            return (time.perf_counter() - start) / amortize_every
 
-        sft_s = timed(sft)
-        figures: dict[str, float] = {}
+            def window() -> None:  # one exact AGP step and N-1 cheap ones
+                for _ in range(amortize_every):
+                    step()
+
+            times = []
+            for _ in range(repeats):  # each window starts after an exact step: one in each
+                start = time.perf_counter()
+                window()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times) / amortize_every, matrix_flops(window) / amortize_every
+
+        sft_s, sft_flops = timed(sft), matrix_flops(sft)
+        figures: dict[str, tuple[float, float]] = {}
         paths = gram_paths()
         for s in STRATEGIES:
             for gram in paths if s != "sum" else paths[:1]:
-                figures[figure_name(s, gram)] = measured(make(s, gram=gram), lambda d: timed(distill_step(d)))
+                figures[figure_name(s, gram)] = measured(make(s, gram=gram), every_step)
         for gram in paths:
             name = figure_name("agp-amortized", gram)
             figures[name] = measured(make("agp", amortize=amortize_every, gram=gram), amortized)
         live_s = measured(make("agp", cached=False), lambda d: timed(distill_step(d)))
+        parts = measured(make("agp"), lambda d: own_backward_flops(d, student.model, batch))
+        sft_forward = matrix_flops(lambda: cross_entropy(student.model, batch))
     return {
         "batch": batch_size,
         "tokens": tokens,
         "sft_step_s": sft_s,
-        "step_s": figures,
-        "ratios": {k: v / sft_s for k, v in figures.items()},
+        "sft_flops": sft_flops,
+        "step_s": {k: v[0] for k, v in figures.items()},
+        "ratios": {k: v[0] / sft_s for k, v in figures.items()},
+        "flops": {k: v[1] for k, v in figures.items()},
+        "flop_ratios": {k: v[1] / sft_flops for k, v in figures.items()},
+        "sft_forward_flops": sft_forward,
+        "exact_agp_flops": parts,  # the forward and each loss's own backward pass
         "live_teacher_step_s": live_s,
         "live_teacher_ratio": live_s / sft_s,
     }
