@@ -424,6 +424,26 @@ def test_activation_checkpointing_keeps_each_layers_input_and_recomputes_one_lay
     assert 0.75 <= saved / planned <= 1.25, (saved, planned)
 
 
+def test_hidden_state_signals_under_checkpointing_count_the_layer_inputs_once(data_dir):
+    """`output_hidden_states` returns each decoder layer's input, which a checkpointed layer keeps (one
+    tensor, counted under the language model's activations): the hidden-state losses then add only the
+    final output and the differences."""
+    plain = _distill(data_dir, micro=8, recipe="ce-hidden", teacher={"name": "tiny-internvl-teacher", "cache": None})
+    checkpointed = P.plan(_with_checkpointing(plain))
+    plain_plan = P.plan(plain)
+    a, step = P.arch("tiny-internvl-student"), checkpointed.step
+    one_state = 8 * step["tokens"] * a.hidden * 4
+    dropped = plain_plan.parts["hidden-state losses"] - checkpointed.parts["hidden-state losses"]
+    assert dropped == a.layers * one_state
+    assert checkpointed.parts["activations: language model"] >= a.layers * one_state  # the inputs, kept there
+
+
+def _with_checkpointing(config):
+    from drivekd.bench.plan.advice import _with
+
+    return _with(config, "train", activation_checkpointing=True)
+
+
 def test_the_advice_offers_activation_checkpointing_when_it_is_off(data_dir):
     plain = P.plan(_sft(data_dir, micro=8), P.Inputs(device_memory_gb=0.01))
     assert not plain.fits

@@ -79,7 +79,8 @@ def distill_parts(
         parts["captured-map recompute"] = (map_recompute(student, step, captured), TRANSIENT)
         parts["attention-map losses"] = (map_losses(step, pair_rows), SAVED)
     if hidden_pairs:
-        parts["hidden-state losses"] = (hidden_losses(student, step, hidden_pairs, hidden_width), LOSSES)
+        checkpointed = config.train.activation_checkpointing
+        parts["hidden-state losses"] = (hidden_losses(student, step, hidden_pairs, hidden_width, checkpointed), LOSSES)
     if kl_vocab:
         parts["logit-KL loss"] = (logit_kl_loss(step, kl_vocab), LOSSES)
     teacher_weights = 0

@@ -158,9 +158,11 @@ def map_losses(s: Step, pair_rows: list[int]) -> int:
     return masks + 3 * s.batch * max(pair_rows, default=0) * s.tokens * 4
 
 
-def hidden_losses(a: Arch, s: Step, pairs: int, width: int) -> int:
-    # output_hidden_states keeps every layer's output; each matched pair keeps a (projected) fp32 difference
-    kept = (a.layers + 1) * s.batch * s.tokens * a.hidden * s.act_bytes
+def hidden_losses(a: Arch, s: Step, pairs: int, width: int, checkpointed: bool = False) -> int:
+    # output_hidden_states keeps every layer's input and the final normed output; each matched pair keeps
+    # a (projected) fp32 difference. Under activation checkpointing the layers' inputs are the tensors
+    # the checkpoints keep (counted there): only the final output is extra
+    kept = (1 if checkpointed else a.layers + 1) * s.batch * s.tokens * a.hidden * s.act_bytes
     return kept + 2 * pairs * s.batch * s.tokens * width * 4
 
 
