@@ -145,6 +145,11 @@ def distill_parts(
         "teacher_weights": teacher_weights,
         "parts": parts,
         "losses": 1 + len(signals),  # CE and each signal
+        # the buffer path backpropagates CE and then each signal in the recipe's order, keeping the graph
+        # for the next one: a pass that enters a checkpointed layer through its attention map recomputes
+        # the whole layer and uses only the map's part, and the rest stays alive with the graph until
+        # the last pass (torch's checkpoint frees a recomputed tensor when it is used)
+        "map_passes_kept": sum(bound[name].reads in ("maps", "text_rows") for name in list(signals)[:-1]),
         "all_logits": bool(kl_vocab),  # a signal reads logits: the head runs at every position
         "projection_params": projection_params,
         "cache_bytes_per_sample": per_sample if signals else None,

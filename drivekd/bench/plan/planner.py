@@ -145,6 +145,8 @@ def plan(config: BaseModel, inputs: Inputs | None = None, *, advise: bool = True
     if checkpointing:
         layers, recomputed = checkpointed(layers, student.layers, step.batch * step.tokens, student.hidden, s_bytes)
         add("a checkpointed decoder layer recomputed", recomputed, TRANSIENT)
+        if buffered and d:
+            add("checkpointed layers recomputed by earlier task passes", d["map_passes_kept"] * recomputed, BACKWARD)
     add("activations: language model", layers + lm_edges(student, step), SAVED)
     all_logits = bool(d and d["all_logits"])
     add("activations: logits and log-softmax", logits_and_loss(student, step, all_logits), SAVED)
