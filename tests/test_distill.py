@@ -232,15 +232,20 @@ def test_torchrun_ce_only_distillation_averages_the_processes_gradients(tmp_path
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("strategy", "gram"), [("sum", "buffer"), ("agp", "modules")])
-def test_torchrun_projection_heads_are_averaged_like_the_model(tmp_path, data_dir, teacher_dir, strategy, gram):
+@pytest.mark.parametrize(
+    ("strategy", "gram", "checkpointing", "port"),
+    [("sum", "buffer", False, 29546), ("agp", "modules", False, 29547), ("sum", "buffer", True, 29549)],
+)
+def test_torchrun_projection_heads_are_averaged_like_the_model(
+    tmp_path, data_dir, teacher_dir, strategy, gram, checkpointing, port
+):
     # hidden-state signals train projection heads beside the student, outside DDP's wrapper: with a
     # backward through DDP they must still be averaged, or the ranks (and, through clipping, the
-    # student) drift apart
+    # student) drift apart; with checkpointed layers DDP's reduction runs during their recompute
     combine = {"strategy": strategy, "gram": gram}
-    train = {"max_steps": 3, "micro_batch_size": 2}
+    train = {"max_steps": 3, "micro_batch_size": 2, "activation_checkpointing": checkpointing}
     cfg = _cfg(tmp_path, data_dir, teacher_dir, recipe="ce-hidden", combine=combine, train=train)
-    r = run_torchrun("distill", "--config", str(cfg), port=29546 if strategy == "sum" else 29547)
+    r = run_torchrun("distill", "--config", str(cfg), port=port)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"step": 3, "ranks_identical": True} in _metrics(tmp_path / "run")
 
