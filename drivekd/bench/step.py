@@ -8,9 +8,10 @@ default path (`CombineConfig`'s) under their own name, the other with its name a
 (`agp[modules]`).
 
 Beside each time, the step's matrix FLOPs (`matrix_flops`): deterministic where the times are noisy,
-and the floor a step's time ratio cannot go under on hardware that runs matrix products at one
-speed. Exact AGP on the buffer path is one forward and each loss's own backward, so its FLOP ratio
-is what the task gradients cost, whatever the implementation.
+and, while matrix products are most of a step, what its time ratio stays near (element-wise work and
+dispatch add more to the distillation steps than to SFT's). Exact AGP on the buffer path is one
+forward and each loss's own backward, so its FLOP ratio is what the task gradients cost, whatever the
+implementation.
 """
 
 from __future__ import annotations
